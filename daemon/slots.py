@@ -1,0 +1,306 @@
+"""The daemon's slots: which shared-memory file holds which rank's step, in which state.
+
+Decisions are pure functions over plain tuples (`plan_begin`, `common_step`); `SlotTable` carries
+them out on files. A slot is FREE, WRITING (granted to a trainer, manifest removed) or SEALED
+(verified, manifest written beside it). The manifest file is the commit marker: it is deleted
+before a slot is handed out for writing and written last when a shard is sealed, so a crash at any
+moment leaves either the old sealed shard or no claim at all, never a torn one.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+import msgpack
+
+from snapguard.config import ensure_private_dir
+from snapguard.errors import ChecksumError, LayoutError, ShmSpaceError, SnapGuardError
+from snapguard.faults import fault_point
+from snapguard.layout import Manifest, verify_checksums
+from snapguard.shm import MiB, create_slot, free_bytes, map_file
+
+log = logging.getLogger(__name__)
+
+FREE, WRITING, SEALED = "free", "writing", "sealed"
+_DATA = re.compile(r"^r(\d+)\.s(\d+)\.data$")
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str  # "grant", "wait" or "error"
+    slot: int = -1
+    need: int = -1
+    reason: str = ""
+
+
+def plan_begin(slots: tuple[tuple[str, int], ...], step: int, common: int) -> Decision:
+    """Pick the slot a rank writes `step` into, given its slots as (state, step) and the job's common step.
+
+    A sealed slot is reused only when the steps the rank keeps still include one that every rank
+    holds sealed (`common`); otherwise a crash could leave ranks without a shared step.
+    """
+    sealed = sorted(s for state, s in slots if state == SEALED)
+    if sealed and step <= sealed[-1]:
+        return Decision("error", reason=f"step {step} is not newer than step {sealed[-1]}, which is already sealed;"
+                                        " call restore() after a restart, or use a new job id")
+    for state in (WRITING, FREE):
+        for i, (st, _) in enumerate(slots):
+            if st == state:
+                return Decision("grant", slot=i)
+    if not slots:
+        return Decision("error", reason="no slots are reserved")
+    oldest = sealed[0]
+    need = sealed[1] if len(sealed) > 1 else oldest
+    if len(sealed) > 1 and common >= need:
+        return Decision("grant", slot=[s for _, s in slots].index(oldest))
+    return Decision("wait", need=need)
+
+
+def common_step(held: dict[int, Iterable[int]], world_size: int) -> int:
+    """The newest step that every rank 0..world_size-1 holds sealed, or -1."""
+    common: set[int] | None = None
+    for r in range(world_size):
+        steps = set(held.get(r, ()))
+        common = steps if common is None else common & steps
+        if not common:
+            return -1
+    return max(common) if common else -1
+
+
+@dataclass
+class Slot:
+    rank: int
+    index: int
+    path: str
+    capacity: int
+    state: str = FREE
+    step: int = -1
+    manifest: Manifest | None = None
+    sealed_at: float = 0.0
+    _map: object = None
+
+    @property
+    def manifest_path(self) -> str:
+        return self.path[: -len(".data")] + ".manifest"
+
+    def buffer(self) -> memoryview:
+        if self._map is None or len(self._map) != self.capacity:
+            self._map = map_file(self.path, writable=True, populate=False) if self.capacity else b""
+        return memoryview(self._map)
+
+    def unmap(self) -> None:
+        if self._map is not None and not isinstance(self._map, bytes):
+            self._map.close()
+        self._map = None
+
+
+class SlotTable:
+    """All slots of one job's ranks on this node, under shm_dir/snapguard-<job>-<node>/."""
+
+    def __init__(self, job: str, node: str, shm_dir: str, shm_limit: int | None = None, slots_per_rank: int = 2):
+        if slots_per_rank < 2:
+            raise SnapGuardError(f"slots_per_rank must be at least 2, got {slots_per_rank}")
+        self.job, self.node, self.shm_dir = job, node, shm_dir
+        self.shm_limit = shm_limit
+        self.slots_per_rank = slots_per_rank
+        self.dir = os.path.join(shm_dir, f"snapguard-{job}-{node}")
+        self.ranks: dict[int, list[Slot]] = {}
+        self.world_size = 0
+        self.remote: dict[int, set[int]] = {}  # sealed steps of ranks served by other daemons
+        self.who = f"[{job}/{node} daemon]"
+
+    # ---- adoption after a restart --------------------------------------------------------------
+
+    def adopt(self) -> None:
+        """Re-adopt slot files left by an earlier daemon of this job; keep only verified sealed shards."""
+        ensure_private_dir(self.dir)
+        for path in sorted(glob.glob(os.path.join(self.dir, "*.new"))):
+            os.unlink(path)
+        for path in sorted(glob.glob(os.path.join(self.dir, "r*.s*.data"))):
+            m = _DATA.match(os.path.basename(path))
+            if not m:
+                continue
+            rank, index = int(m.group(1)), int(m.group(2))
+            slot = Slot(rank, index, path, os.path.getsize(path))
+            self._ensure_rank(rank)
+            while len(self.ranks[rank]) <= index:
+                self.ranks[rank].append(None)  # type: ignore[arg-type]
+            self.ranks[rank][index] = slot
+            if os.path.exists(slot.manifest_path):
+                try:
+                    with open(slot.manifest_path, "rb") as f:
+                        man = Manifest.from_wire(msgpack.unpackb(f.read(), raw=False, strict_map_key=False))
+                    man.validate(slot.capacity)
+                    verify_checksums(slot.buffer(), man, who=f"{self.who} rank {rank} slot {index}")
+                except (SnapGuardError, ValueError, OSError, msgpack.UnpackException) as e:
+                    log.warning("%s not re-adopting rank %d slot %d: %s", self.who, rank, index, e)
+                    os.unlink(slot.manifest_path)
+                    continue
+                slot.state, slot.step, slot.manifest = SEALED, man.step, man
+                slot.sealed_at = os.path.getmtime(slot.manifest_path)
+                self.world_size = max(self.world_size, man.world_size)
+                log.info("%s re-adopted rank %d step %d (slot %d, %d bytes)", self.who, rank, man.step, index, man.nbytes)
+        for rank, slots in self.ranks.items():
+            for i, s in enumerate(slots):
+                if s is None:
+                    slots[i] = Slot(rank, i, self._path(rank, i), 0)
+
+    # ---- queries -------------------------------------------------------------------------------
+
+    def held(self) -> dict[int, list[int]]:
+        out = {r: sorted(s.step for s in slots if s.state == SEALED) for r, slots in self.ranks.items()}
+        for r, steps in self.remote.items():
+            out.setdefault(r, sorted(steps))
+        return out
+
+    def common(self) -> int:
+        return common_step(self.held(), self.world_size)
+
+    def used_bytes(self) -> int:
+        return sum(s.capacity for slots in self.ranks.values() for s in slots)
+
+    # ---- actions -------------------------------------------------------------------------------
+
+    def note_world(self, world_size: int) -> None:
+        self.world_size = world_size
+
+    def reserve(self, rank: int, nbytes: int) -> list[Slot]:
+        """Give `rank` its slots, each able to hold `nbytes`; free slots that are too small grow."""
+        self._ensure_rank(rank)
+        grow = [s for s in self.ranks[rank] if s.state == FREE and s.capacity < nbytes]
+        self._check_space(rank, sum(nbytes - s.capacity for s in grow), len(grow), nbytes)
+        for s in grow:
+            self._allocate(s, nbytes)
+        return self.ranks[rank]
+
+    def begin(self, rank: int, step: int, nbytes: int) -> Decision:
+        self._ensure_rank(rank)
+        slots = self.ranks[rank]
+        d = plan_begin(tuple((s.state, s.step) for s in slots), step, self.common())
+        if d.action != "grant":
+            return d
+        slot = slots[d.slot]
+        self._forget(slot)  # the commit marker goes first
+        if slot.capacity < nbytes:
+            self._check_space(rank, nbytes - slot.capacity, 1, nbytes)
+            self._allocate(slot, nbytes)
+        slot.state, slot.step = WRITING, step
+        return d
+
+    def seal(self, rank: int, step: int, index: int, manifest: Manifest) -> Slot:
+        slots = self.ranks.get(rank) or []
+        if not 0 <= index < len(slots):
+            raise LayoutError(f"rank {rank} has no slot {index}")
+        slot = slots[index]
+        if slot.state != WRITING or slot.step != step:
+            raise LayoutError(f"rank {rank} slot {index} is {slot.state} for step {slot.step}, not being written"
+                              f" for step {step}")
+        if manifest.job != self.job or manifest.rank != rank or manifest.step != step:
+            raise LayoutError(f"manifest names job {manifest.job!r} rank {manifest.rank} step {manifest.step},"
+                              f" the seal is for job {self.job!r} rank {rank} step {step}")
+        manifest.validate(slot.capacity)
+        t0 = time.monotonic()
+        try:
+            verify_checksums(slot.buffer(), manifest, who=f"rank {rank}")
+        except ChecksumError:
+            slot.state, slot.step = FREE, -1
+            raise
+        fault_point("daemon.seal.verified", step)
+        tmp = slot.manifest_path + ".new"
+        fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(msgpack.packb(manifest.to_wire(), use_bin_type=True))
+        os.replace(tmp, slot.manifest_path)
+        slot.state, slot.manifest, slot.sealed_at = SEALED, manifest, time.time()
+        self.world_size = max(self.world_size, manifest.world_size)
+        log.debug("%s rank %d sealed step %d (%d bytes verified in %.3f s)", self.who, rank, step,
+                  manifest.nbytes, time.monotonic() - t0)
+        return slot
+
+    def verified_steps(self, rank: int) -> tuple[list[int], list[str]]:
+        """Check every sealed slot of `rank` again; drop (and report) those whose bytes changed."""
+        steps, dropped = [], []
+        for slot in self.ranks.get(rank, []):
+            if slot.state != SEALED:
+                continue
+            try:
+                verify_checksums(slot.buffer(), slot.manifest, who=f"rank {rank}")
+            except ChecksumError as e:
+                log.warning("%s %s; dropping it, restore will use an older step", self.who, e)
+                dropped.append(str(e))
+                self._forget(slot)
+                continue
+            steps.append(slot.step)
+        return sorted(steps), dropped
+
+    def open(self, rank: int, step: int) -> Slot:
+        """The sealed slot of `step`; newer steps of this rank are forgotten (a restore rewinds the rank)."""
+        found = None
+        for slot in self.ranks.get(rank, []):
+            if slot.state == SEALED and slot.step == step:
+                found = slot
+        if found is None:
+            raise LayoutError(f"rank {rank} holds no sealed step {step} (it holds {self.held().get(rank, [])})")
+        self.drop(rank, step)
+        return found
+
+    def drop(self, rank: int, keep_upto: int) -> None:
+        for slot in self.ranks.get(rank, []):
+            if slot.state == WRITING or (slot.state == SEALED and slot.step > keep_upto):
+                self._forget(slot)
+
+    def remove_all(self) -> None:
+        for slots in self.ranks.values():
+            for s in slots:
+                s.unmap()
+        for path in glob.glob(os.path.join(self.dir, "*")):
+            os.unlink(path)
+        if os.path.isdir(self.dir):
+            os.rmdir(self.dir)
+        self.ranks.clear()
+
+    # ---- helpers -------------------------------------------------------------------------------
+
+    def _path(self, rank: int, index: int) -> str:
+        return os.path.join(self.dir, f"r{rank:05d}.s{index}.data")
+
+    def _ensure_rank(self, rank: int) -> None:
+        ensure_private_dir(self.dir)
+        slots = self.ranks.setdefault(rank, [])
+        while len(slots) < self.slots_per_rank:
+            slots.append(Slot(rank, len(slots), self._path(rank, len(slots)), 0))
+
+    def _forget(self, slot: Slot) -> None:
+        if os.path.exists(slot.manifest_path):
+            os.unlink(slot.manifest_path)
+        slot.state, slot.step, slot.manifest = FREE, -1, None
+
+    def _allocate(self, slot: Slot, nbytes: int) -> None:
+        slot.unmap()
+        t0 = time.monotonic()
+        create_slot(slot.path, nbytes)
+        slot.capacity = nbytes
+        log.info("%s allocated rank %d slot %d: %.1f MiB in %.2f s", self.who, slot.rank, slot.index,
+                 nbytes / MiB, time.monotonic() - t0)
+
+    def _check_space(self, rank: int, extra: int, count: int, each: int) -> None:
+        if extra <= 0:
+            return
+        free = free_bytes(self.shm_dir)
+        limit_free = None if self.shm_limit is None else self.shm_limit - self.used_bytes()
+        avail = free if limit_free is None else min(free, limit_free)
+        if extra > avail:
+            where = f"{self.shm_dir} has {free / MiB:.1f} MiB free"
+            if limit_free is not None:
+                where += f", and the daemon's limit of {self.shm_limit / MiB:.1f} MiB leaves {max(limit_free, 0) / MiB:.1f} MiB"
+            raise ShmSpaceError(
+                f"rank {rank}: {count} snapshot slot(s) of {each / MiB:.1f} MiB need {extra / MiB:.1f} MiB more shared"
+                f" memory, but {where}. Give the node more /dev/shm (Docker's default is 64 MiB: run with"
+                f" --shm-size), or snapshot less state per rank"
+            )

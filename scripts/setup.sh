@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Sets up .venv with everything snapguard needs, then runs what it is asked to:
+#   bash scripts/setup.sh demo   -> sets up, then runs the main job (the chaos demo)
+#   bash scripts/setup.sh test   -> sets up, then runs the whole test suite
+#   bash scripts/setup.sh        -> sets up only
+# Torch: installs torch==2.13.0 (the CPU build this project tests with) only when the
+# environment has no torch at all; a torch that is already there is never touched.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+VENV=${SNAPGUARD_VENV:-$ROOT/.venv}
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "[setup] creating $VENV with $($PY --version)"
+    "$PY" -m venv "$VENV"
+fi
+VPY="$VENV/bin/python"
+stamp="$VENV/.snapguard-setup"
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
+        echo "[setup] no torch found: installing torch==2.13.0 (CPU build)"
+        "$VPY" -m pip install -q "torch==2.13.0"
+    else
+        echo "[setup] keeping torch $("$VPY" -c 'import torch; print(torch.__version__)')"
+    fi
+    # Pin whatever torch is installed, so no resolver swaps it for another build.
+    cons="$VENV/constraints.txt"
+    "$VPY" -c "import torch; print('torch==' + torch.__version__)" > "$cons"
+    echo "[setup] installing snapguard and its dependencies"
+    DS_BUILD_OPS=0 DS_SKIP_CUDA_CHECK=1 "$VPY" -m pip install -q -c "$cons" -e ".[all,test]"
+    echo "$want" > "$stamp"
+fi
+
+case "${1:-}" in
+    demo) shift; exec "$VENV/bin/snapguard" demo "$@" ;;
+    test) shift; exec "$VPY" -m pytest "$@" ;;
+    "") echo "[setup] ready: $VENV" ;;
+    *) echo "usage: bash scripts/setup.sh [demo|test] [args...]" >&2; exit 2 ;;
+esac

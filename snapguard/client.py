@@ -1,0 +1,88 @@
+"""The trainer's side of the trainer-daemon wire: one DEALER socket, request ids, timeouts."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+
+import zmq
+
+from snapguard import protocol as P
+from snapguard.errors import DaemonError, DaemonUnavailable, ProtocolError
+
+
+class DaemonClient:
+    """Send typed requests to one daemon and wait, never forever, for the typed reply.
+
+    Thread-safe: the training thread and the background copy thread share one client.
+    """
+
+    def __init__(self, address: str, timeout_s: float = 60.0, who: str = ""):
+        self.address = address
+        self.timeout_s = timeout_s
+        self.who = who or f"pid {os.getpid()}"
+        self._ctx = zmq.Context.instance()
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._sock = None
+
+    def _socket(self) -> zmq.Socket:
+        if self._sock is None:
+            s = self._ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.IMMEDIATE, 1)
+            s.connect(self.address)
+            self._sock = s
+        return self._sock
+
+    def request(self, msg: P.Message, timeout_s: float | None = None) -> P.Message:
+        """Send `msg`; return the reply, raising DaemonError for an Error reply or a timeout."""
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        with self._lock:
+            sock = self._socket()
+            rid = next(self._ids)
+            deadline = time.monotonic() + timeout
+            sock.setsockopt(zmq.SNDTIMEO, max(1, int(timeout * 1000)))
+            try:
+                sock.send_multipart([rid.to_bytes(8, "little"), P.encode(msg)])
+            except zmq.Again:
+                self._reset()
+                raise DaemonUnavailable(f"{self.who}: no daemon accepted a connection on {self.address}"
+                                        f" within {timeout:.1f} s (sending {msg.TYPE})") from None
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sock.poll(int(left * 1000) + 1):
+                    self._reset()  # drop the socket so a late reply cannot be taken for the next request's
+                    raise DaemonUnavailable(f"{self.who}: daemon at {self.address} did not answer {msg.TYPE}"
+                                            f" within {timeout:.1f} s")
+                frames = sock.recv_multipart()
+                if len(frames) != 2 or int.from_bytes(frames[0], "little") != rid:
+                    continue  # a stale reply to a request that timed out earlier
+                reply = P.decode(frames[1])
+                if isinstance(reply, P.Error):
+                    raise DaemonError(f"{self.who}: daemon refused {msg.TYPE}: [{reply.code}] {reply.message}")
+                return reply
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Poll with Ping until the daemon answers; raise DaemonUnavailable naming the socket otherwise."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.request(P.Ping(), timeout_s=min(1.0, max(0.05, deadline - time.monotonic())))
+                return
+            except (DaemonUnavailable, ProtocolError):
+                if time.monotonic() >= deadline:
+                    raise DaemonUnavailable(f"{self.who}: no daemon answered on {self.address} within"
+                                            f" {timeout_s:.1f} s") from None
+                time.sleep(0.05)
+
+    def _reset(self) -> None:
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._reset()

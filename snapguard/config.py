@@ -1,0 +1,92 @@
+"""Configuration: environment variable names, their precedence, and naming rules.
+
+Precedence everywhere: an explicit argument, then the environment variable, then the default.
+Defaults are computed when asked for, never at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass
+
+from snapguard.errors import ConfigError
+
+ENV_JOB = "SNAPGUARD_JOB"  # job id; falls back to TORCHELASTIC_RUN_ID, then "default"
+ENV_NODE = "SNAPGUARD_NODE"  # node id; falls back to the host name
+ENV_RUN_DIR = "SNAPGUARD_RUN_DIR"  # directory (0700) of the daemons' IPC sockets
+ENV_SHM_DIR = "SNAPGUARD_SHM_DIR"  # where slots live; /dev/shm by default
+ENV_TIMEOUT = "SNAPGUARD_TIMEOUT_S"  # trainer-side timeout for every daemon request
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_name(kind: str, value: str) -> str:
+    """Job and node ids end up in file names and socket paths: keep them to a safe alphabet."""
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ConfigError(
+            f"{kind} id {value!r} is not valid: use 1-64 characters of letters, digits, '_', '.', '-',"
+            " starting with a letter or digit"
+        )
+    return value
+
+
+def default_job(job: str | None = None) -> str:
+    job = job or os.environ.get(ENV_JOB) or os.environ.get("TORCHELASTIC_RUN_ID") or "default"
+    return check_name("job", job)
+
+
+def default_node(node: str | None = None) -> str:
+    node = node or os.environ.get(ENV_NODE) or socket.gethostname().split(".")[0] or "node"
+    return check_name("node", re.sub(r"[^A-Za-z0-9_.-]", "-", node))
+
+
+def default_run_dir(run_dir: str | None = None) -> str:
+    return run_dir or os.environ.get(ENV_RUN_DIR) or f"/tmp/snapguard-{os.getuid()}"
+
+
+def default_shm_dir(shm_dir: str | None = None) -> str:
+    return shm_dir or os.environ.get(ENV_SHM_DIR) or "/dev/shm"
+
+
+def default_timeout(timeout_s: float | None = None) -> float:
+    if timeout_s is not None:
+        return float(timeout_s)
+    return float(os.environ.get(ENV_TIMEOUT, "60"))
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where one node's daemon for one job listens."""
+
+    job: str
+    node: str
+    run_dir: str
+
+    @classmethod
+    def resolve(cls, job: str | None = None, node: str | None = None, run_dir: str | None = None) -> "Endpoint":
+        return cls(default_job(job), default_node(node), default_run_dir(run_dir))
+
+    @property
+    def socket_path(self) -> str:
+        return os.path.join(self.run_dir, f"{self.job}.{self.node}.sock")
+
+    @property
+    def lock_path(self) -> str:
+        return os.path.join(self.run_dir, f"{self.job}.{self.node}.lock")
+
+    @property
+    def address(self) -> str:
+        return f"ipc://{self.socket_path}"
+
+
+def ensure_private_dir(path: str) -> str:
+    """Create `path` with mode 0700, or check that an existing one is ours and private."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.stat(path)
+    if st.st_uid != os.getuid():
+        raise ConfigError(f"{path} belongs to uid {st.st_uid}, not to us (uid {os.getuid()}): choose another directory")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path

@@ -1,0 +1,47 @@
+"""The one exception hierarchy of snapguard: every error a user can catch derives from SnapGuardError."""
+
+from __future__ import annotations
+
+
+class SnapGuardError(Exception):
+    """Base of every error snapguard raises on purpose."""
+
+
+class ConfigError(SnapGuardError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+class ProtocolError(SnapGuardError):
+    """A message on the wire is malformed, of an unknown version, or fails validation."""
+
+
+class DaemonError(SnapGuardError):
+    """The daemon answered a request with an error, or did not answer in time."""
+
+
+class DaemonUnavailable(DaemonError):
+    """No daemon answered on the expected socket within the timeout."""
+
+
+class ShmSpaceError(SnapGuardError):
+    """Shared memory does not have the room a snapshot slot needs."""
+
+
+class LayoutError(SnapGuardError):
+    """A state does not fit the planned layout, or a shard does not fit the state it is restored into."""
+
+
+class ChecksumError(SnapGuardError):
+    """Bytes in a slot do not match the checksums recorded when it was sealed."""
+
+
+class RestoreError(SnapGuardError):
+    """Ranks cannot agree on a step to restore, or the agreed step cannot be restored."""
+
+
+class CodecError(SnapGuardError):
+    """Erasure coding got inputs it cannot work with, or more erasures than it can rebuild."""
+
+
+class UnrecoverableError(SnapGuardError):
+    """More chunks are lost than the erasure code can rebuild."""

@@ -1,0 +1,57 @@
+"""Named fault points: a process kills itself with SIGKILL at a precise phase, for tests and chaos runs.
+
+`SNAPGUARD_FAULTS` holds a comma-separated list of `point[@step][/rRANK][#once-file]`. When code reaches
+`fault_point(point, step)` and an entry matches, the process sends itself SIGKILL: the same death
+as an OOM kill or a lost machine, at the moment under test. With `#path`, the fault fires only if
+`path` can be created (O_EXCL), so a restarted process with the same environment does not die
+again; with `/rN`, only the process whose RANK is N dies. Points in the code:
+
+- trainer.copy.mid       half of a snapshot's tensors are in the slot
+- trainer.copy.done      all bytes are in the slot, before the seal is sent
+- trainer.restore.mid    half of the tensors are restored
+- daemon.seal.verified   the daemon checked the shard but has not written its manifest
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+ENV_FAULTS = "SNAPGUARD_FAULTS"
+
+
+def _parse(spec: str) -> list[tuple[str, int | None, str | None]]:
+    out = []
+    me = os.environ.get("RANK")
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        once = None
+        if "#" in item:
+            item, once = item.split("#", 1)
+        if "/r" in item:
+            item, rank = item.split("/r", 1)
+            if rank != me:
+                continue
+        step = None
+        if "@" in item:
+            item, s = item.split("@", 1)
+            step = int(s)
+        out.append((item, step, once))
+    return out
+
+
+_FAULTS = None
+
+
+def fault_point(point: str, step: int | None = None) -> None:
+    global _FAULTS
+    if _FAULTS is None:
+        _FAULTS = _parse(os.environ.get(ENV_FAULTS, ""))
+    for name, at, once in _FAULTS:
+        if name != point or (at is not None and at != step):
+            continue
+        if once is not None:
+            try:
+                os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            except FileExistsError:
+                continue
+        os.kill(os.getpid(), signal.SIGKILL)

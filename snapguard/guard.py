@@ -1,0 +1,427 @@
+"""Guard: the training-side front door. Snapshot every step in the background, restore on restart.
+
+    guard = snapguard.Guard(model=model, optimizer=optimizer, extra=loop_state)
+    restored = guard.restore()            # newest step every rank holds, or None
+    for step in range(0 if restored is None else restored + 1, steps):
+        train_step()                       # forward, backward, optimizer.step()
+        guard.snapshot(step)               # returns at once; the copy runs in the background
+
+The copy into this rank's shared-memory slot overlaps the next forward and backward. Training waits
+only in the optimizer's step pre-hook, which Guard installs: parameters and optimizer state must not
+change until they are copied. Tensors that something other than the optimizer may change (module
+buffers, RNG states, loop state) are cloned when `snapshot()` is called, so they need no such wait.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import queue
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from snapguard import protocol as P
+from snapguard.client import DaemonClient
+from snapguard.config import Endpoint, default_shm_dir, default_timeout
+from snapguard.errors import ConfigError, DaemonUnavailable, RestoreError, SnapGuardError
+from snapguard.faults import fault_point
+from snapguard.layout import DEFAULT_CHUNK, MANIFEST_VERSION, Layout, Manifest, chunk_checksums, plan_layout, verify_checksums
+from snapguard.procs import spawn_daemon
+from snapguard.plan import check_agreement, plan_restore
+from snapguard.shm import map_file
+from snapguard.state import RNGState, TORCH_DTYPES, as_stateful, check_compatible, flatten, pack_tree, tensor_spec, unflatten, unpack_tree
+
+log = logging.getLogger(__name__)
+
+_MAX_INVENTORY = 16  # steps one rank reports at restore; more than slots_per_rank will ever hold
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """How a Guard reaches its daemon; None means: from the environment, then the default (see snapguard.config)."""
+
+    job: str | None = None
+    node: str | None = None
+    run_dir: str | None = None
+    shm_dir: str | None = None
+    start_daemon: bool = False  # start a daemon for this node when none answers
+    daemon_args: tuple[str, ...] = ()  # extra arguments for a daemon started by Guard
+    timeout_s: float | None = None  # every daemon request and collective
+    gate_timeout_s: float = 300.0  # most time a copy waits for other ranks before reusing a slot
+    chunk_size: int = DEFAULT_CHUNK
+    rank: int | None = None
+    world_size: int | None = None
+
+
+class _Job:
+    def __init__(self, step: int, layout: Layout, tensors: list[torch.Tensor], tree: bytes, cuda_ready: Any):
+        self.step, self.layout, self.tensors, self.tree = step, layout, tensors, tree
+        self.cuda_ready = cuda_ready
+        self.copy_done = threading.Event()
+        self.sealed = threading.Event()
+        self.error: BaseException | None = None
+        self.started = time.monotonic()
+        self.copy_s = self.seal_s = 0.0
+
+
+class Guard:
+    """Protects a training loop's state. Constructed on every rank, after torch.distributed is initialised."""
+
+    def __init__(self, model: Any = None, optimizer: Any = None, extra: Any = None, *,
+                 states: dict[str, Any] | None = None, rng: bool = True, config: GuardConfig | None = None,
+                 **overrides: Any):
+        try:
+            cfg = dataclasses.replace(config or GuardConfig(), **overrides)
+        except TypeError as e:
+            raise ConfigError(f"unknown Guard option: {e}") from None
+        self.config = cfg
+        self.endpoint = Endpoint.resolve(cfg.job, cfg.node, cfg.run_dir)
+        self.timeout_s = default_timeout(cfg.timeout_s)
+        if dist.is_available() and dist.is_initialized():
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        else:
+            self.rank = int(os.environ.get("RANK", 0)) if cfg.rank is None else cfg.rank
+            self.world_size = int(os.environ.get("WORLD_SIZE", 1)) if cfg.world_size is None else cfg.world_size
+        self.who = f"[{self.endpoint.job}/rank {self.rank}]"
+
+        named: dict[str, Any] = {}
+        if isinstance(optimizer, (list, tuple)):
+            optimizers = list(optimizer)
+            optimizer = _ListState([as_stateful(o, f"optimizer[{i}]") for i, o in enumerate(optimizers)])
+        else:
+            optimizers = [optimizer]
+        for name, obj in (("model", model), ("optimizer", optimizer), ("extra", extra)):
+            if obj is not None:
+                named[name] = obj
+        for name, obj in (states or {}).items():
+            if name in named or name == "rng":
+                raise ConfigError(f"state name {name!r} is used twice")
+            named[name] = obj
+        if rng:
+            named["rng"] = RNGState()
+        if not named:
+            raise ConfigError("Guard needs something to protect: model=, optimizer=, extra= or states=")
+        self.states = {n: as_stateful(o, n) for n, o in named.items()}
+        self.optimizers = [o for o in optimizers if isinstance(o, torch.optim.Optimizer)]
+
+        self.client = DaemonClient(self.endpoint.address, self.timeout_s, self.who)
+        self._connect()
+        self._pg = None
+        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+            # Agreement runs on a gloo group (collective: every rank constructs its Guard in the same order).
+            gloo = dist.get_backend() == "gloo"
+            self._pg = None if gloo else dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s))
+
+        self._layout: Layout | None = None
+        self._maps: dict[str, tuple[Any, torch.Tensor, int, int]] = {}
+        self._job: _Job | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._closed = False
+        self.common_step = -1  # newest step every rank holds sealed, as the daemon last reported
+        self.last_sealed = -1
+        self._worker = threading.Thread(target=self._run, name=f"snapguard-copy-r{self.rank}", daemon=True)
+        self._worker.start()
+        self._hooks = [opt.register_step_pre_hook(self._before_optimizer_step) for opt in self.optimizers]
+        self._reserve()
+
+    # ---- connection ------------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        try:
+            self.client.wait_ready(1.0 if self.config.start_daemon else self.timeout_s)
+        except DaemonUnavailable:
+            if not self.config.start_daemon:
+                raise DaemonUnavailable(
+                    f"{self.who} no snapguard daemon answers on {self.endpoint.socket_path}: start"
+                    f" `snapguard-daemon --job {self.endpoint.job}` on this node, or pass start_daemon=True") from None
+            self._spawn_daemon()
+            self.client.wait_ready(self.timeout_s)
+        self.client.request(P.Hello(self.endpoint.job, self.rank, self.world_size, os.getpid()))
+
+    def _spawn_daemon(self) -> None:
+        log.info("%s no daemon answers on %s: starting one", self.who, self.endpoint.socket_path)
+        spawn_daemon(self.endpoint, default_shm_dir(self.config.shm_dir), self.config.daemon_args, wait_s=None)
+
+    def _reserve(self) -> None:
+        """Plan the layout of the state as it is now and have the daemon allocate (and pre-fault) slots for it."""
+        tensors, _ = self._capture()
+        nbytes = plan_layout(tensor_spec(n, t) for n, t in tensors).nbytes
+        self.client.request(P.Reserve(self.endpoint.job, self.rank, self.world_size, nbytes))
+
+    # ---- save path -------------------------------------------------------------------------------
+
+    def _capture(self) -> tuple[list[tuple[str, torch.Tensor]], Any]:
+        return flatten({name: st.state_dict() for name, st in self.states.items()})
+
+    def _guarded_storages(self) -> set[int]:
+        """Storages only optimizer.step() changes; copying them may overlap the next forward/backward."""
+        ptrs = set()
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    ptrs.add(p.untyped_storage().data_ptr())
+            for st in opt.state.values():
+                for v in st.values():
+                    if isinstance(v, torch.Tensor):
+                        ptrs.add(v.untyped_storage().data_ptr())
+        return ptrs
+
+    def snapshot(self, step: int) -> None:
+        """Start a snapshot of the state after `step`; returns at once. Called on every rank, every step."""
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ConfigError(f"{self.who} snapshot step must be a non-negative int, got {step!r}")
+        if self._closed:
+            raise SnapGuardError(f"{self.who} snapshot({step}) after close()")
+        self.wait()  # one snapshot in flight: the previous one has had a whole step to seal
+        named, tree = self._capture()
+        guarded = self._guarded_storages()
+        tensors = []
+        for _, t in named:
+            t = t.detach()
+            if t.untyped_storage().data_ptr() not in guarded:
+                t = t.clone()  # may change before the copy runs: take it now
+            tensors.append(t)
+        specs = [tensor_spec(n, t) for n, t in named]
+        if self._layout is None or self._layout.signature != tuple((n, d, tuple(s)) for n, d, s in specs):
+            if self._layout is not None:
+                log.info("%s step %d: state shapes changed, planning a new layout", self.who, step)
+            self._layout = plan_layout(specs)
+        cuda_ready = None
+        if any(t.is_cuda for t in tensors):
+            cuda_ready = torch.cuda.Event()
+            cuda_ready.record()
+        job = _Job(step, self._layout, tensors, pack_tree(tree), cuda_ready)
+        self._job = job
+        self._queue.put(job)
+
+    def _before_optimizer_step(self, *_: Any) -> None:
+        # WARNING: parameters and optimizer state must not change until the running copy is done.
+        job = self._job
+        if job is None:
+            return
+        if not job.copy_done.wait(self.timeout_s + self.config.gate_timeout_s):
+            raise SnapGuardError(f"{self.who} optimizer.step waited {self.timeout_s + self.config.gate_timeout_s:.0f} s"
+                                 f" for the copy of step {job.step} into shared memory")
+        if job.error is not None and job.sealed.is_set():
+            self._raise(job)
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        """Block until the last snapshot is sealed; re-raise any failure of the background copy or seal."""
+        job = self._job
+        if job is None:
+            return
+        limit = timeout_s if timeout_s is not None else self.timeout_s + self.config.gate_timeout_s
+        if not job.sealed.wait(limit):
+            raise SnapGuardError(f"{self.who} waited {limit:.0f} s for step {job.step} to be sealed")
+        self._raise(job)
+
+    def _raise(self, job: _Job) -> None:
+        if job.error is not None:
+            err, job.error = job.error, None
+            raise SnapGuardError(f"{self.who} snapshot of step {job.step} failed: {err}") from err
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            try:
+                self._copy_and_seal(job)
+            except BaseException as e:  # re-raised on the training thread by wait() / the pre-hook
+                job.error = e
+                log.error("%s step %d: snapshot failed: %s", self.who, job.step, e)
+            finally:
+                job.tensors = []
+                job.copy_done.set()
+                job.sealed.set()
+
+    def _copy_and_seal(self, job: _Job) -> None:
+        layout = job.layout
+        granted = self._begin(job.step, layout.nbytes)
+        buf = self._mapping(granted.path, granted.capacity)
+        t0 = time.monotonic()
+        stream = None
+        if job.cuda_ready is not None:
+            stream = torch.cuda.Stream()
+            stream.wait_event(job.cuda_ready)
+        half = len(layout.entries) // 2
+        with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
+            for i, (e, t) in enumerate(zip(layout.entries, job.tensors)):
+                if e.nbytes:
+                    dst = buf[e.offset:e.offset + e.nbytes].view(TORCH_DTYPES[e.dtype]).view(e.shape)
+                    dst.copy_(t, non_blocking=stream is not None)
+                if i == half:
+                    fault_point("trainer.copy.mid", job.step)
+        if stream is not None:
+            stream.synchronize()
+        job.copy_s = time.monotonic() - t0
+        job.copy_done.set()
+        fault_point("trainer.copy.done", job.step)
+        t1 = time.monotonic()
+        mm = self._maps[granted.path][0]
+        manifest = Manifest(MANIFEST_VERSION, self.endpoint.job, self.rank, self.world_size, job.step, layout.nbytes,
+                            self.config.chunk_size, list(layout.entries),
+                            chunk_checksums(memoryview(mm), layout.nbytes, self.config.chunk_size), job.tree,
+                            time.time())
+        reply = self.client.request(P.Seal(self.endpoint.job, self.rank, job.step, granted.slot, manifest.to_wire()),
+                                    timeout_s=self.timeout_s)
+        job.seal_s = time.monotonic() - t1
+        self.common_step = reply.common
+        self.last_sealed = job.step
+        if job.copy_s + job.seal_s > 5.0:
+            log.warning("%s step %d: snapshot took %.2f s (copy %.2f s, seal %.2f s)", self.who, job.step,
+                        job.copy_s + job.seal_s, job.copy_s, job.seal_s)
+
+    def _begin(self, step: int, nbytes: int) -> P.Granted:
+        deadline = time.monotonic() + self.config.gate_timeout_s
+        pause = 0.001
+        while True:
+            reply = self.client.request(P.Begin(self.endpoint.job, self.rank, self.world_size, step, nbytes))
+            if isinstance(reply, P.Granted):
+                return reply
+            if time.monotonic() > deadline:
+                raise SnapGuardError(
+                    f"{self.who} step {step}: waited {self.config.gate_timeout_s:.0f} s for every rank to seal step"
+                    f" {reply.need} before reusing the slot of an older step (newest step all ranks hold: {reply.common})")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
+
+    def _mapping(self, path: str, capacity: int) -> torch.Tensor:
+        ino = os.stat(path).st_ino
+        cached = self._maps.get(path)
+        if cached is None or cached[2] != capacity or cached[3] != ino:
+            self._maps.pop(path, None)
+            mm = map_file(path, writable=True)
+            t = torch.frombuffer(mm, dtype=torch.uint8) if capacity else torch.empty(0, dtype=torch.uint8)
+            if torch.cuda.is_available() and capacity:
+                _host_register(t)
+            self._maps[path] = (mm, t, capacity, ino)
+        return self._maps[path][1]
+
+    # ---- restore path ----------------------------------------------------------------------------
+
+    def restore(self) -> int | None:
+        """Restore the newest step every rank holds; return it, or None on a fresh start. Called on every rank."""
+        self.wait()
+        t0 = time.monotonic()
+        inv = self.client.request(P.Inventory(self.endpoint.job, self.rank))
+        for why in inv.dropped:
+            log.warning("%s a sealed snapshot failed verification and is not used: %s", self.who, why)
+        plan = plan_restore(self._gather_inventories(inv.steps), self.world_size)
+        if plan.step is None:
+            log.info("%s nothing to restore: %s", self.who, plan.reason)
+            self.client.request(P.Drop(self.endpoint.job, self.rank, -1))
+            check_agreement(self._gather_restored(None))
+            return None
+        shard = self.client.request(P.Open(self.endpoint.job, self.rank, plan.step))
+        self._load(shard)
+        check_agreement(self._gather_restored(plan.step))
+        self.last_sealed = self.common_step = plan.step
+        log.info("%s restored step %d in %.2f s (%s)%s", self.who, plan.step, time.monotonic() - t0, plan.reason,
+                 "; newer snapshots were corrupt and skipped" if inv.dropped else "")
+        return plan.step
+
+    def _load(self, shard: P.Shard) -> None:
+        man = Manifest.from_wire(shard.manifest)
+        mm = map_file(shard.path, writable=False)
+        try:
+            man.validate(len(mm))
+            if man.rank != self.rank:
+                raise RestoreError(f"{self.who} the daemon handed out rank {man.rank}'s shard")
+            verify_checksums(memoryview(mm), man, who=self.who)
+            current, _ = self._capture()
+            check_compatible(man.entries, current)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # a read-only buffer: we only read it
+                buf = torch.frombuffer(mm, dtype=torch.uint8) if len(mm) else torch.empty(0, dtype=torch.uint8)
+            tensors = []
+            half = len(man.entries) // 2
+            for i, e in enumerate(man.entries):
+                t = buf[e.offset:e.offset + e.nbytes].view(TORCH_DTYPES[e.dtype]).view(e.shape).clone()
+                tensors.append(t)
+                if i == half:
+                    fault_point("trainer.restore.mid", man.step)
+            state = unflatten(unpack_tree(man.tree), tensors)
+            del buf
+        finally:
+            mm.close()
+        missing = set(self.states) - set(state)
+        if missing:
+            raise RestoreError(f"{self.who} the snapshot of step {man.step} holds no state for {sorted(missing)}")
+        for name, st in self.states.items():
+            st.load_state_dict(state[name])
+
+    def _gather_inventories(self, steps: list[int]) -> dict[int, list[int]]:
+        if self.world_size == 1 or not dist.is_initialized():
+            return {self.rank: steps}
+        t = torch.full((_MAX_INVENTORY,), -1, dtype=torch.int64)
+        mine = steps[-_MAX_INVENTORY:]
+        t[:len(mine)] = torch.tensor(mine, dtype=torch.int64)
+        out = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(out, t, group=self._pg)
+        return {r: [s for s in o.tolist() if s >= 0] for r, o in enumerate(out)}
+
+    def _gather_restored(self, step: int | None) -> dict[int, int | None]:
+        if self.world_size == 1 or not dist.is_initialized():
+            return {self.rank: step}
+        t = torch.tensor([-1 if step is None else step], dtype=torch.int64)
+        out = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(out, t, group=self._pg)
+        return {r: (None if o.item() < 0 else o.item()) for r, o in enumerate(out)}
+
+    # ---- shutdown --------------------------------------------------------------------------------
+
+    def close(self, shutdown_daemon: bool = False) -> None:
+        """Wait for the last snapshot, stop the copy thread; optionally stop the node's daemon (and free its memory)."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            for h in self._hooks:
+                h.remove()
+            self._queue.put(None)
+            self._worker.join(self.timeout_s)
+            for mm, t, _, _ in self._maps.values():
+                del t
+            self._maps.clear()
+            if shutdown_daemon:
+                self.client.request(P.Shutdown(remove=True))
+            self.client.close()
+
+    def __enter__(self) -> "Guard":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _ListState:
+    """Several optimizers as one Stateful."""
+
+    def __init__(self, items: list[Any]):
+        self.items = items
+
+    def state_dict(self) -> dict:
+        return {str(i): o.state_dict() for i, o in enumerate(self.items)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for i, o in enumerate(self.items):
+            o.load_state_dict(sd[str(i)])
+
+
+def _host_register(t: torch.Tensor) -> None:
+    """Page-lock a shared-memory mapping so device-to-host copies run asynchronously at full speed."""
+    err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel(), 0)
+    if int(err) != 0:
+        log.warning("cudaHostRegister of %d bytes failed (%s); copies from the GPU will be slower", t.numel(), err)

@@ -1,0 +1,175 @@
+"""Shard layouts and manifests: pure data, no torch, shared by trainers and daemons.
+
+A shard is one contiguous byte buffer. Its manifest lists, for every tensor, where its bytes lie
+(64-byte aligned), plus per-chunk xxh3-64 checksums of the whole used range and a msgpack tree of
+the state that is not tensors. Manifests are msgpack maps, never pickles.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import xxhash
+
+from snapguard.errors import ChecksumError, LayoutError
+
+ALIGN = 64
+DEFAULT_CHUNK = 4 << 20
+MANIFEST_VERSION = 1
+
+DTYPE_SIZES = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
+    "float8_e4m3fn": 1, "float8_e5m2": 1,
+    "complex128": 16, "complex64": 8,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1,
+    "uint64": 8, "uint32": 4, "uint16": 2, "uint8": 1,
+    "bool": 1,
+}
+
+
+def align(n: int, to: int = ALIGN) -> int:
+    return (n + to - 1) // to * to
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes lie in the shard."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    offset: int
+    nbytes: int
+
+    def describe(self) -> str:
+        return f"{self.dtype}{list(self.shape)}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    entries: tuple[TensorEntry, ...]
+    nbytes: int  # end of the last entry, rounded up to ALIGN
+
+    @property
+    def signature(self) -> tuple:
+        return tuple((e.name, e.dtype, tuple(e.shape)) for e in self.entries)
+
+
+def plan_layout(specs: Iterable[tuple[str, str, Sequence[int]]]) -> Layout:
+    """Place tensors (name, dtype, shape) back to back, each at a 64-byte aligned offset."""
+    entries = []
+    offset = 0
+    for name, dtype, shape in specs:
+        if dtype not in DTYPE_SIZES:
+            raise LayoutError(f"tensor {name!r} has dtype {dtype}, which snapguard cannot snapshot")
+        nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+        entries.append(TensorEntry(name, dtype, [int(s) for s in shape], offset, nbytes))
+        offset = align(offset + nbytes)
+    return Layout(tuple(entries), offset)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The layout of one sealed shard plus what is needed to trust and rebuild it."""
+
+    version: int
+    job: str
+    rank: int
+    world_size: int
+    step: int
+    nbytes: int
+    chunk_size: int
+    entries: list[TensorEntry]
+    checksums: list[int]
+    tree: bytes  # msgpack of the non-tensor state (see snapguard.state)
+    created: float = 0.0
+    meta: dict = field(default_factory=dict)
+
+    def validate(self, capacity: int | None = None) -> None:
+        """Refuse a manifest whose numbers do not add up; say what is wrong."""
+        who = f"rank {self.rank} step {self.step}"
+        if self.version != MANIFEST_VERSION:
+            raise LayoutError(f"{who}: manifest version {self.version}, expected {MANIFEST_VERSION}")
+        if self.step < 0 or self.rank < 0 or self.world_size < 1 or self.rank >= self.world_size:
+            raise LayoutError(f"{who}: step/rank/world_size out of range (world_size {self.world_size})")
+        if self.chunk_size < ALIGN or self.chunk_size % ALIGN:
+            raise LayoutError(f"{who}: chunk size {self.chunk_size} is not a positive multiple of {ALIGN}")
+        if self.nbytes < 0 or (capacity is not None and self.nbytes > capacity):
+            raise LayoutError(f"{who}: shard of {self.nbytes} bytes does not fit a slot of {capacity} bytes")
+        want = math.ceil(self.nbytes / self.chunk_size)
+        if len(self.checksums) != want:
+            raise LayoutError(f"{who}: {len(self.checksums)} checksums for {self.nbytes} bytes, expected {want}")
+        end = 0
+        for e in self.entries:
+            if e.dtype not in DTYPE_SIZES:
+                raise LayoutError(f"{who}: tensor {e.name!r} has unknown dtype {e.dtype!r}")
+            if any(s < 0 for s in e.shape):
+                raise LayoutError(f"{who}: tensor {e.name!r} has a negative dimension {e.shape}")
+            if e.nbytes != math.prod(e.shape) * DTYPE_SIZES[e.dtype]:
+                raise LayoutError(f"{who}: tensor {e.name!r} {e.describe()} claims {e.nbytes} bytes")
+            if e.offset % ALIGN or e.offset < end or e.offset + e.nbytes > self.nbytes:
+                raise LayoutError(
+                    f"{who}: tensor {e.name!r} at offset {e.offset} (+{e.nbytes}) overlaps, is unaligned,"
+                    f" or runs past the shard end {self.nbytes}"
+                )
+            end = e.offset + e.nbytes
+
+    def to_wire(self) -> dict:
+        return {
+            "version": self.version, "job": self.job, "rank": self.rank, "world_size": self.world_size,
+            "step": self.step, "nbytes": self.nbytes, "chunk_size": self.chunk_size,
+            "entries": [[e.name, e.dtype, list(e.shape), e.offset, e.nbytes] for e in self.entries],
+            "checksums": list(self.checksums), "tree": self.tree, "created": self.created, "meta": self.meta,
+        }
+
+    @classmethod
+    def from_wire(cls, d: object) -> "Manifest":
+        """Build a manifest from decoded msgpack, checking every field's type."""
+        if not isinstance(d, dict):
+            raise LayoutError(f"manifest must be a map, got {type(d).__name__}")
+        want = {"version": int, "job": str, "rank": int, "world_size": int, "step": int, "nbytes": int,
+                "chunk_size": int, "entries": list, "checksums": list, "tree": bytes, "created": float,
+                "meta": dict}
+        if set(d) != set(want):
+            raise LayoutError(f"manifest fields {sorted(map(str, d))} differ from {sorted(want)}")
+        for k, t in want.items():
+            v = d[k]
+            if t is float and isinstance(v, int) and not isinstance(v, bool):
+                continue
+            if not isinstance(v, t) or (t is int and isinstance(v, bool)):
+                raise LayoutError(f"manifest field {k!r} must be {t.__name__}, got {type(v).__name__}")
+        entries = []
+        for raw in d["entries"]:
+            ok = (isinstance(raw, list) and len(raw) == 5 and isinstance(raw[0], str) and isinstance(raw[1], str)
+                  and isinstance(raw[2], list) and all(_is_int(s) for s in raw[2])
+                  and _is_int(raw[3]) and _is_int(raw[4]))
+            if not ok:
+                raise LayoutError(f"manifest entry {raw!r:.200} is not [name, dtype, shape, offset, nbytes]")
+            entries.append(TensorEntry(raw[0], raw[1], list(raw[2]), raw[3], raw[4]))
+        if not all(_is_int(c) and 0 <= c < 1 << 64 for c in d["checksums"]):
+            raise LayoutError("manifest checksums must be unsigned 64-bit integers")
+        return cls(d["version"], d["job"], d["rank"], d["world_size"], d["step"], d["nbytes"], d["chunk_size"],
+                   entries, list(d["checksums"]), d["tree"], float(d["created"]), dict(d["meta"]))
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def chunk_checksums(buf: memoryview, nbytes: int, chunk_size: int = DEFAULT_CHUNK) -> list[int]:
+    """xxh3-64 of each chunk of buf[:nbytes]. xxhash releases the GIL, so this runs beside training."""
+    view = memoryview(buf)[:nbytes]
+    return [xxhash.xxh3_64_intdigest(view[i:i + chunk_size]) for i in range(0, nbytes, chunk_size)]
+
+
+def verify_checksums(buf: memoryview, manifest: Manifest, who: str = "") -> None:
+    """Raise ChecksumError naming the first chunk whose bytes differ from what was sealed."""
+    got = chunk_checksums(buf, manifest.nbytes, manifest.chunk_size)
+    for i, (want, have) in enumerate(zip(manifest.checksums, got)):
+        if want != have:
+            raise ChecksumError(
+                f"{who or f'rank {manifest.rank}'}: shard for step {manifest.step} has checksum {have:016x} in chunk {i}"
+                f" (bytes {i * manifest.chunk_size}..), sealed as {want:016x}"
+            )

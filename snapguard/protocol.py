@@ -1,0 +1,280 @@
+"""Typed, versioned messages between trainers and daemons, encoded as msgpack.
+
+A message is one msgpack map `{"v": VERSION, "type": NAME, **fields}` in the first frame; bulk
+bytes, where a message carries any, travel as further frames and are never decoded here. Decoding
+checks the version, the type, the exact set of fields and every field's type before a message
+object exists, so a handler only ever sees well-formed values. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+from snapguard.errors import ProtocolError
+
+VERSION = 1
+MAX_HEADER_BYTES = 16 << 20  # manifests of models with many tensors fit comfortably
+MAX_FRAMES = 16
+
+_REGISTRY: dict[str, type["Message"]] = {}
+
+
+@dataclass(frozen=True)
+class Message:
+    TYPE: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        cls.TYPE = cls.__name__
+        _REGISTRY[cls.__name__] = cls
+
+    def check(self) -> None:
+        """Value checks beyond types; subclasses raise ProtocolError naming the field."""
+
+
+def _nonneg(msg: Message, *names: str) -> None:
+    for n in names:
+        if getattr(msg, n) < 0:
+            raise ProtocolError(f"{msg.TYPE}.{n} must be >= 0, got {getattr(msg, n)}")
+
+
+# ---- trainer -> daemon -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Ping(Message):
+    pass
+
+
+@dataclass(frozen=True)
+class Hello(Message):
+    job: str
+    rank: int
+    world_size: int
+    pid: int
+
+    def check(self):
+        _nonneg(self, "rank", "pid")
+        if not 0 <= self.rank < self.world_size:
+            raise ProtocolError(f"Hello.rank {self.rank} is outside world_size {self.world_size}")
+
+
+@dataclass(frozen=True)
+class Reserve(Message):
+    """Allocate (and pre-fault) this rank's slots for shards of `nbytes` before training starts."""
+    job: str
+    rank: int
+    world_size: int
+    nbytes: int
+
+    def check(self):
+        _nonneg(self, "rank", "nbytes")
+
+
+@dataclass(frozen=True)
+class Begin(Message):
+    """Ask for a slot to write `step` into. The daemon answers Granted, or Wait while reuse is unsafe."""
+    job: str
+    rank: int
+    world_size: int
+    step: int
+    nbytes: int
+
+    def check(self):
+        _nonneg(self, "rank", "step", "nbytes")
+        if not 0 <= self.rank < self.world_size:
+            raise ProtocolError(f"Begin.rank {self.rank} is outside world_size {self.world_size}")
+
+
+@dataclass(frozen=True)
+class Seal(Message):
+    job: str
+    rank: int
+    step: int
+    slot: int
+    manifest: dict
+
+    def check(self):
+        _nonneg(self, "rank", "step", "slot")
+
+
+@dataclass(frozen=True)
+class Inventory(Message):
+    """Which steps this rank can restore; the daemon verifies every sealed slot before it answers."""
+    job: str
+    rank: int
+
+    def check(self):
+        _nonneg(self, "rank")
+
+
+@dataclass(frozen=True)
+class Open(Message):
+    """Hand out the sealed shard of `step` for restore, and forget this rank's newer steps."""
+    job: str
+    rank: int
+    step: int
+
+    def check(self):
+        _nonneg(self, "rank", "step")
+
+
+@dataclass(frozen=True)
+class Drop(Message):
+    """Forget every sealed step of this rank newer than `keep_upto` (-1: all of them)."""
+    job: str
+    rank: int
+    keep_upto: int
+
+
+@dataclass(frozen=True)
+class Status(Message):
+    pass
+
+
+@dataclass(frozen=True)
+class Shutdown(Message):
+    """Stop the daemon; with remove=True its shared memory files are deleted too."""
+    remove: bool = True
+
+
+# ---- daemon -> trainer -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Ok(Message):
+    info: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Error(Message):
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Welcome(Message):
+    node: str
+    pid: int
+    shm_dir: str
+
+
+@dataclass(frozen=True)
+class Granted(Message):
+    slot: int
+    path: str
+    capacity: int
+
+
+@dataclass(frozen=True)
+class Wait(Message):
+    """Reuse of the oldest slot must wait until every rank has sealed `need`."""
+    need: int
+    common: int
+
+
+@dataclass(frozen=True)
+class Sealed(Message):
+    step: int
+    common: int  # newest step every rank of the job holds sealed, -1 if none
+
+
+@dataclass(frozen=True)
+class Steps(Message):
+    steps: list[int]
+    dropped: list[str]  # why sealed steps were refused (checksum mismatch), for the trainer to report
+
+
+@dataclass(frozen=True)
+class Shard(Message):
+    path: str
+    manifest: dict
+
+
+@dataclass(frozen=True)
+class StatusReport(Message):
+    node: str
+    job: str
+    pid: int
+    shm_dir: str
+    shm_used: int
+    shm_free: int
+    ranks: list[dict]
+    common: int
+
+
+# ---- encoding ----------------------------------------------------------------------------------
+
+def encode(msg: Message) -> bytes:
+    d = {"v": VERSION, "type": msg.TYPE}
+    d.update({f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)})
+    return msgpack.packb(d, use_bin_type=True)
+
+
+def decode(frame: bytes, expect: tuple[type[Message], ...] | None = None) -> Message:
+    """Decode and validate one header frame; raise ProtocolError saying what is wrong."""
+    if len(frame) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"message of {len(frame)} bytes is over the {MAX_HEADER_BYTES}-byte limit")
+    try:
+        d = msgpack.unpackb(frame, raw=False, strict_map_key=False, max_bin_len=MAX_HEADER_BYTES,
+                            max_str_len=1 << 20, max_array_len=1 << 22, max_map_len=1 << 16)
+    except Exception as e:  # msgpack raises several types for malformed or truncated input
+        raise ProtocolError(f"message is not valid msgpack: {type(e).__name__}: {e}") from None
+    if not isinstance(d, dict):
+        raise ProtocolError(f"message must be a map, got {type(d).__name__}")
+    if d.get("v") != VERSION:
+        raise ProtocolError(f"message version {d.get('v')!r} is not supported (this side speaks {VERSION})")
+    cls = _REGISTRY.get(d.get("type")) if isinstance(d.get("type"), str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {d.get('type')!r}")
+    if expect is not None and cls not in expect:
+        raise ProtocolError(f"unexpected {cls.TYPE}, expected one of {[c.TYPE for c in expect]}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    extra = set(d) - set(fields) - {"v", "type"}
+    if extra:
+        raise ProtocolError(f"{cls.TYPE} has unknown fields {sorted(map(str, extra))}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in d:
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+                continue
+            raise ProtocolError(f"{cls.TYPE} lacks field {name!r}")
+        kwargs[name] = _check(d[name], hints[name], f"{cls.TYPE}.{name}")
+    msg = cls(**kwargs)
+    msg.check()
+    return msg
+
+
+def _check(v: Any, t: Any, where: str) -> Any:
+    origin = typing.get_origin(t)
+    if origin in (typing.Union, types.UnionType):
+        for alt in typing.get_args(t):
+            try:
+                return _check(v, alt, where)
+            except ProtocolError:
+                pass
+        raise ProtocolError(f"{where} has type {type(v).__name__}, expected {t}")
+    if t is type(None):
+        if v is None:
+            return v
+    elif origin is list:
+        if isinstance(v, list):
+            (item,) = typing.get_args(t)
+            return [_check(x, item, f"{where}[{i}]") for i, x in enumerate(v)]
+    elif t is int:
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    elif t is float:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    elif t in (str, bytes, bool, dict):
+        if isinstance(v, t):
+            return v
+    else:
+        raise ProtocolError(f"{where}: no validator for {t}")
+    raise ProtocolError(f"{where} has type {type(v).__name__}, expected {getattr(t, '__name__', t)}")

@@ -1,0 +1,51 @@
+"""Shared-memory slot files: creation (0600, pre-faulted), mapping, and free-space checks."""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+from snapguard.errors import ShmSpaceError
+
+MiB = 1 << 20
+
+
+def free_bytes(directory: str) -> int:
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def create_slot(path: str, nbytes: int) -> None:
+    """Create `path` (0600) holding `nbytes` of allocated memory, replacing what was there.
+
+    posix_fallocate on tmpfs allocates every page now, so the first snapshot does not pay for page
+    faults on the training path; ENOSPC surfaces here as a clear error.
+    """
+    tmp = path + ".new"
+    fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        if nbytes:
+            try:
+                os.posix_fallocate(fd, 0, nbytes)
+            except OSError as e:
+                raise ShmSpaceError(f"could not allocate {nbytes / MiB:.1f} MiB for {path}: {e.strerror};"
+                                    f" {free_bytes(os.path.dirname(path)) / MiB:.1f} MiB free") from None
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+
+
+def map_file(path: str, writable: bool, populate: bool = True) -> mmap.mmap:
+    """Map a whole slot file shared; MAP_POPULATE fills the page tables up front."""
+    fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        return mmap.mmap(fd, size, flags=flags, prot=prot)
+    finally:
+        os.close(fd)
