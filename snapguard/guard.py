@@ -24,7 +24,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -78,7 +78,11 @@ class Guard:
 
     def __init__(self, model: Any = None, optimizer: Any = None, extra: Any = None, *,
                  states: dict[str, Any] | None = None, rng: bool = True, config: GuardConfig | None = None,
-                 **overrides: Any):
+                 guarded: Callable[[], Iterable[torch.Tensor]] | None = None, **overrides: Any):
+        """`guarded`: for frameworks whose optimizer is no torch.optim.Optimizer, a callable returning the
+        tensors that change only after `before_update()` has returned (their copy then overlaps training
+        instead of being cloned); the framework adapter calls `before_update()` right before it updates them.
+        """
         try:
             cfg = dataclasses.replace(config or GuardConfig(), **overrides)
         except TypeError as e:
@@ -112,6 +116,7 @@ class Guard:
             raise ConfigError("Guard needs something to protect: model=, optimizer=, extra= or states=")
         self.states = {n: as_stateful(o, n) for n, o in named.items()}
         self.optimizers = [o for o in optimizers if isinstance(o, torch.optim.Optimizer)]
+        self._guarded_fn = guarded
 
         self.client = DaemonClient(self.endpoint.address, self.timeout_s, self.who)
         self._connect()
@@ -130,7 +135,7 @@ class Guard:
         self.last_sealed = -1
         self._worker = threading.Thread(target=self._run, name=f"snapguard-copy-r{self.rank}", daemon=True)
         self._worker.start()
-        self._hooks = [opt.register_step_pre_hook(self._before_optimizer_step) for opt in self.optimizers]
+        self._hooks = [opt.register_step_pre_hook(lambda *_: self.before_update()) for opt in self.optimizers]
         self._reserve()
 
     # ---- connection ------------------------------------------------------------------------------
@@ -173,6 +178,8 @@ class Guard:
                 for v in st.values():
                     if isinstance(v, torch.Tensor):
                         ptrs.add(v.untyped_storage().data_ptr())
+        if self._guarded_fn is not None:
+            ptrs.update(t.untyped_storage().data_ptr() for t in self._guarded_fn())
         return ptrs
 
     def snapshot(self, step: int) -> None:
@@ -203,7 +210,9 @@ class Guard:
         self._job = job
         self._queue.put(job)
 
-    def _before_optimizer_step(self, *_: Any) -> None:
+    def before_update(self) -> None:
+        """Block until the running copy has left the guarded tensors. Installed as every torch optimizer's
+        step pre-hook; framework adapters call it before they update parameters or optimizer state."""
         # WARNING: parameters and optimizer state must not change until the running copy is done.
         job = self._job
         if job is None:
