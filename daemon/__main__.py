@@ -6,7 +6,8 @@ import argparse
 import logging
 import sys
 
-from snapguard.config import default_job, default_node, default_run_dir, default_shm_dir
+from snapguard.config import check_name, default_job, default_node, default_run_dir, default_shm_dir
+from snapguard.daemon.peers import ENV_SECRET, load_secret
 from snapguard.daemon.server import AlreadyRunning, Daemon, DaemonConfig
 from snapguard.errors import SnapGuardError
 
@@ -28,13 +29,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shm-limit", type=parse_size, help="most shared memory this daemon may allocate, e.g. 8G")
     ap.add_argument("--slots-per-rank", type=int, default=2)
     ap.add_argument("--keep-on-exit", action="store_true", help="leave the slots in shared memory when stopping")
+    ap.add_argument("--peer-bind", help="TCP address peers reach this daemon at, e.g. tcp://10.0.0.5:7100")
+    ap.add_argument("--peer", action="append", default=[], metavar="NODE=ADDRESS",
+                    help="another daemon of the job (repeat for each)")
+    ap.add_argument("--ec-group", help="comma-separated nodes of this node's EC group, same order on every member"
+                    " (default: this node and every peer, sorted)")
+    ap.add_argument("--ec-m", type=int, default=1, help="parity chunks per codeword: lost nodes the group survives")
+    ap.add_argument("--secret-file", help=f"file (0600) with the job's secret for peer traffic (default: ${ENV_SECRET})")
+    ap.add_argument("--peer-timeout", type=float, default=10.0, help="seconds before a silent peer counts as lost")
     ap.add_argument("--log-level", default="INFO")
     a = ap.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        peers = []
+        for item in a.peer:
+            node, sep, addr = item.partition("=")
+            if not sep or not addr:
+                raise SnapGuardError(f"--peer {item!r} is not NODE=ADDRESS")
+            peers.append((check_name("node", node), addr))
+        group = tuple(n.strip() for n in a.ec_group.split(",")) if a.ec_group else ()
         cfg = DaemonConfig(default_job(a.job), default_node(a.node), default_run_dir(a.run_dir),
-                           default_shm_dir(a.shm_dir), a.shm_limit, a.slots_per_rank, not a.keep_on_exit)
+                           default_shm_dir(a.shm_dir), a.shm_limit, a.slots_per_rank, not a.keep_on_exit,
+                           peer_bind=a.peer_bind, peers=tuple(peers), ec_group=group, ec_m=a.ec_m,
+                           secret=load_secret(a.secret_file) if a.peer_bind else b"",
+                           peer_timeout_s=a.peer_timeout)
         d = Daemon(cfg)
         d.start()
     except AlreadyRunning as e:

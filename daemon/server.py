@@ -19,10 +19,13 @@ import zmq
 
 from snapguard import protocol as P
 from snapguard.config import Endpoint, ensure_private_dir
-from snapguard.errors import ProtocolError, SnapGuardError
+from snapguard.errors import ProtocolError, SnapGuardError, UnrecoverableError
 from snapguard.layout import Manifest
 from snapguard.shm import free_bytes
 
+from snapguard.daemon.peers import AuthError as PeerAuthError
+from snapguard.daemon.peers import PeerNet
+from snapguard.daemon.protect import Protector
 from snapguard.daemon.slots import SEALED, SlotTable
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,14 @@ class DaemonConfig:
     shm_limit: int | None = None  # bytes this daemon may allocate in shm_dir, on top of the free-space check
     slots_per_rank: int = 2
     remove_on_exit: bool = True
+    # erasure coding across nodes (all empty: this node stands alone)
+    peer_bind: str | None = None  # e.g. tcp://10.0.0.5:7100
+    peers: tuple[tuple[str, str], ...] = ()  # (node, address) of every other daemon of the job
+    ec_group: tuple[str, ...] = ()  # the EC group this node belongs to, in the same order on every member
+    ec_m: int = 1
+    secret: bytes = b""
+    peer_timeout_s: float = 10.0
+    heartbeat_s: float = 1.0
 
     @property
     def endpoint(self) -> Endpoint:
@@ -59,6 +70,12 @@ class Daemon:
         self._lock_fd = None
         self._sock = None
         self.started = time.time()
+        self.net: PeerNet | None = None
+        self.protector: Protector | None = None
+        self._stocks_cache: tuple[float, dict] = (0.0, {})
+        self._last_beat = 0.0
+        self.rejected: list[str] = []
+        self._rejected_count = 0
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -90,15 +107,35 @@ class Daemon:
         finally:
             os.umask(old)
         os.chmod(ep.socket_path, 0o600)
+        if self.cfg.peer_bind:
+            peers = dict(self.cfg.peers)
+            group = list(self.cfg.ec_group) or sorted([self.cfg.node, *peers])
+            missing = [n for n in group if n != self.cfg.node and n not in peers]
+            if missing:
+                raise SnapGuardError(f"{self.who} EC group members {missing} have no peer address")
+            self.net = PeerNet(self.cfg.job, self.cfg.node, self.cfg.secret, self.cfg.peer_bind, peers)
+            self.protector = Protector(self.table, group, self.cfg.node, self.cfg.ec_m)
+            log.info("%s erasure coding in group %s with m=%d, listening for peers on %s", self.who, group,
+                     self.cfg.ec_m, self.cfg.peer_bind)
         log.info("%s serving on %s (shm %s, pid %d)", self.who, ep.socket_path, self.table.dir, os.getpid())
 
     def serve_forever(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self.stop())
         signal.signal(signal.SIGINT, lambda *_: self.stop())
         try:
+            poller = zmq.Poller()
+            poller.register(self._sock, zmq.POLLIN)
+            if self.net is not None:
+                poller.register(self.net.router, zmq.POLLIN)
             while not self._stop:
-                if self._sock.poll(200):
+                events = dict(poller.poll(200))
+                if self._sock in events:
                     self._handle(self._sock.recv_multipart())
+                if self.net is not None:
+                    if self.net.router in events:
+                        self._handle_peer(self.net.router.recv_multipart())
+                    if time.monotonic() - self._last_beat > self.cfg.heartbeat_s:
+                        self._broadcast_held()
         finally:
             self.close()
 
@@ -108,6 +145,9 @@ class Daemon:
         self._stop = True
 
     def close(self) -> None:
+        if self.net is not None:
+            self.net.close()
+            self.net = None
         if self._sock is not None:
             self._sock.close(linger=500)  # let the reply to Shutdown leave
             self._sock = None
@@ -168,17 +208,131 @@ class Daemon:
         if isinstance(msg, P.Seal):
             man = Manifest.from_wire(msg.manifest)
             t.seal(msg.rank, msg.step, msg.slot, man)
+            self._protect()
             return P.Sealed(msg.step, t.common())
         if isinstance(msg, P.Inventory):
             steps, dropped = t.verified_steps(msg.rank)
+            if self.protector is not None:
+                stocks = self._stocks()
+                rebuild = self.protector.rebuildable(stocks)
+                steps = sorted(set(steps) | {s for s, blob in rebuild.items() if msg.rank in [r[0] for r in blob["ranks"]]})
+                if not steps:
+                    why = self.protector.explain_loss(stocks)
+                    if why:
+                        dropped = [*dropped, why]
             return P.Steps(steps, dropped)
         if isinstance(msg, P.Open):
+            local = [s.step for s in t.ranks.get(msg.rank, []) if s.state == SEALED]
+            if self.protector is not None and msg.step not in local:
+                self._rebuild(msg.step)
             s = t.open(msg.rank, msg.step)
+            self._broadcast_held()
             return P.Shard(s.path, s.manifest.to_wire())
         if isinstance(msg, P.Drop):
             t.drop(msg.rank, msg.keep_upto)
+            self._broadcast_held()
             return P.Ok()
         raise ProtocolError(f"{msg.TYPE} is not a request this daemon serves")
+
+    # ---- erasure coding -------------------------------------------------------------------------
+
+    def _header(self) -> dict:
+        return self.net.header()
+
+    def _protect(self) -> None:
+        """After a seal: if every local rank now holds a newer step, send its chunks to their parity holders."""
+        if self.protector is None:
+            return
+        full = self.protector.full_steps()
+        if full and full[-1] > self.protector.sent_step:
+            step = full[-1]  # the newest: older steps not yet sent are skipped
+            t0 = time.monotonic()
+            sent = 0
+            for dest, fields, data in self.protector.chunks_to_send(step):
+                sent += self.net.send(dest, P.PeerChunk(**self._header(), **fields), [data]) and len(data)
+            self.protector.sent_step = step
+            log.debug("%s sent %d bytes of step %d to parity holders in %.3f s", self.who, sent, step,
+                      time.monotonic() - t0)
+        self._broadcast_held()
+
+    def _broadcast_held(self) -> None:
+        if self.net is None:
+            return
+        self._last_beat = time.monotonic()
+        held = [[r, *steps] for r, steps in self.table.held().items() if r in self.table.ranks]
+        msg_fields = {"held": held, "parity": self.protector.complete_parity()}
+        for node in self.net.peers:
+            self.net.send(node, P.PeerHeld(**self._header(), **msg_fields))
+        self.table.protected = self.protector.protected_step()
+
+    def _handle_peer(self, frames: list[bytes]) -> None:
+        try:
+            ident, rid, msg, bulk = self.net.receive(frames)
+        except (PeerAuthError, ProtocolError) as e:
+            self._reject(f"unauthenticated or malformed peer message: {e}")
+            return
+        try:
+            if isinstance(msg, P.PeerHeld):
+                self.protector.note_peer(msg)
+                self.table.protected = self.protector.protected_step()
+            elif isinstance(msg, P.PeerChunk):
+                if len(bulk) != 1:
+                    raise ProtocolError(f"PeerChunk carries {len(bulk)} data frames, expected 1")
+                before = len(self.protector.complete_parity())
+                self.protector.accept_chunk(msg, bulk[0])
+                if len(self.protector.complete_parity()) != before:
+                    self._broadcast_held()
+            elif isinstance(msg, P.PeerInventory):
+                self.net.reply(ident, rid, self.protector.stock(msg.asker))
+            elif isinstance(msg, P.PeerFetch):
+                reply, data = self.protector.serve_fetch(msg)
+                self.net.reply(ident, rid, reply, [data])
+            else:
+                raise ProtocolError(f"{msg.TYPE} is not a peer request")
+        except SnapGuardError as e:
+            self._reject(f"refused {msg.TYPE} from {msg.node}: {e}")
+            if rid != bytes(8):
+                self.net.reply(ident, rid, P.Error(type(e).__name__, str(e)))
+
+    def _reject(self, why: str) -> None:
+        self._rejected_count += 1
+        self.rejected.append(why)
+        del self.rejected[:-100]
+        log.warning("%s %s", self.who, why)
+
+    def _stocks(self, max_age_s: float = 1.0) -> dict[str, P.PeerStock]:
+        """What every reachable member of the EC group holds; a peer that does not answer counts as lost."""
+        at, cached = self._stocks_cache
+        if time.monotonic() - at < max_age_s:
+            return cached
+        stocks = {}
+        for node in self.protector.group:
+            if node == self.cfg.node:
+                continue
+            try:
+                reply, _ = self.net.request(node, P.PeerInventory(**self._header(), asker=self.cfg.node),
+                                            self.cfg.peer_timeout_s, serve=self._handle_peer)
+                stocks[node] = reply
+            except SnapGuardError as e:
+                log.warning("%s counting peer %s as lost: %s", self.who, node, e)
+        self._stocks_cache = (time.monotonic(), stocks)
+        return stocks
+
+    def _rebuild(self, step: int) -> None:
+        stocks = self._stocks(max_age_s=0.0)
+        blob = self.protector.rebuildable(stocks).get(step)
+        if blob is None:
+            raise UnrecoverableError(f"{self.who} step {step} is neither held here nor rebuildable from the peers"
+                                     f" that answered ({sorted(stocks)})")
+
+        def fetch(node: str, s: int, c: int, pos: int):
+            reply, bulk = self.net.request(node, P.PeerFetch(**self._header(), step=s, codeword=c, position=pos),
+                                           self.cfg.peer_timeout_s, serve=self._handle_peer)
+            return reply, bulk[0]
+
+        self.protector.rebuild(step, blob, stocks, fetch)
+        self.protector.sent_step = max(self.protector.sent_step, step)  # its parity is in place already
+        self._stocks_cache = (0.0, {})
 
     def _check_job(self, job: str) -> None:
         if job != self.cfg.job:
@@ -195,5 +349,10 @@ class Daemon:
                            "age_s": round(now - s.sealed_at, 3) if s.state == SEALED else -1.0}
                           for s in slots],
             })
+        p = self.protector
         return P.StatusReport(self.cfg.node, self.cfg.job, os.getpid(), self.table.dir, self.table.used_bytes(),
-                              free_bytes(self.cfg.shm_dir), ranks, self.table.common())
+                              free_bytes(self.cfg.shm_dir), ranks, self.table.common(),
+                              sealed=(p.full_steps() or [-1])[-1] if p else -1,
+                              protected=p.protected_step() if p else -1,
+                              peers=sorted(self.net.peers) if self.net else [],
+                              parity=p.complete_parity() if p else [], rejected=self._rejected_count)

@@ -39,11 +39,13 @@ class Decision:
     reason: str = ""
 
 
-def plan_begin(slots: tuple[tuple[str, int], ...], step: int, common: int) -> Decision:
-    """Pick the slot a rank writes `step` into, given its slots as (state, step) and the job's common step.
+def plan_begin(slots: tuple[tuple[str, int], ...], step: int, common: int, protected: int = -1) -> Decision:
+    """Pick the slot a rank writes `step` into, given its slots as (state, step), the job's common step and,
+    with erasure coding, the newest protected step.
 
-    A sealed slot is reused only when the steps the rank keeps still include one that every rank
-    holds sealed (`common`); otherwise a crash could leave ranks without a shared step.
+    A sealed slot is reused only when it is older than `common` (the newest step every rank holds sealed),
+    so the rank keeps that step; and never when it holds `protected`, the step a lost node would be rebuilt
+    to. Otherwise a crash could leave ranks without a shared, restorable step: the rank waits.
     """
     sealed = sorted(s for state, s in slots if state == SEALED)
     if sealed and step <= sealed[-1]:
@@ -55,11 +57,11 @@ def plan_begin(slots: tuple[tuple[str, int], ...], step: int, common: int) -> De
                 return Decision("grant", slot=i)
     if not slots:
         return Decision("error", reason="no slots are reserved")
-    oldest = sealed[0]
-    need = sealed[1] if len(sealed) > 1 else oldest
-    if len(sealed) > 1 and common >= need:
-        return Decision("grant", slot=[s for _, s in slots].index(oldest))
-    return Decision("wait", need=need)
+    if common in sealed:
+        for candidate in sealed:
+            if candidate < common and candidate != protected:
+                return Decision("grant", slot=[s for _, s in slots].index(candidate))
+    return Decision("wait", need=sealed[1] if len(sealed) > 1 else sealed[0])
 
 
 def common_step(held: dict[int, Iterable[int]], world_size: int) -> int:
@@ -113,6 +115,7 @@ class SlotTable:
         self.ranks: dict[int, list[Slot]] = {}
         self.world_size = 0
         self.remote: dict[int, set[int]] = {}  # sealed steps of ranks served by other daemons
+        self.protected = -1  # with erasure coding: the newest step protected across the EC group
         self.who = f"[{job}/{node} daemon]"
 
     # ---- adoption after a restart --------------------------------------------------------------
@@ -182,7 +185,7 @@ class SlotTable:
     def begin(self, rank: int, step: int, nbytes: int) -> Decision:
         self._ensure_rank(rank)
         slots = self.ranks[rank]
-        d = plan_begin(tuple((s.state, s.step) for s in slots), step, self.common())
+        d = plan_begin(tuple((s.state, s.step) for s in slots), step, self.common(), self.protected)
         if d.action != "grant":
             return d
         slot = slots[d.slot]
@@ -222,6 +225,18 @@ class SlotTable:
         log.debug("%s rank %d sealed step %d (%d bytes verified in %.3f s)", self.who, rank, step,
                   manifest.nbytes, time.monotonic() - t0)
         return slot
+
+    def install(self, rank: int, manifest: Manifest, data: memoryview) -> Slot:
+        """Write a shard rebuilt from peers into a free slot of `rank` and seal it, as a trainer would."""
+        self._ensure_rank(rank)
+        self.world_size = max(self.world_size, manifest.world_size)
+        d = self.begin(rank, manifest.step, manifest.nbytes)
+        if d.action != "grant":
+            raise LayoutError(f"rank {rank}: no slot for rebuilt step {manifest.step}: {d.reason or 'slots busy'}")
+        slot = self.ranks[rank][d.slot]
+        if manifest.nbytes:
+            slot.buffer()[:manifest.nbytes] = data
+        return self.seal(rank, manifest.step, d.slot, manifest)
 
     def verified_steps(self, rank: int) -> tuple[list[int], list[str]]:
         """Check every sealed slot of `rank` again; drop (and report) those whose bytes changed."""

@@ -325,7 +325,13 @@ class Guard:
         inv = self.client.request(P.Inventory(self.endpoint.job, self.rank))
         for why in inv.dropped:
             log.warning("%s a sealed snapshot failed verification and is not used: %s", self.who, why)
-        plan = plan_restore(self._gather_inventories(inv.steps), self.world_size)
+        inventories = self._gather_inventories(inv.steps)
+        plan = plan_restore(inventories, self.world_size)
+        if plan.step is None and any(inventories.values()):
+            # Some ranks hold snapshots, but no step is common: starting afresh would silently lose the
+            # job's progress, and training on different steps would corrupt it. Stop and say why.
+            detail = "; ".join(inv.dropped)
+            raise RestoreError(f"{self.who} cannot restore: {plan.reason}" + (f". This rank: {detail}" if detail else ""))
         if plan.step is None:
             log.info("%s nothing to restore: %s", self.who, plan.reason)
             self.client.request(P.Drop(self.endpoint.job, self.rank, -1))

@@ -205,6 +205,11 @@ class StatusReport(Message):
     shm_free: int
     ranks: list[dict]
     common: int
+    sealed: int = -1  # newest step every local rank holds sealed
+    protected: int = -1  # with erasure coding: newest step protected across the EC group
+    peers: list[str] = field(default_factory=list)
+    parity: list[list[int]] = field(default_factory=list)  # complete parity held: [codeword, position, step]
+    rejected: int = 0  # peer messages refused (authentication, replay, checksum, stale step)
 
 
 # ---- encoding ----------------------------------------------------------------------------------
@@ -278,3 +283,68 @@ def _check(v: Any, t: Any, where: str) -> Any:
     else:
         raise ProtocolError(f"{where}: no validator for {t}")
     raise ProtocolError(f"{where} has type {type(v).__name__}, expected {getattr(t, '__name__', t)}")
+
+
+# ---- daemon <-> daemon (TCP, every frame authenticated with the job's secret) -----------------
+
+@dataclass(frozen=True)
+class PeerMessage(Message):
+    """Base of daemon-to-daemon requests: who sends, and a (boot, seq) pair that only ever grows."""
+    job: str
+    node: str
+    boot: int
+    seq: int
+
+
+@dataclass(frozen=True)
+class PeerHeld(PeerMessage):
+    """What the sender holds now: sealed steps per local rank ([rank, step, ...]) and complete parity ([codeword, position, step])."""
+    held: list[list[int]]
+    parity: list[list[int]]
+
+
+@dataclass(frozen=True)
+class PeerChunk(PeerMessage):
+    """One data chunk of the sender's node shard of `step`, for the parity holder of `codeword`; bytes follow in one frame."""
+    step: int
+    codeword: int
+    position: int
+    chunk_len: int
+    checksum: int
+    blob: dict  # the sender's node shard: {"nbytes": L, "ranks": [[rank, offset, manifest], ...]}
+
+    def check(self):
+        _nonneg(self, "step", "codeword", "position", "chunk_len")
+
+
+@dataclass(frozen=True)
+class PeerInventory(PeerMessage):
+    """Ask a peer what it holds, and which node shards of `asker` it knows the layout of."""
+    asker: str
+
+
+@dataclass(frozen=True)
+class PeerFetch(PeerMessage):
+    """Ask for one chunk (data or parity) of one codeword at one step."""
+    step: int
+    codeword: int
+    position: int
+
+    def check(self):
+        _nonneg(self, "step", "codeword", "position")
+
+
+@dataclass(frozen=True)
+class PeerStock(Message):
+    node: str
+    sealed: list[int]  # steps for which every local rank holds a sealed shard
+    parity: list[list[int]]  # complete parity chunks: [codeword, position, step]
+    blobs: dict  # str(step) -> the asker's node-shard layout, as sent with its chunks
+
+
+@dataclass(frozen=True)
+class PeerData(Message):
+    step: int
+    codeword: int
+    position: int
+    checksum: int

@@ -1,0 +1,183 @@
+"""Authenticated daemon-to-daemon links over ZeroMQ TCP.
+
+Every message, request or reply, is `[request id, header, *bulk, tag]` where tag is an HMAC-SHA256
+with the job's secret over the length-prefixed frames before it. A message whose tag is missing or
+wrong is rejected before its header is even decoded. Requests carry the sender's (boot, seq): boot
+is the sender's start time in ns and seq grows with every message, so a captured message replayed
+later is refused. Replies are bound to their request by the request id inside the tag.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import itertools
+import logging
+import os
+import time
+from typing import Callable
+
+import zmq
+
+from snapguard import protocol as P
+from snapguard.errors import DaemonUnavailable, ProtocolError, SnapGuardError
+
+log = logging.getLogger(__name__)
+
+ENV_SECRET = "SNAPGUARD_SECRET"  # hex or text; or --secret-file
+_TAG = 32
+
+
+class AuthError(SnapGuardError):
+    """A peer message failed authentication or replay checks."""
+
+
+def load_secret(path: str | None) -> bytes:
+    if path:
+        st = os.stat(path)
+        if st.st_mode & 0o077:
+            raise SnapGuardError(f"secret file {path} must not be readable by group or others (chmod 600)")
+        with open(path, "rb") as f:
+            secret = f.read().strip()
+    else:
+        secret = os.environ.get(ENV_SECRET, "").encode()
+    if len(secret) < 16:
+        raise SnapGuardError(f"daemon-to-daemon traffic needs a job secret of at least 16 bytes: set {ENV_SECRET}"
+                             " or pass --secret-file")
+    return secret
+
+
+def _mac(secret: bytes, frames: list[bytes]) -> bytes:
+    h = hmac.new(secret, digestmod=hashlib.sha256)
+    for f in frames:
+        h.update(len(f).to_bytes(8, "little"))
+        h.update(f)
+    return h.digest()
+
+
+def seal_frames(secret: bytes, rid: bytes, msg: P.Message, bulk: list[bytes] = ()) -> list[bytes]:
+    frames = [rid, P.encode(msg), *bulk]
+    return frames + [_mac(secret, frames)]
+
+
+def open_frames(secret: bytes, frames: list[bytes]) -> tuple[bytes, P.Message, list[bytes]]:
+    """Check the tag, then decode the header; raise AuthError or ProtocolError saying why."""
+    if len(frames) < 3 or len(frames[0]) != 8:
+        raise AuthError(f"malformed peer message of {len(frames)} frame(s)")
+    body, tag = frames[:-1], frames[-1]
+    if len(tag) != _TAG or not hmac.compare_digest(tag, _mac(secret, [bytes(f) for f in body])):
+        raise AuthError("authentication tag is missing or wrong")
+    return bytes(body[0]), P.decode(bytes(body[1])), [bytes(f) for f in body[2:]]
+
+
+class PeerNet:
+    """This daemon's listening socket for peers, plus one outgoing DEALER per peer."""
+
+    def __init__(self, job: str, node: str, secret: bytes, bind: str, peers: dict[str, str]):
+        self.job, self.node, self.secret = job, node, secret
+        self.peers = dict(peers)
+        self.boot = time.time_ns()
+        self._seq = itertools.count(1)
+        self._rid = itertools.count(1)
+        self._seen: dict[str, tuple[int, int]] = {}
+        ctx = zmq.Context.instance()
+        self.router = ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.MAXMSGSIZE, 1 << 34)
+        self.router.bind(bind)
+        self._dealers: dict[str, zmq.Socket] = {}
+        self.rejected = 0
+
+    def header(self) -> dict:
+        return {"job": self.job, "node": self.node, "boot": self.boot, "seq": next(self._seq)}
+
+    def _dealer(self, node: str) -> zmq.Socket:
+        s = self._dealers.get(node)
+        if s is None:
+            if node not in self.peers:
+                raise SnapGuardError(f"node {node!r} is not a configured peer (peers: {sorted(self.peers)})")
+            s = zmq.Context.instance().socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.SNDHWM, 64)
+            s.setsockopt(zmq.RCVHWM, 64)
+            s.connect(self.peers[node])
+            self._dealers[node] = s
+        return s
+
+    def _drop(self, node: str) -> None:
+        s = self._dealers.pop(node, None)
+        if s is not None:
+            s.close(0)
+
+    def send(self, node: str, msg: P.Message, bulk: list[bytes] = ()) -> bool:
+        """Fire and forget; False if the peer's queue is full (it is slow or gone): the message is dropped."""
+        try:
+            self._dealer(node).send_multipart(seal_frames(self.secret, bytes(8), msg, list(bulk)), flags=zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            log.warning("[%s/%s daemon] peer %s is not keeping up; dropped %s", self.job, self.node, node, msg.TYPE)
+            return False
+
+    def request(self, node: str, msg: P.Message, timeout_s: float,
+                serve: Callable[[list[bytes]], None] | None = None) -> tuple[P.Message, list[bytes]]:
+        """Send `msg` to `node` and wait for its authenticated reply, serving our own peers meanwhile."""
+        rid = next(self._rid).to_bytes(8, "little")
+        sock = self._dealer(node)
+        try:
+            sock.send_multipart(seal_frames(self.secret, rid, msg), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            raise DaemonUnavailable(f"peer {node} ({self.peers[node]}) is not accepting messages") from None
+        deadline = time.monotonic() + timeout_s
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        if serve is not None:
+            poller.register(self.router, zmq.POLLIN)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._drop(node)
+                raise DaemonUnavailable(f"peer {node} ({self.peers[node]}) did not answer {msg.TYPE} within {timeout_s:.1f} s")
+            events = dict(poller.poll(int(left * 1000) + 1))
+            if serve is not None and self.router in events:
+                serve(self.router.recv_multipart())
+            if sock in events:
+                frames = sock.recv_multipart()
+                try:
+                    got_rid, reply, bulk = open_frames(self.secret, frames)
+                except (AuthError, ProtocolError) as e:
+                    self.rejected += 1
+                    log.warning("[%s/%s daemon] rejected a reply from %s: %s", self.job, self.node, node, e)
+                    continue
+                if got_rid != rid:
+                    continue  # a late reply to an earlier request
+                if isinstance(reply, P.Error):
+                    raise SnapGuardError(f"peer {node} refused {msg.TYPE}: [{reply.code}] {reply.message}")
+                return reply, bulk
+
+    def receive(self, frames: list[bytes]) -> tuple[bytes, bytes, P.PeerMessage, list[bytes]]:
+        """Authenticate one message from the ROUTER; return (identity, request id, message, bulk)."""
+        ident, rest = frames[0], frames[1:]
+        rid, msg, bulk = open_frames(self.secret, rest)
+        if not isinstance(msg, P.PeerMessage):
+            raise ProtocolError(f"{msg.TYPE} is not a peer request")
+        if msg.job != self.job:
+            raise AuthError(f"message for job {msg.job!r}, this daemon serves {self.job!r}")
+        if msg.node not in self.peers:
+            raise AuthError(f"message from unknown node {msg.node!r}")
+        last = self._seen.get(msg.node, (0, 0))
+        if (msg.boot, msg.seq) <= last:
+            raise AuthError(f"replayed message from {msg.node} (boot {msg.boot}, seq {msg.seq}; already saw"
+                            f" boot {last[0]}, seq {last[1]})")
+        self._seen[msg.node] = (msg.boot, msg.seq)
+        return ident, rid, msg, bulk
+
+    def reply(self, ident: bytes, rid: bytes, msg: P.Message, bulk: list[bytes] = ()) -> None:
+        try:
+            self.router.send_multipart([ident, *seal_frames(self.secret, rid, msg, list(bulk))], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("[%s/%s daemon] could not reply %s to a peer: its queue is full", self.job, self.node, msg.TYPE)
+
+    def close(self) -> None:
+        for n in list(self._dealers):
+            self._drop(n)
+        self.router.close(0)

@@ -1,0 +1,299 @@
+"""Erasure-coded protection of this node's shards across an EC group of daemons.
+
+A node's shard of a step is the concatenation of its local ranks' sealed shards (each at a
+64-byte aligned offset): its "blob". The blob splits into k = g - m data chunks
+(`snapguard.codec.ShardChunks`), and `snapguard.stripes.plan_stripes` says which codeword each
+chunk belongs to and which nodes hold that codeword's m parity chunks. After every local rank has
+sealed a step, the daemon sends each chunk to its parity holders; a holder folds chunks into its
+parity as they arrive (`Codec.accumulate`) and counts the step protected for that codeword once all
+k have arrived. Protection never blocks training: holders keep the newest complete parity of each
+codeword plus whatever newer steps are still arriving, and a step that falls behind is dropped.
+
+Restore after a node is lost: the replacement daemon asks every peer what it holds, computes which
+steps it can rebuild (for every codeword with one of its chunks, k chunks of that step must survive),
+fetches the chunks of the agreed step, decodes, and writes and seals its ranks' slots as if its
+trainers had.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import xxhash
+
+from snapguard import protocol as P
+from snapguard.codec import Codec, ShardChunks
+from snapguard.errors import ChecksumError, LayoutError, ProtocolError, UnrecoverableError
+from snapguard.layout import ALIGN, Manifest, align
+from snapguard.stripes import plan_stripes, recoverable
+
+from snapguard.daemon.slots import SEALED, SlotTable
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING_STEPS = 4  # steps a holder accumulates at once per codeword, besides its newest complete one
+
+
+@dataclass
+class ParityEntry:
+    step: int
+    buf: np.ndarray
+    got: set[int] = field(default_factory=set)  # data positions folded in
+    blobs: dict[str, dict] = field(default_factory=dict)  # node -> its blob layout at this step
+
+    def complete(self, k: int) -> bool:
+        return len(self.got) == k
+
+
+class Protector:
+    def __init__(self, table: SlotTable, group: list[str], node: str, m: int, backend: str = "auto"):
+        if node not in group:
+            raise LayoutError(f"node {node!r} is not in its EC group {group}")
+        if len(set(group)) != len(group):
+            raise LayoutError(f"EC group {group} names a node twice")
+        self.table, self.group, self.node = table, list(group), node
+        self.plan = plan_stripes(len(group), m)
+        self.g, self.m, self.k = len(group), m, len(group) - m
+        self.me = group.index(node)
+        self.codec = Codec(self.k, m, backend)
+        self.who = table.who
+        # parity this node holds: (codeword, position) -> {step: entry}
+        self.parity: dict[tuple[int, int], dict[int, ParityEntry]] = {}
+        for c in self.plan.codewords:
+            for ref in c.chunks[self.k:]:
+                if ref.node == self.me:
+                    self.parity[(c.index, ref.position)] = {}
+        self.remote_parity: dict[str, set[tuple[int, int, int]]] = {}
+        self.remote_sealed: dict[str, set[int]] = {}
+        self.sent_step = -1
+        self.rejected: list[str] = []
+
+    # ---- what this node holds ------------------------------------------------------------------
+
+    def full_steps(self) -> list[int]:
+        """Steps for which every local rank holds a sealed shard."""
+        ranks = [slots for slots in self.table.ranks.values() if any(s.capacity for s in slots)]
+        if not ranks:
+            return []
+        common = set.intersection(*({s.step for s in slots if s.state == SEALED} for slots in ranks))
+        return sorted(common)
+
+    def blob_layout(self, step: int) -> tuple[dict, list]:
+        parts, offset = [], 0
+        for rank in sorted(self.table.ranks):
+            slot = next((s for s in self.table.ranks[rank] if s.state == SEALED and s.step == step), None)
+            if slot is None:
+                raise LayoutError(f"rank {rank} holds no sealed step {step}")
+            parts.append((rank, offset, slot))
+            offset = align(offset + slot.manifest.nbytes)
+        layout = {"nbytes": offset, "ranks": [[r, off, s.manifest.to_wire()] for r, off, s in parts]}
+        return layout, parts
+
+    def read_blob(self, step: int, start: int, stop: int, out: np.ndarray) -> None:
+        """Copy bytes [start, stop) of this node's blob at `step` into out (zero beyond the blob's end)."""
+        _, parts = self.blob_layout(step)
+        out[:] = 0
+        for _, off, slot in parts:
+            n = slot.manifest.nbytes
+            lo, hi = max(start, off), min(stop, off + n)
+            if lo < hi:
+                out[lo - start:hi - start] = np.frombuffer(slot.buffer(), np.uint8, hi - lo, lo - off)
+
+    def complete_parity(self) -> list[list[int]]:
+        return [[c, pos, step] for (c, pos), steps in self.parity.items()
+                for step, e in steps.items() if e.complete(self.k)]
+
+    def protected_step(self) -> int:
+        """Newest step whose parity is complete on every holder of every codeword of the group (-1: none)."""
+        have: dict[tuple[int, int], set[int]] = {}
+        for c, pos, step in self.complete_parity():
+            have.setdefault((c, pos), set()).add(step)
+        for node, entries in self.remote_parity.items():
+            for c, pos, step in entries:
+                holder = self.plan.codewords[c].chunks[pos].node
+                if self.group[holder] == node:
+                    have.setdefault((c, pos), set()).add(step)
+        steps = None
+        for c in self.plan.codewords:
+            for ref in c.chunks[self.k:]:
+                s = have.get((c.index, ref.position), set())
+                steps = s if steps is None else steps & s
+        return max(steps) if steps else -1
+
+    # ---- sending -------------------------------------------------------------------------------
+
+    def chunks_to_send(self, step: int) -> list[tuple[str, dict, bytes]]:
+        """(destination node, PeerChunk fields, bytes) for every parity holder of every chunk of this node."""
+        layout, _ = self.blob_layout(step)
+        sc = ShardChunks(layout["nbytes"], self.k)
+        out = []
+        buf = np.empty(sc.chunk_len, np.uint8)
+        for word in self.plan.codewords:
+            for ref in word.chunks[:self.k]:
+                if ref.node != self.me:
+                    continue
+                start = ref.index * sc.chunk_len
+                self.read_blob(step, start, start + sc.chunk_len, buf)
+                data = buf.tobytes()
+                fields = {"step": step, "codeword": word.index, "position": ref.position, "chunk_len": sc.chunk_len,
+                          "checksum": xxhash.xxh3_64_intdigest(data), "blob": layout}
+                for holder in word.chunks[self.k:]:
+                    out.append((self.group[holder.node], fields, data))
+        return out
+
+    # ---- receiving -----------------------------------------------------------------------------
+
+    def accept_chunk(self, msg: P.PeerChunk, data: bytes) -> None:
+        """Fold one data chunk into the parity this node holds; refuse anything that does not fit."""
+        if msg.codeword >= self.g or msg.position >= self.k:
+            raise ProtocolError(f"chunk for codeword {msg.codeword} position {msg.position} is outside g={self.g}, k={self.k}")
+        word = self.plan.codewords[msg.codeword]
+        if self.group[word.chunks[msg.position].node] != msg.node:
+            raise ProtocolError(f"node {msg.node} does not own position {msg.position} of codeword {msg.codeword}")
+        mine = [pos for (c, pos) in self.parity if c == msg.codeword]
+        if not mine:
+            raise ProtocolError(f"this node holds no parity of codeword {msg.codeword}")
+        if len(data) != msg.chunk_len:
+            raise ProtocolError(f"chunk of {len(data)} bytes, header says {msg.chunk_len}")
+        if xxhash.xxh3_64_intdigest(data) != msg.checksum:
+            raise ChecksumError(f"chunk of step {msg.step} codeword {msg.codeword} from {msg.node} fails its checksum")
+        if not isinstance(msg.blob.get("nbytes"), int) or not isinstance(msg.blob.get("ranks"), list):
+            raise ProtocolError("chunk's blob layout is malformed")
+        for pos in mine:
+            steps = self.parity[(msg.codeword, pos)]
+            done = [s for s, e in steps.items() if e.complete(self.k)]
+            if done and msg.step <= max(done):
+                raise ProtocolError(f"chunk of step {msg.step} from {msg.node} is older than protected step {max(done)}")
+            e = steps.get(msg.step)
+            if e is None:
+                e = steps[msg.step] = ParityEntry(msg.step, np.zeros(msg.chunk_len, np.uint8))
+            if msg.position in e.got:
+                raise ProtocolError(f"duplicate chunk of step {msg.step} codeword {msg.codeword} position {msg.position}")
+            if len(e.buf) < msg.chunk_len:  # shards of unequal size share the largest chunk length
+                e.buf = np.concatenate([e.buf, np.zeros(msg.chunk_len - len(e.buf), np.uint8)])
+            src = np.frombuffer(data, np.uint8)
+            scratch = [np.zeros(msg.chunk_len, np.uint8) for _ in range(self.m)]
+            self.codec.accumulate(msg.position, src, scratch)
+            e.buf[:msg.chunk_len] ^= scratch[pos - self.k]
+            e.got.add(msg.position)
+            e.blobs[msg.node] = msg.blob
+            if e.complete(self.k):
+                for old in [s for s in steps if s < msg.step]:
+                    del steps[old]  # the newest complete step replaces every older one
+                log.debug("%s parity of codeword %d position %d complete for step %d", self.who, msg.codeword, pos, msg.step)
+            pending = sorted(s for s, x in steps.items() if not x.complete(self.k))
+            for old in pending[:-MAX_PENDING_STEPS]:
+                del steps[old]
+
+    def note_peer(self, msg: P.PeerHeld) -> None:
+        self.remote_parity[msg.node] = {(c, p, s) for c, p, s in msg.parity}
+        self.table.remote.update({row[0]: set(row[1:]) for row in msg.held})
+        ranks = [set(row[1:]) for row in msg.held]
+        self.remote_sealed[msg.node] = set.intersection(*ranks) if ranks else set()
+
+    def stock(self, asker: str) -> P.PeerStock:
+        blobs = {}
+        for steps in self.parity.values():
+            for step, e in steps.items():
+                if e.complete(self.k) and asker in e.blobs:
+                    blobs[str(step)] = e.blobs[asker]
+        return P.PeerStock(self.node, self.full_steps(), self.complete_parity(), blobs)
+
+    def serve_fetch(self, msg: P.PeerFetch) -> tuple[P.PeerData, bytes]:
+        word = self.plan.codewords[msg.codeword] if msg.codeword < self.g else None
+        if word is None or msg.position >= self.g or self.group[word.chunks[msg.position].node] != self.node:
+            raise ProtocolError(f"this node holds no chunk at codeword {msg.codeword} position {msg.position}")
+        ref = word.chunks[msg.position]
+        if ref.parity:
+            e = self.parity[(msg.codeword, msg.position)].get(msg.step)
+            if e is None or not e.complete(self.k):
+                raise LayoutError(f"no complete parity of codeword {msg.codeword} for step {msg.step}")
+            data = e.buf.tobytes()
+        else:
+            layout, _ = self.blob_layout(msg.step)
+            sc = ShardChunks(layout["nbytes"], self.k)
+            buf = np.empty(sc.chunk_len, np.uint8)
+            self.read_blob(msg.step, ref.index * sc.chunk_len, (ref.index + 1) * sc.chunk_len, buf)
+            data = buf.tobytes()
+        return P.PeerData(msg.step, msg.codeword, msg.position, xxhash.xxh3_64_intdigest(data)), data
+
+    # ---- recovery ------------------------------------------------------------------------------
+
+    def rebuildable(self, stocks: dict[str, P.PeerStock]) -> dict[int, dict]:
+        """Steps this node can rebuild from the peers' stocks: step -> its blob layout."""
+        out = {}
+        candidates: dict[int, dict] = {}
+        for st in stocks.values():
+            for step, blob in st.blobs.items():
+                candidates[int(step)] = blob
+        for step, blob in candidates.items():
+            if self._sources(step, stocks) is not None:
+                out[step] = blob
+        return out
+
+    def _sources(self, step: int, stocks: dict[str, P.PeerStock]) -> dict[int, list[tuple[int, str]]] | None:
+        """For each codeword holding a chunk of this node: k (position, node) pairs that have it at `step`."""
+        plan = {}
+        for word in self.plan.codewords:
+            if not any(ref.node == self.me and not ref.parity for ref in word.chunks):
+                continue
+            have = []
+            for ref in word.chunks:
+                name = self.group[ref.node]
+                st = stocks.get(name)
+                if name == self.node or st is None:
+                    continue
+                if (not ref.parity and step in st.sealed) or (ref.parity and [word.index, ref.position, step] in st.parity):
+                    have.append((ref.position, name))
+            if len(have) < self.k:
+                return None
+            plan[word.index] = have[:self.k]
+        return plan
+
+    def explain_loss(self, stocks: dict[str, P.PeerStock]) -> str:
+        """Why this node's shards cannot be rebuilt, naming the lost nodes, or "" if nothing was ever protected."""
+        known = sorted(int(s) for st in stocks.values() for s in st.blobs)
+        if not known:
+            return ""
+        step = known[-1]
+        lost = [i for i, name in enumerate(self.group)
+                if name == self.node or name not in stocks or step not in stocks[name].sealed]
+        try:
+            recoverable(self.plan, lost)
+        except UnrecoverableError as e:
+            names = ", ".join(self.group[i] for i in lost)
+            return f"step {step} of node {self.node} cannot be rebuilt: nodes {names} are lost or lack it. {e}"
+        return f"step {step} of node {self.node} cannot be rebuilt: some parity of it is missing"
+
+    def rebuild(self, step: int, blob: dict, stocks: dict[str, P.PeerStock], fetch) -> None:
+        """Fetch k chunks per codeword, decode this node's chunks, and seal its ranks' slots of `step`."""
+        sources = self._sources(step, stocks)
+        if sources is None:
+            raise UnrecoverableError(f"{self.who} step {step} cannot be rebuilt: fewer than k={self.k} chunks survive")
+        sc = ShardChunks(blob["nbytes"], self.k)
+        whole = np.zeros(self.k * sc.chunk_len, np.uint8)
+        for c, have in sources.items():
+            word = self.plan.codewords[c]
+            chunks: list = [None] * self.g
+            width = 0
+            for pos, node in have:
+                reply, data = fetch(node, step, c, pos)
+                if xxhash.xxh3_64_intdigest(data) != reply.checksum:
+                    raise ChecksumError(f"{self.who} chunk {pos} of codeword {c} from {node} fails its checksum")
+                chunks[pos] = np.frombuffer(data, np.uint8)
+                width = max(width, len(data))
+            for pos in range(self.g):  # pad shorter chunks (smaller shards) to the parity width
+                if chunks[pos] is not None and len(chunks[pos]) < width:
+                    chunks[pos] = np.concatenate([chunks[pos], np.zeros(width - len(chunks[pos]), np.uint8)])
+            mine = [ref for ref in word.chunks if ref.node == self.me and not ref.parity]
+            out = {ref.position: np.empty(width, np.uint8) for ref in mine}
+            self.codec.decode(chunks, out)
+            for ref in mine:
+                whole[ref.index * sc.chunk_len:(ref.index + 1) * sc.chunk_len] = out[ref.position][:sc.chunk_len]
+        for rank, offset, wire in blob["ranks"]:
+            man = Manifest.from_wire(wire)
+            self.table.install(rank, man, memoryview(whole)[offset:offset + man.nbytes])
+        log.warning("%s rebuilt step %d of ranks %s from %d peers", self.who, step,
+                    [r for r, _, _ in blob["ranks"]], len({n for have in sources.values() for _, n in have}))

@@ -1,0 +1,144 @@
+"""Shard layouts, manifests and checksums: pure data, checked without processes."""
+
+from __future__ import annotations
+
+import math
+
+import msgpack
+import pytest
+import xxhash
+
+from snapguard.errors import ChecksumError, LayoutError
+from snapguard.layout import (ALIGN, DTYPE_SIZES, MANIFEST_VERSION, Manifest, TensorEntry, align, chunk_checksums,
+                              plan_layout, verify_checksums)
+
+
+def test_align_rounds_up_to_64():
+    assert [align(n) for n in (0, 1, 63, 64, 65, 128, 129)] == [0, 64, 64, 64, 128, 128, 192]
+
+
+def test_plan_layout_places_tensors_aligned_back_to_back_without_overlap():
+    specs = [("a", "float32", [3]), ("b", "bfloat16", [5, 7]), ("empty", "int64", [0, 4]),
+             ("c", "uint8", [1]), ("d", "float64", [2, 3, 4]), ("flag", "bool", [])]
+    lay = plan_layout(specs)
+    assert [e.name for e in lay.entries] == [s[0] for s in specs]
+    end = 0
+    for e, (_, dtype, shape) in zip(lay.entries, specs):
+        assert e.offset % ALIGN == 0
+        assert e.offset >= end, f"{e.name} overlaps the tensor before it"
+        assert e.nbytes == math.prod(shape) * DTYPE_SIZES[dtype]
+        end = e.offset + e.nbytes
+    assert lay.nbytes == align(end) and lay.nbytes % ALIGN == 0
+    # packed as tight as alignment allows: each tensor starts at the first aligned byte after the last
+    assert [e.offset for e in lay.entries] == [0, 64, 192, 192, 256, 448]
+
+
+def test_plan_layout_signature_changes_with_shape_only_and_refuses_unknown_dtypes():
+    a = plan_layout([("w", "float32", [4, 4])])
+    assert a.signature == plan_layout([("w", "float32", [4, 4])]).signature
+    assert a.signature != plan_layout([("w", "float32", [4, 5])]).signature
+    assert a.signature != plan_layout([("w", "float16", [4, 4])]).signature
+    with pytest.raises(LayoutError, match="'w' has dtype complex32"):
+        plan_layout([("w", "complex32", [2])])
+
+
+def make_manifest(nbytes: int = 1000, chunk: int = 256, **over) -> Manifest:
+    lay = plan_layout([("x", "uint8", [nbytes - 100]), ("y", "float32", [10])])
+    n = lay.nbytes
+    fields = dict(version=MANIFEST_VERSION, job="j", rank=1, world_size=4, step=7, nbytes=n, chunk_size=chunk,
+                  entries=list(lay.entries), checksums=[0] * math.ceil(n / chunk), tree=b"\x90", created=1.5,
+                  meta={"k": 1})
+    fields.update(over)
+    return Manifest(**fields)
+
+
+def test_manifest_roundtrips_through_msgpack():
+    m = make_manifest(checksums=[1, 2, (1 << 64) - 1, 0])
+    wire = msgpack.unpackb(msgpack.packb(m.to_wire(), use_bin_type=True), raw=False)
+    back = Manifest.from_wire(wire)
+    assert back == m
+    back.validate(capacity=m.nbytes)
+
+
+@pytest.mark.parametrize(("over", "match"), [
+    ({"version": 2}, "manifest version 2, expected 1"),
+    ({"rank": 4}, "out of range"),
+    ({"step": -1}, "out of range"),
+    ({"world_size": 0}, "out of range"),
+    ({"chunk_size": 100}, "not a positive multiple of 64"),
+    ({"chunk_size": 0}, "not a positive multiple of 64"),
+    ({"checksums": [0, 0]}, "2 checksums for 1088 bytes, expected 5"),
+    ({"nbytes": -64}, "does not fit"),
+])
+def test_manifest_validate_names_what_is_wrong(over, match):
+    with pytest.raises(LayoutError, match=match):
+        make_manifest(**over).validate()
+
+
+def test_manifest_validate_refuses_a_shard_larger_than_its_slot():
+    m = make_manifest()
+    m.validate(capacity=m.nbytes)
+    with pytest.raises(LayoutError, match=f"shard of {m.nbytes} bytes does not fit a slot of {m.nbytes - 64} bytes"):
+        m.validate(capacity=m.nbytes - 64)
+
+
+@pytest.mark.parametrize(("entry", "match"), [
+    (TensorEntry("y", "float32", [10], 64, 40), "overlaps, is unaligned"),      # overlaps x
+    (TensorEntry("y", "float32", [10], 970, 40), "overlaps, is unaligned"),     # unaligned
+    (TensorEntry("y", "float32", [10], 1088, 40), "runs past the shard end"),  # past the end
+    (TensorEntry("y", "float32", [10], 960, 44), "claims 44 bytes"),           # size does not match shape
+    (TensorEntry("y", "float32", [-10], 960, 40), "negative dimension"),
+    (TensorEntry("y", "pyobject", [10], 960, 40), "unknown dtype 'pyobject'"),
+])
+def test_manifest_validate_refuses_bad_entries(entry, match):
+    m = make_manifest()
+    with pytest.raises(LayoutError, match=match):
+        make_manifest(entries=[m.entries[0], entry]).validate()
+
+
+@pytest.mark.parametrize(("mutate", "match"), [
+    (lambda d: d.pop("tree"), "differ from"),
+    (lambda d: d.update(extra=1), "differ from"),
+    (lambda d: d.update(rank=True), "'rank' must be int, got bool"),
+    (lambda d: d.update(step="7"), "'step' must be int, got str"),
+    (lambda d: d.update(tree="text"), "'tree' must be bytes"),
+    (lambda d: d.update(entries=[["x", "uint8", [4], 0]]), "is not \\[name, dtype, shape, offset, nbytes\\]"),
+    (lambda d: d.update(entries=[["x", "uint8", [4.0], 0, 4]]), "is not \\[name, dtype"),
+    (lambda d: d.update(entries=[["x", "uint8", [4], False, 4]]), "is not \\[name, dtype"),
+    (lambda d: d.update(checksums=[1 << 64]), "unsigned 64-bit"),
+    (lambda d: d.update(checksums=[-1]), "unsigned 64-bit"),
+])
+def test_manifest_from_wire_checks_every_field_type(mutate, match):
+    d = make_manifest().to_wire()
+    mutate(d)
+    with pytest.raises(LayoutError, match=match):
+        Manifest.from_wire(d)
+
+
+def test_manifest_from_wire_refuses_non_maps():
+    for bad in (None, [], b"manifest", 3):
+        with pytest.raises(LayoutError, match="manifest must be a map"):
+            Manifest.from_wire(bad)
+
+
+def test_chunk_checksums_are_xxh3_of_each_chunk_of_the_used_range():
+    data = bytes(range(256)) * 40 + b"tail-after-nbytes"
+    nbytes = 10_000
+    got = chunk_checksums(memoryview(data), nbytes, 4096)
+    want = [xxhash.xxh3_64_intdigest(data[i:min(i + 4096, nbytes)]) for i in range(0, nbytes, 4096)]
+    assert got == want and len(got) == 3
+    assert chunk_checksums(memoryview(b""), 0, 4096) == []
+
+
+def test_verify_checksums_names_the_chunk_whose_bytes_changed():
+    buf = bytearray(bytes(range(256)) * 8)
+    m = make_manifest(nbytes=len(buf), chunk=512)
+    m = make_manifest(nbytes=len(buf), chunk=512, nbytes_=None) if False else m
+    m = Manifest(**{**m.__dict__, "nbytes": len(buf), "checksums": chunk_checksums(memoryview(buf), len(buf), 512),
+                    "entries": [TensorEntry("x", "uint8", [len(buf)], 0, len(buf))]})
+    m.validate(capacity=len(buf))
+    verify_checksums(memoryview(buf), m)
+    buf[1500] ^= 0x01  # one bit, in chunk 2
+    with pytest.raises(ChecksumError, match=r"rank 1: shard for step 7 has checksum [0-9a-f]{16} in chunk 2"
+                                            r" \(bytes 1024\.\.\), sealed as [0-9a-f]{16}"):
+        verify_checksums(memoryview(buf), m)
