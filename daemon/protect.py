@@ -6,8 +6,8 @@ A node's shard of a step is the concatenation of its local ranks' sealed shards 
 chunk belongs to and which nodes hold that codeword's m parity chunks. After every local rank has
 sealed a step, the daemon sends each chunk to its parity holders; a holder folds chunks into its
 parity as they arrive (`Codec.accumulate`) and counts the step protected for that codeword once all
-k have arrived. Protection never blocks training: holders keep the newest complete parity of each
-codeword plus whatever newer steps are still arriving, and a step that falls behind is dropped.
+k have arrived. Protection never blocks training: holders keep complete parity down to the newest step
+protected across the whole group, plus a few newer steps still arriving; older ones are dropped.
 
 Restore after a node is lost: the replacement daemon asks every peer what it holds, computes which
 steps it can rebuild (for every codeword with one of its chunks, k chunks of that step must survive),
@@ -68,6 +68,7 @@ class Protector:
         self.remote_parity: dict[str, set[tuple[int, int, int]]] = {}
         self.remote_sealed: dict[str, set[int]] = {}
         self.sent_step = -1
+        self.sent_bytes = 0
         self.rejected: list[str] = []
 
     # ---- what this node holds ------------------------------------------------------------------
@@ -100,6 +101,9 @@ class Protector:
             lo, hi = max(start, off), min(stop, off + n)
             if lo < hi:
                 out[lo - start:hi - start] = np.frombuffer(slot.buffer(), np.uint8, hi - lo, lo - off)
+
+    def parity_bytes(self) -> int:
+        return sum(e.buf.nbytes for steps in self.parity.values() for e in steps.values())
 
     def complete_parity(self) -> list[list[int]]:
         return [[c, pos, step] for (c, pos), steps in self.parity.items()
@@ -164,7 +168,7 @@ class Protector:
         for pos in mine:
             steps = self.parity[(msg.codeword, pos)]
             done = [s for s, e in steps.items() if e.complete(self.k)]
-            if done and msg.step <= max(done):
+            if done and msg.step < max(done):
                 raise ProtocolError(f"chunk of step {msg.step} from {msg.node} is older than protected step {max(done)}")
             e = steps.get(msg.step)
             if e is None:
@@ -179,13 +183,18 @@ class Protector:
             e.buf[:msg.chunk_len] ^= scratch[pos - self.k]
             e.got.add(msg.position)
             e.blobs[msg.node] = msg.blob
-            if e.complete(self.k):
-                for old in [s for s in steps if s < msg.step]:
-                    del steps[old]  # the newest complete step replaces every older one
-                log.debug("%s parity of codeword %d position %d complete for step %d", self.who, msg.codeword, pos, msg.step)
-            pending = sorted(s for s, x in steps.items() if not x.complete(self.k))
+            pending = sorted(st for st, x in steps.items() if not x.complete(self.k))
             for old in pending[:-MAX_PENDING_STEPS]:
                 del steps[old]
+
+    def prune(self) -> None:
+        """Drop parity older than the group's protected step. Codewords complete at different paces, so a
+        codeword's older complete parity stays until one step is complete on every holder of every
+        codeword: until then, that older step may be the only one a lost node can be rebuilt to."""
+        floor = self.protected_step()
+        for steps in self.parity.values():
+            for st in [st for st in steps if st < floor]:
+                del steps[st]
 
     def note_peer(self, msg: P.PeerHeld) -> None:
         self.remote_parity[msg.node] = {(c, p, s) for c, p, s in msg.parity}

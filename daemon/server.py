@@ -188,6 +188,8 @@ class Daemon:
         if isinstance(msg, P.Shutdown):
             self.stop(remove=msg.remove)
             return P.Ok()
+        if not isinstance(getattr(msg, "job", None), str):  # a reply type (Ok, Granted, ...) sent as a request
+            raise ProtocolError(f"{msg.TYPE} is not a request this daemon serves")
         self._check_job(msg.job)
         if isinstance(msg, P.Hello):
             t.note_world(msg.world_size)
@@ -251,6 +253,7 @@ class Daemon:
             for dest, fields, data in self.protector.chunks_to_send(step):
                 sent += self.net.send(dest, P.PeerChunk(**self._header(), **fields), [data]) and len(data)
             self.protector.sent_step = step
+            self.protector.sent_bytes += sent
             log.debug("%s sent %d bytes of step %d to parity holders in %.3f s", self.who, sent, step,
                       time.monotonic() - t0)
         self._broadcast_held()
@@ -259,6 +262,7 @@ class Daemon:
         if self.net is None:
             return
         self._last_beat = time.monotonic()
+        self.protector.prune()
         held = [[r, *steps] for r, steps in self.table.held().items() if r in self.table.ranks]
         msg_fields = {"held": held, "parity": self.protector.complete_parity()}
         for node in self.net.peers:
@@ -274,13 +278,14 @@ class Daemon:
         try:
             if isinstance(msg, P.PeerHeld):
                 self.protector.note_peer(msg)
+                self.protector.prune()
                 self.table.protected = self.protector.protected_step()
             elif isinstance(msg, P.PeerChunk):
                 if len(bulk) != 1:
                     raise ProtocolError(f"PeerChunk carries {len(bulk)} data frames, expected 1")
-                before = len(self.protector.complete_parity())
+                before = self.protector.complete_parity()
                 self.protector.accept_chunk(msg, bulk[0])
-                if len(self.protector.complete_parity()) != before:
+                if self.protector.complete_parity() != before:
                     self._broadcast_held()
             elif isinstance(msg, P.PeerInventory):
                 self.net.reply(ident, rid, self.protector.stock(msg.asker))
@@ -355,4 +360,5 @@ class Daemon:
                               sealed=(p.full_steps() or [-1])[-1] if p else -1,
                               protected=p.protected_step() if p else -1,
                               peers=sorted(self.net.peers) if self.net else [],
-                              parity=p.complete_parity() if p else [], rejected=self._rejected_count)
+                              parity=p.complete_parity() if p else [], rejected=self._rejected_count,
+                              parity_bytes=p.parity_bytes() if p else 0, sent_bytes=p.sent_bytes if p else 0)

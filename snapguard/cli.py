@@ -21,11 +21,19 @@ def _fmt_bytes(n: int) -> str:
     return str(n)
 
 
+def _step(s: int) -> str:
+    return str(s) if s >= 0 else "-"
+
+
 def status_table(reports: list[P.StatusReport]) -> str:
     lines = []
     for r in reports:
         lines.append(f"daemon {r.job}/{r.node}  pid {r.pid}  shm {r.shm_dir}  used {_fmt_bytes(r.shm_used)}"
                      f"  free {_fmt_bytes(r.shm_free)}  newest step held by all ranks: {r.common if r.common >= 0 else '-'}")
+        if r.peers:
+            lines.append(f"  erasure coding with {', '.join(r.peers)}: newest sealed here {_step(r.sealed)},"
+                         f" newest protected {_step(r.protected)}, parity held {_fmt_bytes(r.parity_bytes)},"
+                         f" peer messages refused {r.rejected}")
         lines.append(f"  {'rank':>5}  {'slot':>4}  {'state':<8} {'step':>7}  {'size':>10}  {'age':>8}")
         for rank in r.ranks:
             for s in rank["slots"]:
@@ -81,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     de.add_argument("--seed", type=int, default=None)
     de.add_argument("--workdir", default=None)
     de.set_defaults(fn=cmd_demo)
+    from snapguard.chaos.run import add_parser as add_chaos_parser
+
+    add_chaos_parser(sub)
     a = ap.parse_args(argv)
     try:
         return a.fn(a)

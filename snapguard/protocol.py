@@ -210,6 +210,8 @@ class StatusReport(Message):
     peers: list[str] = field(default_factory=list)
     parity: list[list[int]] = field(default_factory=list)  # complete parity held: [codeword, position, step]
     rejected: int = 0  # peer messages refused (authentication, replay, checksum, stale step)
+    parity_bytes: int = 0  # memory held for parity, complete and under construction
+    sent_bytes: int = 0  # chunk bytes sent to parity holders since start
 
 
 # ---- encoding ----------------------------------------------------------------------------------
