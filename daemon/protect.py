@@ -303,6 +303,8 @@ class Protector:
                 whole[ref.index * sc.chunk_len:(ref.index + 1) * sc.chunk_len] = out[ref.position][:sc.chunk_len]
         for rank, offset, wire in blob["ranks"]:
             man = Manifest.from_wire(wire)
+            if any(s.state == SEALED and s.step == man.step for s in self.table.ranks.get(rank, [])):
+                continue  # only another local rank's shard was lost (e.g. found corrupt): this one is intact
             self.table.install(rank, man, memoryview(whole)[offset:offset + man.nbytes])
         log.warning("%s rebuilt step %d of ranks %s from %d peers", self.who, step,
                     [r for r, _, _ in blob["ranks"]], len({n for have in sources.values() for _, n in have}))

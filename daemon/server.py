@@ -74,6 +74,7 @@ class Daemon:
         self.protector: Protector | None = None
         self._stocks_cache: tuple[float, dict] = (0.0, {})
         self._last_beat = 0.0
+        self._last_resend = 0.0
         self.rejected: list[str] = []
         self._rejected_count = 0
 
@@ -135,6 +136,7 @@ class Daemon:
                     if self.net.router in events:
                         self._handle_peer(self.net.router.recv_multipart())
                     if time.monotonic() - self._last_beat > self.cfg.heartbeat_s:
+                        self._resend_unprotected()
                         self._broadcast_held()
         finally:
             self.close()
@@ -253,10 +255,28 @@ class Daemon:
             for dest, fields, data in self.protector.chunks_to_send(step):
                 sent += self.net.send(dest, P.PeerChunk(**self._header(), **fields), [data]) and len(data)
             self.protector.sent_step = step
+            self._last_resend = time.monotonic()
             self.protector.sent_bytes += sent
             log.debug("%s sent %d bytes of step %d to parity holders in %.3f s", self.who, sent, step,
                       time.monotonic() - t0)
         self._broadcast_held()
+
+    def _resend_unprotected(self) -> None:
+        """Chunks go out once, fire and forget. One lost on the way (a full queue, a dropped connection, a
+        restarted holder) would leave its step unprotected for good, and ranks that may not overwrite the
+        protected step's slot would then wait forever for a free one. Send the newest step's chunks again
+        while it stays unprotected; a holder that has a chunk already refuses the copy."""
+        p = self.protector
+        now = time.monotonic()
+        if p is None or p.sent_step < 0 or self.table.protected >= p.sent_step or now - self._last_resend < 2 * self.cfg.heartbeat_s:
+            return
+        full = p.full_steps()
+        if not full or full[-1] != p.sent_step:
+            return
+        self._last_resend = now
+        for dest, fields, data in p.chunks_to_send(p.sent_step):
+            self.net.send(dest, P.PeerChunk(**self._header(), **fields), [data])
+        log.info("%s step %d is not protected yet: sent its chunks again", self.who, p.sent_step)
 
     def _broadcast_held(self) -> None:
         if self.net is None:

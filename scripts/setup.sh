@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up .venv with everything snapguard needs, then runs what it is asked to:
-#   bash scripts/setup.sh demo   -> sets up, then runs the main job (the chaos demo)
+#   bash scripts/setup.sh demo   -> sets up, then runs the main job: `snapguard chaos run`
 #   bash scripts/setup.sh test   -> sets up, then runs the whole test suite
 #   bash scripts/setup.sh        -> sets up only
 # Torch: installs torch==2.13.0 (the CPU build this project tests with) only when the
@@ -35,7 +35,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 
 case "${1:-}" in
-    demo) shift; exec "$VENV/bin/snapguard" demo "$@" ;;
+    demo) shift; exec "$VENV/bin/snapguard" chaos run "$@" ;;
     test) shift; exec "$VPY" -m pytest "$@" ;;
     "") echo "[setup] ready: $VENV" ;;
     *) echo "usage: bash scripts/setup.sh [demo|test] [args...]" >&2; exit 2 ;;

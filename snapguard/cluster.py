@@ -58,6 +58,11 @@ class Cluster:
         self.daemons: dict[str, subprocess.Popen] = {}
         self.workers: dict[int, subprocess.Popen] = {}
         self.attempt = -1
+        # Optional, for the chaos harness: the address a node's daemon uses for each peer (a proxy in
+        # between), extra arguments per node's daemon (e.g. --shm-limit), extra environment for daemons.
+        self.peer_routes: dict[tuple[str, str], str] = {}
+        self.daemon_args: dict[str, list[str]] = {}
+        self.daemon_env: dict[str, str] = {}
         self.out = os.path.join(spec.workdir, "out")
         os.makedirs(self.out, exist_ok=True)
 
@@ -69,6 +74,10 @@ class Cluster:
     def shm_dir(self, node: str) -> str:
         return os.path.join(self.shm_root, node)
 
+    def peer_address(self, node: str) -> str:
+        """Where `node`'s daemon listens for its peers (the real address, not a route through a proxy)."""
+        return f"tcp://127.0.0.1:{self.ports[node]}"
+
     def start_daemon(self, node: str) -> None:
         os.makedirs(self.shm_dir(node), mode=0o700, exist_ok=True)
         extra = ["--peer-bind", f"tcp://127.0.0.1:{self.ports[node]}", "--ec-group", ",".join(self.names),
@@ -76,10 +85,21 @@ class Cluster:
                  "--log-level", os.environ.get("SNAPGUARD_DAEMON_LOG", "INFO")]
         for other in self.names:
             if other != node:
-                extra += ["--peer", f"{other}=tcp://127.0.0.1:{self.ports[other]}"]
+                addr = self.peer_routes.get((node, other), f"tcp://127.0.0.1:{self.ports[other]}")
+                extra += ["--peer", f"{other}={addr}"]
+        extra += self.daemon_args.get(node, [])
         os.environ["SNAPGUARD_SECRET"] = self.secret
-        self.daemons[node] = spawn_daemon(self.endpoint(node), self.shm_dir(node), extra,
-                                          log_path=os.path.join(self.spec.workdir, f"daemon.{node}.log"))
+        saved = {k: os.environ.get(k) for k in self.daemon_env}
+        os.environ.update(self.daemon_env)
+        try:
+            self.daemons[node] = spawn_daemon(self.endpoint(node), self.shm_dir(node), extra,
+                                              log_path=os.path.join(self.spec.workdir, f"daemon.{node}.log"))
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     def node_of(self, rank: int) -> str:
         return self.names[rank // self.spec.ranks_per_node]
@@ -134,17 +154,31 @@ class Cluster:
         for p in self.workers.values():
             p.wait(30)
 
-    def supervise(self, timeout_s: float, max_restarts: int = 10, on_tick=None) -> int:
+    def supervise(self, timeout_s: float, max_restarts: int = 10, on_tick=None, *, hang_timeout_s: float | None = None,
+                  startup_timeout_s: float = 180.0, watch_daemons: bool = False, on_event=None) -> int:
         """Run ranks until all finish; on any failure restart every rank (replacing lost nodes' daemons).
 
         Returns the number of restarts. `on_tick(cluster)` runs every few ms: the place to inject faults.
+        Optional, off by default: `hang_timeout_s`, torchrun's timeout: once an attempt has logged a step,
+        no new step logged by any rank within that time SIGKILLs every rank and restarts them (before its
+        first step an attempt gets `startup_timeout_s` more). `watch_daemons`: a daemon that exits while
+        its node is not lost is restarted at once, as a node's process manager would (it re-adopts its
+        sealed slots from shared memory). `on_event(cluster, kind, detail)` hears what the supervisor
+        saw and did: "attempt", "rank_exit", "hang", "daemon_exit", "daemon_restarted".
         """
         deadline = time.monotonic() + timeout_s
         restarts = 0
+
+        def event(kind: str, **detail) -> None:
+            if on_event is not None:
+                on_event(self, kind, detail)
+
         for n in self.names:
             if n not in self.daemons:
                 self.start_daemon(n)
         self.start_workers()
+        event("attempt", attempt=self.attempt)
+        watch = _StepWatch(self.out, self.world) if hang_timeout_s is not None else None
         while True:
             if time.monotonic() > deadline:
                 self.kill_workers()
@@ -152,11 +186,26 @@ class Cluster:
                                      f" (attempt {self.attempt}, {restarts} restarts)")
             if on_tick is not None:
                 on_tick(self)
+            if watch_daemons:
+                for n, d in list(self.daemons.items()):
+                    if d.poll() is not None:
+                        event("daemon_exit", node=n, code=d.returncode)
+                        self.daemons.pop(n, None)
+                        self.start_daemon(n)
+                        event("daemon_restarted", node=n)
             codes = {r: p.poll() for r, p in self.workers.items()}
             if all(c == 0 for c in codes.values()):
                 return restarts
-            if any(c not in (None, 0) for c in codes.values()):
+            failed = {r: c for r, c in codes.items() if c not in (None, 0)}
+            hung = None
+            if not failed and watch is not None:
+                hung = watch.idle(hang_timeout_s, startup_timeout_s)
+            if failed or hung is not None:
                 self.kill_workers()
+                if failed:
+                    event("rank_exit", codes=failed)
+                else:
+                    event("hang", idle_s=hung, timeout_s=hang_timeout_s)
                 restarts += 1
                 if restarts > max_restarts:
                     raise SnapGuardError(f"the cluster job failed {restarts} times; see {self.spec.workdir}/worker.r*.log")
@@ -165,6 +214,9 @@ class Cluster:
                         self.daemons.pop(n, None)
                         self.start_daemon(n)  # a replacement node: empty memory, same name
                 self.start_workers()
+                event("attempt", attempt=self.attempt)
+                if watch is not None:
+                    watch.reset()
             time.sleep(0.02)
 
     def close(self) -> None:
@@ -172,3 +224,35 @@ class Cluster:
         for n in list(self.daemons):
             self.kill_daemon(n)
         shutil.rmtree(self.shm_root, ignore_errors=True)
+
+
+class _StepWatch:
+    """Notices when no rank has logged a new step for a while: the loss logs stop growing."""
+
+    def __init__(self, out: str, world: int):
+        self.paths = [os.path.join(out, f"loss.r{r}.jsonl") for r in range(world)]
+        self.reset()
+
+    def _size(self) -> int:
+        total = 0
+        for p in self.paths:
+            try:
+                total += os.stat(p).st_size
+            except FileNotFoundError:
+                pass
+        return total
+
+    def reset(self) -> None:
+        self.size = self._size()
+        self.since = time.monotonic()
+        self.stepped = False
+
+    def idle(self, timeout_s: float, startup_s: float) -> float | None:
+        """Seconds without a new step if that exceeds the timeout (plus startup_s before the first step), else None."""
+        size = self._size()
+        now = time.monotonic()
+        if size != self.size:
+            self.size, self.since, self.stepped = size, now, True
+            return None
+        idle = now - self.since
+        return idle if idle > timeout_s + (0 if self.stepped else startup_s) else None

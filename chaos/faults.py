@@ -1,0 +1,363 @@
+"""The fault injectors: each a named, parameterised class that does one real thing to a running cluster.
+
+Every injector acts on real processes and files: SIGKILL and SIGSTOP to pids, bytes flipped in a
+shared-memory slot file, daemon-to-daemon traffic dropped, delayed or duplicated by the loopback proxy
+between the daemons (`chaos.proxy`). None of them mocks what is tested. An injector also says what a
+correct system does about it (`restart`: the ranks must restart; `expect_failure`: the job must stop
+with a clear error) and which evidence in the logs shows that the fault was noticed (`detect`).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from snapguard.errors import ConfigError, SnapGuardError
+
+if TYPE_CHECKING:  # the harness: cluster, proxy, log offsets
+    from snapguard.chaos.harness import Run
+
+PHASES = {"copy.mid": "trainer.copy.mid", "copy.done": "trainer.copy.done", "restore.mid": "trainer.restore.mid"}
+
+
+@dataclass
+class Injected:
+    """What an injector did, for the report."""
+
+    action: str
+    rank: int | None = None
+    node: str | None = None
+
+
+class Fault:
+    kind: ClassVar[str] = ""
+    params: ClassVar[dict[str, type]] = {}  # accepted parameters and their types
+    restart: ClassVar[bool] = True  # a correct system restarts the ranks after this fault
+    expect_failure: ClassVar[bool] = False  # a correct system stops with a clear error
+
+    def __init__(self, **kw: Any):
+        self.kw = kw
+
+    def arm(self, run: "Run", index: int) -> None:
+        """Before the run starts: prepare what must be in place from the first attempt on."""
+
+    def inject(self, run: "Run", rnd: random.Random) -> Injected:
+        raise NotImplementedError
+
+    def fired(self, run: "Run") -> float | None:
+        """For faults armed to fire by themselves (a phase kill): the time it fired, or None."""
+        return None
+
+    def detect(self, run: "Run", since: "dict[str, int]") -> list[str]:
+        """Evidence, in the daemons' and workers' logs written since injection, that the fault was noticed."""
+        return []
+
+    def settle(self, run: "Run") -> None:
+        """Called when the fault has played out (recovery or the end of the run): undo what the harness set up."""
+
+
+def _pid(run: "Run", rank: int) -> int:
+    p = run.cluster.workers.get(rank)
+    if p is None or p.poll() is not None:
+        raise SnapGuardError(f"rank {rank} is not running (attempt {run.cluster.attempt})")
+    return p.pid
+
+
+def _grep(run: "Run", since: dict[str, int], prefix: str, needle: str) -> list[str]:
+    """Lines containing `needle` in the logs named prefix.* written after the offsets in `since`."""
+    hits = []
+    for path in sorted(glob.glob(os.path.join(run.cluster.spec.workdir, f"{prefix}.*.log"))):
+        try:
+            with open(path, "rb") as f:
+                f.seek(since.get(path, 0))
+                text = f.read().decode(errors="replace")
+        except FileNotFoundError:
+            continue
+        hits += [f"{os.path.basename(path)}: {line.strip()}" for line in text.splitlines() if needle in line]
+    return hits
+
+
+class KillRank(Fault):
+    """SIGKILL one rank: now (a random moment of the step it is in), or at a named phase of the snapshot
+    protocol (copy.mid: half of its tensors are in the slot; copy.done: all bytes copied, seal not sent)
+    via the trainer's own fault points, or mid-restore (restore.mid: the rank is killed now and its next
+    attempt dies half-way through loading the snapshot, so recovery itself is interrupted)."""
+
+    kind = "kill_rank"
+    params = {"rank": int, "phase": str}
+
+    def arm(self, run: "Run", index: int) -> None:
+        phase = self.kw.get("phase")
+        if phase in ("copy.mid", "copy.done"):
+            self.once = os.path.join(run.cluster.out, f"fault{index}.once")
+            self.rank = self.kw.get("rank", run.rnd.randrange(run.cluster.world))
+            self.step = run.specs[index].at_step + 1
+            run.add_worker_fault(f"{PHASES[phase]}@{self.step}/r{self.rank}#{self.once}")
+
+    def inject(self, run: "Run", rnd: random.Random) -> Injected:
+        phase = self.kw.get("phase")
+        if phase in ("copy.mid", "copy.done"):
+            return Injected(f"armed: rank {self.rank} SIGKILLs itself at {PHASES[phase]} of step {self.step}",
+                            rank=self.rank)
+        rank = self.kw.get("rank", rnd.randrange(run.cluster.world))
+        pid = _pid(run, rank)
+        extra = ""
+        if phase == "restore.mid":
+            once = os.path.join(run.cluster.out, f"fault-restore-{time.time_ns()}.once")
+            run.add_worker_fault(f"{PHASES[phase]}/r{rank}#{once}")
+            extra = f"; its next attempt dies at {PHASES[phase]}"
+        os.kill(pid, signal.SIGKILL)
+        return Injected(f"SIGKILL rank {rank} (pid {pid}){extra}", rank=rank)
+
+    def fired(self, run: "Run") -> float | None:
+        once = getattr(self, "once", None)
+        if once and os.path.exists(once):
+            return os.path.getmtime(once)
+        return None
+
+
+class HangRank(Fault):
+    """SIGSTOP one rank: it holds its sockets and memory but never answers; the others block in their
+    next collective. Only the supervisor's hang timeout (torchrun's) gets the job going again."""
+
+    kind = "hang_rank"
+    params = {"rank": int}
+
+    def inject(self, run: "Run", rnd: random.Random) -> Injected:
+        rank = self.kw.get("rank", rnd.randrange(run.cluster.world))
+        pid = _pid(run, rank)
+        os.kill(pid, signal.SIGSTOP)
+        return Injected(f"SIGSTOP rank {rank} (pid {pid})", rank=rank)
+
+
+class KillDaemon(Fault):
+    """SIGKILL one node's daemon; the supervisor restarts it at once and it re-adopts its sealed slots
+    from shared memory. Ranks whose request was in flight fail and restart; others carry on."""
+
+    kind = "kill_daemon"
+    params = {"node": str}
+    restart = False  # either outcome is correct: ranks ride it out, or restart and restore
+
+    def inject(self, run: "Run", rnd: random.Random) -> Injected:
+        node = self.kw.get("node") or rnd.choice(run.cluster.names)
+        d = run.cluster.daemons.get(node)
+        if d is None or d.poll() is not None:
+            raise SnapGuardError(f"the daemon of {node} is not running")
+        os.kill(d.pid, signal.SIGKILL)  # left in cluster.daemons: the supervisor sees it die
+        return Injected(f"SIGKILL daemon of {node} (pid {d.pid})", node=node)
+
+    def detect(self, run: "Run", since: dict[str, int]) -> list[str]:
+        return [f"daemon: {h.split(': ', 1)[0]} re-adopted its slots after the restart"
+                for h in _grep(run, since, "daemon", "re-adopted rank")][:1]
+
+
+class LoseNode(Fault):
+    """A machine dies: SIGKILL its daemon and ranks, wipe its shared memory. Its replacement starts
+    empty and rebuilds the lost shards from the surviving nodes' data and parity."""
+
+    kind = "lose_node"
+    params = {"node": str}
+
+    def inject(self, run: "Run", rnd: random.Random) -> Injected:
+        node = self.kw.get("node") or rnd.choice(run.cluster.names)
+        run.cluster.lose_node(node)
+        return Injected(f"lost {node}: daemon and ranks SIGKILLed, shared memory wiped", node=node)
+
+    def detect(self, run: "Run", since: dict[str, int]) -> list[str]:
+        return [f"restore: {h}" for h in _grep(run, since, "daemon", "rebuilt step")][:2]
+
+
+class CorruptSlot(Fault):
+    """Flip bytes in a rank's newest sealed slot in shared memory (bit rot, a stray write), then SIGKILL
+    that rank so the restart must restore: the checksums must catch it and restore must use an older
+    step or rebuild the shard from the peers, never load the bad bytes."""
+
+    kind = "corrupt_slot"
+    params = {"node": str, "rank": int, "nbytes": int}
+
+    def inject(self, run: "Run", rnd: random.Random) -> Injected:
+        c = run.cluster
+        node = self.kw.get("node") or rnd.choice(c.names)
+        ranks = [r for r in range(c.world) if c.node_of(r) == node]
+        rank = self.kw.get("rank", rnd.choice(ranks))
+        if c.node_of(rank) != node:
+            raise ConfigError(f"corrupt_slot: rank {rank} is not on {node}")
+        d = os.path.join(c.shm_dir(node), f"snapguard-{c.spec.job}-{node}")
+        sealed = [p for p in glob.glob(os.path.join(d, f"r{rank:05d}.s*.data"))
+                  if os.path.exists(p[:-len(".data")] + ".manifest")]
+        if not sealed:
+            raise SnapGuardError(f"corrupt_slot: rank {rank} has no sealed slot in {d}")
+        path = max(sealed, key=lambda p: os.path.getmtime(p[:-len(".data")] + ".manifest"))
+        n = self.kw.get("nbytes", 16)
+        size = os.path.getsize(path)
+        where = sorted({0, size // 2, max(0, size // 2 - 4096)})
+        with open(path, "r+b") as f:
+            for off in where:
+                f.seek(off)
+                data = bytearray(f.read(min(n, size - off)))
+                f.seek(off)
+                f.write(bytes(b ^ 0xA5 for b in data))
+        pid = _pid(run, rank)
+        os.kill(pid, signal.SIGKILL)
+        return Injected(f"flipped {n} bytes at offsets {where} of {os.path.basename(path)} (rank {rank} on {node});"
+                        f" SIGKILL rank {rank} (pid {pid})", rank=rank, node=node)
+
+    def detect(self, run: "Run", since: dict[str, int]) -> list[str]:
+        hits = _grep(run, since, "daemon", "dropping it") + _grep(run, since, "daemon", "not re-adopting")
+        return [f"restore: checksum mismatch caught ({h.split(': ', 1)[0]})" for h in hits][:1]
+
+
+class _Net(Fault):
+    restart = False
+    action: ClassVar[str] = ""
+
+    def inject(self, run: "Run", rnd: random.Random) -> Injected:
+        link = self.kw.get("link")
+        links = run.proxy.links_matching(link)
+        if not links:
+            raise ConfigError(f"{self.kind}: no daemon-to-daemon link matches {link!r}")
+        duration = float(self.kw.get("duration_s", 4.0))
+        self.window = run.proxy.set_policy(links, self.action, float(self.kw.get("probability", 1.0)),
+                             float(self.kw.get("delay_ms", 0.0)) / 1000, duration)
+        what = {"drop": "drop {p:.0%} of", "duplicate": "duplicate {p:.0%} of", "delay": "delay by {d} ms"}[self.action]
+        what = what.format(p=float(self.kw.get("probability", 1.0)), d=self.kw.get("delay_ms", 0))
+        return Injected(f"proxy: {what} the messages on {len(links)} link(s) for {duration:.1f} s")
+
+    def detect(self, run: "Run", since: dict[str, int]) -> list[str]:
+        s = run.proxy.stats(self.window)
+        return [f"proxy: {s[k]} message(s) {k}" for k in ("dropped", "delayed", "duplicated") if s[k]]
+
+
+class NetDrop(_Net):
+    """Drop a fraction of the daemon-to-daemon messages (both directions) for a while."""
+
+    kind, action = "net_drop", "drop"
+    params = {"probability": float, "duration_s": float, "link": str}
+
+
+class NetDelay(_Net):
+    """Delay every daemon-to-daemon message by a fixed time for a while (order is kept)."""
+
+    kind, action = "net_delay", "delay"
+    params = {"delay_ms": float, "duration_s": float, "link": str}
+
+
+class NetDuplicate(_Net):
+    """Send a fraction of the daemon-to-daemon messages twice: the receiving daemon must refuse every
+    second copy of a request as a replay, and nothing else may change."""
+
+    kind, action = "net_duplicate", "duplicate"
+    params = {"probability": float, "duration_s": float, "link": str}
+
+    def detect(self, run: "Run", since: dict[str, int]) -> list[str]:
+        found = super().detect(run, since)
+        replays = _grep(run, since, "daemon", "replayed message")
+        if replays:
+            found.append(f"daemon: {len(replays)} replayed request(s) refused")
+        return found
+
+
+class FillShm(Fault):
+    """The node's /dev/shm is full when its machine is replaced: the node is lost and its replacement
+    daemon finds only `free` bytes of shared memory (enforced with the daemon's --shm-limit, which uses
+    the same check and message as a full tmpfs: this machine's /dev/shm is shared with other jobs and
+    is never filled for real). The ranks must fail with a clear ShmSpaceError; after `attempts` failed
+    attempts the memory is freed (the replacement daemon restarts without the limit) and the job must
+    recover. With attempts = 0 the memory stays full and the job must stop with that error."""
+
+    kind = "fill_shm"
+    params = {"node": str, "free": str, "attempts": int}
+
+    def inject(self, run: "Run", rnd: random.Random) -> Injected:
+        node = self.kw.get("node") or rnd.choice(run.cluster.names)
+        self.node = node
+        self.left = int(self.kw.get("attempts", 1))
+        run.cluster.lose_node(node)
+        run.cluster.daemon_args[node] = ["--shm-limit", str(self.kw.get("free", "64K"))]
+        run.on_restart.append(self._after_failed_attempt)
+        return Injected(f"lost {node}; its replacement has only {self.kw.get('free', '64K')} of /dev/shm free", node=node)
+
+    @property
+    def expect_failure(self) -> bool:  # type: ignore[override]
+        return int(self.kw.get("attempts", 1)) == 0
+
+    def _after_failed_attempt(self, run: "Run", attempt: int) -> bool:
+        """After each failed attempt past the first (the loss): free the memory once `attempts` have failed."""
+        if attempt == run.records[self.index].attempt:
+            return True  # the attempt in which the node was lost; the replacement starts now
+        self.left -= 1
+        if self.left == 0:
+            self.settle(run)
+            return False
+        return True
+
+    def settle(self, run: "Run") -> None:
+        node = getattr(self, "node", None)
+        if node and run.cluster.daemon_args.pop(node, None) is not None:
+            d = run.cluster.daemons.get(node)
+            if d is not None and d.poll() is None:
+                d.kill()  # the supervisor starts it again, now without the limit
+                d.wait(10)
+            run.say(f"freed /dev/shm on {node}: its daemon restarts without the limit")
+
+    def detect(self, run: "Run", since: dict[str, int]) -> list[str]:
+        hits = _grep(run, since, "worker", "ShmSpaceError")
+        return [f"daemon: refused the slots with a clear ShmSpaceError ({hits[0].split(': ', 1)[0]})"] if hits else []
+
+
+class LoseMoreThanM(Fault):
+    """Lose m+1 nodes (or the named ones) at once: more than the code can rebuild. A correct system
+    stops with a clear RestoreError naming the lost nodes; it never trains on from a wrong state or
+    from scratch."""
+
+    kind = "lose_more_than_m"
+    params = {"nodes": list}
+    expect_failure = True
+
+    def inject(self, run: "Run", rnd: random.Random) -> Injected:
+        c = run.cluster
+        nodes = self.kw.get("nodes") or rnd.sample(c.names, c.spec.m + 1)
+        for n in nodes:
+            c.lose_node(n)
+        return Injected(f"lost {len(nodes)} nodes at once ({', '.join(nodes)}), m={c.spec.m}", node=",".join(nodes))
+
+    def detect(self, run: "Run", since: dict[str, int]) -> list[str]:
+        hits = [h for h in _grep(run, since, "worker", "cannot restore") if "RestoreError" in h and "cannot be rebuilt" in h]
+        return [f"restore: RestoreError: cannot restore, shards cannot be rebuilt ({hits[0].split(': ', 1)[0]})"] if hits else []
+
+
+KINDS: dict[str, type[Fault]] = {f.kind: f for f in (KillRank, HangRank, KillDaemon, LoseNode, CorruptSlot, NetDrop,
+                                                      NetDelay, NetDuplicate, FillShm, LoseMoreThanM)}
+# Kinds a correct system always survives: what random scenarios draw from.
+RANDOM_KINDS = ("kill_rank", "kill_rank", "hang_rank", "kill_daemon", "lose_node", "corrupt_slot", "net_drop",
+                "net_delay", "net_duplicate", "fill_shm")
+
+
+def check_params(kind: str, params: dict, conf: Any, where: str) -> None:
+    """Refuse unknown parameters, wrong types, and ranks or nodes the cluster does not have."""
+    cls = KINDS[kind]
+    for k, v in params.items():
+        want = cls.params.get(k)
+        if want is None:
+            raise ConfigError(f"{where}: unknown parameter {k!r}; {kind} takes {sorted(cls.params) or 'none'}")
+        ok = isinstance(v, want) or (want is float and isinstance(v, int))
+        if not ok or isinstance(v, bool):
+            raise ConfigError(f"{where}: {k} must be {want.__name__}, got {v!r}")
+    world = conf.nodes * conf.ranks_per_node
+    names = [f"node{i}" for i in range(conf.nodes)]
+    if "rank" in params and not 0 <= params["rank"] < world:
+        raise ConfigError(f"{where}: rank {params['rank']} is outside 0..{world - 1}")
+    if "node" in params and params["node"] not in names:
+        raise ConfigError(f"{where}: node {params['node']!r} is not one of {names}")
+    if "phase" in params and params["phase"] not in PHASES:
+        raise ConfigError(f"{where}: phase {params['phase']!r} is not one of {sorted(PHASES)}")
+    if "nodes" in params and (not set(params["nodes"]) <= set(names) or len(params["nodes"]) <= conf.m):
+        raise ConfigError(f"{where}: nodes must be more than m={conf.m} of {names}")
+    for k in ("probability",):
+        if k in params and not 0 < params[k] <= 1:
+            raise ConfigError(f"{where}: {k} must be in (0, 1], got {params[k]}")

@@ -1,0 +1,227 @@
+"""Scenarios: a cluster shape plus a schedule of faults, from a TOML file or drawn at random.
+
+    [cluster]                 # every key optional; unknown keys are refused
+    nodes = 3
+    ranks_per_node = 2
+    m = 1
+    steps = 40
+
+    [[fault]]
+    kind = "kill_rank"        # see chaos.faults.KINDS
+    at_step = 5               # inject once every rank has logged this step (and the last failure recovered)
+    rank = 3                  # the kind's own parameters
+
+Pure data and pure functions: nothing here starts a process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import tomllib
+from dataclasses import dataclass, field
+
+from snapguard.errors import ConfigError
+
+from snapguard.chaos.faults import KINDS, RANDOM_KINDS, check_params
+
+
+@dataclass(frozen=True)
+class ClusterConf:
+    nodes: int = 3
+    ranks_per_node: int = 2
+    m: int = 1
+    steps: int = 40
+    width: int = 32
+    layers: int = 1
+    step_sleep: float = 0.05
+    slots_per_rank: int = 2
+    hang_timeout_s: float = 8.0  # torchrun-style: no new step for this long kills and restarts every rank
+    timeout_s: float = 1200.0  # the whole protected run
+    max_restarts: int | None = None  # default: the number of faults + 3
+    worker_args: tuple[str, ...] = ()  # e.g. ("--no-rng",): a deliberately broken restore
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    kind: str
+    at_step: int
+    params: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        args = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+        return f"{self.kind}({args})" if args else self.kind
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    cluster: ClusterConf
+    faults: tuple[FaultSpec, ...]
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "seed": self.seed, "cluster": dataclasses.asdict(self.cluster),
+                "faults": [{"kind": f.kind, "at_step": f.at_step, **f.params} for f in self.faults]}
+
+
+def _cluster_conf(d: dict, where: str) -> ClusterConf:
+    known = {f.name: f for f in dataclasses.fields(ClusterConf)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown [cluster] key(s) {unknown}; known: {sorted(known)}")
+    d = dict(d)
+    if "worker_args" in d:
+        d["worker_args"] = tuple(d["worker_args"])
+    conf = ClusterConf(**d)
+    if conf.nodes < 2 or conf.ranks_per_node < 1 or not 1 <= conf.m < conf.nodes or conf.steps < 2:
+        raise ConfigError(f"{where}: need nodes >= 2, ranks_per_node >= 1, 1 <= m < nodes, steps >= 2; got {conf}")
+    return conf
+
+
+def from_dict(d: dict, name: str = "scenario", where: str = "scenario") -> Scenario:
+    unknown = sorted(set(d) - {"name", "seed", "cluster", "fault"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown top-level key(s) {unknown}; expected name, seed, [cluster], [[fault]]")
+    conf = _cluster_conf(d.get("cluster", {}), where)
+    faults = []
+    for i, f in enumerate(d.get("fault", [])):
+        f = dict(f)
+        kind = f.pop("kind", None)
+        if kind not in KINDS:
+            raise ConfigError(f"{where}: fault {i} has kind {kind!r}; known kinds: {sorted(KINDS)}")
+        at = f.pop("at_step", None)
+        if not isinstance(at, int) or not 0 <= at < conf.steps - 1:
+            raise ConfigError(f"{where}: fault {i} ({kind}) needs an integer at_step in [0, {conf.steps - 1}), got {at!r}")
+        check_params(kind, f, conf, where=f"{where}: fault {i} ({kind})")
+        faults.append(FaultSpec(kind, at, f))
+    steps = [f.at_step for f in faults]
+    if steps != sorted(steps):
+        raise ConfigError(f"{where}: faults must be listed in the order of their at_step, got {steps}")
+    return Scenario(d.get("name", name), conf, tuple(faults), int(d.get("seed", 0)))
+
+
+def load(path: str) -> Scenario:
+    with open(path, "rb") as f:
+        try:
+            d = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return from_dict(d, name=path.rsplit("/", 1)[-1].removesuffix(".toml"), where=path)
+
+
+# The built-in scenario of `snapguard chaos run`: every recoverable kind of fault once, on 3 nodes x 2
+# ranks with m=1, in a few minutes. Each restart costs the time to start the ranks again.
+DEFAULT_TOML = """
+name = "default"
+
+[cluster]
+nodes = 3
+ranks_per_node = 2
+m = 1
+steps = 44
+step_sleep = 0.05
+
+[[fault]]
+kind = "net_duplicate"
+at_step = 2
+probability = 0.5
+duration_s = 6.0
+
+[[fault]]
+kind = "kill_rank"
+at_step = 4
+
+[[fault]]
+kind = "kill_rank"
+at_step = 8
+phase = "copy.mid"
+rank = 3
+
+[[fault]]
+kind = "hang_rank"
+at_step = 12
+rank = 1
+
+[[fault]]
+kind = "kill_daemon"
+at_step = 16
+node = "node1"
+
+[[fault]]
+kind = "corrupt_slot"
+at_step = 20
+node = "node2"
+
+[[fault]]
+kind = "net_delay"
+at_step = 23
+delay_ms = 40
+duration_s = 4.0
+
+[[fault]]
+kind = "net_drop"
+at_step = 24
+probability = 0.3
+duration_s = 4.0
+
+[[fault]]
+kind = "lose_node"
+at_step = 28
+node = "node0"
+
+[[fault]]
+kind = "kill_rank"
+at_step = 32
+phase = "restore.mid"
+
+[[fault]]
+kind = "fill_shm"
+at_step = 36
+node = "node2"
+"""
+
+
+def default() -> Scenario:
+    return from_dict(tomllib.loads(DEFAULT_TOML), where="built-in default scenario")
+
+
+def generate(seed: int, faults: int, mtbf_steps: float, nodes: int = 3, ranks_per_node: int = 2, m: int = 1,
+             kinds: tuple[str, ...] = RANDOM_KINDS, **cluster: object) -> Scenario:
+    """`faults` faults of random kinds at random places; gaps between them exponential with mean `mtbf_steps`.
+
+    Only kinds a correct system survives are drawn, so the expected verdict is PASS. Gaps are at least
+    two steps: a fault is injected only after training has moved on from the previous recovery.
+    """
+    if faults < 1 or mtbf_steps <= 0:
+        raise ConfigError(f"need faults >= 1 and mtbf_steps > 0, got {faults} and {mtbf_steps}")
+    rnd = random.Random(seed)
+    names = [f"node{i}" for i in range(nodes)]
+    world = nodes * ranks_per_node
+    at, out = 1, []
+    for _ in range(faults):
+        at += max(2, math.ceil(rnd.expovariate(1.0 / mtbf_steps)))
+        kind = rnd.choice(kinds)
+        params: dict = {}
+        if kind == "kill_rank":
+            params["rank"] = rnd.randrange(world)
+            phase = rnd.choice([None, None, "copy.mid", "copy.done", "restore.mid"])
+            if phase:
+                params["phase"] = phase
+        elif kind == "hang_rank":
+            params["rank"] = rnd.randrange(world)
+        elif kind in ("kill_daemon", "lose_node", "corrupt_slot", "fill_shm"):
+            params["node"] = rnd.choice(names)
+        elif kind in ("net_drop", "net_duplicate"):
+            params["probability"] = round(rnd.uniform(0.1, 0.5), 2)
+            params["duration_s"] = round(rnd.uniform(2.0, 6.0), 1)
+        elif kind == "net_delay":
+            params["delay_ms"] = rnd.randrange(10, 80)
+            params["duration_s"] = round(rnd.uniform(2.0, 6.0), 1)
+        out.append({"kind": kind, "at_step": at, **params})
+    d = {"name": f"random-seed{seed}", "seed": seed,
+         "cluster": {"nodes": nodes, "ranks_per_node": ranks_per_node, "m": m, "steps": at + 6, **cluster},
+         "fault": out}
+    return from_dict(d, where=f"random scenario (seed {seed})")

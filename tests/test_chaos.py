@@ -1,0 +1,200 @@
+"""The chaos harness, tested on real processes: every injector in a scenario, and the verdict both ways.
+
+A few runs carry all the injectors (each restart costs a few seconds of starting ranks on this
+machine): one scenario with every fault a correct system survives, which must PASS with each fault
+detected by the right part; one that ends in a loss of more nodes than m, which must PASS as an
+expected failure; and one with a deliberately broken restore (no RNG state), which must FAIL. The
+soak (50+ random faults) is marked slow; run it with
+    .venv/bin/python -m pytest tests/test_chaos.py -m slow -s
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from snapguard.chaos import generate, load, run_scenario
+from snapguard.chaos.faults import KINDS
+from snapguard.chaos.harness import run_reference
+from snapguard.chaos.scenario import from_dict
+from snapguard.errors import ConfigError
+
+CLUSTER = {"nodes": 3, "ranks_per_node": 1, "m": 1, "steps": 40, "step_sleep": 0.05, "hang_timeout_s": 6.0}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One fault-free run shared by every scenario of this shape."""
+    d = str(tmp_path_factory.mktemp("chaos-ref"))
+    run_reference(from_dict({"cluster": CLUSTER}).cluster, d)
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _short_run_dirs():
+    """Runs whose output directory is too long for IPC socket paths put their files in /tmp/snapguard-chaos-run-*."""
+    before = set(glob.glob("/tmp/snapguard-chaos-run-*"))
+    yield
+    for d in set(glob.glob("/tmp/snapguard-chaos-run-*")) - before:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _run(tmp_path, reference, faults: list[dict], **cluster) -> dict:
+    scenario = from_dict({"name": tmp_path.name, "cluster": {**CLUSTER, **cluster}, "fault": faults})
+    return run_scenario(scenario, str(tmp_path), seed=7, reference_dir=reference)
+
+
+def _by_kind(rep: dict) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for f in rep["faults"]:
+        out.setdefault(f["kind"], []).append(f)
+    return out
+
+
+# ---- pure: scenarios ----------------------------------------------------------------------------
+
+def test_scenarios_refuse_unknown_keys_kinds_and_places():
+    with pytest.raises(ConfigError, match="unknown \\[cluster\\] key"):
+        from_dict({"cluster": {"nodez": 3}})
+    with pytest.raises(ConfigError, match="known kinds"):
+        from_dict({"fault": [{"kind": "meteor", "at_step": 3}]})
+    with pytest.raises(ConfigError, match="rank 9 is outside"):
+        from_dict({"fault": [{"kind": "kill_rank", "at_step": 3, "rank": 9}]})
+    with pytest.raises(ConfigError, match="unknown parameter"):
+        from_dict({"fault": [{"kind": "lose_node", "at_step": 3, "rank": 1}]})
+    with pytest.raises(ConfigError, match="order of their at_step"):
+        from_dict({"fault": [{"kind": "lose_node", "at_step": 5}, {"kind": "kill_rank", "at_step": 3}]})
+    with pytest.raises(ConfigError, match="more than m=1"):
+        from_dict({"fault": [{"kind": "lose_more_than_m", "at_step": 3, "nodes": ["node0"]}]})
+
+
+def test_random_scenarios_are_reproducible_and_recoverable():
+    a, b = generate(11, 50, 3.0), generate(11, 50, 3.0)
+    assert a == b and len(a.faults) == 50
+    assert all(not KINDS[f.kind](**f.params).expect_failure for f in a.faults)
+    gaps = [y.at_step - x.at_step for x, y in zip(a.faults, a.faults[1:])]
+    assert min(gaps) >= 2 and a.cluster.steps > a.faults[-1].at_step
+    assert generate(12, 50, 3.0) != a
+
+
+def test_shipped_scenario_files_load():
+    here = os.path.join(os.path.dirname(__file__), "..", "chaos", "scenarios")
+    names = sorted(n for n in os.listdir(here) if n.endswith(".toml"))
+    assert names
+    for n in names:
+        assert load(os.path.join(here, n)).faults
+
+
+# ---- real runs ----------------------------------------------------------------------------------
+
+@pytest.mark.timeout(600)
+def test_every_survivable_fault_is_detected_and_nothing_is_lost(tmp_path, reference):
+    rep = _run(tmp_path, reference, [
+        {"kind": "net_duplicate", "at_step": 1, "probability": 0.5, "duration_s": 4.0},
+        {"kind": "kill_rank", "at_step": 3},
+        {"kind": "kill_rank", "at_step": 6, "phase": "copy.mid", "rank": 1},
+        {"kind": "kill_rank", "at_step": 9, "phase": "copy.done", "rank": 2},
+        {"kind": "hang_rank", "at_step": 12, "rank": 0},
+        {"kind": "kill_daemon", "at_step": 15, "node": "node1"},
+        {"kind": "corrupt_slot", "at_step": 18, "node": "node2"},
+        {"kind": "net_delay", "at_step": 21, "delay_ms": 30, "duration_s": 3.0},
+        {"kind": "net_drop", "at_step": 23, "probability": 0.3, "duration_s": 3.0},
+        {"kind": "lose_node", "at_step": 25, "node": "node0"},
+        {"kind": "kill_rank", "at_step": 29, "phase": "restore.mid"},
+        {"kind": "fill_shm", "at_step": 33, "node": "node2"},
+    ])
+    assert rep["verdict"] == "PASS", rep["problems"]
+    assert rep["completed"] and not rep["problems"]
+    kinds = _by_kind(rep)
+    assert set(kinds) == set(KINDS) - {"lose_more_than_m"}
+    for f in rep["faults"]:
+        assert f["ok"] and f["detected_by"], f
+    for f in kinds["kill_rank"] + kinds["hang_rank"] + kinds["lose_node"] + kinds["corrupt_slot"]:
+        assert f["restarted"] and f["steps_lost"] is not None and f["steps_lost"] <= 2 and f["recovery_s"] > 0, f
+    assert any("hang timeout" in d for d in kinds["hang_rank"][0]["detected_by"])
+    assert any(d.startswith("supervisor: daemon of node1") for d in kinds["kill_daemon"][0]["detected_by"])
+    assert any(d.startswith("restore: checksum mismatch") for d in kinds["corrupt_slot"][0]["detected_by"])
+    assert any(d.startswith("restore:") and "rebuilt step" in d for d in kinds["lose_node"][0]["detected_by"])
+    assert any("ShmSpaceError" in d for d in kinds["fill_shm"][0]["detected_by"])
+    assert kinds["fill_shm"][0]["failed_attempts"] >= 2  # the loss, then the attempt that found shm full
+    restore_mid = [f for f in kinds["kill_rank"] if "restore.mid" in f["label"]][0]
+    assert restore_mid["failed_attempts"] >= 2  # killed, then killed again half-way through restoring
+    assert any("replayed request(s) refused" in d for d in kinds["net_duplicate"][0]["detected_by"])
+    assert rep["proxy"]["dropped"] > 0 and rep["proxy"]["delayed"] > 0 and rep["proxy"]["duplicated"] > 0
+    assert os.path.getsize(rep["files"]["png"]) > 10_000
+    with open(rep["files"]["json"]) as f:
+        assert json.load(f)["verdict"] == "PASS"
+
+
+@pytest.mark.timeout(400)
+def test_losing_more_than_m_nodes_is_judged_an_expected_failure(tmp_path, reference):
+    rep = _run(tmp_path, reference, [
+        {"kind": "kill_rank", "at_step": 3, "rank": 2},
+        {"kind": "lose_more_than_m", "at_step": 7},
+    ])
+    assert rep["verdict"] == "PASS", rep["problems"]
+    assert rep["expected_failure"] and not rep["completed"]
+    last = rep["faults"][-1]
+    assert last["outcome"] == "expected failure detected"
+    assert any("RestoreError" in d and "cannot be rebuilt" in d for d in last["detected_by"])
+    assert rep["faults"][0]["outcome"] == "recovered"
+    # nothing was trained after the unrecoverable loss
+    after = [a for a in rep["losses"]["run"] if int(a) > last["attempt"]]
+    assert after == []
+
+
+@pytest.mark.timeout(400)
+def test_a_restore_without_rng_state_makes_the_verdict_fail(tmp_path, reference):
+    """The harness must catch a restore that is wrong but does not crash: the CLI exits 1, naming losses."""
+    scenario = {"name": "broken-restore", "cluster": {**CLUSTER, "steps": 16, "worker_args": ["--no-rng"]},
+                "fault": [{"kind": "kill_rank", "at_step": 4, "rank": 1}]}
+    path = tmp_path / "broken.toml"
+    path.write_text(_toml(scenario))
+    assert load(str(path)).cluster.worker_args == ("--no-rng",)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "snapguard.cli", "chaos", "run", "--scenario", str(path), "--out",
+                           str(out), "--reference", reference], capture_output=True, text=True, timeout=380)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "VERDICT: FAIL" in proc.stdout
+    with open(out / "report.json") as f:
+        rep = json.load(f)
+    assert rep["verdict"] == "FAIL" and rep["completed"]
+    assert rep["faults"][0]["outcome"] == "recovered"  # the fault itself was handled; the state was not
+    assert any("loss" in p and "reference" in p for p in rep["problems"])
+    assert any("final state differs" in p for p in rep["problems"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_soak_fifty_random_faults_over_four_nodes(tmp_path):
+    """`snapguard chaos run --faults 50 --mtbf-steps 3 --nodes 4 --ranks-per-node 1 --m 2 --seed 2024` as a test."""
+    scenario = generate(2024, 50, 3.0, nodes=4, ranks_per_node=1, m=2)
+    rep = run_scenario(scenario, str(tmp_path), seed=2024)
+    assert rep["verdict"] == "PASS", rep["problems"]
+    assert len(rep["faults"]) >= 50 and all(f["ok"] for f in rep["faults"])
+
+
+def _toml(d: dict) -> str:
+    """The few TOML shapes scenarios use (tomllib reads, but does not write)."""
+    def val(v):
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, list):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        return repr(v)
+
+    lines = [f"name = {val(d['name'])}", "[cluster]"] + [f"{k} = {val(v)}" for k, v in d["cluster"].items()]
+    for f in d["fault"]:
+        lines += ["[[fault]]"] + [f"{k} = {val(v)}" for k, v in f.items()]
+    text = "\n".join(lines) + "\n"
+    assert tomllib.loads(text)["name"] == d["name"]
+    return text
