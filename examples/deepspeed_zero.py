@@ -1,0 +1,65 @@
+"""A small causal language model trained by DeepSpeed with ZeRO stage 1 or 2, protected by snapguard.
+
+    torchrun --nproc-per-node=2 examples/deepspeed_zero.py --zero 2 --steps 20
+
+(or `deepspeed --num_gpus 2 examples/deepspeed_zero.py ...`). Each rank snapshots its own partition
+of the fp32 master weights and optimizer state every step, in memory.
+"""
+
+import argparse
+import os
+
+import deepspeed
+import torch
+import torch.nn.functional as F
+
+from runlog import RunLog
+from snapguard.integrations.deepspeed import protect
+from torch_ddp import batch, build_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--zero", type=int, default=2, choices=(0, 1, 2))
+    ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--out", help="write losses and a final-state digest here")
+    a = ap.parse_args()
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    deepspeed.init_distributed(dist_backend="nccl" if device != "cpu" else "gloo")
+    rank = torch.distributed.get_rank()
+    log = RunLog(a.out, rank)
+    torch.manual_seed(0)
+    config = {
+        "train_micro_batch_size_per_gpu": 8,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 5}},
+        "zero_optimization": {"stage": a.zero},
+        "steps_per_print": 10 ** 9,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=build_model(a.width), config=config)
+    seen = {"tokens": 0}
+
+    guard = protect(engine, client_state=seen, start_daemon=True)   # snapguard: module, ZeRO partitions, counters
+    guard.restore()                                                  # snapguard: engine.global_steps restored
+    for step in range(engine.global_steps, a.steps):
+        x, y = batch(step, rank, device)
+        loss = F.cross_entropy(engine(x).flatten(0, 1), y.flatten())
+        engine.backward(loss)
+        engine.step()
+        seen["tokens"] += x.numel()
+        guard.snapshot()                                             # snapguard: returns at once
+        log.loss(step, loss.item())
+    guard.close()
+
+    opt = engine.optimizer
+    log.final(module=engine.module.state_dict(), fp32=getattr(opt, "single_partition_of_fp32_groups", None),
+              optimizer=getattr(opt, "optimizer", opt).state_dict(), lr=engine.get_lr(), seen=seen,
+              counters=[engine.global_steps, engine.global_samples])
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

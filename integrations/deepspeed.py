@@ -1,0 +1,187 @@
+"""snapguard for DeepSpeed: a DeepSpeedEngine with ZeRO stage 0, 1 or 2.
+
+    from snapguard.integrations.deepspeed import protect
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config, model_parameters=model.parameters())
+    guard = protect(engine, client_state=loop_state)    # after initialize, on every rank
+    guard.restore()                                      # before training: engine.global_steps is restored
+    for step in range(engine.global_steps, steps):
+        loss = engine(batch(step)); engine.backward(loss); engine.step()
+        guard.snapshot()                                 # after engine.step(); returns at once
+
+With gradient accumulation, call `guard.snapshot()` after every `engine.step()`: it snapshots only
+after the steps that updated the weights (when `engine.global_steps` moved), and the loop resumes
+from `engine.global_steps` optimizer steps, i.e. `global_steps * gradient_accumulation_steps()`
+micro-batches.
+
+What each rank snapshots, all local, nothing gathered:
+- `module`: `engine.module.state_dict()` (ZeRO 1 and 2 keep the whole low-precision model on every rank).
+- `optimizer`: for ZeRO 1 and 2, the ZeRO optimizer's own state dict for this rank (its partition of
+  the fp32 master weights, the base optimizer's state over that partition, the loss scaler), restored
+  through DeepSpeed's `load_state_dict([...], load_from_fp32_weights=True)` so that DeepSpeed
+  re-links its fragments as after load_checkpoint; for stage 0 without mixed precision, the torch
+  optimizer's state.
+- `engine`: `global_steps`, `global_samples`, `skipped_steps`, `micro_steps` and the lr scheduler.
+- `client`: the `client_state` dict you pass (restored in place), like save_checkpoint's client_state.
+
+The ZeRO optimizer is no torch optimizer, so `protect` wraps `engine.optimizer.step` on the instance:
+it waits first, only while the previous snapshot is still being copied out of the fp32 partitions,
+the optimizer state and the model weights that step rewrites. close() removes the wrapper.
+
+Why no `CheckpointEngine`: DeepSpeed lets a CheckpointEngine choose where `save_checkpoint` writes,
+but not what: it hands over pickled-object state dicts (the loss scaler object, the whole config)
+written by data-parallel rank 0 for the model and per rank for the optimizer, and
+`load_checkpoint` finds them by reading the `latest` file and globbing `*_model_states.pt` and
+`*_optim_states.pt` on disk, so a memory-only engine cannot serve a restore. The direct route above
+saves the same state, per rank, without pickling and without the file system.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from snapguard.errors import ConfigError
+from snapguard.integrations._common import AdapterGuard, CountersState, optimizer_tensors, require
+
+deepspeed = require("deepspeed", "deepspeed", "deepspeed")
+from deepspeed.checkpoint import constants as C  # noqa: E402
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer  # noqa: E402
+
+__all__ = ["protect", "DeepSpeedGuard"]
+
+_SCALAR = (bool, int, float, str, type(None), torch.dtype)
+ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
+
+
+class ZeroOptimizerState:
+    """One rank's ZeRO-1/2 optimizer state, in DeepSpeed's own (rigid, per-rank) checkpoint format,
+    minus what only pickling could carry: the loss scaler object becomes its attributes."""
+
+    def __init__(self, optimizer: DeepSpeedZeroOptimizer):
+        self.opt = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        opt = self.opt
+        elastic = opt.elastic_checkpoint
+        opt.elastic_checkpoint = False  # this rank's partitions as they are: restored into the same layout only
+        try:
+            sd = opt.state_dict()
+        finally:
+            opt.elastic_checkpoint = elastic
+        scaler = sd.pop(C.LOSS_SCALER)
+        sd[C.LOSS_SCALER] = {k: v for k, v in vars(scaler).items() if isinstance(v, _SCALAR + (torch.Tensor,))}
+        sd[C.ZERO_STAGE] = int(sd[C.ZERO_STAGE])
+        # Only DeepSpeed's universal checkpoints read these: fragment addresses of every parameter.
+        sd.pop(C.PARAM_SLICE_MAPPINGS, None)
+        sd.pop(C.UNIVERSAL_CHECKPOINT_INFO, None)
+        return sd
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        opt = self.opt
+        sd = dict(sd)
+        scaler = opt.loss_scaler
+        for k, v in sd.pop(C.LOSS_SCALER).items():
+            setattr(scaler, k, v)
+        sd[C.LOSS_SCALER] = scaler
+        dp_rank = torch.distributed.get_rank(group=opt.dp_process_group)
+        dp_size = torch.distributed.get_world_size(group=opt.dp_process_group)
+        per_rank: list[Any] = [None] * dp_size
+        per_rank[dp_rank] = sd  # a rigid checkpoint loads from this rank's entry alone
+        elastic = opt.elastic_checkpoint
+        opt.elastic_checkpoint = False
+        try:
+            opt.load_state_dict(per_rank, load_optimizer_states=True, load_from_fp32_weights=True)
+        finally:
+            opt.elastic_checkpoint = elastic
+
+
+class SchedulerState:
+    def __init__(self, engine: Any):
+        self.engine = engine
+
+    def state_dict(self) -> dict[str, Any]:
+        s = self.engine.lr_scheduler
+        return {} if s is None or not hasattr(s, "state_dict") else s.state_dict()
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        s = self.engine.lr_scheduler
+        if sd and s is not None:
+            s.load_state_dict(sd)
+
+
+class DeepSpeedGuard(AdapterGuard):
+    """A Guard for a DeepSpeedEngine: `snapshot()` defaults its step to `engine.global_steps`."""
+
+    engine: Any
+    _last_global_step = -1
+
+    def snapshot(self, step: int | None = None) -> None:
+        """Start a snapshot after engine.step(); returns at once. Called on every rank.
+
+        `step` defaults to engine.global_steps, and then a call after an engine.step() that only
+        accumulated gradients (no optimizer step since the last snapshot) does nothing: with gradient
+        accumulation, calling snapshot() after every engine.step() snapshots each optimizer step once,
+        right after it, when no gradients are half accumulated.
+        """
+        if step is None:
+            step = self.engine.global_steps
+            if step == self._last_global_step:
+                return
+        self._last_global_step = step
+        super().snapshot(step)
+
+    def restore(self) -> int | None:
+        step = super().restore()
+        self._last_global_step = self.engine.global_steps
+        return step
+
+
+def protect(engine: Any, *, client_state: dict | None = None, extra: Any = None,
+            states: dict[str, Any] | None = None, **guard_options: Any) -> DeepSpeedGuard:
+    """Protect a DeepSpeedEngine (ZeRO stage 0, 1 or 2). Called on every rank after deepspeed.initialize.
+
+    `client_state`: a dict of your own loop state, restored in place (save_checkpoint's client_state).
+    `extra`, `states`: more Statefuls. `guard_options` go to snapguard.Guard (job=, node=, run_dir=,
+    start_daemon=, timeout_s=, rng=, config=). restore() returns the step of the snapshot loaded, or None.
+    """
+    if not isinstance(engine, deepspeed.DeepSpeedEngine):
+        raise ConfigError(f"protect() needs a DeepSpeedEngine, got {type(engine).__name__}")
+    stage = engine.zero_optimization_stage()
+    opt = engine.optimizer
+    if stage in (1, 2):
+        if not isinstance(opt, DeepSpeedZeroOptimizer):
+            raise ConfigError(f"ZeRO stage {stage} with a {type(opt).__name__} optimizer is not supported")
+        opt_state: Any = ZeroOptimizerState(opt)
+
+        def guarded():
+            yield from opt.single_partition_of_fp32_groups
+            yield from optimizer_tensors(opt.optimizer)
+            for group in opt.bit16_groups:  # the module's weights: step() copies the partitions back into them
+                yield from group
+    elif stage == 0 and isinstance(opt, torch.optim.Optimizer):
+        opt_state = opt
+
+        def guarded():
+            yield from optimizer_tensors(opt)
+    else:
+        raise ConfigError(f"snapguard supports DeepSpeed ZeRO stages 0 (torch optimizer), 1 and 2; this engine runs"
+                          f" stage {stage} with {type(opt).__name__}")
+    named: dict[str, Any] = {"module": engine.module, "optimizer": opt_state,
+                             "engine": CountersState(engine, ENGINE_COUNTERS), "lr_scheduler": SchedulerState(engine)}
+    if client_state is not None:
+        named["client"] = client_state
+    if extra is not None:
+        named["extra"] = extra
+    for k, v in (states or {}).items():
+        if k in named:
+            raise ConfigError(f"state name {k!r} is used twice")
+        named[k] = v
+    dp = engine.dp_world_size
+
+    guard = DeepSpeedGuard(states=named, guarded=guarded,
+                           layout=lambda: f"ZeRO stage {stage}, global rank {engine.global_rank}, data-parallel size {dp}",
+                           **guard_options)
+    guard.engine = engine
+    guard.gate_method(opt, "step")
+    return guard

@@ -1,0 +1,107 @@
+"""snapguard.integrations.megatron with the real Megatron-Core on gloo: a GPTModel with tensor-parallel
+size 2 and dropout, two ranks under torchrun (CPU shims from framework_shims.py).
+
+One rank is SIGKILLed halfway through copying its snapshot of iteration 3; torchrun restarts both,
+which restore the newest iteration both hold, RNG tracker states included. Every loss of every
+attempt and every byte of the final model shards, optimizer state, consumed-samples counter and
+tracker RNG states must equal the run without snapguard and without failures. Then restoring the
+TP=2 snapshot into TP=1 must fail, naming the first tensor whose shard differs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+
+from integration_helpers import Run, layout_error, run_all, scenarios
+
+ITERS = 6
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    work = str(tmp_path_factory.mktemp("megatron"))
+    with scenarios(work, {"tp2": ("megatron_gpt.py", ["--tp", "2", "--iters", str(ITERS)], ITERS)}) as s:
+        yield work, s["tp2"]
+
+
+def test_tensor_parallel_gpt_resumes_bit_exactly_after_sigkill(runs):
+    runs[1].check()
+
+
+def test_restore_into_another_tensor_parallel_size_names_the_tensor(runs):
+    work, s = runs
+    tp1 = Run("megatron_gpt.py", ["--tp", "1", "--iters", str(ITERS + 1)], os.path.join(work, "tp1"), env=s.daemon.env)
+    assert run_all(tp1) != [0]
+    msg = layout_error(tp1.log())
+    assert ("tensor '/model/embedding.word_embeddings.weight': the snapshot has float32[64, 64], the model expects"
+            " float32[128, 64]") in msg, msg
+    assert "tensor-parallel rank 0 of 1" in msg, msg
+
+
+def test_missing_megatron_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "megatron.core", None)  # import of megatron.core raises ImportError
+    monkeypatch.delitem(sys.modules, "snapguard.integrations.megatron", raising=False)
+    with pytest.raises(ImportError, match=r"pip install snapguard\[megatron\]"):
+        importlib.import_module("snapguard.integrations.megatron")
+
+
+def test_megatron_optimizer_state_keeps_main_params_and_grad_scaler_by_name():
+    """The route for get_megatron_optimizer's optimizers, which need CUDA to build: a stand-in with their
+    shape (a chained optimizer of one mixed-precision part whose torch optimizer steps fp32 main
+    params that the model params point to as `main_param`, and a grad scaler) round-trips by name."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from snapguard.integrations.megatron import MegatronOptimizerState, _param_names
+
+    class Scaler:
+        def __init__(self):
+            self.scale, self.growth = torch.tensor([1024.0]), 0
+
+        def state_dict(self):
+            return {"scale": self.scale, "growth_tracker": self.growth}
+
+        def load_state_dict(self, sd):
+            self.scale, self.growth = sd["scale"].clone(), sd["growth_tracker"]
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).to(torch.bfloat16)
+    for p in model.parameters():
+        p.main_param = p.detach().float().clone().requires_grad_()
+    inner = torch.optim.Adam([p.main_param for p in model.parameters()], lr=0.1)
+    part = SimpleNamespace(optimizer=inner, grad_scaler=Scaler())
+    state = MegatronOptimizerState(SimpleNamespace(chained_optimizers=[part]), _param_names([model]))
+    for p in inner.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    inner.step()
+    part.grad_scaler.growth = 7
+
+    sd = state.state_dict()
+    assert sorted(sd["0"]["main_params"]) == ["0.bias", "0.weight", "1.bias", "1.weight"]
+    assert set(sd["0"]["optimizer"]["state"]["1.weight"]) == {"step", "exp_avg", "exp_avg_sq"}
+    sd = _clone(sd)  # what a snapshot holds: copies taken before the next step
+    sd["0"]["grad_scaler"]["scale"] = torch.tensor([8.0])
+    saved = sd["0"]["main_params"]
+    moments = {k: v["exp_avg"] for k, v in sd["0"]["optimizer"]["state"].items()}
+    inner.step()  # move everything on, then restore
+    part.grad_scaler.growth = 0
+    state.load_state_dict(sd)
+    for n, p in zip(["0.weight", "0.bias", "1.weight", "1.bias"], inner.param_groups[0]["params"]):
+        assert torch.equal(p, saved[n]) and torch.equal(inner.state[p]["exp_avg"], moments[n])
+    assert part.grad_scaler.growth == 7 and part.grad_scaler.scale.item() == 8.0
+
+
+def _clone(node):
+    import torch
+
+    if isinstance(node, torch.Tensor):
+        return node.detach().clone()
+    if isinstance(node, dict):
+        return {k: _clone(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_clone(v) for v in node]
+    return node
