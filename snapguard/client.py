@@ -32,7 +32,8 @@ class DaemonClient:
         if self._sock is None:
             s = self._ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.IMMEDIATE, 1)
+            # No ZMQ_IMMEDIATE: with it, a reply that arrives just before the daemon disconnects (the
+            # reply to Shutdown) is dropped with the connection. A request to no daemon times out below.
             s.connect(self.address)
             self._sock = s
         return self._sock

@@ -9,7 +9,6 @@ killed at teardown by its own pid (or process group), never by name.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import shutil
 import signal
@@ -203,7 +202,7 @@ def worker_pids(out: str, nproc: int) -> dict[int, tuple[int, int]]:
     return got
 
 
-def _is_worker_of(pid: int, out: str) -> bool:
+def is_worker_of(pid: int, out: str) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return out.encode() in f.read()
@@ -241,7 +240,7 @@ class Jobs:
                 proc.wait(20)
         # workers run in sessions of their own: kill any left behind, by the pids they wrote
         for pid, _ in worker_pids(out, nproc).values():
-            if _is_worker_of(pid, out):
+            if is_worker_of(pid, out):
                 try:
                     os.killpg(pid, signal.SIGKILL)
                 except OSError:
@@ -257,8 +256,3 @@ def jobs():
     j = Jobs()
     yield j
     j.close()
-
-
-def read_json_lines(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]

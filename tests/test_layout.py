@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import msgpack
@@ -67,7 +68,7 @@ def test_manifest_roundtrips_through_msgpack():
     ({"world_size": 0}, "out of range"),
     ({"chunk_size": 100}, "not a positive multiple of 64"),
     ({"chunk_size": 0}, "not a positive multiple of 64"),
-    ({"checksums": [0, 0]}, "2 checksums for 1088 bytes, expected 5"),
+    ({"checksums": [0, 0]}, "2 checksums for 1024 bytes, expected 4"),
     ({"nbytes": -64}, "does not fit"),
 ])
 def test_manifest_validate_names_what_is_wrong(over, match):
@@ -85,7 +86,7 @@ def test_manifest_validate_refuses_a_shard_larger_than_its_slot():
 @pytest.mark.parametrize(("entry", "match"), [
     (TensorEntry("y", "float32", [10], 64, 40), "overlaps, is unaligned"),      # overlaps x
     (TensorEntry("y", "float32", [10], 970, 40), "overlaps, is unaligned"),     # unaligned
-    (TensorEntry("y", "float32", [10], 1088, 40), "runs past the shard end"),  # past the end
+    (TensorEntry("y", "float32", [10], 1024, 40), "runs past the shard end"),  # past the end
     (TensorEntry("y", "float32", [10], 960, 44), "claims 44 bytes"),           # size does not match shape
     (TensorEntry("y", "float32", [-10], 960, 40), "negative dimension"),
     (TensorEntry("y", "pyobject", [10], 960, 40), "unknown dtype 'pyobject'"),
@@ -132,10 +133,9 @@ def test_chunk_checksums_are_xxh3_of_each_chunk_of_the_used_range():
 
 def test_verify_checksums_names_the_chunk_whose_bytes_changed():
     buf = bytearray(bytes(range(256)) * 8)
-    m = make_manifest(nbytes=len(buf), chunk=512)
-    m = make_manifest(nbytes=len(buf), chunk=512, nbytes_=None) if False else m
-    m = Manifest(**{**m.__dict__, "nbytes": len(buf), "checksums": chunk_checksums(memoryview(buf), len(buf), 512),
-                    "entries": [TensorEntry("x", "uint8", [len(buf)], 0, len(buf))]})
+    m = dataclasses.replace(make_manifest(), nbytes=len(buf), chunk_size=512,
+                            entries=[TensorEntry("x", "uint8", [len(buf)], 0, len(buf))],
+                            checksums=chunk_checksums(memoryview(buf), len(buf), 512))
     m.validate(capacity=len(buf))
     verify_checksums(memoryview(buf), m)
     buf[1500] ^= 0x01  # one bit, in chunk 2

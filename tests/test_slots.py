@@ -1,0 +1,302 @@
+"""The daemon's slots: the pure reuse rule (plan_begin, common_step) and SlotTable on real shm files."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import stat
+import tempfile
+import time
+
+import msgpack
+import pytest
+
+from snapguard.daemon.slots import FREE, SEALED, WRITING, SlotTable, common_step, plan_begin
+from snapguard.errors import ChecksumError, LayoutError, ShmSpaceError
+from snapguard.layout import MANIFEST_VERSION, Manifest, TensorEntry, chunk_checksums
+
+from conftest import SHM_ROOT, unique_id
+
+# ---- the pure rule -------------------------------------------------------------------------------
+
+
+def S(step: int) -> tuple[str, int]:
+    return (SEALED, step)
+
+
+W, F = (WRITING, 3), (FREE, -1)
+
+
+@pytest.mark.parametrize(("slots", "step", "common", "want"), [
+    ((F, F), 0, -1, ("grant", 0)),                  # first snapshot
+    ((S(0), F), 1, -1, ("grant", 1)),               # a free slot is always safe
+    ((F, S(0)), 1, -1, ("grant", 0)),
+    ((S(2), W), 3, 1, ("grant", 1)),                # a slot left WRITING (its writer died) is reused first
+    ((S(4), S(5)), 6, 5, ("grant", 0)),             # every rank holds 5: step 4's slot may go
+    ((S(5), S(4)), 6, 5, ("grant", 1)),
+    ((S(4), S(5)), 6, 4, ("wait", 5)),              # another rank has not sealed 5: keep 4, the shared step
+    ((S(4), S(5)), 6, -1, ("wait", 5)),
+    ((S(4), S(5), S(6)), 7, 5, ("grant", 0)),       # three slots: 4 may go once all hold 5 (or 6)
+    ((S(4), S(5), S(6)), 7, 6, ("grant", 0)),
+    ((S(4), S(5), S(6)), 7, 4, ("wait", 5)),
+])
+def test_plan_begin_reuses_a_sealed_slot_only_when_a_shared_step_stays(slots, step, common, want):
+    d = plan_begin(tuple(slots), step, common)
+    got = (d.action, d.slot if d.action == "grant" else d.need)
+    assert got == want, d
+
+
+@pytest.mark.parametrize("step", [5, 4, 0])
+def test_plan_begin_refuses_a_step_that_is_not_newer(step):
+    d = plan_begin((S(4), S(5)), step, 5)
+    assert d.action == "error" and f"step {step} is not newer than step 5" in d.reason
+
+
+def test_plan_begin_with_no_slots_is_an_error():
+    assert plan_begin((), 0, -1).action == "error"
+
+
+def reachable_without_shared_step(rule, ranks: int = 3, last_step: int = 5) -> list:
+    """Every interleaving of `ranks` ranks, each alternately asking `rule` for a slot and sealing it, up to
+    `last_step`: the reachable states in which every rank has sealed something, yet no step is sealed on
+    all of them. A crash in such a state leaves nothing to restore (an unfinished copy is never sealed)."""
+    def common(held):
+        return common_step({r: [s for st, s in slots if st == SEALED] for r, slots in enumerate(held)}, ranks)
+
+    start = (tuple((F, F) for _ in range(ranks)), (0,) * ranks)
+    seen, todo, bad = {start}, [start], []
+    while todo:
+        held, nxt = todo.pop()
+        if all(any(st == SEALED for st, _ in slots) for slots in held) and common(held) < 0:
+            bad.append(held)
+        for r in range(ranks):
+            slots = list(held[r])
+            writing = [i for i, (st, _) in enumerate(slots) if st == WRITING]
+            n2 = nxt
+            if writing:  # the copy finishes: seal
+                slots[writing[0]] = S(slots[writing[0]][1])
+            elif nxt[r] <= last_step:  # start the next step's copy, if the rule allows
+                d = rule(tuple(slots), nxt[r], common(held))
+                if d.action != "grant":
+                    continue
+                slots[d.slot] = (WRITING, nxt[r])
+                n2 = tuple(s + 1 if k == r else s for k, s in enumerate(nxt))
+            else:
+                continue
+            state = (tuple(tuple(slots) if k == r else held[k] for k in range(ranks)), n2)
+            if state not in seen:
+                seen.add(state)
+                todo.append(state)
+    assert len(seen) > 100, "the walk must really explore interleavings"
+    return bad
+
+
+def test_two_slots_never_leave_ranks_without_a_shared_step():
+    assert reachable_without_shared_step(plan_begin) == []
+
+
+def test_the_walk_catches_a_rule_that_reuses_slots_blindly():
+    """The check above can fail: reusing the oldest slot without asking about other ranks loses the shared step."""
+    def blind(slots, step, common):
+        return plan_begin(slots, step, max(s for _, s in slots))
+
+    bad = reachable_without_shared_step(blind)
+    # DESIGN.md's example: one rank sealed 1 and 2 over step 0 while the others still copy step 1
+    assert ((S(0), F), (S(0), F), (S(2), S(1))) in bad
+
+
+def test_common_step():
+    assert common_step({0: [3, 4], 1: [4, 5], 2: [4]}, 3) == 4
+    assert common_step({0: [3, 4], 1: [4, 5]}, 3) == -1          # rank 2 holds nothing
+    assert common_step({0: [3], 1: [4]}, 2) == -1
+    assert common_step({}, 0) == -1
+    assert common_step({0: [1, 9]}, 1) == 9
+
+
+# ---- SlotTable on files --------------------------------------------------------------------------
+
+@pytest.fixture
+def shm_dir():
+    d = tempfile.mkdtemp(prefix=f"sgtest-{os.getpid()}-", dir=SHM_ROOT)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def table(shm_dir):
+    t = SlotTable(unique_id("slots"), "n0", shm_dir)
+    yield t
+
+
+def payload(step: int, rank: int, n: int = 4096) -> bytes:
+    return bytes((step * 31 + rank * 7 + i) % 251 for i in range(n))
+
+
+def manifest_for(t: SlotTable, rank: int, world: int, step: int, data: bytes, chunk: int = 1024) -> Manifest:
+    return Manifest(MANIFEST_VERSION, t.job, rank, world, step, len(data), chunk,
+                    [TensorEntry("x", "uint8", [len(data)], 0, len(data))],
+                    chunk_checksums(memoryview(data), len(data), chunk), msgpack.packb(["d", []]), time.time())
+
+
+def write_and_seal(t: SlotTable, rank: int, step: int, world: int = 1) -> int:
+    data = payload(step, rank)
+    d = t.begin(rank, step, len(data))
+    assert d.action == "grant", d
+    slot = t.ranks[rank][d.slot]
+    slot.buffer()[:len(data)] = data
+    t.seal(rank, step, d.slot, manifest_for(t, rank, world, step, data))
+    return d.slot
+
+
+def mode(path: str) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_reserve_allocates_private_files_of_the_asked_size(table):
+    slots = table.reserve(0, 1 << 20)
+    assert len(slots) == 2 and mode(table.dir) == 0o700
+    for s in slots:
+        assert os.path.getsize(s.path) == 1 << 20 and mode(s.path) == 0o600 and s.state == FREE
+        assert os.stat(s.path).st_blocks * 512 >= 1 << 20, "slot memory must be allocated up front"
+    assert table.used_bytes() == 2 << 20
+    table.reserve(0, 1 << 10)  # smaller: nothing shrinks or moves
+    assert [s.capacity for s in table.ranks[0]] == [1 << 20, 1 << 20]
+
+
+def test_seal_writes_the_manifest_last_and_private(table):
+    i = write_and_seal(table, 0, 0)
+    s = table.ranks[0][i]
+    assert s.state == SEALED and s.step == 0 and mode(s.manifest_path) == 0o600
+    with open(s.manifest_path, "rb") as f:
+        assert Manifest.from_wire(msgpack.unpackb(f.read(), raw=False)) == s.manifest
+    assert table.held() == {0: [0]} and table.common() == 0
+
+
+def test_a_rank_ahead_waits_until_every_rank_sealed_the_step_it_would_keep(table):
+    for step in (0, 1):
+        write_and_seal(table, 0, step, world=2)
+    write_and_seal(table, 1, 0, world=2)
+    assert table.common() == 0
+    d = table.begin(0, 2, 4096)  # rank 0 would overwrite step 0, the only step rank 1 shares
+    assert (d.action, d.need) == ("wait", 1)
+    assert table.held()[0] == [0, 1], "a refused begin must not touch the sealed slots"
+    write_and_seal(table, 1, 1, world=2)
+    assert table.common() == 1
+    d = table.begin(0, 2, 4096)
+    assert d.action == "grant" and table.ranks[0][d.slot].state == WRITING
+    assert not os.path.exists(table.ranks[0][d.slot].manifest_path), "the commit marker goes before any write"
+    assert table.held() == {0: [1], 1: [0, 1]} and table.common() == 1
+
+
+def test_seal_refuses_what_was_not_granted_and_changes_nothing(table):
+    write_and_seal(table, 0, 0)
+    data = payload(1, 0)
+    d = table.begin(0, 1, len(data))
+    table.ranks[0][d.slot].buffer()[:len(data)] = data
+    good = manifest_for(table, 0, 1, 1, data)
+    other = 1 - d.slot
+    cases = [
+        (lambda: table.seal(0, 1, other, good), "is sealed for step 0, not being written for step 1"),
+        (lambda: table.seal(0, 1, 5, good), "rank 0 has no slot 5"),
+        (lambda: table.seal(3, 1, 0, good), "rank 3 has no slot 0"),
+        (lambda: table.seal(0, 2, d.slot, good), "not being written for step 2"),
+        (lambda: table.seal(0, 1, d.slot, dataclasses.replace(good, job="other")), "names job 'other'"),
+        (lambda: table.seal(0, 1, d.slot, dataclasses.replace(good, nbytes=1 << 20, checksums=[0] * 1024)),
+         "does not fit a slot of 4096 bytes"),
+    ]
+    for call, match in cases:
+        with pytest.raises(LayoutError, match=match):
+            call()
+        assert table.held() == {0: [0]} and table.ranks[0][d.slot].state == WRITING
+    table.seal(0, 1, d.slot, good)
+    assert table.held() == {0: [0, 1]}
+
+
+def test_seal_with_wrong_checksums_frees_the_slot_and_keeps_the_old_step(table):
+    write_and_seal(table, 0, 0)
+    data = payload(1, 0)
+    d = table.begin(0, 1, len(data))
+    table.ranks[0][d.slot].buffer()[:len(data)] = data
+    bad = manifest_for(table, 0, 1, 1, data[:-1] + b"\x00")
+    with pytest.raises(ChecksumError, match="shard for step 1 has checksum"):
+        table.seal(0, 1, d.slot, bad)
+    assert table.ranks[0][d.slot].state == FREE and table.held() == {0: [0]}
+
+
+def test_verified_steps_drops_a_slot_whose_bytes_changed(table, caplog):
+    for step in (0, 1):
+        write_and_seal(table, 0, step)
+    s1 = next(s for s in table.ranks[0] if s.step == 1)
+    s1.buffer()[100] ^= 0xFF
+    with caplog.at_level(logging.WARNING, logger="snapguard.daemon.slots"):
+        steps, dropped = table.verified_steps(0)
+    assert steps == [0] and len(dropped) == 1 and "shard for step 1" in dropped[0]
+    assert "restore will use an older step" in caplog.text
+    assert not os.path.exists(s1.manifest_path) and s1.state == FREE
+
+
+def test_open_rewinds_the_rank_and_drop_forgets(table):
+    for step in (0, 1):
+        write_and_seal(table, 0, step)
+    with pytest.raises(LayoutError, match=r"rank 0 holds no sealed step 7 \(it holds \[0, 1\]\)"):
+        table.open(0, 7)
+    assert table.held() == {0: [0, 1]}
+    assert table.open(0, 0).step == 0
+    assert table.held() == {0: [0]}
+    table.drop(0, -1)
+    assert table.held() == {0: []}
+    assert not any(os.path.exists(s.manifest_path) for s in table.ranks[0])
+
+
+def test_a_new_table_readopts_sealed_slots_and_nothing_else(table, shm_dir, caplog):
+    for step in (0, 1):
+        write_and_seal(table, 0, step, world=2)
+    write_and_seal(table, 1, 0, world=2)
+    d = table.begin(1, 1, 4096)  # rank 1 is mid-copy of step 1 when the daemon dies
+    table.ranks[1][d.slot].buffer()[:10] = b"half-write"
+    stray = os.path.join(table.dir, "r00001.s0.manifest.new")
+    open(stray, "wb").write(b"torn")
+    again = SlotTable(table.job, table.node, shm_dir)
+    again.adopt()
+    assert again.held() == {0: [0, 1], 1: [0]} and again.world_size == 2 and again.common() == 0
+    assert not os.path.exists(stray)
+    for r in (0, 1):
+        for a, b in zip(table.ranks[r], again.ranks[r]):
+            assert (a.path, a.capacity) == (b.path, b.capacity)
+            if b.state == SEALED:
+                assert a.manifest == b.manifest
+
+    # corrupt rank 0's step 1 bytes and rank 1's manifest file: a third table refuses both, saying so
+    s01 = next(s for s in again.ranks[0] if s.step == 1)
+    s01.buffer()[7] ^= 1
+    s10 = next(s for s in again.ranks[1] if s.step == 0)
+    open(s10.manifest_path, "wb").write(b"\x81\xa1x\x01")
+    third = SlotTable(table.job, table.node, shm_dir)
+    with caplog.at_level(logging.WARNING, logger="snapguard.daemon.slots"):
+        third.adopt()
+    assert third.held() == {0: [0], 1: []}
+    assert "not re-adopting rank 0 slot" in caplog.text and "not re-adopting rank 1 slot" in caplog.text
+
+
+def test_remove_all_deletes_every_file_and_the_directory(table):
+    write_and_seal(table, 0, 0)
+    table.reserve(1, 4096)
+    assert os.listdir(table.dir)
+    table.remove_all()
+    assert not os.path.exists(table.dir)
+
+
+def test_a_configured_limit_refuses_slots_saying_how_much_is_needed_and_free(shm_dir):
+    t = SlotTable(unique_id("limit"), "n0", shm_dir, shm_limit=3 << 20)
+    with pytest.raises(ShmSpaceError) as e:
+        t.reserve(0, 2 << 20)
+    msg = str(e.value)
+    assert "rank 0: 2 snapshot slot(s) of 2.0 MiB need 4.0 MiB more shared memory" in msg
+    assert "the daemon's limit of 3.0 MiB leaves 3.0 MiB" in msg and "--shm-size" in msg
+    assert os.listdir(t.dir) == [], "nothing may be allocated when the space is not there"
+    t.reserve(0, 1 << 20)  # what fits, fits
+    assert t.used_bytes() == 2 << 20
+    with pytest.raises(ShmSpaceError, match="leaves 1.0 MiB"):
+        t.reserve(1, 1 << 20)
