@@ -136,7 +136,11 @@ class Guard:
         self._worker = threading.Thread(target=self._run, name=f"snapguard-copy-r{self.rank}", daemon=True)
         self._worker.start()
         self._hooks = [opt.register_step_pre_hook(lambda *_: self.before_update()) for opt in self.optimizers]
-        self._reserve()
+        try:
+            self._reserve()
+        except BaseException:
+            self.close()  # no copy thread, hook or socket outlives a Guard that could not start
+            raise
 
     # ---- connection ------------------------------------------------------------------------------
 
