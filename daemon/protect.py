@@ -26,7 +26,7 @@ import xxhash
 from snapguard import protocol as P
 from snapguard.codec import Codec, ShardChunks
 from snapguard.errors import ChecksumError, LayoutError, ProtocolError, UnrecoverableError
-from snapguard.layout import ALIGN, Manifest, align
+from snapguard.layout import Manifest, align
 from snapguard.stripes import plan_stripes, recoverable
 
 from snapguard.daemon.slots import SEALED, SlotTable

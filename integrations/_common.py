@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from snapguard.errors import LayoutError
+from snapguard.errors import ConfigError, LayoutError
 from snapguard.guard import Guard
 
 
@@ -20,6 +20,16 @@ def require(module: str, package: str, extra: str) -> Any:
     except ImportError as e:
         raise ImportError(f"snapguard.integrations.{extra} needs {package} ({module} cannot be imported: {e});"
                           f" install it with `pip install snapguard[{extra}]`") from e
+
+
+def add_user_states(named: dict[str, Any], extra: Any, states: dict[str, Any] | None) -> None:
+    """Add the user's `extra` and `states` to an adapter's own named states; a name used twice is an error."""
+    if extra is not None:
+        named["extra"] = extra
+    for k, v in (states or {}).items():
+        if k in named:
+            raise ConfigError(f"state name {k!r} is used twice")
+        named[k] = v
 
 
 class AdapterGuard(Guard):

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from snapguard.errors import ConfigError
-from snapguard.integrations._common import AdapterGuard, CountersState, optimizer_tensors, require
+from snapguard.integrations._common import AdapterGuard, CountersState, add_user_states, optimizer_tensors, require
 
 deepspeed = require("deepspeed", "deepspeed", "deepspeed")
 from deepspeed.checkpoint import constants as C  # noqa: E402
@@ -171,12 +171,7 @@ def protect(engine: Any, *, client_state: dict | None = None, extra: Any = None,
                              "engine": CountersState(engine, ENGINE_COUNTERS), "lr_scheduler": SchedulerState(engine)}
     if client_state is not None:
         named["client"] = client_state
-    if extra is not None:
-        named["extra"] = extra
-    for k, v in (states or {}).items():
-        if k in named:
-            raise ConfigError(f"state name {k!r} is used twice")
-        named[k] = v
+    add_user_states(named, extra, states)
     dp = engine.dp_world_size
 
     guard = DeepSpeedGuard(states=named, guarded=guarded,

@@ -40,7 +40,8 @@ from typing import Any
 import torch
 
 from snapguard.errors import ConfigError, LayoutError
-from snapguard.integrations._common import AdapterGuard, NamedOptimizerState, optimizer_tensors, require
+from snapguard.integrations._common import (AdapterGuard, NamedOptimizerState, add_user_states, optimizer_tensors,
+                                               require)
 
 require("megatron.core", "megatron-core", "megatron")
 from megatron.core import parallel_state, tensor_parallel  # noqa: E402
@@ -252,12 +253,7 @@ def protect(model: Any, optimizer: Any, *, opt_param_scheduler: Any = None, extr
         named["scheduler"] = opt_param_scheduler
     named["megatron_rng"] = TrackerRNGState()
     named["counters"] = counters
-    if extra is not None:
-        named["extra"] = extra
-    for k, v in (states or {}).items():
-        if k in named:
-            raise ConfigError(f"state name {k!r} is used twice")
-        named[k] = v
+    add_user_states(named, extra, states)
 
     def guarded():
         for o in torch_optimizers:

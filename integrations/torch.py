@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.tensor import DTensor
 
 from snapguard.errors import ConfigError, LayoutError
-from snapguard.integrations._common import AdapterGuard, optimizer_tensors
+from snapguard.integrations._common import AdapterGuard, add_user_states, optimizer_tensors
 
 __all__ = ["protect", "ModelState", "OptimizerState"]
 
@@ -176,12 +176,7 @@ def protect(model: torch.nn.Module, optimizer: torch.optim.Optimizer | list[torc
     for i, o in enumerate(optimizers):
         name = "optimizer" if len(optimizers) == 1 else f"optimizer{i}"
         named[name] = OptimizerState(model, o, name)
-    if extra is not None:
-        named["extra"] = extra
-    for k, v in (states or {}).items():
-        if k in named:
-            raise ConfigError(f"state name {k!r} is used twice")
-        named[k] = v
+    add_user_states(named, extra, states)
 
     def guarded():
         for o in optimizers:

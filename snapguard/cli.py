@@ -6,7 +6,6 @@ import argparse
 import glob
 import os
 import sys
-import time
 
 from snapguard import protocol as P
 from snapguard.config import default_job, default_run_dir

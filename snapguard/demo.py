@@ -110,7 +110,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s rank {os.environ.get('RANK')}: %(message)s")
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, f"pid.r{rank}"), "w") as f:
