@@ -582,6 +582,7 @@ def main() -> None:
     if "none" not in names or any(m not in ALL_MODES for m in names):
         ap.error(f"--modes must include none and use only {ALL_MODES}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the daemons and removes files
     started = time.perf_counter()
 
     work = tempfile.mkdtemp(prefix=f"bench-core-{os.getpid()}-", dir=args.disk_dir)
