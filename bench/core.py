@@ -230,7 +230,7 @@ def start_daemon(job: str, run_dir: str) -> DaemonHandle:
 class NoReserveGuard(Guard):
     """A Guard that skips the Reserve message: the daemon allocates slots when the first snapshots begin."""
 
-    def _reserve(self) -> None:
+    def _reserve(self, nbytes: int | None = None) -> None:
         pass
 
 
@@ -315,7 +315,7 @@ def report_steps(records: list[StepRecord], modes: list[Mode], daemon_cpu: dict[
 # ---- section 2: restore -------------------------------------------------------------------------
 
 class RestoreTimer:
-    """Wraps a Guard's daemon requests, checksum verification and load_state_dict calls to time them."""
+    """Wraps a Guard's daemon requests, slot mappings and load_state_dict calls to time them."""
 
     def __init__(self, guard: Guard):
         self.t: dict[str, float] = {}
@@ -331,8 +331,6 @@ class RestoreTimer:
         guard.client.request = request
         for st in guard.states.values():
             st.load_state_dict = self._timed("load_state_dict", st.load_state_dict)
-        self._orig_verify = sg_guard.verify_checksums
-        sg_guard.verify_checksums = self._timed("trainer verify", self._orig_verify)
         self._orig_map = sg_guard.map_file
         sg_guard.map_file = self._timed("map (MAP_POPULATE)", self._orig_map)
 
@@ -349,7 +347,6 @@ class RestoreTimer:
         self.t[key] = self.t.get(key, 0.0) + s
 
     def undo(self) -> None:
-        sg_guard.verify_checksums = self._orig_verify
         sg_guard.map_file = self._orig_map
 
 
@@ -478,9 +475,9 @@ def restore_section(trainer: Trainer, guard: Guard, model, optimizer, job: str, 
     keys = sorted({k for b in breakdowns for k in b} - {"total"})
     parts = ", ".join(f"{k} {U.median([b.get(k, 0.0) for b in breakdowns]):.3f} s" for k in keys)
     known = U.median([sum(v for k, v in b.items() if k != "total") for b in breakdowns])
-    print(f"snapguard restore breakdown (median of {len(breakdowns)}): {parts}; the rest (clone of every tensor out"
-          f" of the mapping, unflatten) {sg_total - known:.3f} s. Fresh Guard() construction (Hello + Reserve of"
-          f" existing slots): {construct:.3f} s.")
+    print(f"snapguard restore breakdown (median of {len(breakdowns)}): {parts}; the rest (copy into the live tensors"
+          f" out of the mapping, unflatten) {sg_total - known:.3f} s. Fresh Guard() construction (Hello, Reserve,"
+          f" mapping the slots): {construct:.3f} s.")
     print(f"fsync of the freshly written files before dropping them from the page cache: torch.save file"
           f" {fsync_s.get('torch_disk', float('nan')):.2f} s, dcp dir {fsync_s.get('dcp_disk', float('nan')):.2f} s.")
     out = {k: U.median([x[1] for x in v]) for k, v in res.items()}

@@ -7,6 +7,7 @@ second daemon for the same job and node refuses to start instead of stealing the
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -160,6 +161,8 @@ class Daemon:
             self.table.remove_all()
             log.info("%s removed its shared memory", self.who)
         if self._lock_fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.cfg.endpoint.lock_path)  # still holding the lock: no other daemon owns this file
             os.close(self._lock_fd)
             self._lock_fd = None
 

@@ -98,7 +98,10 @@ class Slot:
 
     def unmap(self) -> None:
         if self._map is not None and not isinstance(self._map, bytes):
-            self._map.close()
+            try:
+                self._map.close()
+            except BufferError:
+                pass  # a view (a chunk being sent to a peer) is still alive: the mapping goes with the last one
         self._map = None
 
 

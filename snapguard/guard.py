@@ -15,13 +15,13 @@ buffers, RNG states, loop state) are cloned when `snapshot()` is called, so they
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import logging
 import os
 import queue
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Iterable
@@ -34,14 +34,15 @@ from snapguard.client import DaemonClient
 from snapguard.config import Endpoint, default_shm_dir, default_timeout
 from snapguard.errors import ConfigError, DaemonUnavailable, RestoreError, SnapGuardError
 from snapguard.faults import fault_point
-from snapguard.layout import DEFAULT_CHUNK, MANIFEST_VERSION, Layout, Manifest, chunk_checksums, plan_layout, verify_checksums
+from snapguard.layout import DEFAULT_CHUNK, MANIFEST_VERSION, ChunkHasher, Layout, Manifest, chunk_checksums, plan_layout
 from snapguard.procs import spawn_daemon
 from snapguard.plan import check_agreement, plan_restore
-from snapguard.shm import map_file
+from snapguard.shm import MiB, map_file
 from snapguard.state import RNGState, TORCH_DTYPES, as_stateful, check_compatible, flatten, pack_tree, tensor_spec, unflatten, unpack_tree
 
 log = logging.getLogger(__name__)
 
+_PIECE = 256 << 10  # bytes copied, then hashed while in the cache
 _MAX_INVENTORY = 16  # steps one rank reports at restore; more than slots_per_rank will ever hold
 
 
@@ -128,6 +129,7 @@ class Guard:
 
         self._layout: Layout | None = None
         self._maps: dict[str, tuple[Any, torch.Tensor, int, int]] = {}
+        self._reserved = 0  # shard size the slots were last reserved for
         self._job: _Job | None = None
         self._queue: queue.Queue = queue.Queue()
         self._closed = False
@@ -160,11 +162,19 @@ class Guard:
         log.info("%s no daemon answers on %s: starting one", self.who, self.endpoint.socket_path)
         spawn_daemon(self.endpoint, default_shm_dir(self.config.shm_dir), self.config.daemon_args, wait_s=None)
 
-    def _reserve(self) -> None:
-        """Plan the layout of the state as it is now and have the daemon allocate (and pre-fault) slots for it."""
-        tensors, _ = self._capture()
-        nbytes = plan_layout(tensor_spec(n, t) for n, t in tensors).nbytes
-        self.client.request(P.Reserve(self.endpoint.job, self.rank, self.world_size, nbytes))
+    def _reserve(self, nbytes: int | None = None) -> None:
+        """Have the daemon allocate and pre-fault this rank's slots for shards of `nbytes` (default: the state
+        as it is now), and map them here, so that neither cost falls on a snapshot."""
+        if nbytes is None:
+            tensors, _ = self._capture()
+            nbytes = plan_layout(tensor_spec(n, t) for n, t in tensors).nbytes
+        reply = self.client.request(P.Reserve(self.endpoint.job, self.rank, self.world_size, nbytes))
+        t0 = time.monotonic()
+        fresh = sum(capacity for path, capacity in reply.info.get("slots", []) if capacity and self._mapping(path, capacity)[1])
+        if fresh:
+            log.info("%s mapped and pre-faulted %.0f MiB of snapshot slots in %.2f s", self.who, fresh / MiB,
+                     time.monotonic() - t0)
+        self._reserved = max(self._reserved, nbytes)
 
     # ---- save path -------------------------------------------------------------------------------
 
@@ -259,32 +269,53 @@ class Guard:
 
     def _copy_and_seal(self, job: _Job) -> None:
         layout = job.layout
+        if layout.nbytes > self._reserved:
+            # The state grew (an optimizer creates its state on its first step): grow and pre-fault every free
+            # slot at once, rather than one slot on each of the next snapshots.
+            self._reserve(layout.nbytes)
         granted = self._begin(job.step, layout.nbytes)
-        buf = self._mapping(granted.path, granted.capacity)
+        buf, _ = self._mapping(granted.path, granted.capacity)
         t0 = time.monotonic()
         stream = None
         if job.cuda_ready is not None:
             stream = torch.cuda.Stream()
             stream.wait_event(job.cuda_ready)
         half = len(layout.entries) // 2
+        base = buf.data_ptr()
+        mm = self._maps[granted.path][0]
+        hasher = ChunkHasher(memoryview(mm), layout.nbytes, self.config.chunk_size) if stream is None else None
         with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
             for i, (e, t) in enumerate(zip(layout.entries, job.tensors)):
-                if e.nbytes:
+                if not e.nbytes:
+                    pass
+                elif t.device.type == "cpu" and t.is_contiguous() and not (t.is_conj() or t.is_neg()):
+                    # memmove in one thread, without the GIL: torch's copy_ would start an OpenMP team in this
+                    # thread, whose spinning workers take the cores from the training threads' own team.
+                    # Each piece is hashed right after it is copied, while it is still in the cache.
+                    src = t.data_ptr()
+                    for off in range(0, e.nbytes, _PIECE):
+                        n = min(_PIECE, e.nbytes - off)
+                        ctypes.memmove(base + e.offset + off, src + off, n)
+                        if hasher is not None:
+                            hasher.advance(e.offset + off + n)
+                else:
                     dst = buf[e.offset:e.offset + e.nbytes].view(TORCH_DTYPES[e.dtype]).view(e.shape)
                     dst.copy_(t, non_blocking=stream is not None)
+                    if hasher is not None:
+                        hasher.advance(e.offset + e.nbytes)
                 if i == half:
                     fault_point("trainer.copy.mid", job.step)
         if stream is not None:
             stream.synchronize()
+            checksums = chunk_checksums(memoryview(mm), layout.nbytes, self.config.chunk_size)
+        else:
+            checksums = hasher.finish()
         job.copy_s = time.monotonic() - t0
         job.copy_done.set()
         fault_point("trainer.copy.done", job.step)
         t1 = time.monotonic()
-        mm = self._maps[granted.path][0]
         manifest = Manifest(MANIFEST_VERSION, self.endpoint.job, self.rank, self.world_size, job.step, layout.nbytes,
-                            self.config.chunk_size, list(layout.entries),
-                            chunk_checksums(memoryview(mm), layout.nbytes, self.config.chunk_size), job.tree,
-                            time.time())
+                            self.config.chunk_size, list(layout.entries), checksums, job.tree, time.time())
         reply = self.client.request(P.Seal(self.endpoint.job, self.rank, job.step, granted.slot, manifest.to_wire()),
                                     timeout_s=self.timeout_s)
         job.seal_s = time.monotonic() - t1
@@ -308,17 +339,20 @@ class Guard:
             time.sleep(pause)
             pause = min(pause * 2, 0.02)
 
-    def _mapping(self, path: str, capacity: int) -> torch.Tensor:
+    def _mapping(self, path: str, capacity: int) -> tuple[torch.Tensor, bool]:
+        """This process's mapping of a slot file, and whether it was mapped just now. MAP_POPULATE touches every
+        page: the first mapping of a fresh slot zeroes its memory, which is why Guard maps slots up front."""
         ino = os.stat(path).st_ino
         cached = self._maps.get(path)
-        if cached is None or cached[2] != capacity or cached[3] != ino:
-            self._maps.pop(path, None)
-            mm = map_file(path, writable=True)
-            t = torch.frombuffer(mm, dtype=torch.uint8) if capacity else torch.empty(0, dtype=torch.uint8)
-            if torch.cuda.is_available() and capacity:
-                _host_register(t)
-            self._maps[path] = (mm, t, capacity, ino)
-        return self._maps[path][1]
+        if cached is not None and cached[2] == capacity and cached[3] == ino:
+            return cached[1], False
+        self._maps.pop(path, None)
+        mm = map_file(path, writable=True)
+        t = torch.frombuffer(mm, dtype=torch.uint8) if capacity else torch.empty(0, dtype=torch.uint8)
+        if torch.cuda.is_available() and capacity:
+            _host_register(t)
+        self._maps[path] = (mm, t, capacity, ino)
+        return t, True
 
     # ---- restore path ----------------------------------------------------------------------------
 
@@ -345,37 +379,45 @@ class Guard:
         self._load(shard)
         check_agreement(self._gather_restored(plan.step))
         self.last_sealed = self.common_step = plan.step
+        self._reserve()  # the restored state may be larger than at construction (optimizer state): pre-fault for it
         log.info("%s restored step %d in %.2f s (%s)%s", self.who, plan.step, time.monotonic() - t0, plan.reason,
                  "; newer snapshots were corrupt and skipped" if inv.dropped else "")
         return plan.step
 
     def _load(self, shard: P.Shard) -> None:
+        """Copy the shard into this process's state. The daemon verified its checksums when it listed it."""
         man = Manifest.from_wire(shard.manifest)
-        mm = map_file(shard.path, writable=False)
-        try:
-            man.validate(len(mm))
-            if man.rank != self.rank:
-                raise RestoreError(f"{self.who} the daemon handed out rank {man.rank}'s shard")
-            verify_checksums(memoryview(mm), man, who=self.who)
-            current, _ = self._capture()
-            check_compatible(man.entries, current)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # a read-only buffer: we only read it
-                buf = torch.frombuffer(mm, dtype=torch.uint8) if len(mm) else torch.empty(0, dtype=torch.uint8)
-            tensors = []
-            half = len(man.entries) // 2
-            for i, e in enumerate(man.entries):
-                t = buf[e.offset:e.offset + e.nbytes].view(TORCH_DTYPES[e.dtype]).view(e.shape).clone()
-                tensors.append(t)
-                if i == half:
-                    fault_point("trainer.restore.mid", man.step)
-            state = unflatten(unpack_tree(man.tree), tensors)
-            del buf
-        finally:
-            mm.close()
-        missing = set(self.states) - set(state)
+        capacity = os.stat(shard.path).st_size
+        man.validate(capacity)
+        if man.rank != self.rank:
+            raise RestoreError(f"{self.who} the daemon handed out rank {man.rank}'s shard")
+        current, _ = self._capture()
+        check_compatible(man.entries, current)
+        buf, _ = self._mapping(shard.path, capacity)
+        sources = [buf[e.offset:e.offset + e.nbytes].view(TORCH_DTYPES[e.dtype]).view(e.shape) for e in man.entries]
+        tree = unpack_tree(man.tree)
+        missing = set(self.states) - set(unflatten(tree, sources))
         if missing:
             raise RestoreError(f"{self.who} the snapshot of step {man.step} holds no state for {sorted(missing)}")
+        # Like torch.distributed.checkpoint, load into the tensors the state dicts hold now: parameters and
+        # existing optimizer state are overwritten in place (one copy, no allocation, no page faults); what
+        # does not exist yet (a fresh optimizer's moments) is cloned out of the slot.
+        live = dict(current)
+        tensors = []
+        half = len(man.entries) // 2
+        with torch.no_grad():
+            for i, (e, src) in enumerate(zip(man.entries, sources)):
+                dst = live.get(e.name)
+                if (dst is not None and dst.dtype == src.dtype and tuple(dst.shape) == tuple(src.shape)
+                        and dst.is_contiguous()):
+                    dst = dst.detach()
+                    dst.copy_(src)
+                else:
+                    dst = src.clone()
+                tensors.append(dst)
+                if i == half:
+                    fault_point("trainer.restore.mid", man.step)
+        state = unflatten(tree, tensors)
         for name, st in self.states.items():
             st.load_state_dict(state[name])
 

@@ -16,10 +16,12 @@ def free_bytes(directory: str) -> int:
 
 
 def create_slot(path: str, nbytes: int) -> None:
-    """Create `path` (0600) holding `nbytes` of allocated memory, replacing what was there.
+    """Create `path` (0600) holding `nbytes` of reserved memory, replacing what was there.
 
-    posix_fallocate on tmpfs allocates every page now, so the first snapshot does not pay for page
-    faults on the training path; ENOSPC surfaces here as a clear error.
+    posix_fallocate reserves the space, so ENOSPC surfaces here as a clear error. On tmpfs it leaves the
+    pages unwritten: the first mapping that touches them zeroes them, at a few percent of memcpy speed
+    (on a VM, the hypervisor backs each page then too). The trainer pays for that once, when its Guard
+    maps its slots with MAP_POPULATE at construction, so no snapshot does.
     """
     tmp = path + ".new"
     fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o600)

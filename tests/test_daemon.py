@@ -7,8 +7,10 @@ would) or with a Guard in this process acting as rank 0 of a one-rank job. Crash
 
 from __future__ import annotations
 
+import glob
 import os
 import random
+import resource
 import shutil
 import stat
 import subprocess
@@ -427,6 +429,7 @@ def test_a_clean_shutdown_removes_its_files(daemon, how):
     assert daemon.proc.wait(15) == 0
     assert not os.path.exists(daemon.table_dir)
     assert not os.path.exists(daemon.ep.socket_path)
+    assert not os.path.exists(daemon.ep.lock_path)
     assert os.listdir(daemon.shm_dir) == []
 
 
@@ -497,3 +500,73 @@ def test_status_cli_shows_ranks_steps_sizes_and_ages(daemon):
     assert [row[:4] for row in rows] == [["0", "0", "sealed", "0"], ["0", "1", "sealed", "1"],
                                          ["1", "0", "sealed", "0"], ["1", "1", "free", "-"]]
     assert all(row[4:6] == ["8.0", "KiB"] for row in rows[:3]) and rows[0][-1] == "s"
+
+
+# ---- memory: pre-faulted slots, in-place restore -------------------------------------------------
+
+def _slot_mappings() -> dict[str, tuple[int, int]]:
+    """This process's mappings of snapshot slot files: path -> (size, resident bytes), from /proc/self/smaps."""
+    out, path = {}, None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if not fields[0].endswith(":"):  # a mapping's header: address range, perms, offset, dev, inode[, path]
+                name = fields[5] if len(fields) >= 6 else ""
+                path = name if name.endswith(".data") and "/snapguard-" in name else None
+            elif path is not None and fields[0] in ("Size:", "Rss:"):
+                size, rss = out.get(path, (0, 0))
+                kib = int(fields[1]) * 1024
+                out[path] = (kib, rss) if fields[0] == "Size:" else (size, kib)
+    return out
+
+
+def test_a_guard_faults_in_both_slots_before_training_and_regrows_them_together(daemon):
+    # Fresh shared memory costs a page fault per page on first touch: a Guard pays that when it is built,
+    # and when the state grows (Adam creates its moments on the first step) both slots regrow at once,
+    # so no later snapshot touches a page for the first time.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(512, 512)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = daemon.guard(model, opt, rng=False)
+    params_only = sum(p.numel() * 4 for p in model.parameters())
+    maps = _slot_mappings()
+    assert len(maps) == 2, maps
+    assert all(size >= params_only and rss == size for size, rss in maps.values()), maps
+
+    train_step_big = lambda: (opt.zero_grad(), model(torch.randn(8, 512)).sum().backward(), opt.step())
+    train_step_big()
+    g.snapshot(0)  # three times the bytes now: the slots grow
+    g.wait()
+    grown = _slot_mappings()
+    assert len(grown) == 2 and all(size >= 3 * params_only and rss == size for size, rss in grown.values()), grown
+
+    train_step_big()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    g.snapshot(1)  # into the other, already faulted-in slot
+    g.wait()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert faults < params_only * 3 // 4096 // 10, f"{faults} page faults copying into a pre-faulted slot"
+    g.close()
+
+
+def test_restore_loads_in_place_and_leaves_nothing_pointing_into_shared_memory(daemon):
+    model, opt = make_model()
+    loop = {"step": -1}
+    g = daemon.guard(model, opt, loop, rng=False)
+    digests = train_and_snapshot(g, model, opt, loop, range(3))
+    g.close()
+
+    model2, opt2 = make_model(seed=7)
+    weight = model2[0].weight
+    ptr = weight.data_ptr()
+    g2 = daemon.guard(model2, opt2, {}, rng=False)
+    assert g2.restore() == 2
+    assert state_digest(model2, opt2) == digests[2]
+    assert model2[0].weight is weight and weight.data_ptr() == ptr  # parameters were overwritten in place
+    # The optimizer's moments did not exist before the restore: they must be its own memory, not views of
+    # the slot, which the daemon reuses for later snapshots.
+    g2.close()
+    for path in glob.glob(os.path.join(daemon.table_dir, "r*.data")):
+        with open(path, "r+b") as f:
+            f.write(b"\xff" * os.path.getsize(path))
+    assert state_digest(model2, opt2) == digests[2]

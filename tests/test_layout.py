@@ -10,8 +10,11 @@ import pytest
 import xxhash
 
 from snapguard.errors import ChecksumError, LayoutError
-from snapguard.layout import (ALIGN, DTYPE_SIZES, MANIFEST_VERSION, Manifest, TensorEntry, align, chunk_checksums,
-                              plan_layout, verify_checksums)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from snapguard.layout import (ALIGN, DTYPE_SIZES, MANIFEST_VERSION, ChunkHasher, Manifest, TensorEntry, align,
+                              chunk_checksums, plan_layout, verify_checksums)
 
 
 def test_align_rounds_up_to_64():
@@ -129,6 +132,24 @@ def test_chunk_checksums_are_xxh3_of_each_chunk_of_the_used_range():
     want = [xxhash.xxh3_64_intdigest(data[i:min(i + 4096, nbytes)]) for i in range(0, nbytes, 4096)]
     assert got == want and len(got) == 3
     assert chunk_checksums(memoryview(b""), 0, 4096) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(nbytes=st.integers(0, 3000), chunk=st.sampled_from([1, 7, 64, 512, 4096]),
+       cuts=st.lists(st.integers(0, 3100), max_size=12), seed=st.integers(0, 255))
+def test_hashing_while_copying_gives_the_checksums_of_the_finished_buffer(nbytes, chunk, cuts, seed):
+    # The trainer fills a slot front to back, hashing each piece as it lands: any sequence of cut points,
+    # repeated, backwards or past the end, must give exactly the checksums of one pass over the result.
+    final = bytes((seed + i * 31) % 256 for i in range(nbytes + 10))
+    buf = bytearray(len(final))
+    h = ChunkHasher(memoryview(buf), nbytes, chunk)
+    done = 0
+    for cut in cuts:
+        buf[done:max(done, cut)] = final[done:max(done, cut)]
+        done = max(done, cut)
+        h.advance(cut)
+    buf[:] = final
+    assert h.finish() == chunk_checksums(memoryview(final), nbytes, chunk)
 
 
 def test_verify_checksums_names_the_chunk_whose_bytes_changed():
