@@ -305,9 +305,8 @@ def report_steps(records: list[StepRecord], modes: list[Mode], daemon_cpu: dict[
     done = [j for j in sg_jobs if j.sealed.is_set() and j.error is None]
     if done:
         copy, seal = U.median([j.copy_s for j in done]), U.median([j.seal_s for j in done])
-        print(f"snapguard background work per snapshot (median of {len(done)}): copy {copy:.3f} s"
-              f" ({state_gb / copy:.2f} GB/s), seal {seal:.3f} s (trainer checksums + daemon verification +"
-              f" round trip), fwd+bwd it must hide behind: {U.median([x.fwdbwd for x in by['snapguard']]):.3f} s")
+        print(f"snapguard background work per snapshot (median of {len(done)}): copy and checksums {copy:.3f} s"
+              f" ({state_gb / copy:.2f} GB/s), seal {seal:.3f} s (the daemon's verification + round trip), fwd+bwd it must hide behind: {U.median([x.fwdbwd for x in by['snapguard']]):.3f} s")
     return {"none_med": b_med, "none_mean": b_mean, "sg_med": sg_med, "sg_mean": sg_mean, "sg_paired": sg_paired,
             **{f"over_{k}_med": v[0] for k, v in over.items()}, **{f"over_{k}_mean": v[1] for k, v in over.items()}}
 
@@ -709,8 +708,8 @@ def main() -> None:
                   "sg_seal": U.median([j.seal_s for j in sg_jobs])}
         print(f"## 3. First-snapshot cost (load average {U.loadavg()})")
         print()
-        report_first("With Reserve (Guard as shipped: the daemon allocates both slots when the Guard is built)",
-                     construct, allocs, firsts, firsts_base, steady)
+        report_first("With Reserve (Guard as shipped: the daemon allocates both slots and the Guard maps them"
+                     " when it is built)", construct, allocs, firsts, firsts_base, steady)
         report_first("Without Reserve (bench subclass: slots are allocated when each of the first two snapshots begins)",
                      construct2, allocs2, firsts2, firsts2_base, steady)
         progress("section 3: shared-memory first touch")
