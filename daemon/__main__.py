@@ -9,7 +9,11 @@ import sys
 from snapguard.config import check_name, default_job, default_node, default_run_dir, default_shm_dir
 from snapguard.daemon.peers import ENV_SECRET, load_secret
 from snapguard.daemon.server import AlreadyRunning, Daemon, DaemonConfig
-from snapguard.errors import SnapGuardError
+from snapguard.errors import ConfigError, SnapGuardError
+
+log = logging.getLogger("snapguard.daemon")
+
+RENDEZVOUS_TIMEOUT_S = 600.0
 
 
 def parse_size(text: str) -> int:
@@ -18,6 +22,80 @@ def parse_size(text: str) -> int:
     if t and t[-1] in units:
         return int(float(t[:-1]) * units[t[-1]])
     return int(t)
+
+
+def _pairs(flag: str, items: list[str], what: str) -> dict[str, str]:
+    """``NODE=VALUE`` flags into a dict, refusing a node given twice."""
+    out: dict[str, str] = {}
+    for item in items:
+        node, sep, value = item.partition("=")
+        if not sep or not value:
+            raise ConfigError(f"{flag} {item!r} is not NODE={what}")
+        check_name("node", node)
+        if node in out:
+            raise ConfigError(f"{flag} gives node {node} twice ({out[node]!r} and {value!r})")
+        out[node] = value
+    return out
+
+
+def resolve_peers(a: argparse.Namespace, job: str, node: str):
+    """The flags into DaemonConfig's ``peers`` and ``ec_group``, and the rendezvous store this daemon hosts.
+
+    Three ways, one per job: explicit ``--peer`` and ``--ec-group`` (as before); ``--peer`` with
+    ``--ec-g`` and ``--failure-domain``, grouped by ``plan_groups``; or ``--rendezvous``, where the
+    daemons announce themselves in a TCPStore and are grouped the same way. Returns
+    ``(peers, ec_group, store)``; ``store`` is the TCPStore this daemon hosts (keep it alive) or None.
+    """
+    from_rendezvous = {"--peer": a.peer, "--ec-group": a.ec_group, "--failure-domain": a.failure_domain}
+    needs_rendezvous = {"--nodes": a.nodes is not None, "--domain": a.domain, "--rendezvous-host": a.rendezvous_host,
+                        "--rendezvous-timeout": a.rendezvous_timeout is not None}
+    if a.ec_group and a.ec_g is not None:
+        raise ConfigError("--ec-group lists this node's group, --ec-g computes groups of G from every node and its"
+                          " failure domain: give one or the other")
+    if a.ec_group and a.failure_domain:
+        raise ConfigError("--failure-domain is used to compute the groups (with --ec-g), but --ec-group gives the"
+                          " group explicitly: drop --ec-group")
+    if a.rendezvous:
+        given = [flag for flag, v in from_rendezvous.items() if v]
+        if given:
+            raise ConfigError(f"{', '.join(given)} conflict(s) with --rendezvous: with a rendezvous every daemon"
+                              " announces itself (--peer-bind, --domain) and the groups are computed from the roster")
+        if a.nodes is None:
+            raise ConfigError("--rendezvous needs --nodes: how many daemons of the job to wait for")
+        if not a.peer_bind:
+            raise ConfigError("--rendezvous needs --peer-bind: the address this daemon announces to its peers")
+        from snapguard.rendezvous import Member, join, open_store, plan_peers
+
+        me = Member(node, a.peer_bind, a.domain or node)
+        timeout_s = RENDEZVOUS_TIMEOUT_S if a.rendezvous_timeout is None else a.rendezvous_timeout
+        store = open_store(a.rendezvous, timeout_s, host=a.rendezvous_host)
+        roster = join(store, job, me, a.nodes, timeout_s, {"ec_g": a.ec_g, "ec_m": a.ec_m})
+        plan = plan_peers(roster, node, a.ec_g, a.ec_m)
+        store = store if a.rendezvous_host else None
+        how = f"{len(roster)} daemons met at {a.rendezvous}"
+    else:
+        given = [flag for flag, v in needs_rendezvous.items() if v]
+        if given:
+            raise ConfigError(f"{', '.join(given)} need(s) --rendezvous HOST:PORT"
+                              + (" (with --peer flags give each node's domain with --failure-domain NODE=DOMAIN)"
+                                 if "--domain" in given else ""))
+        peers = _pairs("--peer", a.peer, "ADDRESS")
+        domains = _pairs("--failure-domain", a.failure_domain, "DOMAIN")
+        if a.ec_g is None and not domains:
+            group = tuple(n.strip() for n in a.ec_group.split(",")) if a.ec_group else ()
+            return tuple(peers.items()), group, None
+        if not a.peer_bind:
+            raise ConfigError("--ec-g and --failure-domain group this node with its peers: they need --peer-bind")
+        from snapguard.rendezvous import plan_peers, static_roster
+
+        roster = static_roster(node, a.peer_bind, tuple(peers.items()), domains)
+        plan = plan_peers(roster, node, a.ec_g, a.ec_m)
+        store = None
+        how = f"{len(roster)} nodes from --peer and --failure-domain"
+    log.info("[%s/%s daemon] %s; EC group %s (g=%d, m=%d), all groups %s; peers %s", job, node, how,
+             ",".join(plan.ec_group), len(plan.ec_group), a.ec_m, " ".join(",".join(g) for g in plan.groups),
+             ", ".join(f"{n}={addr}" for n, addr in plan.peers))
+    return plan.peers, plan.ec_group, store
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +112,20 @@ def main(argv: list[str] | None = None) -> int:
                     help="another daemon of the job (repeat for each)")
     ap.add_argument("--ec-group", help="comma-separated nodes of this node's EC group, same order on every member"
                     " (default: this node and every peer, sorted)")
+    ap.add_argument("--ec-g", type=int, help="EC group size: split the job's nodes into groups of G, no failure"
+                    " domain twice in a group (default: every node in one group)")
+    ap.add_argument("--failure-domain", action="append", default=[], metavar="NODE=DOMAIN",
+                    help="with --peer: the failure domain (rack, switch, host) of each node, this one included"
+                    " (default: every node its own)")
     ap.add_argument("--ec-m", type=int, default=1, help="parity chunks per codeword: lost nodes the group survives")
+    ap.add_argument("--rendezvous", metavar="HOST:PORT", help="meet the job's other daemons in the torch.distributed"
+                    " TCPStore at HOST:PORT instead of listing them with --peer")
+    ap.add_argument("--nodes", type=int, help="with --rendezvous: how many daemons the job has")
+    ap.add_argument("--domain", help="with --rendezvous: this node's failure domain (default: the node id)")
+    ap.add_argument("--rendezvous-host", action="store_true", help="host the TCPStore at --rendezvous in this daemon"
+                    " (tests, small jobs: if this node is lost, a replacement cannot rejoin)")
+    ap.add_argument("--rendezvous-timeout", type=float,
+                    help=f"seconds to wait for every daemon to join (default: {RENDEZVOUS_TIMEOUT_S:.0f})")
     ap.add_argument("--secret-file", help=f"file (0600) with the job's secret for peer traffic (default: ${ENV_SECRET})")
     ap.add_argument("--peer-timeout", type=float, default=10.0, help="seconds before a silent peer counts as lost")
     ap.add_argument("--log-level", default="INFO")
@@ -42,18 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        peers = []
-        for item in a.peer:
-            node, sep, addr = item.partition("=")
-            if not sep or not addr:
-                raise SnapGuardError(f"--peer {item!r} is not NODE=ADDRESS")
-            peers.append((check_name("node", node), addr))
-        group = tuple(n.strip() for n in a.ec_group.split(",")) if a.ec_group else ()
-        cfg = DaemonConfig(default_job(a.job), default_node(a.node), default_run_dir(a.run_dir),
+        job, node = default_job(a.job), default_node(a.node)
+        secret = load_secret(a.secret_file) if a.peer_bind else b""  # before a rendezvous: fail alone, not the job
+        peers, group, store = resolve_peers(a, job, node)  # noqa: F841 (a hosted store lives with the daemon)
+        cfg = DaemonConfig(job, node, default_run_dir(a.run_dir),
                            default_shm_dir(a.shm_dir), a.shm_limit, a.slots_per_rank, not a.keep_on_exit,
-                           peer_bind=a.peer_bind, peers=tuple(peers), ec_group=group, ec_m=a.ec_m,
-                           secret=load_secret(a.secret_file) if a.peer_bind else b"",
-                           peer_timeout_s=a.peer_timeout)
+                           peer_bind=a.peer_bind, peers=peers, ec_group=group, ec_m=a.ec_m,
+                           secret=secret, peer_timeout_s=a.peer_timeout)
         d = Daemon(cfg)
         d.start()
     except AlreadyRunning as e:

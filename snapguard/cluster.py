@@ -4,6 +4,10 @@ memory directory and IPC directory, daemons talking over loopback TCP with the j
 The supervisor behaves like Slurm or Kubernetes running an elastic job: when any rank dies, it
 SIGKILLs every rank and starts them all again; a node that was lost (daemon and ranks SIGKILLed, its
 shared memory wiped) is replaced by a fresh, empty daemon first. Used by the tests and the chaos harness.
+
+Daemons learn their peers and EC group from explicit flags (``--peer``, ``--ec-group``) by default. With
+``ClusterSpec.rendezvous`` they meet instead in a TCPStore hosted by this process, as a real job's daemons
+meet through its launcher's store; a replacement daemon rejoins it under its node's name.
 """
 
 from __future__ import annotations
@@ -44,6 +48,13 @@ class ClusterSpec:
     slots_per_rank: int = 2
     worker_args: list[str] = field(default_factory=list)
     env: dict = field(default_factory=dict)
+    # Opt-in, off by default: daemons meet in a TCPStore this process hosts (--rendezvous) instead of
+    # being given --peer and --ec-group. `ec_g` splits the nodes into EC groups of that size (default: one
+    # group of all nodes) and `domains` (node -> failure domain) keeps a domain's nodes in different groups;
+    # without `rendezvous` these become the static flags --ec-g and --failure-domain.
+    rendezvous: bool = False
+    ec_g: int | None = None
+    domains: dict[str, str] = field(default_factory=dict)
 
 
 class Cluster:
@@ -64,6 +75,11 @@ class Cluster:
         self.daemon_env: dict[str, str] = {}
         self.out = os.path.join(spec.workdir, "out")
         os.makedirs(self.out, exist_ok=True)
+        self.store = None
+        if spec.rendezvous:
+            from snapguard.rendezvous import open_store
+
+            self.store = open_store("127.0.0.1:0", 60, host=True)
 
     # ---- nodes ---------------------------------------------------------------------------------
 
@@ -77,28 +93,84 @@ class Cluster:
         """Where `node`'s daemon listens for its peers (the real address, not a route through a proxy)."""
         return f"tcp://127.0.0.1:{self.ports[node]}"
 
-    def start_daemon(self, node: str) -> None:
-        os.makedirs(self.shm_dir(node), mode=0o700, exist_ok=True)
-        extra = ["--peer-bind", f"tcp://127.0.0.1:{self.ports[node]}", "--ec-group", ",".join(self.names),
-                 "--ec-m", str(self.spec.m), "--slots-per-rank", str(self.spec.slots_per_rank), "--peer-timeout", "3",
-                 "--log-level", os.environ.get("SNAPGUARD_DAEMON_LOG", "INFO")]
+    @property
+    def rendezvous_address(self) -> str | None:
+        """HOST:PORT of the TCPStore the daemons meet in, when `spec.rendezvous`."""
+        return None if self.store is None else f"127.0.0.1:{self.store.port}"
+
+    def _peer_flags(self, node: str) -> list[str]:
+        """How `node`'s daemon learns its peers and EC group: a rendezvous, or flags naming every peer."""
+        spec = self.spec
+        sizing = ["--ec-g", str(spec.ec_g)] if spec.ec_g is not None else []
+        if spec.rendezvous:
+            if self.peer_routes:
+                raise SnapGuardError("peer routes need --peer flags: in a rendezvous each daemon announces its own"
+                                     " address")
+            domain = ["--domain", spec.domains[node]] if node in spec.domains else []
+            return ["--rendezvous", self.rendezvous_address, "--nodes", str(len(self.names)),
+                    "--rendezvous-timeout", "60", *sizing, *domain]
+        flags = sizing + [f for n, d in spec.domains.items() for f in ("--failure-domain", f"{n}={d}")]
+        if not flags:
+            flags = ["--ec-group", ",".join(self.names)]
         for other in self.names:
             if other != node:
                 addr = self.peer_routes.get((node, other), f"tcp://127.0.0.1:{self.ports[other]}")
-                extra += ["--peer", f"{other}={addr}"]
+                flags += ["--peer", f"{other}={addr}"]
+        return flags
+
+    def start_daemon(self, node: str, wait_s: float | None = 30.0) -> None:
+        """Start `node`'s daemon; wait until it answers unless `wait_s` is None (see `start_daemons`)."""
+        os.makedirs(self.shm_dir(node), mode=0o700, exist_ok=True)
+        extra = ["--peer-bind", f"tcp://127.0.0.1:{self.ports[node]}", "--ec-m", str(self.spec.m),
+                 "--slots-per-rank", str(self.spec.slots_per_rank), "--peer-timeout", "3",
+                 "--log-level", os.environ.get("SNAPGUARD_DAEMON_LOG", "INFO"), *self._peer_flags(node)]
         extra += self.daemon_args.get(node, [])
         os.environ["SNAPGUARD_SECRET"] = self.secret
         saved = {k: os.environ.get(k) for k in self.daemon_env}
         os.environ.update(self.daemon_env)
         try:
             self.daemons[node] = spawn_daemon(self.endpoint(node), self.shm_dir(node), extra,
-                                              log_path=os.path.join(self.spec.workdir, f"daemon.{node}.log"))
+                                              log_path=self.daemon_log(node), wait_s=wait_s)
         finally:
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+
+    def start_daemons(self, nodes: list[str], timeout_s: float = 90.0) -> None:
+        """Start the daemons of `nodes` and wait until each answers.
+
+        One by one with explicit flags. In a rendezvous, a daemon answers only once every daemon has
+        joined, so all are spawned first, then awaited; a daemon that exits meanwhile fails at once.
+        """
+        if not self.spec.rendezvous:
+            for n in nodes:
+                self.start_daemon(n)
+            return
+        for n in nodes:
+            self.start_daemon(n, wait_s=None)
+        deadline = time.monotonic() + timeout_s
+        for n in nodes:
+            c = DaemonClient(self.endpoint(n).address, who=f"waiting for daemon {self.spec.job}/{n}")
+            try:
+                while True:
+                    if self.daemons[n].poll() is not None:
+                        raise SnapGuardError(f"daemon {n} exited with code {self.daemons[n].returncode} before it"
+                                             f" answered; see {self.daemon_log(n)}")
+                    try:
+                        c.wait_ready(0.5)
+                        break
+                    except SnapGuardError:
+                        if time.monotonic() > deadline:
+                            raise SnapGuardError(f"daemon {n} did not answer within {timeout_s:.0f} s of the"
+                                                 f" rendezvous at {self.rendezvous_address}; see"
+                                                 f" {self.daemon_log(n)}") from None
+            finally:
+                c.close()
+
+    def daemon_log(self, node: str) -> str:
+        return os.path.join(self.spec.workdir, f"daemon.{node}.log")
 
     def node_of(self, rank: int) -> str:
         return self.names[rank // self.spec.ranks_per_node]
@@ -172,9 +244,7 @@ class Cluster:
             if on_event is not None:
                 on_event(self, kind, detail)
 
-        for n in self.names:
-            if n not in self.daemons:
-                self.start_daemon(n)
+        self.start_daemons([n for n in self.names if n not in self.daemons])
         self.start_workers()
         event("attempt", attempt=self.attempt)
         watch = _StepWatch(self.out, self.world) if hang_timeout_s is not None else None
@@ -222,6 +292,7 @@ class Cluster:
         self.kill_workers()
         for n in list(self.daemons):
             self.kill_daemon(n)
+        self.store = None  # a hosted store stops with its last reference
         shutil.rmtree(self.shm_root, ignore_errors=True)
 
 

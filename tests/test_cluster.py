@@ -31,9 +31,12 @@ def _reference(tmp_path_factory, nodes: int, steps: int) -> str:
     return c.out
 
 
-def _run_with_losses(work: str, nodes: int, m: int, steps: int, losses: list[tuple[int, ...]]) -> Cluster:
-    """Train, losing each set of nodes in turn once training has moved on from the previous restore."""
-    c = Cluster(ClusterSpec(workdir=work, nodes=nodes, m=m, steps=steps, step_sleep=0.03, job="ec"))
+def _run_with_losses(work: str, nodes: int, m: int, steps: int, losses: list[tuple[int, ...]], **spec) -> Cluster:
+    """Train, losing each set of nodes in turn once training has moved on from the previous restore.
+
+    `spec`: more ClusterSpec fields (e.g. rendezvous=True).
+    """
+    c = Cluster(ClusterSpec(workdir=work, nodes=nodes, m=m, steps=steps, step_sleep=0.03, job="ec", **spec))
     pending = list(losses)
     state = {"next_at": STEPS_BETWEEN_LOSSES, "attempt": 0}
 
