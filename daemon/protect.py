@@ -128,19 +128,19 @@ class Protector:
 
     # ---- sending -------------------------------------------------------------------------------
 
-    def chunks_to_send(self, step: int) -> list[tuple[str, dict, bytes]]:
+    def chunks_to_send(self, step: int) -> list[tuple[str, dict, memoryview]]:
         """(destination node, PeerChunk fields, bytes) for every parity holder of every chunk of this node."""
         layout, _ = self.blob_layout(step)
         sc = ShardChunks(layout["nbytes"], self.k)
         out = []
-        buf = np.empty(sc.chunk_len, np.uint8)
         for word in self.plan.codewords:
             for ref in word.chunks[:self.k]:
                 if ref.node != self.me:
                     continue
                 start = ref.index * sc.chunk_len
+                buf = np.empty(sc.chunk_len, np.uint8)  # one per chunk: all are read before any is sent
                 self.read_blob(step, start, start + sc.chunk_len, buf)
-                data = buf.tobytes()
+                data = memoryview(buf)
                 fields = {"step": step, "codeword": word.index, "position": ref.position, "chunk_len": sc.chunk_len,
                           "checksum": xxhash.xxh3_64_intdigest(data), "blob": layout}
                 for holder in word.chunks[self.k:]:
@@ -177,10 +177,9 @@ class Protector:
                 raise ProtocolError(f"duplicate chunk of step {msg.step} codeword {msg.codeword} position {msg.position}")
             if len(e.buf) < msg.chunk_len:  # shards of unequal size share the largest chunk length
                 e.buf = np.concatenate([e.buf, np.zeros(msg.chunk_len - len(e.buf), np.uint8)])
-            src = np.frombuffer(data, np.uint8)
-            scratch = [np.zeros(msg.chunk_len, np.uint8) for _ in range(self.m)]
-            self.codec.accumulate(msg.position, src, scratch)
-            e.buf[:msg.chunk_len] ^= scratch[pos - self.k]
+            # Only the parity row this node keeps, folded straight into it.
+            self.codec.accumulate(msg.position, np.frombuffer(data, np.uint8), [e.buf[:msg.chunk_len]],
+                                  rows=[pos - self.k])
             e.got.add(msg.position)
             e.blobs[msg.node] = msg.blob
             pending = sorted(st for st, x in steps.items() if not x.complete(self.k))

@@ -155,6 +155,25 @@ def test_streaming_by_byte_range_or_chunk_by_chunk_equals_one_call(backend: str)
     assert all(np.array_equal(p, w) for p, w in zip(by_chunk, whole))
 
 
+def test_a_holder_of_some_parity_rows_computes_exactly_those_rows(backend: str) -> None:
+    # A parity holder keeps one row of a codeword: folding chunks into that row alone must give the
+    # bytes encode writes for it, for every row and any subset, in any order.
+    k, m, length = 4, 3, 5_000
+    codec = Codec(k, m, backend)
+    data = random_chunks(np.random.default_rng(11), k, length)
+    whole = encode_new(codec, data)
+    for rows in ([0], [1], [2], [2, 0], [0, 1, 2]):
+        parity = [np.zeros(length, dtype=np.uint8) for _ in rows]
+        for index in [2, 0, 3, 1]:
+            codec.accumulate(index, data[index], parity, rows=rows)
+        assert all(np.array_equal(p, whole[r]) for p, r in zip(parity, rows)), rows
+    for bad in ([], [3], [1, 1], [True]):
+        with pytest.raises(CodecError, match="parity rows must be distinct ints in 0..2"):
+            codec.accumulate(0, data[0], [np.zeros(length, dtype=np.uint8)], rows=bad)
+    with pytest.raises(CodecError, match=r"expected 1 parity chunks \(rows \[1\]\), got 2"):
+        codec.accumulate(0, data[0], [np.zeros(length, np.uint8)] * 2, rows=[1])
+
+
 # --- buffers ---------------------------------------------------------------------------------
 
 

@@ -101,6 +101,7 @@ class Codec:
         self._backend = _make_backend(backend)
         self._encode_tables = self._backend.prepare(generator_matrix(k, m)[k:])
         self._decode_tables: dict[tuple[tuple[int, ...], tuple[int, ...]], Any] = {}
+        self._row_tables: dict[tuple[int, ...], Any] = {}  # encode tables of some parity rows, for accumulate
 
     @property
     def k(self) -> int:
@@ -132,19 +133,36 @@ class Codec:
         if self._common_length(srcs + dsts):
             self._backend.apply(self._encode_tables, [b for _, b in srcs], [b for _, b in dsts])
 
-    def accumulate(self, index: int, chunk: Any, parity: Sequence[Any]) -> None:
+    def accumulate(self, index: int, chunk: Any, parity: Sequence[Any], rows: Sequence[int] | None = None) -> None:
         """Fold data chunk ``index`` into ``parity``: ``parity ^= (its share of the parity)``.
 
         Start from zeroed parity buffers; once each of the k data chunks has been folded in once,
         in any order, ``parity`` holds exactly what ``encode`` writes. Lets a parity holder code
-        chunks as they arrive from different nodes, without holding all k at once.
+        chunks as they arrive from different nodes, without holding all k at once. ``rows`` picks
+        which parity chunks ``parity`` holds (default: all m, in order): a node that keeps one parity
+        chunk of a codeword computes only that one.
         """
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self._k:
             raise CodecError(f"data chunk index must be in 0..{self._k - 1}, got {index!r}")
+        tables = self._encode_tables
+        if rows is not None:
+            rows = tuple(rows)
+            if not rows or len(set(rows)) != len(rows) or not all(
+                    isinstance(r, int) and not isinstance(r, bool) and 0 <= r < self._m for r in rows):
+                raise CodecError(f"parity rows must be distinct ints in 0..{self._m - 1}, got {list(rows)!r}")
+            if rows != tuple(range(self._m)):
+                tables = self._row_tables.get(rows)
+                if tables is None:
+                    matrix = generator_matrix(self._k, self._m)[self._k:]
+                    tables = self._row_tables[rows] = self._backend.prepare(matrix[list(rows)])
         src = (f"data chunk {index}", self._backend.wrap(chunk, f"data chunk {index}", False))
-        dsts = self._wrap_list(parity, self._m, "parity", writable=True)
+        count = self._m if rows is None else len(rows)
+        if len(parity) != count:
+            raise CodecError(f"expected {count} parity chunks (rows {list(rows or range(self._m))}), got {len(parity)}")
+        dsts = [(f"parity chunk {r}", self._backend.wrap(b, f"parity chunk {r}", True))
+                for r, b in zip(rows or range(self._m), parity)]
         if self._common_length([src] + dsts):
-            self._backend.update(self._encode_tables, index, src[1], [b for _, b in dsts])
+            self._backend.update(tables, index, src[1], [b for _, b in dsts])
 
     def decode(self, chunks: Sequence[Any | None], out: Mapping[int, Any] | None = None) -> dict[int, Any]:
         """Rebuild erased chunks from the survivors.
