@@ -75,6 +75,7 @@ class Daemon:
         self.protector: Protector | None = None
         self._stocks_cache: tuple[float, dict] = (0.0, {})
         self._last_beat = 0.0
+        self._protect_due = False
         self._last_resend = 0.0
         self.rejected: list[str] = []
         self._rejected_count = 0
@@ -133,6 +134,12 @@ class Daemon:
                 events = dict(poller.poll(200))
                 if self._sock in events:
                     self._handle(self._sock.recv_multipart())
+                if self._protect_due:
+                    self._protect_due = False
+                    try:
+                        self._protect()
+                    except Exception:  # the heartbeat sends the chunks again; the daemon keeps serving
+                        log.exception("%s could not send chunks to their parity holders", self.who)
                 if self.net is not None:
                     if self.net.router in events:
                         self._handle_peer(self.net.router.recv_multipart())
@@ -215,7 +222,7 @@ class Daemon:
         if isinstance(msg, P.Seal):
             man = Manifest.from_wire(msg.manifest)
             t.seal(msg.rank, msg.step, msg.slot, man)
-            self._protect()
+            self._protect_due = True  # after the reply: a trainer's seal never waits for the chunks to go out
             return P.Sealed(msg.step, t.common())
         if isinstance(msg, P.Inventory):
             steps, dropped = t.verified_steps(msg.rank)
