@@ -73,14 +73,24 @@ def seal_frames(secret: bytes, rid: bytes, msg: P.Message, bulk: list[bytes] = (
     return frames + [_mac(secret, frames)]
 
 
-def open_frames(secret: bytes, frames: list[bytes]) -> tuple[bytes, P.Message, list[bytes]]:
-    """Check the tag, then decode the header; raise AuthError or ProtocolError saying why."""
+def open_frames(secret: bytes, frames: list) -> tuple[bytes, P.Message, list]:
+    """Check the tag, then decode the header; raise AuthError or ProtocolError saying why. Bulk frames
+    come back as they came in (bytes, or read-only views of ZeroMQ's memory, see `recv_frames`)."""
     if len(frames) < 3 or len(frames[0]) != 8:
         raise AuthError(f"malformed peer message of {len(frames)} frame(s)")
     body, tag = frames[:-1], frames[-1]
-    if len(tag) != _TAG or not hmac.compare_digest(tag, _mac(secret, [bytes(f) for f in body])):
+    if len(tag) != _TAG or not hmac.compare_digest(bytes(tag), _mac(secret, body)):
         raise AuthError("authentication tag is missing or wrong")
-    return bytes(body[0]), P.decode(bytes(body[1])), [bytes(f) for f in body[2:]]
+    return bytes(body[0]), P.decode(bytes(body[1])), list(body[2:])
+
+
+_ZERO_COPY = 1 << 16
+
+
+def recv_frames(sock: zmq.Socket) -> list:
+    """One multipart message. Frames of a chunk's size stay in ZeroMQ's memory, as read-only views (no
+    copy, and no fresh shard-sized allocation per message); small ones become bytes."""
+    return [f.buffer if len(f) > _ZERO_COPY else f.bytes for f in sock.recv_multipart(copy=False)]
 
 
 class PeerNet:
@@ -152,9 +162,9 @@ class PeerNet:
                 raise DaemonUnavailable(f"peer {node} ({self.peers[node]}) did not answer {msg.TYPE} within {timeout_s:.1f} s")
             events = dict(poller.poll(int(left * 1000) + 1))
             if serve is not None and self.router in events:
-                serve(self.router.recv_multipart())
+                serve(recv_frames(self.router))
             if sock in events:
-                frames = sock.recv_multipart()
+                frames = recv_frames(sock)
                 try:
                     got_rid, reply, bulk = open_frames(self.secret, frames)
                 except (AuthError, ProtocolError) as e:

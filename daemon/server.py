@@ -25,7 +25,7 @@ from snapguard.layout import Manifest
 from snapguard.shm import free_bytes
 
 from snapguard.daemon.peers import AuthError as PeerAuthError
-from snapguard.daemon.peers import PeerNet
+from snapguard.daemon.peers import PeerNet, recv_frames
 from snapguard.daemon.protect import Protector
 from snapguard.daemon.slots import SEALED, SlotTable
 
@@ -142,7 +142,7 @@ class Daemon:
                         log.exception("%s could not send chunks to their parity holders", self.who)
                 if self.net is not None:
                     if self.net.router in events:
-                        self._handle_peer(self.net.router.recv_multipart())
+                        self._handle_peer(recv_frames(self.net.router))
                     if time.monotonic() - self._last_beat > self.cfg.heartbeat_s:
                         self._resend_unprotected()
                         self._broadcast_held()
