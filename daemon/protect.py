@@ -129,7 +129,7 @@ class Protector:
     # ---- sending -------------------------------------------------------------------------------
 
     def chunks_to_send(self, step: int) -> list[tuple[str, dict, memoryview]]:
-        """(destination node, PeerChunk fields, bytes) for every parity holder of every chunk of this node."""
+        """(destination node, PeerChunk fields, chunk bytes) for every parity holder of every chunk of this node."""
         layout, _ = self.blob_layout(step)
         sc = ShardChunks(layout["nbytes"], self.k)
         out = []

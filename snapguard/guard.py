@@ -170,7 +170,10 @@ class Guard:
             nbytes = plan_layout(tensor_spec(n, t) for n, t in tensors).nbytes
         reply = self.client.request(P.Reserve(self.endpoint.job, self.rank, self.world_size, nbytes))
         t0 = time.monotonic()
-        fresh = sum(capacity for path, capacity in reply.info.get("slots", []) if capacity and self._mapping(path, capacity)[1])
+        fresh = 0
+        for path, capacity in reply.info.get("slots", []):
+            if capacity and self._mapping(path, capacity)[1]:
+                fresh += capacity
         if fresh:
             log.info("%s mapped and pre-faulted %.0f MiB of snapshot slots in %.2f s", self.who, fresh / MiB,
                      time.monotonic() - t0)
@@ -395,29 +398,26 @@ class Guard:
         check_compatible(man.entries, current)
         buf, _ = self._mapping(shard.path, capacity)
         sources = [buf[e.offset:e.offset + e.nbytes].view(TORCH_DTYPES[e.dtype]).view(e.shape) for e in man.entries]
-        tree = unpack_tree(man.tree)
-        missing = set(self.states) - set(unflatten(tree, sources))
-        if missing:
-            raise RestoreError(f"{self.who} the snapshot of step {man.step} holds no state for {sorted(missing)}")
         # Like torch.distributed.checkpoint, load into the tensors the state dicts hold now: parameters and
         # existing optimizer state are overwritten in place (one copy, no allocation, no page faults); what
-        # does not exist yet (a fresh optimizer's moments) is cloned out of the slot.
+        # does not exist yet (a fresh optimizer's moments) gets new memory. Nothing is written before the
+        # snapshot is known to hold every state.
         live = dict(current)
-        tensors = []
+        targets = []
+        for e, src in zip(man.entries, sources):
+            dst = live.get(e.name)
+            ok = dst is not None and dst.dtype == src.dtype and dst.shape == src.shape and dst.is_contiguous()
+            targets.append(dst.detach() if ok else torch.empty_like(src))
+        state = unflatten(unpack_tree(man.tree), targets)
+        missing = set(self.states) - set(state)
+        if missing:
+            raise RestoreError(f"{self.who} the snapshot of step {man.step} holds no state for {sorted(missing)}")
         half = len(man.entries) // 2
         with torch.no_grad():
-            for i, (e, src) in enumerate(zip(man.entries, sources)):
-                dst = live.get(e.name)
-                if (dst is not None and dst.dtype == src.dtype and tuple(dst.shape) == tuple(src.shape)
-                        and dst.is_contiguous()):
-                    dst = dst.detach()
-                    dst.copy_(src)
-                else:
-                    dst = src.clone()
-                tensors.append(dst)
+            for i, (dst, src) in enumerate(zip(targets, sources)):
+                dst.copy_(src)
                 if i == half:
                     fault_point("trainer.restore.mid", man.step)
-        state = unflatten(tree, tensors)
         for name, st in self.states.items():
             st.load_state_dict(state[name])
 

@@ -101,7 +101,8 @@ class Codec:
         self._backend = _make_backend(backend)
         self._encode_tables = self._backend.prepare(generator_matrix(k, m)[k:])
         self._decode_tables: dict[tuple[tuple[int, ...], tuple[int, ...]], Any] = {}
-        self._row_tables: dict[tuple[int, ...], Any] = {}  # encode tables of some parity rows, for accumulate
+        # encode tables of some parity rows, for accumulate; all rows in order are the encode tables
+        self._row_tables: dict[tuple[int, ...], Any] = {tuple(range(m)): self._encode_tables}
 
     @property
     def k(self) -> int:
@@ -144,23 +145,18 @@ class Codec:
         """
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self._k:
             raise CodecError(f"data chunk index must be in 0..{self._k - 1}, got {index!r}")
-        tables = self._encode_tables
-        if rows is not None:
-            rows = tuple(rows)
-            if not rows or len(set(rows)) != len(rows) or not all(
-                    isinstance(r, int) and not isinstance(r, bool) and 0 <= r < self._m for r in rows):
-                raise CodecError(f"parity rows must be distinct ints in 0..{self._m - 1}, got {list(rows)!r}")
-            if rows != tuple(range(self._m)):
-                tables = self._row_tables.get(rows)
-                if tables is None:
-                    matrix = generator_matrix(self._k, self._m)[self._k:]
-                    tables = self._row_tables[rows] = self._backend.prepare(matrix[list(rows)])
+        rows = tuple(range(self._m)) if rows is None else tuple(rows)
+        if not rows or len(set(rows)) != len(rows) or not all(
+                isinstance(r, int) and not isinstance(r, bool) and 0 <= r < self._m for r in rows):
+            raise CodecError(f"parity rows must be distinct ints in 0..{self._m - 1}, got {list(rows)!r}")
+        tables = self._row_tables.get(rows)
+        if tables is None:
+            matrix = generator_matrix(self._k, self._m)[self._k:]
+            tables = self._row_tables[rows] = self._backend.prepare(matrix[list(rows)])
         src = (f"data chunk {index}", self._backend.wrap(chunk, f"data chunk {index}", False))
-        count = self._m if rows is None else len(rows)
-        if len(parity) != count:
-            raise CodecError(f"expected {count} parity chunks (rows {list(rows or range(self._m))}), got {len(parity)}")
-        dsts = [(f"parity chunk {r}", self._backend.wrap(b, f"parity chunk {r}", True))
-                for r, b in zip(rows or range(self._m), parity)]
+        if len(parity) != len(rows):
+            raise CodecError(f"expected {len(rows)} parity chunks (rows {list(rows)}), got {len(parity)}")
+        dsts = [(f"parity chunk {r}", self._backend.wrap(b, f"parity chunk {r}", True)) for r, b in zip(rows, parity)]
         if self._common_length([src] + dsts):
             self._backend.update(tables, index, src[1], [b for _, b in dsts])
 
