@@ -6,7 +6,15 @@ node, then time until every daemon reports the step protected (parity complete o
 Compares memory per node with the design's g/(g-m) (plus the local double-buffered slots) and with
 plain replication's m+1, and reports chunk bytes sent per node per snapshot.
 
+With `--pace S`, snapshots are taken every S seconds, as a training loop with an S-second step would
+take them, without waiting for protection; the same run is made with the same daemons minus erasure
+coding. It reports how long each snapshot held the "training loop" up (the `snapshot()` call, which
+waits for the previous seal, plus the slot grant, copy and seal in the background), and how long after
+its seal each step was covered by a protected step at least as new: protection may skip steps, but
+training must not wait for it.
+
     .venv/bin/python bench/ec_protect.py [--g 4 --m 2] [--sizes 16,64,256] [--steps 6]
+    .venv/bin/python bench/ec_protect.py --g 3 --m 1 --sizes 1024 --pace 1.7 --steps 12
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -40,32 +49,68 @@ def status(ep: Endpoint) -> P.StatusReport:
         c.close()
 
 
+class Nodes:
+    """g daemons on this machine, with erasure coding across them (ec=True) or without, one Guard each."""
+
+    def __init__(self, g: int, m: int, mib: int, ec: bool = True):
+        self.work = tempfile.mkdtemp(prefix="sg-ecbench-")
+        self.shm = f"/dev/shm/sg-ecbench-{secrets.token_hex(3)}"
+        self.names = names = [f"n{i}" for i in range(g)]
+        ports = {n: free_port() for n in names}
+        os.environ["SNAPGUARD_SECRET"] = secrets.token_hex(16)
+        job = f"ecb{os.getpid()}"
+        self.eps = {n: Endpoint(job, n, os.path.join(self.work, n)) for n in names}
+        self.procs, self.guards = [], []
+        try:
+            for n in names:
+                os.makedirs(os.path.join(self.shm, n), mode=0o700)
+                extra = ["--log-level", "WARNING"]
+                if ec:
+                    extra += ["--peer-bind", f"tcp://127.0.0.1:{ports[n]}", "--ec-group", ",".join(names),
+                              "--ec-m", str(m)]
+                    extra += [a for o in names if o != n for a in ("--peer", f"{o}=tcp://127.0.0.1:{ports[o]}")]
+                self.procs.append(spawn_daemon(self.eps[n], os.path.join(self.shm, n), extra,
+                                               log_path=os.path.join(self.work, f"{n}.log")))
+            gen = torch.Generator().manual_seed(0)
+            # One state for every node: g states of a GiB each would not fit beside g daemons' slots on this VM.
+            # The daemons' work is the same (parity of equal chunks costs what any parity costs).
+            w = torch.randint(0, 255, (mib * MiB,), dtype=torch.uint8, generator=gen)
+            self.states = [{"w": w} for _ in names]
+            for i, n in enumerate(names):
+                # Without EC the daemons never hear of each other's ranks: each node is a job of one rank.
+                rank, world = (i, g) if ec else (0, 1)
+                w = self.states[i]["w"]
+                # `guarded`: the state changes only after before_update(), as parameters change only in
+                # optimizer.step(), so the copy overlaps the "step" instead of cloning the state first.
+                self.guards.append(Guard(states={"s": self.states[i]}, rng=False, job=job, node=n,
+                                         run_dir=self.eps[n].run_dir, rank=rank, world_size=world, timeout_s=120,
+                                         guarded=lambda w=w: [w]))
+        except BaseException:
+            self.close()
+            raise
+
+    def protected(self) -> int:
+        return min(status(self.eps[n]).protected for n in self.names)
+
+    def close(self) -> None:
+        for gd in self.guards:
+            gd.close()
+        for p in self.procs:
+            p.kill()
+            p.wait(10)
+        shutil.rmtree(self.shm, ignore_errors=True)
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
 def run(g: int, m: int, mib: int, steps: int, snapshot_gap_s: float) -> dict:
-    work = tempfile.mkdtemp(prefix="sg-ecbench-")
-    shm = f"/dev/shm/sg-ecbench-{secrets.token_hex(3)}"
-    names = [f"n{i}" for i in range(g)]
-    ports = {n: free_port() for n in names}
-    os.environ["SNAPGUARD_SECRET"] = secrets.token_hex(16)
-    job = f"ecb{os.getpid()}"
-    eps = {n: Endpoint(job, n, os.path.join(work, n)) for n in names}
-    procs = []
-    guards = []
+    nodes = Nodes(g, m, mib)
+    names, eps, states, guards = nodes.names, nodes.eps, nodes.states, nodes.guards
     try:
-        for n in names:
-            os.makedirs(os.path.join(shm, n), mode=0o700)
-            extra = ["--peer-bind", f"tcp://127.0.0.1:{ports[n]}", "--ec-group", ",".join(names), "--ec-m", str(m),
-                     "--log-level", "WARNING"]
-            extra += [a for o in names if o != n for a in ("--peer", f"{o}=tcp://127.0.0.1:{ports[o]}")]
-            procs.append(spawn_daemon(eps[n], os.path.join(shm, n), extra, log_path=os.path.join(work, f"{n}.log")))
-        gen = torch.Generator().manual_seed(0)
-        states = [{"w": torch.randint(0, 255, (mib * MiB,), dtype=torch.uint8, generator=gen)} for _ in names]
-        for i, n in enumerate(names):
-            guards.append(Guard(states={"s": states[i]}, rng=False, job=job, node=n, run_dir=eps[n].run_dir,
-                                rank=i, world_size=g, timeout_s=120))
         lags, seals = [], []
         for step in range(steps):
-            for st in states:
-                st["w"][step % 1000] ^= 1
+            for gd in guards:
+                gd.before_update()
+            states[0]["w"][step % 1000] ^= 1
             t0 = time.monotonic()
             for gd in guards:
                 gd.snapshot(step)
@@ -73,7 +118,7 @@ def run(g: int, m: int, mib: int, steps: int, snapshot_gap_s: float) -> dict:
                 gd.wait()
             t1 = time.monotonic()
             deadline = t1 + 120
-            while min(status(eps[n]).protected for n in names) < step:
+            while nodes.protected() < step:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"step {step} not protected within 120 s")
                 time.sleep(0.002)
@@ -90,13 +135,65 @@ def run(g: int, m: int, mib: int, steps: int, snapshot_gap_s: float) -> dict:
                 "slots_per_shard": slot_bytes / shard, "parity_per_shard": parity / shard,
                 "sent_per_shard": sent / shard}
     finally:
-        for gd in guards:
-            gd.close()
-        for p in procs:
-            p.kill()
-            p.wait(10)
-        shutil.rmtree(shm, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
+        nodes.close()
+
+
+def run_paced(g: int, m: int, mib: int, steps: int, pace_s: float, ec: bool) -> dict:
+    """Snapshot every `pace_s` seconds on every node without waiting for protection."""
+    nodes = Nodes(g, m, mib, ec)
+    sealed_at: dict[int, float] = {}
+    covered_at: dict[int, float] = {}
+    stop = threading.Event()
+
+    def watch() -> None:  # in its own thread: a slow status reply must not delay the next snapshot
+        while not stop.is_set():
+            p = nodes.protected()
+            now = time.monotonic()
+            for s in list(sealed_at):
+                if s <= p and s not in covered_at:
+                    covered_at[s] = now
+            stop.wait(0.01)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    if ec:
+        watcher.start()
+    stalls, jobs = [], []
+    try:
+        for step in range(steps + 1):
+            t0 = time.monotonic()
+            for gd in nodes.guards:
+                gd.before_update()  # the optimizer step's pre-hook: the previous copy must be done
+            nodes.states[0]["w"][step % 1000] ^= 1
+            for gd in nodes.guards:
+                gd.wait()  # what snapshot() does first: the previous step must be sealed
+            stalls.append(time.monotonic() - t0)
+            if step:
+                sealed_at[step - 1] = time.monotonic()
+            if step == steps:
+                break
+            for gd in nodes.guards:
+                gd.snapshot(step)
+            jobs.append([gd._job for gd in nodes.guards])
+            time.sleep(pace_s)  # forward and backward of the next step
+        begins = [max(j.begin_s for j in js) for js in jobs]
+        copies = [max(j.copy_s for j in js) for js in jobs]
+        seals = [max(j.seal_s for j in js) for js in jobs]
+        if ec:
+            deadline = time.monotonic() + 120
+            while steps - 1 not in covered_at and time.monotonic() < deadline:
+                time.sleep(0.01)
+        stop.set()
+        if ec and steps - 1 not in covered_at:
+            raise RuntimeError(f"step {steps - 1} not protected within 120 s of the last snapshot")
+        lags = [covered_at[s] - sealed_at[s] for s in sorted(covered_at) if s >= 1]
+        step_s = pace_s + statistics.median(stalls[2:])
+        return {"stall": stalls[2:], "begin": begins[1:], "copy": copies[1:], "seal": seals[1:], "lag": lags,
+                "lag_steps": [x / step_s for x in lags]}
+    finally:
+        stop.set()
+        if watcher.is_alive():
+            watcher.join(5)
+        nodes.close()
 
 
 def main(argv=None) -> int:
@@ -106,8 +203,12 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="16,64,256", help="shard sizes in MiB per node")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--gap", type=float, default=0.0, help="pause between snapshots")
+    ap.add_argument("--pace", type=float, default=0.0,
+                    help="snapshot every PACE seconds without waiting for protection, against the same without EC")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if a.pace:
+        return main_paced(a)
     print(f"# bench/ec_protect.py: g={a.g} m={a.m}, {os.cpu_count()} CPUs, one rank per node, all nodes on this machine")
     print(f"# design: parity per node = m/(g-m) = {a.m / (a.g - a.m):.3f} shard; EC total with one copy"
           f" g/(g-m) = {a.g / (a.g - a.m):.3f}; plain replication m+1 = {a.m + 1}")
@@ -120,6 +221,27 @@ def main(argv=None) -> int:
         print(f"| {mib} | {r['seal_s']:.3f} | {r['lag_s']:.3f} / {r['lag_max_s']:.3f} | {r['parity_per_shard']:.3f} |"
               f" {ec:.3f} (design {a.g / (a.g - a.m):.3f}) | {ec / (a.m + 1):.2f}x | {r['slots_per_shard']:.2f} |"
               f" {r['sent_per_shard']:.3f} (design m = {a.m}) |", flush=True)
+    return 0
+
+
+def main_paced(a) -> int:
+    med = statistics.median
+    print(f"# bench/ec_protect.py --pace: g={a.g} m={a.m}, {os.cpu_count()} CPUs, one rank per node, all nodes on this"
+          f" machine; {a.pace:.2f} s of \"forward and backward\" between snapshots, {a.steps} steps, the first left out")
+    print("# stall = time the loop was held up: the optimizer pre-hook (previous copy) plus snapshot() (previous seal); begin / copy / seal: the"
+          " background phases, slowest node; lag: from a step's seal until a step at least as new is protected")
+    print("| shard MiB | daemons | stall s (median / max) | begin s (median / max) | copy s | seal s (median / max) |"
+          " seal->covered lag s (median / max) | lag in steps (median / max) |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for mib in (int(x) for x in a.sizes.split(",")):
+        for ec in (False, True):
+            r = run_paced(a.g, a.m, mib, a.steps, a.pace, ec)
+            lag = f"{med(r['lag']):.3f} / {max(r['lag']):.3f}" if ec and r["lag"] else "-"
+            lag_steps = f"{med(r['lag_steps']):.1f} / {max(r['lag_steps']):.1f}" if ec and r["lag"] else "-"
+            print(f"| {mib} | {'EC g=%d m=%d' % (a.g, a.m) if ec else 'no EC'} |"
+                  f" {med(r['stall']):.3f} / {max(r['stall']):.3f} | {med(r['begin']):.3f} / {max(r['begin']):.3f} |"
+                  f" {med(r['copy']):.3f} | {med(r['seal']):.3f} / {max(r['seal']):.3f} | {lag} |"
+                  f" {lag_steps} |", flush=True)
     return 0
 
 

@@ -42,7 +42,10 @@ class _Link:
         self.back = ctx.socket(zmq.DEALER)
         self.back.setsockopt(zmq.LINGER, 0)
         self.back.connect(target)
-        self.client: bytes | None = None  # the identity of src's DEALER (a new one after src restarts)
+        # src's DEALERs (a control link and a chunk link, new ones after src restarts): a reply goes to the one
+        # that sent the request with its request id
+        self.client: bytes | None = None
+        self.asked: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()  # request id -> identity
         self.policy = Policy()
         self.queues = {"req": collections.deque(), "rep": collections.deque()}  # (due, frames, window) when delayed
 
@@ -115,8 +118,11 @@ class PeerProxy:
         try:
             if direction == "req":
                 link.back.send_multipart(frames, flags=zmq.NOBLOCK)
-            elif link.client is not None:
-                link.front.send_multipart([link.client, *frames], flags=zmq.NOBLOCK)
+            else:
+                client = link.asked.pop(bytes(frames[0]), link.client) if frames else link.client
+                if client is None:
+                    return
+                link.front.send_multipart([client, *frames], flags=zmq.NOBLOCK)
             self._count("forwarded", window)
         except zmq.Again:
             self._count("dropped", window)  # the far side is gone or full: the network loses it
@@ -162,6 +168,10 @@ class PeerProxy:
                     frames = sock.recv_multipart()
                     if direction == "req":
                         link.client, frames = frames[0], frames[1:]
+                        if frames and frames[0] != bytes(8):  # a request that expects a reply
+                            link.asked[bytes(frames[0])] = link.client
+                            while len(link.asked) > 1024:
+                                link.asked.popitem(last=False)
                     self._forward(link, direction, frames)
                 now = time.monotonic()
                 for link in self.links.values():

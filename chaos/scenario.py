@@ -36,7 +36,7 @@ class ClusterConf:
     width: int = 32
     layers: int = 1
     step_sleep: float = 0.05
-    slots_per_rank: int = 2
+    slots_per_rank: int | None = None  # the daemon's default: 3 with erasure coding
     hang_timeout_s: float = 8.0  # torchrun-style: no new step for this long kills and restarts every rank
     timeout_s: float = 1200.0  # the whole protected run
     max_restarts: int | None = None  # default: the number of faults + 3

@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-dir", help="0700 directory of the IPC socket (default: $SNAPGUARD_RUN_DIR or /tmp/snapguard-UID)")
     ap.add_argument("--shm-dir", help="where slots live (default: $SNAPGUARD_SHM_DIR or /dev/shm)")
     ap.add_argument("--shm-limit", type=parse_size, help="most shared memory this daemon may allocate, e.g. 8G")
-    ap.add_argument("--slots-per-rank", type=int, default=2)
+    ap.add_argument("--slots-per-rank", type=int, help="shared-memory slots per rank (default: 2, or 3 with"
+                    " --peer-bind: the protected step, the newest sealed one, and one to write, so that training"
+                    " never waits for protection)")
     ap.add_argument("--keep-on-exit", action="store_true", help="leave the slots in shared memory when stopping")
     ap.add_argument("--peer-bind", help="TCP address peers reach this daemon at, e.g. tcp://10.0.0.5:7100")
     ap.add_argument("--peer", action="append", default=[], metavar="NODE=ADDRESS",

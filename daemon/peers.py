@@ -7,6 +7,10 @@ frames are whole chunks of shards, so the MAC's speed bounds protection's: keyed
 wrong is rejected before its header is even decoded. Requests carry the sender's (boot, seq): boot
 is the sender's start time in ns and seq grows with every message, so a captured message replayed
 later is refused. Replies are bound to their request by the request id inside the tag.
+
+Chunks travel on a link of their own to each peer (a second connection, with its own sequence), so
+that the small messages the group's bookkeeping depends on (which steps every rank holds) never
+wait behind hundreds of MiB of chunks.
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ def open_frames(secret: bytes, frames: list) -> tuple[bytes, P.Message, list]:
 
 
 _ZERO_COPY = 1 << 16
+RECV_HWM = 2  # messages ZeroMQ reads ahead per peer
 
 
 def recv_frames(sock: zmq.Socket) -> list:
@@ -101,21 +106,28 @@ class PeerNet:
         self.peers = dict(peers)
         self.boot = time.time_ns()
         self._seq = itertools.count(1)
+        self._bulk_seq = itertools.count(1)
         self._rid = itertools.count(1)
-        self._seen: dict[str, tuple[int, int]] = {}
+        self._seen: dict[tuple[str, bool], tuple[int, int]] = {}  # (node, bulk link) -> newest (boot, seq)
         ctx = zmq.Context.instance()
         self.router = ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.MAXMSGSIZE, 1 << 34)
+        # A message can be a chunk of a shard (hundreds of MiB). ZeroMQ reads ahead of this daemon up to the high
+        # water mark per peer; a low one leaves chunks of a holder that falls behind in its senders' queues (whose
+        # senders then hold back their next step) instead of piling them up in its memory.
+        self.router.setsockopt(zmq.RCVHWM, RECV_HWM)
         self.router.bind(bind)
-        self._dealers: dict[str, zmq.Socket] = {}
+        self._dealers: dict[tuple[str, bool], zmq.Socket] = {}  # (node, bulk link) -> DEALER
         self.rejected = 0
 
-    def header(self) -> dict:
-        return {"job": self.job, "node": self.node, "boot": self.boot, "seq": next(self._seq)}
+    def header(self, bulk: bool = False) -> dict:
+        """The sender fields of a message; `bulk` for a PeerChunk, which goes out on the chunk link."""
+        return {"job": self.job, "node": self.node, "boot": self.boot,
+                "seq": next(self._bulk_seq if bulk else self._seq)}
 
-    def _dealer(self, node: str) -> zmq.Socket:
-        s = self._dealers.get(node)
+    def _dealer(self, node: str, bulk: bool = False) -> zmq.Socket:
+        s = self._dealers.get((node, bulk))
         if s is None:
             if node not in self.peers:
                 raise SnapGuardError(f"node {node!r} is not a configured peer (peers: {sorted(self.peers)})")
@@ -124,11 +136,11 @@ class PeerNet:
             s.setsockopt(zmq.SNDHWM, 64)
             s.setsockopt(zmq.RCVHWM, 64)
             s.connect(self.peers[node])
-            self._dealers[node] = s
+            self._dealers[(node, bulk)] = s
         return s
 
-    def _drop(self, node: str) -> None:
-        s = self._dealers.pop(node, None)
+    def _drop(self, node: str, bulk: bool = False) -> None:
+        s = self._dealers.pop((node, bulk), None)
         if s is not None:
             s.close(0)
 
@@ -140,6 +152,22 @@ class PeerNet:
         except zmq.Again:
             log.warning("[%s/%s daemon] peer %s is not keeping up; dropped %s", self.job, self.node, node, msg.TYPE)
             return False
+
+    def send_tracked(self, node: str, msg: P.Message, data) -> zmq.MessageTracker | None:
+        """Send one message whose bulk frame `data` ZeroMQ reads in place, without a copy: `data` must not change
+        until the returned tracker is done. None if the peer's queue is full (nothing was sent)."""
+        frames = seal_frames(self.secret, bytes(8), msg, [data])
+        frames[2] = zmq.Frame(data, track=True)
+        try:
+            self._dealer(node, bulk=True).send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            log.warning("[%s/%s daemon] peer %s is not keeping up; dropped %s", self.job, self.node, node, msg.TYPE)
+            return None
+        return frames[2].tracker
+
+    def forget(self, node: str) -> None:
+        """Close the chunk link to `node`, discarding what is queued on it; the next chunk opens a new one."""
+        self._drop(node, bulk=True)
 
     def request(self, node: str, msg: P.Message, timeout_s: float,
                 serve: Callable[[list[bytes]], None] | None = None) -> tuple[P.Message, list[bytes]]:
@@ -187,11 +215,12 @@ class PeerNet:
             raise AuthError(f"message for job {msg.job!r}, this daemon serves {self.job!r}")
         if msg.node not in self.peers:
             raise AuthError(f"message from unknown node {msg.node!r}")
-        last = self._seen.get(msg.node, (0, 0))
+        link = (msg.node, isinstance(msg, P.PeerChunk))
+        last = self._seen.get(link, (0, 0))
         if (msg.boot, msg.seq) <= last:
             raise AuthError(f"replayed message from {msg.node} (boot {msg.boot}, seq {msg.seq}; already saw"
                             f" boot {last[0]}, seq {last[1]})")
-        self._seen[msg.node] = (msg.boot, msg.seq)
+        self._seen[link] = (msg.boot, msg.seq)
         return ident, rid, msg, bulk
 
     def reply(self, ident: bytes, rid: bytes, msg: P.Message, bulk: list[bytes] = ()) -> None:
@@ -201,6 +230,6 @@ class PeerNet:
             log.warning("[%s/%s daemon] could not reply %s to a peer: its queue is full", self.job, self.node, msg.TYPE)
 
     def close(self) -> None:
-        for n in list(self._dealers):
-            self._drop(n)
+        for n, bulk in list(self._dealers):
+            self._drop(n, bulk)
         self.router.close(0)

@@ -7,7 +7,9 @@ chunk belongs to and which nodes hold that codeword's m parity chunks. After eve
 sealed a step, the daemon sends each chunk to its parity holders; a holder folds chunks into its
 parity as they arrive (`Codec.accumulate`) and counts the step protected for that codeword once all
 k have arrived. Protection never blocks training: holders keep complete parity down to the newest step
-protected across the whole group, plus a few newer steps still arriving; older ones are dropped.
+protected across the whole group, plus a few newer steps still arriving; older ones are dropped. When
+protection falls behind, members skip steps together (`Protector.choose_step`): a codeword's parity
+completes only if all of its data chunks are of one step.
 
 Restore after a node is lost: the replacement daemon asks every peer what it holds, computes which
 steps it can rebuild (for every codeword with one of its chunks, k chunks of that step must survive),
@@ -67,6 +69,9 @@ class Protector:
                     self.parity[(c.index, ref.position)] = {}
         self.remote_parity: dict[str, set[tuple[int, int, int]]] = {}
         self.remote_sealed: dict[str, set[int]] = {}
+        self.remote_sending: dict[str, tuple[int, float]] = {}  # node -> (newest step it sent chunks of, when heard)
+        self._send_buf = np.empty(0, np.uint8)  # this node's chunks of the step being sent, reused step after step
+        self._spare: list[np.ndarray] = []  # parity buffers of dropped steps, for the next steps' parity
         self.sent_step = -1
         self.sent_bytes = 0
         self.rejected: list[str] = []
@@ -128,17 +133,36 @@ class Protector:
 
     # ---- sending -------------------------------------------------------------------------------
 
-    def chunks_to_send(self, step: int) -> list[tuple[str, dict, memoryview]]:
-        """(destination node, PeerChunk fields, chunk bytes) for every parity holder of every chunk of this node."""
+    def choose_step(self, now: float, fresh_s: float) -> int | None:
+        """The step whose chunks to send next, or None. Parity of a step completes only if every member sends
+        that same step, so a node that falls behind joins the newest step a peer (heard from within `fresh_s`)
+        is sending, if it holds it; otherwise it sends its own newest full step, and the others join it."""
+        full = self.full_steps()
+        if not full:
+            return None
+        ahead = [s for s, at in self.remote_sending.values() if now - at < fresh_s and s > self.sent_step]
+        join = [s for s in ahead if s in full]
+        if join:
+            return max(join)
+        if any(s > full[-1] for s in ahead):
+            return None  # a peer sends a step this node has not sealed yet: join it once sealed
+        return full[-1] if full[-1] > self.sent_step else None
+
+    def chunks_to_send(self, step: int, fresh: bool = False) -> list[tuple[str, dict, memoryview]]:
+        """(destination node, PeerChunk fields, chunk bytes) for every parity holder of every chunk of this node.
+        The bytes are views of one buffer that the next call overwrites: send them before calling again, or pass
+        `fresh` for a buffer of their own (when ZeroMQ may still hold the last one)."""
         layout, _ = self.blob_layout(step)
         sc = ShardChunks(layout["nbytes"], self.k)
+        if fresh or len(self._send_buf) < self.k * sc.chunk_len:
+            self._send_buf = np.empty(self.k * sc.chunk_len, np.uint8)
         out = []
         for word in self.plan.codewords:
             for ref in word.chunks[:self.k]:
                 if ref.node != self.me:
                     continue
                 start = ref.index * sc.chunk_len
-                buf = np.empty(sc.chunk_len, np.uint8)  # one per chunk: all are read before any is sent
+                buf = self._send_buf[start:start + sc.chunk_len]
                 self.read_blob(step, start, start + sc.chunk_len, buf)
                 data = memoryview(buf)
                 fields = {"step": step, "codeword": word.index, "position": ref.position, "chunk_len": sc.chunk_len,
@@ -172,7 +196,7 @@ class Protector:
                 raise ProtocolError(f"chunk of step {msg.step} from {msg.node} is older than protected step {max(done)}")
             e = steps.get(msg.step)
             if e is None:
-                e = steps[msg.step] = ParityEntry(msg.step, np.zeros(msg.chunk_len, np.uint8))
+                e = steps[msg.step] = ParityEntry(msg.step, self._zeros(msg.chunk_len))
             if msg.position in e.got:
                 raise ProtocolError(f"duplicate chunk of step {msg.step} codeword {msg.codeword} position {msg.position}")
             if len(e.buf) < msg.chunk_len:  # shards of unequal size share the largest chunk length
@@ -184,7 +208,17 @@ class Protector:
             e.blobs[msg.node] = msg.blob
             pending = sorted(st for st, x in steps.items() if not x.complete(self.k))
             for old in pending[:-MAX_PENDING_STEPS]:
-                del steps[old]
+                self._spare.append(steps.pop(old).buf)
+
+    def _zeros(self, n: int) -> np.ndarray:
+        """A zeroed parity buffer, reusing a dropped step's: fresh memory costs a page fault per page."""
+        while self._spare:
+            buf = self._spare.pop()
+            if len(buf) == n:
+                buf.fill(0)
+                self._spare.clear()  # keep one: the rest go back to the allocator
+                return buf
+        return np.zeros(n, np.uint8)
 
     def prune(self) -> None:
         """Drop parity older than the group's protected step. Codewords complete at different paces, so a
@@ -193,10 +227,12 @@ class Protector:
         floor = self.protected_step()
         for steps in self.parity.values():
             for st in [st for st in steps if st < floor]:
-                del steps[st]
+                self._spare.append(steps.pop(st).buf)
+        del self._spare[:-1]
 
-    def note_peer(self, msg: P.PeerHeld) -> None:
+    def note_peer(self, msg: P.PeerHeld, now: float) -> None:
         self.remote_parity[msg.node] = {(c, p, s) for c, p, s in msg.parity}
+        self.remote_sending[msg.node] = (msg.sending, now)
         self.table.remote.update({row[0]: set(row[1:]) for row in msg.held})
         ranks = [set(row[1:]) for row in msg.held]
         self.remote_sealed[msg.node] = set.intersection(*ranks) if ranks else set()

@@ -7,6 +7,7 @@ second daemon for the same job and node refuses to start instead of stealing the
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import fcntl
@@ -31,6 +32,7 @@ from snapguard.daemon.slots import SEALED, SlotTable
 
 log = logging.getLogger(__name__)
 
+CHUNKS_READ_AHEAD = 2  # chunks read out of ZeroMQ ahead of handling them, to reach the small messages behind
 ZMQ_MAX_MSG = 4 * P.MAX_HEADER_BYTES  # beyond this zmq drops the connection; below it we answer with an error
 
 
@@ -41,7 +43,7 @@ class DaemonConfig:
     run_dir: str
     shm_dir: str = "/dev/shm"
     shm_limit: int | None = None  # bytes this daemon may allocate in shm_dir, on top of the free-space check
-    slots_per_rank: int = 2
+    slots_per_rank: int | None = None  # default: 2, or 3 with erasure coding (see `slots_for`)
     remove_on_exit: bool = True
     # erasure coding across nodes (all empty: this node stands alone)
     peer_bind: str | None = None  # e.g. tcp://10.0.0.5:7100
@@ -57,6 +59,17 @@ class DaemonConfig:
         return Endpoint(self.job, self.node, self.run_dir)
 
 
+def slots_for(cfg: DaemonConfig) -> int:
+    """Slots per rank. Alone, two: the newest step all ranks hold, and one to write. With erasure coding a
+    rank must also keep the group's newest protected step, which a lost node is rebuilt to, until a newer
+    one is protected: with two slots, a rank whose protection falls behind would wait for it. A third
+    slot lets the rank overwrite the step still being protected instead (protection then skips to the
+    newest), so training never waits for parity."""
+    if cfg.slots_per_rank is not None:
+        return cfg.slots_per_rank
+    return 3 if cfg.peer_bind else 2
+
+
 class AlreadyRunning(SnapGuardError):
     pass
 
@@ -65,7 +78,7 @@ class Daemon:
     def __init__(self, cfg: DaemonConfig):
         self.cfg = cfg
         self.who = f"[{cfg.job}/{cfg.node} daemon]"
-        self.table = SlotTable(cfg.job, cfg.node, cfg.shm_dir, cfg.shm_limit, cfg.slots_per_rank)
+        self.table = SlotTable(cfg.job, cfg.node, cfg.shm_dir, cfg.shm_limit, slots_for(cfg))
         self._stop = False
         self._remove = cfg.remove_on_exit
         self._lock_fd = None
@@ -76,7 +89,11 @@ class Daemon:
         self._stocks_cache: tuple[float, dict] = (0.0, {})
         self._last_beat = 0.0
         self._protect_due = False
-        self._last_resend = 0.0
+        self._inflight: list[tuple[str, zmq.MessageTracker]] = []  # (holder, tracker) of the chunks on their way
+        self._inflight_since = 0.0
+        self._sent_at = 0.0  # when the chunks of protector.sent_step last left, all of them
+        self._buffer_held = False  # ZeroMQ may still hold the send buffer (its queue to a peer was discarded)
+        self._chunks: collections.deque = collections.deque()  # peer messages with bulk frames, read, not handled
         self.rejected: list[str] = []
         self._rejected_count = 0
 
@@ -118,8 +135,12 @@ class Daemon:
                 raise SnapGuardError(f"{self.who} EC group members {missing} have no peer address")
             self.net = PeerNet(self.cfg.job, self.cfg.node, self.cfg.secret, self.cfg.peer_bind, peers)
             self.protector = Protector(self.table, group, self.cfg.node, self.cfg.ec_m)
-            log.info("%s erasure coding in group %s with m=%d, listening for peers on %s", self.who, group,
-                     self.cfg.ec_m, self.cfg.peer_bind)
+            log.info("%s erasure coding in group %s with m=%d, listening for peers on %s; %d slots per rank",
+                     self.who, group, self.cfg.ec_m, self.cfg.peer_bind, self.table.slots_per_rank)
+            if self.table.slots_per_rank < 3:
+                log.warning("%s with %d slots per rank, a rank waits whenever protection falls a step behind;"
+                            " 3 slots (the default with erasure coding) never make training wait for it", self.who,
+                            self.table.slots_per_rank)
         log.info("%s serving on %s (shm %s, pid %d)", self.who, ep.socket_path, self.table.dir, os.getpid())
 
     def serve_forever(self) -> None:
@@ -131,20 +152,21 @@ class Daemon:
             if self.net is not None:
                 poller.register(self.net.router, zmq.POLLIN)
             while not self._stop:
-                events = dict(poller.poll(200))
+                busy = self._inflight or self._protect_due or self._chunks
+                events = dict(poller.poll(0 if self._chunks else 10 if busy else 200))
                 if self._sock in events:
                     self._handle(self._sock.recv_multipart())
-                if self._protect_due:
-                    self._protect_due = False
+                if self.net is not None:
+                    if self._protect_due:  # a rank sealed: the other nodes' ranks may reuse a slot once they know
+                        self._protect_due = False
+                        self._broadcast_held()
                     try:
                         self._protect()
-                    except Exception:  # the heartbeat sends the chunks again; the daemon keeps serving
+                    except Exception:  # tried again on the next turn; the daemon keeps serving
                         log.exception("%s could not send chunks to their parity holders", self.who)
-                if self.net is not None:
-                    if self.net.router in events:
-                        self._handle_peer(recv_frames(self.net.router))
+                    if self.net.router in events or self._chunks:
+                        self._read_peers()
                     if time.monotonic() - self._last_beat > self.cfg.heartbeat_s:
-                        self._resend_unprotected()
                         self._broadcast_held()
         finally:
             self.close()
@@ -217,12 +239,14 @@ class Daemon:
                 s = t.ranks[msg.rank][d.slot]
                 return P.Granted(d.slot, s.path, s.capacity)
             if d.action == "wait":
+                log.debug("%s rank %d waits to write step %d: slots %s, all ranks hold %d, protected %d", self.who,
+                          msg.rank, msg.step, [(x.state, x.step) for x in t.ranks[msg.rank]], t.common(), t.protected)
                 return P.Wait(d.need, t.common())
             return P.Error("BadStep", f"rank {msg.rank}: {d.reason}")
         if isinstance(msg, P.Seal):
             man = Manifest.from_wire(msg.manifest)
             t.seal(msg.rank, msg.step, msg.slot, man)
-            self._protect_due = True  # after the reply: a trainer's seal never waits for the chunks to go out
+            self._protect_due = True  # after the reply: a trainer's seal never waits for the peers to hear of it
             return P.Sealed(msg.step, t.common())
         if isinstance(msg, P.Inventory):
             steps, dropped = t.verified_steps(msg.rank)
@@ -254,39 +278,55 @@ class Daemon:
         return self.net.header()
 
     def _protect(self) -> None:
-        """After a seal: if every local rank now holds a newer step, send its chunks to their parity holders."""
-        if self.protector is None:
-            return
-        full = self.protector.full_steps()
-        if full and full[-1] > self.protector.sent_step:
-            step = full[-1]  # the newest: older steps not yet sent are skipped
-            t0 = time.monotonic()
-            sent = 0
-            for dest, fields, data in self.protector.chunks_to_send(step):
-                sent += self.net.send(dest, P.PeerChunk(**self._header(), **fields), [data]) and len(data)
-            self.protector.sent_step = step
-            self._last_resend = time.monotonic()
-            self.protector.sent_bytes += sent
-            log.debug("%s sent %d bytes of step %d to parity holders in %.3f s", self.who, sent, step,
-                      time.monotonic() - t0)
-        self._broadcast_held()
+        """Called on every turn of the loop: send the chunks of the step to protect next to their parity holders.
 
-    def _resend_unprotected(self) -> None:
-        """Chunks go out once, fire and forget. One lost on the way (a full queue, a dropped connection, a
-        restarted holder) would leave its step unprotected for good, and ranks that may not overwrite the
-        protected step's slot would then wait forever for a free one. Send the newest step's chunks again
-        while it stays unprotected; a holder that has a chunk already refuses the copy."""
-        p = self.protector
-        now = time.monotonic()
-        if p is None or p.sent_step < 0 or self.table.protected >= p.sent_step or now - self._last_resend < 2 * self.cfg.heartbeat_s:
-            return
-        full = p.full_steps()
-        if not full or full[-1] != p.sent_step:
-            return
-        self._last_resend = now
-        for dest, fields, data in p.chunks_to_send(p.sent_step):
-            self.net.send(dest, P.PeerChunk(**self._header(), **fields), [data])
-        log.info("%s step %d is not protected yet: sent its chunks again", self.who, p.sent_step)
+        One step's chunks are on their way at a time, read once out of the slots into one reused buffer that
+        ZeroMQ sends in place; the next step goes out once ZeroMQ is done with them. If protection falls behind
+        the seals, steps in between are skipped (`Protector.choose_step`), and a trainer that needs the slot of
+        a step still being sent overwrites it (a third slot per rank): training never waits for parity. The
+        chunks of a step that stays unprotected are sent again now and then: one lost on the way (a restarted
+        holder, a dropped connection) would otherwise leave the step unprotected for good."""
+        p, now = self.protector, time.monotonic()
+        if self._inflight:
+            if all(t.done for _, t in self._inflight):
+                self._inflight = []
+                self._sent_at = now
+            elif now - self._inflight_since > self.cfg.peer_timeout_s:
+                slow = sorted({n for n, t in self._inflight if not t.done})
+                log.warning("%s chunks of step %d did not leave for %s within %.0f s: dropping them", self.who,
+                            p.sent_step, ", ".join(slow), self.cfg.peer_timeout_s)
+                for n in slow:
+                    self.net.forget(n)  # discards the queue; ZeroMQ lets go of the buffer in its own time
+                self._buffer_held = True
+                self._inflight = []
+                self._sent_at = now
+            else:
+                return
+        step = p.choose_step(now, fresh_s=self.cfg.peer_timeout_s)
+        resend = False
+        if step is None:
+            # nothing newer to send: send the last step again if it stays unprotected while still held
+            if (p.sent_step < 0 or self.table.protected >= p.sent_step or p.sent_step not in p.full_steps()
+                    or now - self._sent_at < max(2 * self.cfg.heartbeat_s, 2.0)):
+                return
+            step, resend = p.sent_step, True
+        t0 = time.monotonic()
+        sent = 0
+        for dest, fields, data in p.chunks_to_send(step, fresh=self._buffer_held):
+            tracker = self.net.send_tracked(dest, P.PeerChunk(**self.net.header(bulk=True), **fields), data)
+            if tracker is not None:
+                self._inflight.append((dest, tracker))
+                sent += len(data)
+        self._buffer_held = False
+        self._inflight_since = time.monotonic()
+        if resend:
+            log.info("%s step %d is not protected yet: sent its chunks again", self.who, step)
+        else:
+            p.sent_step = step
+            p.sent_bytes += sent
+            self._broadcast_held()  # tells the others which step to join
+        log.debug("%s queued %d bytes of step %d for parity holders in %.3f s", self.who, sent, step,
+                  time.monotonic() - t0)
 
     def _broadcast_held(self) -> None:
         if self.net is None:
@@ -294,10 +334,23 @@ class Daemon:
         self._last_beat = time.monotonic()
         self.protector.prune()
         held = [[r, *steps] for r, steps in self.table.held().items() if r in self.table.ranks]
-        msg_fields = {"held": held, "parity": self.protector.complete_parity()}
+        msg_fields = {"held": held, "parity": self.protector.complete_parity(), "sending": self.protector.sent_step}
         for node in self.net.peers:
             self.net.send(node, P.PeerHeld(**self._header(), **msg_fields))
         self.table.protected = self.protector.protected_step()
+
+    def _read_peers(self) -> None:
+        """Handle what the peers sent: every small message at once, and one chunk. A chunk (hundreds of MiB to
+        authenticate and fold into parity) would otherwise hold up the small messages queued behind it, among
+        them which steps the other ranks have sealed, which this node's ranks wait for before reusing a slot."""
+        while len(self._chunks) < CHUNKS_READ_AHEAD and self.net.router.poll(0):
+            frames = recv_frames(self.net.router)
+            if len(frames) > 4:  # [identity, request id, header, bulk..., tag]: a chunk (authenticated later)
+                self._chunks.append(frames)
+            else:
+                self._handle_peer(frames)
+        if self._chunks:
+            self._handle_peer(self._chunks.popleft())
 
     def _handle_peer(self, frames: list[bytes]) -> None:
         try:
@@ -307,7 +360,7 @@ class Daemon:
             return
         try:
             if isinstance(msg, P.PeerHeld):
-                self.protector.note_peer(msg)
+                self.protector.note_peer(msg, time.monotonic())
                 self.protector.prune()
                 self.table.protected = self.protector.protected_step()
             elif isinstance(msg, P.PeerChunk):

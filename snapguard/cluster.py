@@ -45,7 +45,7 @@ class ClusterSpec:
     layers: int = 1
     step_sleep: float = 0.0
     job: str = "cluster"
-    slots_per_rank: int = 2
+    slots_per_rank: int | None = None  # the daemon's default (3 with erasure coding)
     worker_args: list[str] = field(default_factory=list)
     env: dict = field(default_factory=dict)
     # Opt-in, off by default: daemons meet in a TCPStore this process hosts (--rendezvous) instead of
@@ -122,8 +122,10 @@ class Cluster:
         """Start `node`'s daemon; wait until it answers unless `wait_s` is None (see `start_daemons`)."""
         os.makedirs(self.shm_dir(node), mode=0o700, exist_ok=True)
         extra = ["--peer-bind", f"tcp://127.0.0.1:{self.ports[node]}", "--ec-m", str(self.spec.m),
-                 "--slots-per-rank", str(self.spec.slots_per_rank), "--peer-timeout", "3",
-                 "--log-level", os.environ.get("SNAPGUARD_DAEMON_LOG", "INFO"), *self._peer_flags(node)]
+                 "--peer-timeout", "3", "--log-level", os.environ.get("SNAPGUARD_DAEMON_LOG", "INFO"),
+                 *self._peer_flags(node)]
+        if self.spec.slots_per_rank is not None:
+            extra += ["--slots-per-rank", str(self.spec.slots_per_rank)]
         extra += self.daemon_args.get(node, [])
         os.environ["SNAPGUARD_SECRET"] = self.secret
         saved = {k: os.environ.get(k) for k in self.daemon_env}

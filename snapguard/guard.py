@@ -71,7 +71,7 @@ class _Job:
         self.sealed = threading.Event()
         self.error: BaseException | None = None
         self.started = time.monotonic()
-        self.copy_s = self.seal_s = 0.0
+        self.begin_s = self.copy_s = self.seal_s = 0.0  # slot grant (including waits), copy, seal
 
 
 class Guard:
@@ -276,7 +276,9 @@ class Guard:
             # The state grew (an optimizer creates its state on its first step): grow and pre-fault every free
             # slot at once, rather than one slot on each of the next snapshots.
             self._reserve(layout.nbytes)
+        t_begin = time.monotonic()
         granted = self._begin(job.step, layout.nbytes)
+        job.begin_s = time.monotonic() - t_begin
         buf, _ = self._mapping(granted.path, granted.capacity)
         t0 = time.monotonic()
         stream = None

@@ -300,9 +300,11 @@ class PeerMessage(Message):
 
 @dataclass(frozen=True)
 class PeerHeld(PeerMessage):
-    """What the sender holds now: sealed steps per local rank ([rank, step, ...]) and complete parity ([codeword, position, step])."""
+    """What the sender holds now: sealed steps per local rank ([rank, step, ...]) and complete parity ([codeword,
+    position, step]); and the newest step whose chunks it sent (-1: none), which the others send too."""
     held: list[list[int]]
     parity: list[list[int]]
+    sending: int = -1
 
 
 @dataclass(frozen=True)

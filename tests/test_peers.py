@@ -6,12 +6,15 @@ Node "a" (the daemon under test) holds the parity of codeword 0, whose one data 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import shutil
 import time
 
 import numpy as np
 import pytest
+import torch
 import xxhash
 import zmq
 
@@ -19,30 +22,39 @@ from snapguard import protocol as P
 from snapguard.client import DaemonClient
 from snapguard.cluster import free_port
 from snapguard.config import Endpoint
-from snapguard.daemon.peers import PeerNet, seal_frames
+from snapguard.daemon.peers import PeerNet, recv_frames, seal_frames
+from snapguard.errors import SnapGuardError
+from snapguard.guard import Guard
 from snapguard.procs import spawn_daemon
 
 SECRET = secrets.token_hex(16)
 
 
-@pytest.fixture
-def pair(tmp_path):
+@contextlib.contextmanager
+def _pair(tmp_path, extra: tuple[str, ...] = ()):
     ep = Endpoint(f"auth{os.getpid()}", "a", str(tmp_path / "run"))
     pa, pb = free_port(), free_port()
     shm = f"/dev/shm/snapguard-peers-{secrets.token_hex(4)}"
     os.makedirs(shm, mode=0o700)
     os.environ["SNAPGUARD_SECRET"] = SECRET
     proc = spawn_daemon(ep, shm, ["--peer-bind", f"tcp://127.0.0.1:{pa}", "--peer", f"b=tcp://127.0.0.1:{pb}",
-                                  "--ec-group", "a,b", "--ec-m", "1"], log_path=str(tmp_path / "daemon.log"))
+                                  "--ec-group", "a,b", "--ec-m", "1", *extra], log_path=str(tmp_path / "daemon.log"))
     net = PeerNet(ep.job, "b", SECRET.encode(), f"tcp://127.0.0.1:{pb}", {"a": f"tcp://127.0.0.1:{pa}"})
     client = DaemonClient(ep.address, timeout_s=10)
-    yield ep, net, client, tmp_path / "daemon.log"
-    client.close()
-    net.close()
-    proc.kill()
-    proc.wait(10)
-    import shutil
-    shutil.rmtree(shm, ignore_errors=True)
+    try:
+        yield ep, net, client, tmp_path / "daemon.log"
+    finally:
+        client.close()
+        net.close()
+        proc.kill()
+        proc.wait(10)
+        shutil.rmtree(shm, ignore_errors=True)
+
+
+@pytest.fixture
+def pair(tmp_path):
+    with _pair(tmp_path) as p:
+        yield p
 
 
 def chunk(net: PeerNet, step: int, data: bytes, checksum: int | None = None) -> P.PeerChunk:
@@ -123,3 +135,71 @@ def test_parity_equals_the_codec_of_the_data(pair):
     wait_parity(client, [[0, 1, 1]])
     reply, bulk = net.request("a", P.PeerFetch(**net.header(), step=1, codeword=0, position=1), timeout_s=10)
     assert bulk[0] == data and reply.checksum == xxhash.xxh3_64_intdigest(data)
+
+
+def _chunks_received(net: PeerNet, until_step: int, timeout_s: float = 10.0) -> dict[int, bytes]:
+    """Authenticated PeerChunks that reached this (test-played) node, until one of `until_step`: step -> bytes."""
+    got: dict[int, bytes] = {}
+    deadline = time.monotonic() + timeout_s
+    while until_step not in got and net.router.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+        _, _, msg, bulk = net.receive(recv_frames(net.router))
+        if isinstance(msg, P.PeerChunk):
+            assert xxhash.xxh3_64_intdigest(bulk[0]) == msg.checksum
+            got[msg.step] = bytes(bulk[0])
+    return got
+
+
+@pytest.mark.parametrize("slots", [None, 2])
+def test_training_never_waits_for_a_parity_holder_that_falls_behind(tmp_path, slots):
+    """Node b, the holder of a's parity, stops confirming it after step 0. With the default slots under erasure
+    coding (3), a's rank snapshots ten more steps without waiting, its daemon keeps step 0 (the newest protected,
+    which a lost node would be rebuilt to) the whole time, and once b confirms the newest step, that step is
+    protected. With 2 slots the rank has to wait for protection and gives up: the third slot is what keeps
+    training from waiting."""
+    extra = () if slots is None else ("--slots-per-rank", str(slots))
+    with _pair(tmp_path, extra) as (ep, net, client, _):
+        state = {"w": torch.arange(4096, dtype=torch.float32)}
+        guard = Guard(states={"s": state}, rng=False, job=ep.job, node="a", run_dir=ep.run_dir, rank=0, world_size=1,
+                      timeout_s=10, gate_timeout_s=3.0)
+        try:
+            dealer = net._dealer("a")
+            data = np.random.default_rng(2).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+            guard.snapshot(0)
+            guard.wait()
+            # b completes step 0 on both holders: a's parity of b's chunk, and its own parity of a's chunk
+            dealer.send_multipart(seal_frames(net.secret, bytes(8), chunk(net, 0, data), [data]))
+            dealer.send_multipart(seal_frames(net.secret, bytes(8), P.PeerHeld(**net.header(), held=[], parity=[[1, 1, 0]])))
+            deadline = time.monotonic() + 10
+            while client.request(P.Status()).protected != 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert client.request(P.Status()).protected == 0
+
+            def train(steps):
+                for step in steps:
+                    state["w"] += 1
+                    guard.snapshot(step)
+                    guard.wait()
+                    st = client.request(P.Status())
+                    held = sorted(s["step"] for s in st.ranks[0]["slots"] if s["state"] == "sealed")
+                    assert st.protected == 0 and 0 in held and step in held, (step, held)
+
+            if slots == 2:
+                with pytest.raises(SnapGuardError, match="waited 3 s for every rank to seal step"):
+                    train(range(1, 11))
+                return
+            train(range(1, 11))
+            assert guard.last_sealed == 10
+
+            sent = _chunks_received(net, until_step=10)
+            assert 10 in sent, f"a sent chunks of steps {sorted(sent)}, not of its newest step"
+            assert np.array_equal(np.frombuffer(sent[10][:4096 * 4], np.float32), state["w"].numpy())
+            # b catches up with the newest step only: protection skips what it fell behind on
+            dealer.send_multipart(seal_frames(net.secret, bytes(8), chunk(net, 10, data), [data]))
+            dealer.send_multipart(seal_frames(net.secret, bytes(8), P.PeerHeld(**net.header(), held=[], parity=[[1, 1, 10]])))
+            deadline = time.monotonic() + 10
+            while client.request(P.Status()).protected != 10 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            st = client.request(P.Status())
+            assert st.protected == 10 and st.parity == [[0, 1, 10]]
+        finally:
+            guard.close()
