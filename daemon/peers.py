@@ -89,7 +89,7 @@ def open_frames(secret: bytes, frames: list) -> tuple[bytes, P.Message, list]:
 
 
 _ZERO_COPY = 1 << 16
-RECV_HWM = 2  # messages ZeroMQ reads ahead per peer
+RECV_HWM = 4  # messages ZeroMQ reads ahead per peer
 
 
 def recv_frames(sock: zmq.Socket) -> list:
@@ -155,13 +155,12 @@ class PeerNet:
 
     def send_tracked(self, node: str, msg: P.Message, data) -> zmq.MessageTracker | None:
         """Send one message whose bulk frame `data` ZeroMQ reads in place, without a copy: `data` must not change
-        until the returned tracker is done. None if the peer's queue is full (nothing was sent)."""
+        until the returned tracker is done. None if the peer's queue is full: nothing was sent, try again later."""
         frames = seal_frames(self.secret, bytes(8), msg, [data])
         frames[2] = zmq.Frame(data, track=True)
         try:
             self._dealer(node, bulk=True).send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            log.warning("[%s/%s daemon] peer %s is not keeping up; dropped %s", self.job, self.node, node, msg.TYPE)
             return None
         return frames[2].tracker
 

@@ -38,15 +38,20 @@ log = logging.getLogger(__name__)
 MAX_PENDING_STEPS = 4  # steps a holder accumulates at once per codeword, besides its newest complete one
 
 
+PIECE = 16 << 20  # chunks travel in pieces of this size: folding one in keeps the daemon's loop busy for milliseconds
+
+
 @dataclass
 class ParityEntry:
     step: int
     buf: np.ndarray
-    got: set[int] = field(default_factory=set)  # data positions folded in
+    got: dict[int, int] = field(default_factory=dict)  # data position -> bytes of its chunk folded in
+    want: dict[int, int] = field(default_factory=dict)  # data position -> its chunk's length
+    pieces: set[tuple[int, int]] = field(default_factory=set)  # (position, offset) folded in
     blobs: dict[str, dict] = field(default_factory=dict)  # node -> its blob layout at this step
 
     def complete(self, k: int) -> bool:
-        return len(self.got) == k
+        return len(self.want) == k and all(self.got.get(p, 0) == n for p, n in self.want.items())
 
 
 class Protector:
@@ -166,15 +171,25 @@ class Protector:
                 self.read_blob(step, start, start + sc.chunk_len, buf)
                 data = memoryview(buf)
                 fields = {"step": step, "codeword": word.index, "position": ref.position, "chunk_len": sc.chunk_len,
-                          "checksum": xxhash.xxh3_64_intdigest(data), "blob": layout}
+                          "blob": layout}
                 for holder in word.chunks[self.k:]:
                     out.append((self.group[holder.node], fields, data))
         return out
 
+    @staticmethod
+    def pieces(fields: dict, data: memoryview):
+        """The PeerChunk fields and bytes of each piece of one chunk, in order; checksummed as they are drawn."""
+        for off in range(0, len(data), PIECE):
+            piece = data[off:off + PIECE]
+            f = {**fields, "offset": off, "checksum": xxhash.xxh3_64_intdigest(piece)}
+            if off:
+                del f["blob"]
+            yield f, piece
+
     # ---- receiving -----------------------------------------------------------------------------
 
     def accept_chunk(self, msg: P.PeerChunk, data: bytes) -> None:
-        """Fold one data chunk into the parity this node holds; refuse anything that does not fit."""
+        """Fold one piece of a data chunk into the parity this node holds; refuse anything that does not fit."""
         if msg.codeword >= self.g or msg.position >= self.k:
             raise ProtocolError(f"chunk for codeword {msg.codeword} position {msg.position} is outside g={self.g}, k={self.k}")
         word = self.plan.codewords[msg.codeword]
@@ -183,11 +198,15 @@ class Protector:
         mine = [pos for (c, pos) in self.parity if c == msg.codeword]
         if not mine:
             raise ProtocolError(f"this node holds no parity of codeword {msg.codeword}")
-        if len(data) != msg.chunk_len:
-            raise ProtocolError(f"chunk of {len(data)} bytes, header says {msg.chunk_len}")
+        end = msg.offset + len(data)
+        if not data or end > msg.chunk_len or (end < msg.chunk_len and len(data) != PIECE):
+            raise ProtocolError(f"piece of {len(data)} bytes at offset {msg.offset} does not fit a chunk of"
+                                f" {msg.chunk_len} bytes in pieces of {PIECE}")
+        if msg.offset % PIECE:
+            raise ProtocolError(f"piece at offset {msg.offset} is not on a {PIECE}-byte boundary")
         if xxhash.xxh3_64_intdigest(data) != msg.checksum:
             raise ChecksumError(f"chunk of step {msg.step} codeword {msg.codeword} from {msg.node} fails its checksum")
-        if not isinstance(msg.blob.get("nbytes"), int) or not isinstance(msg.blob.get("ranks"), list):
+        if msg.offset == 0 and (not isinstance(msg.blob.get("nbytes"), int) or not isinstance(msg.blob.get("ranks"), list)):
             raise ProtocolError("chunk's blob layout is malformed")
         for pos in mine:
             steps = self.parity[(msg.codeword, pos)]
@@ -197,15 +216,21 @@ class Protector:
             e = steps.get(msg.step)
             if e is None:
                 e = steps[msg.step] = ParityEntry(msg.step, self._zeros(msg.chunk_len))
-            if msg.position in e.got:
-                raise ProtocolError(f"duplicate chunk of step {msg.step} codeword {msg.codeword} position {msg.position}")
+            if (msg.position, msg.offset) in e.pieces:
+                raise ProtocolError(f"duplicate chunk of step {msg.step} codeword {msg.codeword} position {msg.position}"
+                                    f" at offset {msg.offset}")
+            if e.want.setdefault(msg.position, msg.chunk_len) != msg.chunk_len:
+                raise ProtocolError(f"chunk of step {msg.step} position {msg.position} was {e.want[msg.position]} bytes"
+                                    f" long, now {msg.chunk_len}")
             if len(e.buf) < msg.chunk_len:  # shards of unequal size share the largest chunk length
                 e.buf = np.concatenate([e.buf, np.zeros(msg.chunk_len - len(e.buf), np.uint8)])
             # Only the parity row this node keeps, folded straight into it.
-            self.codec.accumulate(msg.position, np.frombuffer(data, np.uint8), [e.buf[:msg.chunk_len]],
+            self.codec.accumulate(msg.position, np.frombuffer(data, np.uint8), [e.buf[msg.offset:end]],
                                   rows=[pos - self.k])
-            e.got.add(msg.position)
-            e.blobs[msg.node] = msg.blob
+            e.pieces.add((msg.position, msg.offset))
+            e.got[msg.position] = e.got.get(msg.position, 0) + len(data)
+            if msg.offset == 0:
+                e.blobs[msg.node] = msg.blob
             pending = sorted(st for st, x in steps.items() if not x.complete(self.k))
             for old in pending[:-MAX_PENDING_STEPS]:
                 self._spare.append(steps.pop(old).buf)

@@ -11,6 +11,7 @@ import collections
 import contextlib
 import errno
 import fcntl
+import itertools
 import logging
 import os
 import signal
@@ -32,7 +33,8 @@ from snapguard.daemon.slots import SEALED, SlotTable
 
 log = logging.getLogger(__name__)
 
-CHUNKS_READ_AHEAD = 2  # chunks read out of ZeroMQ ahead of handling them, to reach the small messages behind
+CHUNKS_READ_AHEAD = 4  # pieces of chunks read out of ZeroMQ ahead of handling them, to reach the small messages behind
+PIECES_PER_TURN = 4  # pieces of chunks handed to ZeroMQ per holder per turn of the loop
 ZMQ_MAX_MSG = 4 * P.MAX_HEADER_BYTES  # beyond this zmq drops the connection; below it we answer with an error
 
 
@@ -70,6 +72,46 @@ def slots_for(cfg: DaemonConfig) -> int:
     return 3 if cfg.peer_bind else 2
 
 
+class _SendJob:
+    """The pieces of one step's chunks on their way to the parity holders, drawn in order for each holder."""
+
+    def __init__(self, step: int, chunks: list[tuple[str, dict, memoryview]], now: float):
+        self.step, self.started, self.progress = step, now, now
+        per_dest: dict[str, list] = {}
+        for dest, fields, data in chunks:
+            per_dest.setdefault(dest, []).append(Protector.pieces(fields, data))
+        self.todo = {d: itertools.chain.from_iterable(gens) for d, gens in per_dest.items()}
+        self.next: dict[str, tuple[dict, memoryview]] = {}  # drawn, refused by a full queue, sent next turn
+        self.trackers: list[tuple[str, zmq.MessageTracker]] = []
+        self.total = sum(len(data) for _, _, data in chunks)
+        self.bytes = 0
+        self._done = 0
+
+    def pump(self, net: PeerNet, budget: int, now: float) -> bool:
+        """Hand up to `budget` pieces per holder to ZeroMQ; True once every piece has left."""
+        for dest in list(self.todo):
+            for _ in range(budget):
+                item = self.next.pop(dest, None) or next(self.todo[dest], None)
+                if item is None:
+                    del self.todo[dest]
+                    break
+                fields, piece = item
+                tracker = net.send_tracked(dest, P.PeerChunk(**net.header(bulk=True), **fields), piece)
+                if tracker is None:  # the holder's queue is full: it is slow, or gone
+                    self.next[dest] = item
+                    break
+                self.trackers.append((dest, tracker))
+                self.bytes += len(piece)
+                self.progress = now
+        done = sum(t.done for _, t in self.trackers)
+        if done > self._done:
+            self._done, self.progress = done, now
+        return not self.todo and done == len(self.trackers)
+
+    def slow(self) -> list[str]:
+        return sorted(set(self.todo) | {d for d, t in self.trackers if not t.done})
+
+
 class AlreadyRunning(SnapGuardError):
     pass
 
@@ -89,8 +131,7 @@ class Daemon:
         self._stocks_cache: tuple[float, dict] = (0.0, {})
         self._last_beat = 0.0
         self._protect_due = False
-        self._inflight: list[tuple[str, zmq.MessageTracker]] = []  # (holder, tracker) of the chunks on their way
-        self._inflight_since = 0.0
+        self._job: _SendJob | None = None  # the chunks on their way to parity holders
         self._sent_at = 0.0  # when the chunks of protector.sent_step last left, all of them
         self._buffer_held = False  # ZeroMQ may still hold the send buffer (its queue to a peer was discarded)
         self._chunks: collections.deque = collections.deque()  # peer messages with bulk frames, read, not handled
@@ -152,7 +193,7 @@ class Daemon:
             if self.net is not None:
                 poller.register(self.net.router, zmq.POLLIN)
             while not self._stop:
-                busy = self._inflight or self._protect_due or self._chunks
+                busy = self._job or self._protect_due or self._chunks
                 events = dict(poller.poll(0 if self._chunks else 10 if busy else 200))
                 if self._sock in events:
                     self._handle(self._sock.recv_multipart())
@@ -281,24 +322,29 @@ class Daemon:
         """Called on every turn of the loop: send the chunks of the step to protect next to their parity holders.
 
         One step's chunks are on their way at a time, read once out of the slots into one reused buffer that
-        ZeroMQ sends in place; the next step goes out once ZeroMQ is done with them. If protection falls behind
-        the seals, steps in between are skipped (`Protector.choose_step`), and a trainer that needs the slot of
-        a step still being sent overwrites it (a third slot per rank): training never waits for parity. The
-        chunks of a step that stays unprotected are sent again now and then: one lost on the way (a restarted
-        holder, a dropped connection) would otherwise leave the step unprotected for good."""
+        ZeroMQ sends in place; they go out in pieces (`protect.PIECE`), a few per turn of the loop, as fast as
+        the holders take them, so that neither this loop nor a holder's is ever busy with one for long. The next
+        step goes out once ZeroMQ is done with them. If protection falls behind the seals, steps in between are
+        skipped (`Protector.choose_step`), and a trainer that needs the slot of a step still being sent
+        overwrites it (a third slot per rank): training never waits for parity. The chunks of a step that stays
+        unprotected are sent again now and then: one lost on the way (a restarted holder, a dropped connection)
+        would otherwise leave the step unprotected for good."""
         p, now = self.protector, time.monotonic()
-        if self._inflight:
-            if all(t.done for _, t in self._inflight):
-                self._inflight = []
+        job = self._job
+        if job is not None:
+            if job.pump(self.net, PIECES_PER_TURN, now):
+                self._job = None
                 self._sent_at = now
-            elif now - self._inflight_since > self.cfg.peer_timeout_s:
-                slow = sorted({n for n, t in self._inflight if not t.done})
-                log.warning("%s chunks of step %d did not leave for %s within %.0f s: dropping them", self.who,
-                            p.sent_step, ", ".join(slow), self.cfg.peer_timeout_s)
+                log.debug("%s sent %d bytes of step %d to parity holders in %.3f s", self.who, job.bytes, job.step,
+                          now - job.started)
+            elif now - job.progress > self.cfg.peer_timeout_s:
+                slow = job.slow()
+                log.warning("%s parity holders %s took no chunk of step %d for %.0f s: dropping what is queued for"
+                            " them", self.who, ", ".join(slow), job.step, self.cfg.peer_timeout_s)
                 for n in slow:
                     self.net.forget(n)  # discards the queue; ZeroMQ lets go of the buffer in its own time
                 self._buffer_held = True
-                self._inflight = []
+                self._job = None
                 self._sent_at = now
             else:
                 return
@@ -310,23 +356,15 @@ class Daemon:
                     or now - self._sent_at < max(2 * self.cfg.heartbeat_s, 2.0)):
                 return
             step, resend = p.sent_step, True
-        t0 = time.monotonic()
-        sent = 0
-        for dest, fields, data in p.chunks_to_send(step, fresh=self._buffer_held):
-            tracker = self.net.send_tracked(dest, P.PeerChunk(**self.net.header(bulk=True), **fields), data)
-            if tracker is not None:
-                self._inflight.append((dest, tracker))
-                sent += len(data)
+        self._job = _SendJob(step, p.chunks_to_send(step, fresh=self._buffer_held), now)
         self._buffer_held = False
-        self._inflight_since = time.monotonic()
         if resend:
-            log.info("%s step %d is not protected yet: sent its chunks again", self.who, step)
+            log.info("%s step %d is not protected yet: sending its chunks again", self.who, step)
         else:
             p.sent_step = step
-            p.sent_bytes += sent
+            p.sent_bytes += self._job.total
             self._broadcast_held()  # tells the others which step to join
-        log.debug("%s queued %d bytes of step %d for parity holders in %.3f s", self.who, sent, step,
-                  time.monotonic() - t0)
+        self._job.pump(self.net, PIECES_PER_TURN, now)
 
     def _broadcast_held(self) -> None:
         if self.net is None:

@@ -309,16 +309,19 @@ class PeerHeld(PeerMessage):
 
 @dataclass(frozen=True)
 class PeerChunk(PeerMessage):
-    """One data chunk of the sender's node shard of `step`, for the parity holder of `codeword`; bytes follow in one frame."""
+    """A piece of one data chunk of the sender's node shard of `step`, bytes [offset, offset + piece length) of the
+    chunk, for the parity holder of `codeword`; the bytes follow in one frame, `checksum` is theirs."""
     step: int
     codeword: int
     position: int
     chunk_len: int
     checksum: int
-    blob: dict  # the sender's node shard: {"nbytes": L, "ranks": [[rank, offset, manifest], ...]}
+    offset: int = 0
+    # the sender's node shard, {"nbytes": L, "ranks": [[rank, offset, manifest], ...]}: with the piece at offset 0
+    blob: dict = field(default_factory=dict)
 
     def check(self):
-        _nonneg(self, "step", "codeword", "position", "chunk_len")
+        _nonneg(self, "step", "codeword", "position", "chunk_len", "offset")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from snapguard.client import DaemonClient
 from snapguard.cluster import free_port
 from snapguard.config import Endpoint
 from snapguard.daemon.peers import PeerNet, recv_frames, seal_frames
+from snapguard.daemon.protect import PIECE
 from snapguard.errors import SnapGuardError
 from snapguard.guard import Guard
 from snapguard.procs import spawn_daemon
@@ -135,6 +136,34 @@ def test_parity_equals_the_codec_of_the_data(pair):
     wait_parity(client, [[0, 1, 1]])
     reply, bulk = net.request("a", P.PeerFetch(**net.header(), step=1, codeword=0, position=1), timeout_s=10)
     assert bulk[0] == data and reply.checksum == xxhash.xxh3_64_intdigest(data)
+
+
+def test_a_chunk_in_pieces_completes_parity_once_every_piece_is_in(pair):
+    """Chunks travel in pieces of PIECE bytes, in any order; a duplicate or misshapen piece is refused."""
+    ep, net, client, log = pair
+    n = PIECE + 1000
+    data = np.random.default_rng(3).integers(0, 256, n, dtype=np.uint8).tobytes()
+    blob = {"nbytes": n, "ranks": []}
+
+    def piece(off: int, size: int | None = None) -> list:
+        body = data[off:off + (size or PIECE)]
+        msg = P.PeerChunk(**net.header(), step=1, codeword=0, position=0, chunk_len=n, offset=off,
+                          checksum=xxhash.xxh3_64_intdigest(body), blob=blob if off == 0 else {})
+        return seal_frames(net.secret, bytes(8), msg, [body])
+
+    dealer = net._dealer("a")
+    dealer.send_multipart(piece(PIECE))  # the tail first
+    dealer.send_multipart(piece(0, PIECE - 8))  # a piece that is not the last one must be PIECE long
+    assert status_after(client, 1).rejected == 1
+    assert client.request(P.Status()).parity == [], "parity complete with a piece missing"
+    dealer.send_multipart(piece(0))
+    assert wait_parity(client, [[0, 1, 1]]).parity == [[0, 1, 1]]
+    dealer.send_multipart(piece(PIECE))  # the same piece again
+    assert status_after(client, 2).rejected == 2
+    reply, bulk = net.request("a", P.PeerFetch(**net.header(), step=1, codeword=0, position=1), timeout_s=10)
+    assert bulk[0] == data, "parity of k=1 is the chunk itself"
+    text = log.read_text()
+    assert "does not fit a chunk" in text and "duplicate chunk of step 1" in text
 
 
 def _chunks_received(net: PeerNet, until_step: int, timeout_s: float = 10.0) -> dict[int, bytes]:
