@@ -137,6 +137,7 @@ class Daemon:
         self._chunks: collections.deque = collections.deque()  # peer messages with bulk frames, read, not handled
         self.rejected: list[str] = []
         self._rejected_count = 0
+        self._warned_alone = False
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -280,6 +281,13 @@ class Daemon:
                 s = t.ranks[msg.rank][d.slot]
                 return P.Granted(d.slot, s.path, s.capacity)
             if d.action == "wait":
+                unknown = sorted(set(range(msg.world_size)) - set(t.held()))
+                if self.net is None and unknown and not self._warned_alone:
+                    self._warned_alone = True
+                    log.warning("%s rank %d waits for ranks %s%s to seal step %d, which this daemon does not serve and,"
+                                " without peers, never hears of: a job spanning several nodes needs its daemons to be"
+                                " peers (--peer-bind with --peer or --rendezvous)", self.who, msg.rank,
+                                unknown[:8], "..." if len(unknown) > 8 else "", d.need)
                 log.debug("%s rank %d waits to write step %d: slots %s, all ranks hold %d, protected %d", self.who,
                           msg.rank, msg.step, [(x.state, x.step) for x in t.ranks[msg.rank]], t.common(), t.protected)
                 return P.Wait(d.need, t.common())

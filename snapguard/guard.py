@@ -340,7 +340,10 @@ class Guard:
             if time.monotonic() > deadline:
                 raise SnapGuardError(
                     f"{self.who} step {step}: waited {self.config.gate_timeout_s:.0f} s for every rank to seal step"
-                    f" {reply.need} before reusing the slot of an older step (newest step all ranks hold: {reply.common})")
+                    f" {reply.need} before reusing the slot of an older step (newest step all ranks hold: {reply.common})."
+                    " A rank that stopped snapshotting holds the others up; in a job over several nodes, a daemon"
+                    " hears of other nodes' ranks only from its peers (snapguard-daemon --peer-bind with --peer or"
+                    " --rendezvous)")
             time.sleep(pause)
             pause = min(pause * 2, 0.02)
 

@@ -7,6 +7,7 @@ would) or with a Guard in this process acting as rank 0 of a one-rank job. Crash
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import random
@@ -570,3 +571,18 @@ def test_restore_loads_in_place_and_leaves_nothing_pointing_into_shared_memory(d
         with open(path, "r+b") as f:
             f.write(b"\xff" * os.path.getsize(path))
     assert state_digest(model2, opt2) == digests[2]
+
+
+def test_a_rank_of_a_multi_node_job_whose_daemon_has_no_peers_gets_an_error_that_says_why(daemon):
+    """Rank 0 of a two-rank job whose rank 1 lives on another node: a daemon without peers never hears of
+    rank 1's seals, so after two snapshots rank 0 cannot reuse a slot. That ends in an error naming the
+    cause, within the gate timeout, not a silent hang."""
+    model, opt = make_model()
+    g = daemon.guard(model, opt, rng=False, world_size=2, gate_timeout_s=1.0)
+    try:
+        with pytest.raises(SnapGuardError, match="hears of other nodes' ranks only from its peers"):
+            train_and_snapshot(g, model, opt, {"step": -1}, range(4))
+        assert "never hears of: a job spanning several nodes needs its daemons to be peers" in daemon.log()
+    finally:
+        with contextlib.suppress(SnapGuardError):
+            g.close()
