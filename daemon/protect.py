@@ -31,7 +31,7 @@ from snapguard.errors import ChecksumError, LayoutError, ProtocolError, Unrecove
 from snapguard.layout import Manifest, align
 from snapguard.stripes import plan_stripes, recoverable
 
-from snapguard.daemon.slots import SEALED, SlotTable
+from snapguard.daemon.slots import SEALED, Slot, SlotTable
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,55 @@ class ParityEntry:
 
     def complete(self, k: int) -> bool:
         return len(self.want) == k and all(self.got.get(p, 0) == n for p, n in self.want.items())
+
+
+def read_parts(parts: list[tuple[int, Slot, int]], start: int, stop: int, out) -> None:
+    """Copy bytes [start, stop) of the blob made of `parts` ((offset in the blob, slot, bytes)) into out, zero
+    beyond the blob's end. It reads the slots whatever their state now: the caller knows they are unchanged."""
+    out = np.frombuffer(out, np.uint8) if not isinstance(out, np.ndarray) else out
+    out[:] = 0
+    for off, slot, n in parts:
+        lo, hi = max(start, off), min(stop, off + n)
+        if lo < hi:
+            out[lo - start:hi - start] = np.frombuffer(slot.buffer(), np.uint8, hi - lo, lo - off)
+
+
+class OutgoingStep:
+    """This node's chunks of one step on their way to the parity holders. Their bytes are read out of the slots
+    a piece at a time: ahead of sending (`read_some`, a few per turn of the daemon's loop), when a piece is
+    sent, or all at once before a trainer may overwrite one of the slots (`read_all`)."""
+
+    def __init__(self, step: int, parts: list):
+        self.step = step
+        self.parts = [(off, slot, slot.manifest.nbytes) for _, off, slot in parts]  # (offset in the blob, slot, bytes)
+        self.chunks: list[tuple[str, dict, memoryview, int]] = []  # (holder, fields, bytes, offset in the blob)
+        self.unread: dict[int, memoryview] = {}  # blob offset of a piece -> where its bytes go
+
+    @property
+    def slots(self) -> list[Slot]:
+        return [slot for _, slot, _ in self.parts]
+
+    def read(self, start: int) -> None:
+        view = self.unread.pop(start, None)
+        if view is not None:
+            read_parts(self.parts, start, start + len(view), view)
+
+    def read_some(self, n: int) -> None:
+        for start in list(self.unread)[:n]:
+            self.read(start)
+
+    def read_all(self) -> None:
+        self.read_some(len(self.unread))
+
+    def pieces(self, fields: dict, data: memoryview, start: int):
+        """The PeerChunk fields and bytes of each piece of one chunk, in order; read and checksummed as drawn."""
+        for off in range(0, len(data), PIECE):
+            self.read(start + off)
+            piece = data[off:off + PIECE]
+            f = {**fields, "offset": off, "checksum": xxhash.xxh3_64_intdigest(piece)}
+            if off:
+                del f["blob"]
+            yield f, piece
 
 
 class Protector:
@@ -104,13 +153,7 @@ class Protector:
 
     def read_blob(self, step: int, start: int, stop: int, out: np.ndarray) -> None:
         """Copy bytes [start, stop) of this node's blob at `step` into out (zero beyond the blob's end)."""
-        _, parts = self.blob_layout(step)
-        out[:] = 0
-        for _, off, slot in parts:
-            n = slot.manifest.nbytes
-            lo, hi = max(start, off), min(stop, off + n)
-            if lo < hi:
-                out[lo - start:hi - start] = np.frombuffer(slot.buffer(), np.uint8, hi - lo, lo - off)
+        read_parts([(off, slot, slot.manifest.nbytes) for _, off, slot in self.blob_layout(step)[1]], start, stop, out)
 
     def parity_bytes(self) -> int:
         return sum(e.buf.nbytes for steps in self.parity.values() for e in steps.values())
@@ -153,38 +196,28 @@ class Protector:
             return None  # a peer sends a step this node has not sealed yet: join it once sealed
         return full[-1] if full[-1] > self.sent_step else None
 
-    def chunks_to_send(self, step: int, fresh: bool = False) -> list[tuple[str, dict, memoryview]]:
-        """(destination node, PeerChunk fields, chunk bytes) for every parity holder of every chunk of this node.
-        The bytes are views of one buffer that the next call overwrites: send them before calling again, or pass
-        `fresh` for a buffer of their own (when ZeroMQ may still hold the last one)."""
-        layout, _ = self.blob_layout(step)
+    def chunks_to_send(self, step: int, fresh: bool = False) -> OutgoingStep:
+        """Every chunk of this node at `step`, for each of its parity holders; the bytes are read out of the slots
+        piece by piece, as `OutgoingStep` is asked for them. They land in one buffer that the next call reuses:
+        send them first, or pass `fresh` for a buffer of their own (when ZeroMQ may still hold the last one)."""
+        layout, parts = self.blob_layout(step)
         sc = ShardChunks(layout["nbytes"], self.k)
         if fresh or len(self._send_buf) < self.k * sc.chunk_len:
             self._send_buf = np.empty(self.k * sc.chunk_len, np.uint8)
-        out = []
+        out = OutgoingStep(step, parts)
         for word in self.plan.codewords:
             for ref in word.chunks[:self.k]:
                 if ref.node != self.me:
                     continue
                 start = ref.index * sc.chunk_len
-                buf = self._send_buf[start:start + sc.chunk_len]
-                self.read_blob(step, start, start + sc.chunk_len, buf)
-                data = memoryview(buf)
+                data = memoryview(self._send_buf[start:start + sc.chunk_len])
+                for off in range(0, sc.chunk_len, PIECE):
+                    out.unread[start + off] = data[off:off + PIECE]
                 fields = {"step": step, "codeword": word.index, "position": ref.position, "chunk_len": sc.chunk_len,
                           "blob": layout}
                 for holder in word.chunks[self.k:]:
-                    out.append((self.group[holder.node], fields, data))
+                    out.chunks.append((self.group[holder.node], fields, data, start))
         return out
-
-    @staticmethod
-    def pieces(fields: dict, data: memoryview):
-        """The PeerChunk fields and bytes of each piece of one chunk, in order; checksummed as they are drawn."""
-        for off in range(0, len(data), PIECE):
-            piece = data[off:off + PIECE]
-            f = {**fields, "offset": off, "checksum": xxhash.xxh3_64_intdigest(piece)}
-            if off:
-                del f["blob"]
-            yield f, piece
 
     # ---- receiving -----------------------------------------------------------------------------
 

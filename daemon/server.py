@@ -28,7 +28,7 @@ from snapguard.shm import free_bytes
 
 from snapguard.daemon.peers import AuthError as PeerAuthError
 from snapguard.daemon.peers import PeerNet, recv_frames
-from snapguard.daemon.protect import Protector
+from snapguard.daemon.protect import OutgoingStep, Protector
 from snapguard.daemon.slots import SEALED, SlotTable
 
 log = logging.getLogger(__name__)
@@ -75,20 +75,22 @@ def slots_for(cfg: DaemonConfig) -> int:
 class _SendJob:
     """The pieces of one step's chunks on their way to the parity holders, drawn in order for each holder."""
 
-    def __init__(self, step: int, chunks: list[tuple[str, dict, memoryview]], now: float):
-        self.step, self.started, self.progress = step, now, now
+    def __init__(self, out: OutgoingStep, now: float):
+        self.out, self.step, self.started, self.progress = out, out.step, now, now
         per_dest: dict[str, list] = {}
-        for dest, fields, data in chunks:
-            per_dest.setdefault(dest, []).append(Protector.pieces(fields, data))
+        for dest, fields, data, start in out.chunks:
+            per_dest.setdefault(dest, []).append(out.pieces(fields, data, start))
         self.todo = {d: itertools.chain.from_iterable(gens) for d, gens in per_dest.items()}
         self.next: dict[str, tuple[dict, memoryview]] = {}  # drawn, refused by a full queue, sent next turn
         self.trackers: list[tuple[str, zmq.MessageTracker]] = []
-        self.total = sum(len(data) for _, _, data in chunks)
+        self.total = sum(len(data) for _, _, data, _ in out.chunks)
         self.bytes = 0
         self._done = 0
 
     def pump(self, net: PeerNet, budget: int, now: float) -> bool:
-        """Hand up to `budget` pieces per holder to ZeroMQ; True once every piece has left."""
+        """Read up to `budget` pieces ahead and hand up to `budget` pieces per holder to ZeroMQ; True once every
+        piece has left."""
+        self.out.read_some(budget)
         for dest in list(self.todo):
             for _ in range(budget):
                 item = self.next.pop(dest, None) or next(self.todo[dest], None)
@@ -132,6 +134,7 @@ class Daemon:
         self._last_beat = 0.0
         self._protect_due = False
         self._job: _SendJob | None = None  # the chunks on their way to parity holders
+        self._protect_after = 0.0  # after a failure, protection pauses until then
         self._sent_at = 0.0  # when the chunks of protector.sent_step last left, all of them
         self._buffer_held = False  # ZeroMQ may still hold the send buffer (its queue to a peer was discarded)
         self._chunks: collections.deque = collections.deque()  # peer messages with bulk frames, read, not handled
@@ -203,9 +206,12 @@ class Daemon:
                         self._protect_due = False
                         self._broadcast_held()
                     try:
-                        self._protect()
-                    except Exception:  # tried again on the next turn; the daemon keeps serving
+                        if time.monotonic() >= self._protect_after:
+                            self._protect()
+                    except Exception:  # tried again a second later; the daemon keeps serving
                         log.exception("%s could not send chunks to their parity holders", self.who)
+                        self._job, self._protect_after = None, time.monotonic() + 1.0
+                        self._buffer_held = True  # ZeroMQ may still send from it
                     if self.net.router in events or self._chunks:
                         self._read_peers()
                     if time.monotonic() - self._last_beat > self.cfg.heartbeat_s:
@@ -276,6 +282,9 @@ class Daemon:
             return P.Ok({"slots": [[s.path, s.capacity] for s in slots]})
         if isinstance(msg, P.Begin):
             t.note_world(msg.world_size)
+            _, slot = t.plan(msg.rank, msg.step)
+            if slot is not None and self._job is not None and any(slot is s for s in self._job.out.slots):
+                self._job.out.read_all()  # the trainer overwrites this slot next: take what is still to be sent
             d = t.begin(msg.rank, msg.step, msg.nbytes)
             if d.action == "grant":
                 s = t.ranks[msg.rank][d.slot]
@@ -364,7 +373,7 @@ class Daemon:
                     or now - self._sent_at < max(2 * self.cfg.heartbeat_s, 2.0)):
                 return
             step, resend = p.sent_step, True
-        self._job = _SendJob(step, p.chunks_to_send(step, fresh=self._buffer_held), now)
+        self._job = _SendJob(p.chunks_to_send(step, fresh=self._buffer_held), now)
         self._buffer_held = False
         if resend:
             log.info("%s step %d is not protected yet: sending its chunks again", self.who, step)

@@ -185,10 +185,16 @@ class SlotTable:
             self._allocate(s, nbytes)
         return self.ranks[rank]
 
-    def begin(self, rank: int, step: int, nbytes: int) -> Decision:
+    def plan(self, rank: int, step: int) -> tuple[Decision, Slot | None]:
+        """What `begin` would decide, and the slot it would hand out, without changing anything."""
         self._ensure_rank(rank)
         slots = self.ranks[rank]
         d = plan_begin(tuple((s.state, s.step) for s in slots), step, self.common(), self.protected)
+        return d, slots[d.slot] if d.action == "grant" else None
+
+    def begin(self, rank: int, step: int, nbytes: int) -> Decision:
+        d, _ = self.plan(rank, step)
+        slots = self.ranks[rank]
         if d.action != "grant":
             return d
         slot = slots[d.slot]

@@ -300,3 +300,35 @@ def test_a_configured_limit_refuses_slots_saying_how_much_is_needed_and_free(shm
     assert t.used_bytes() == 2 << 20
     with pytest.raises(ShmSpaceError, match="leaves 1.0 MiB"):
         t.reserve(1, 1 << 20)
+
+
+def test_chunks_on_their_way_are_read_out_before_their_slot_is_handed_out(table):
+    """A daemon reads a step's chunks out of the slots a piece at a time while sending them. Before a trainer may
+    overwrite one of those slots, the daemon reads the rest (`read_all`): what is sent is the sealed step,
+    never what the trainer writes next."""
+    import numpy as np
+
+    from snapguard.daemon.protect import PIECE, Protector
+
+    data = np.random.default_rng(0).integers(0, 256, PIECE + 4096, dtype=np.uint8).tobytes()
+    d = table.begin(0, 0, len(data))
+    slot = table.ranks[0][d.slot]
+    slot.buffer()[:len(data)] = data
+    table.seal(0, 0, d.slot, manifest_for(table, 0, 1, 0, data, chunk=1 << 20))
+    p = Protector(table, ["n0", "n1"], "n0", 1)  # k = 1: the one chunk is the whole shard, in two pieces
+
+    def sent(read_all_first: bool) -> bytes:
+        out = p.chunks_to_send(0, fresh=True)
+        (dest, fields, chunk, start), = out.chunks
+        assert dest == "n1"
+        pieces = out.pieces(fields, chunk, start)
+        got = [next(pieces)[1].tobytes()]  # the first piece is read and on its way
+        if read_all_first:
+            out.read_all()
+        slot.buffer()[:len(data)] = bytes(len(data))  # the trainer writes its next step into the slot
+        got += [piece.tobytes() for _, piece in pieces]
+        slot.buffer()[:len(data)] = data
+        return b"".join(got)
+
+    assert sent(read_all_first=True)[:len(data)] == data
+    assert sent(read_all_first=False)[:len(data)] != data, "the tail was read after the slot was overwritten"
