@@ -278,13 +278,14 @@ class Daemon:
             return P.Welcome(self.cfg.node, os.getpid(), t.dir)
         if isinstance(msg, P.Reserve):
             t.note_world(msg.world_size)
+            self._read_out()  # a free slot that grows gets a new file
             slots = t.reserve(msg.rank, msg.nbytes)
             return P.Ok({"slots": [[s.path, s.capacity] for s in slots]})
         if isinstance(msg, P.Begin):
             t.note_world(msg.world_size)
             _, slot = t.plan(msg.rank, msg.step)
             if slot is not None and self._job is not None and any(slot is s for s in self._job.out.slots):
-                self._job.out.read_all()  # the trainer overwrites this slot next: take what is still to be sent
+                self._read_out()  # the trainer overwrites this slot next
             d = t.begin(msg.rank, msg.step, msg.nbytes)
             if d.action == "grant":
                 s = t.ranks[msg.rank][d.slot]
@@ -461,7 +462,13 @@ class Daemon:
         self._stocks_cache = (time.monotonic(), stocks)
         return stocks
 
+    def _read_out(self) -> None:
+        """Read what the chunks on their way still need out of the slots, before one of them may change."""
+        if self._job is not None:
+            self._job.out.read_all()
+
     def _rebuild(self, step: int) -> None:
+        self._read_out()  # rebuilt shards are written into slots
         stocks = self._stocks(max_age_s=0.0)
         blob = self.protector.rebuildable(stocks).get(step)
         if blob is None:
