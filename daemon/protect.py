@@ -19,6 +19,7 @@ trainers had.
 
 from __future__ import annotations
 
+import collections
 import logging
 from dataclasses import dataclass, field
 
@@ -45,13 +46,14 @@ PIECE = 16 << 20  # chunks travel in pieces of this size: folding one in keeps t
 class ParityEntry:
     step: int
     buf: np.ndarray
-    got: dict[int, int] = field(default_factory=dict)  # data position -> bytes of its chunk folded in
     want: dict[int, int] = field(default_factory=dict)  # data position -> its chunk's length
-    pieces: set[tuple[int, int]] = field(default_factory=set)  # (position, offset) folded in
+    pieces: set[tuple[int, int]] = field(default_factory=set)  # (position, offset) folded in, never twice
     blobs: dict[str, dict] = field(default_factory=dict)  # node -> its blob layout at this step
 
     def complete(self, k: int) -> bool:
-        return len(self.want) == k and all(self.got.get(p, 0) == n for p, n in self.want.items())
+        """All k data chunks folded in: every piece of each (pieces are PIECE long but the last, and distinct)."""
+        have = collections.Counter(pos for pos, _ in self.pieces)
+        return len(self.want) == k and all(have[p] == -(-n // PIECE) for p, n in self.want.items())
 
 
 def read_parts(parts: list[tuple[int, Slot, int]], start: int, stop: int, out) -> None:
@@ -70,9 +72,8 @@ class OutgoingStep:
     a piece at a time: ahead of sending (`read_some`, a few per turn of the daemon's loop), when a piece is
     sent, or all at once before a trainer may overwrite one of the slots (`read_all`)."""
 
-    def __init__(self, step: int, parts: list):
-        self.step = step
-        self.parts = [(off, slot, slot.manifest.nbytes) for _, off, slot in parts]  # (offset in the blob, slot, bytes)
+    def __init__(self, step: int, parts: list[tuple[int, Slot, int]]):
+        self.step, self.parts = step, parts  # parts: (offset in the blob, slot, bytes), as `read_parts` takes them
         self.chunks: list[tuple[str, dict, memoryview, int]] = []  # (holder, fields, bytes, offset in the blob)
         self.unread: dict[int, memoryview] = {}  # blob offset of a piece -> where its bytes go
 
@@ -125,7 +126,7 @@ class Protector:
         self.remote_sealed: dict[str, set[int]] = {}
         self.remote_sending: dict[str, tuple[int, float]] = {}  # node -> (newest step it sent chunks of, when heard)
         self._send_buf = np.empty(0, np.uint8)  # this node's chunks of the step being sent, reused step after step
-        self._spare: list[np.ndarray] = []  # parity buffers of dropped steps, for the next steps' parity
+        self._spare: np.ndarray | None = None  # the parity buffer of the last dropped step, for a next step's parity
         self.sent_step = -1
         self.sent_bytes = 0
         self.rejected: list[str] = []
@@ -140,20 +141,21 @@ class Protector:
         common = set.intersection(*({s.step for s in slots if s.state == SEALED} for slots in ranks))
         return sorted(common)
 
-    def blob_layout(self, step: int) -> tuple[dict, list]:
-        parts, offset = [], 0
+    def blob_layout(self, step: int) -> tuple[dict, list[tuple[int, Slot, int]]]:
+        """This node's blob at `step`: its layout (sent with its chunks), and its parts for `read_parts`."""
+        parts, ranks, offset = [], [], 0
         for rank in sorted(self.table.ranks):
             slot = next((s for s in self.table.ranks[rank] if s.state == SEALED and s.step == step), None)
             if slot is None:
                 raise LayoutError(f"rank {rank} holds no sealed step {step}")
-            parts.append((rank, offset, slot))
+            parts.append((offset, slot, slot.manifest.nbytes))
+            ranks.append([rank, offset, slot.manifest.to_wire()])
             offset = align(offset + slot.manifest.nbytes)
-        layout = {"nbytes": offset, "ranks": [[r, off, s.manifest.to_wire()] for r, off, s in parts]}
-        return layout, parts
+        return {"nbytes": offset, "ranks": ranks}, parts
 
     def read_blob(self, step: int, start: int, stop: int, out: np.ndarray) -> None:
         """Copy bytes [start, stop) of this node's blob at `step` into out (zero beyond the blob's end)."""
-        read_parts([(off, slot, slot.manifest.nbytes) for _, off, slot in self.blob_layout(step)[1]], start, stop, out)
+        read_parts(self.blob_layout(step)[1], start, stop, out)
 
     def parity_bytes(self) -> int:
         return sum(e.buf.nbytes for steps in self.parity.values() for e in steps.values())
@@ -261,22 +263,19 @@ class Protector:
             self.codec.accumulate(msg.position, np.frombuffer(data, np.uint8), [e.buf[msg.offset:end]],
                                   rows=[pos - self.k])
             e.pieces.add((msg.position, msg.offset))
-            e.got[msg.position] = e.got.get(msg.position, 0) + len(data)
             if msg.offset == 0:
                 e.blobs[msg.node] = msg.blob
             pending = sorted(st for st, x in steps.items() if not x.complete(self.k))
             for old in pending[:-MAX_PENDING_STEPS]:
-                self._spare.append(steps.pop(old).buf)
+                self._spare = steps.pop(old).buf
 
     def _zeros(self, n: int) -> np.ndarray:
         """A zeroed parity buffer, reusing a dropped step's: fresh memory costs a page fault per page."""
-        while self._spare:
-            buf = self._spare.pop()
-            if len(buf) == n:
-                buf.fill(0)
-                self._spare.clear()  # keep one: the rest go back to the allocator
-                return buf
-        return np.zeros(n, np.uint8)
+        buf, self._spare = self._spare, None
+        if buf is None or len(buf) != n:
+            return np.zeros(n, np.uint8)
+        buf.fill(0)
+        return buf
 
     def prune(self) -> None:
         """Drop parity older than the group's protected step. Codewords complete at different paces, so a
@@ -285,8 +284,7 @@ class Protector:
         floor = self.protected_step()
         for steps in self.parity.values():
             for st in [st for st in steps if st < floor]:
-                self._spare.append(steps.pop(st).buf)
-        del self._spare[:-1]
+                self._spare = steps.pop(st).buf
 
     def note_peer(self, msg: P.PeerHeld, now: float) -> None:
         self.remote_parity[msg.node] = {(c, p, s) for c, p, s in msg.parity}

@@ -132,7 +132,7 @@ class Daemon:
         self.protector: Protector | None = None
         self._stocks_cache: tuple[float, dict] = (0.0, {})
         self._last_beat = 0.0
-        self._protect_due = False
+        self._held_due = False
         self._job: _SendJob | None = None  # the chunks on their way to parity holders
         self._protect_after = 0.0  # after a failure, protection pauses until then
         self._sent_at = 0.0  # when the chunks of protector.sent_step last left, all of them
@@ -197,13 +197,12 @@ class Daemon:
             if self.net is not None:
                 poller.register(self.net.router, zmq.POLLIN)
             while not self._stop:
-                busy = self._job or self._protect_due or self._chunks
-                events = dict(poller.poll(0 if self._chunks else 10 if busy else 200))
+                events = dict(poller.poll(0 if self._chunks else 10 if self._job else 200))
                 if self._sock in events:
                     self._handle(self._sock.recv_multipart())
                 if self.net is not None:
-                    if self._protect_due:  # a rank sealed: the other nodes' ranks may reuse a slot once they know
-                        self._protect_due = False
+                    if self._held_due:  # a rank sealed: the other nodes' ranks may reuse a slot once they know
+                        self._held_due = False
                         self._broadcast_held()
                     try:
                         if time.monotonic() >= self._protect_after:
@@ -283,9 +282,10 @@ class Daemon:
             return P.Ok({"slots": [[s.path, s.capacity] for s in slots]})
         if isinstance(msg, P.Begin):
             t.note_world(msg.world_size)
-            _, slot = t.plan(msg.rank, msg.step)
-            if slot is not None and self._job is not None and any(slot is s for s in self._job.out.slots):
-                self._read_out()  # the trainer overwrites this slot next
+            if self._job is not None:
+                _, slot = t.plan(msg.rank, msg.step)
+                if any(slot is s for s in self._job.out.slots):
+                    self._read_out()  # the trainer overwrites this slot next
             d = t.begin(msg.rank, msg.step, msg.nbytes)
             if d.action == "grant":
                 s = t.ranks[msg.rank][d.slot]
@@ -305,7 +305,7 @@ class Daemon:
         if isinstance(msg, P.Seal):
             man = Manifest.from_wire(msg.manifest)
             t.seal(msg.rank, msg.step, msg.slot, man)
-            self._protect_due = True  # after the reply: a trainer's seal never waits for the peers to hear of it
+            self._held_due = True  # told to the peers after the reply: a seal never waits for that
             return P.Sealed(msg.step, t.common())
         if isinstance(msg, P.Inventory):
             steps, dropped = t.verified_steps(msg.rank)
