@@ -36,7 +36,9 @@ class ClusterConf:
     width: int = 32
     layers: int = 1
     step_sleep: float = 0.05
-    slots_per_rank: int | None = None  # the daemon's default: 3 with erasure coding
+    # 2, not the daemon's default under erasure coding (3): with two slots a rank never seals more than one step
+    # beyond the newest protected step, which the verdict's bound on steps lost to a node loss relies on
+    slots_per_rank: int | None = 2
     hang_timeout_s: float = 8.0  # torchrun-style: no new step for this long kills and restarts every rank
     timeout_s: float = 1200.0  # the whole protected run
     max_restarts: int | None = None  # default: the number of faults + 3
