@@ -332,6 +332,8 @@ class RestoreTimer:
             st.load_state_dict = self._timed("load_state_dict", st.load_state_dict)
         self._orig_map = sg_guard.map_file
         sg_guard.map_file = self._timed("map (MAP_POPULATE)", self._orig_map)
+        self._orig_copy = sg_guard.copy_verified
+        sg_guard.copy_verified = self._timed("verify + copy into the tensors", self._orig_copy)
 
     def _timed(self, key, fn):
         def run(*a, **k):
@@ -347,6 +349,7 @@ class RestoreTimer:
 
     def undo(self) -> None:
         sg_guard.map_file = self._orig_map
+        sg_guard.copy_verified = self._orig_copy
 
 
 def torch_load_into(path: str, model, optimizer) -> tuple[float, float]:
@@ -474,8 +477,8 @@ def restore_section(trainer: Trainer, guard: Guard, model, optimizer, job: str, 
     keys = sorted({k for b in breakdowns for k in b} - {"total"})
     parts = ", ".join(f"{k} {U.median([b.get(k, 0.0) for b in breakdowns]):.3f} s" for k in keys)
     known = U.median([sum(v for k, v in b.items() if k != "total") for b in breakdowns])
-    print(f"snapguard restore breakdown (median of {len(breakdowns)}): {parts}; the rest (copy into the live tensors"
-          f" out of the mapping, unflatten) {sg_total - known:.3f} s. Fresh Guard() construction (Hello, Reserve,"
+    print(f"snapguard restore breakdown (median of {len(breakdowns)}): {parts}; the rest (all-gathers, manifest,"
+          f" unflatten) {sg_total - known:.3f} s. Fresh Guard() construction (Hello, Reserve,"
           f" mapping the slots): {construct:.3f} s.")
     print(f"fsync of the freshly written files before dropping them from the page cache: torch.save file"
           f" {fsync_s.get('torch_disk', float('nan')):.2f} s, dcp dir {fsync_s.get('dcp_disk', float('nan')):.2f} s.")

@@ -308,7 +308,10 @@ class Daemon:
             self._held_due = True  # told to the peers after the reply: a seal never waits for that
             return P.Sealed(msg.step, t.common())
         if isinstance(msg, P.Inventory):
-            steps, dropped = t.verified_steps(msg.rank)
+            if msg.recheck:
+                steps, dropped = t.verified_steps(msg.rank)
+            else:
+                steps, dropped = t.sealed_steps(msg.rank), []
             if self.protector is not None:
                 stocks = self._stocks()
                 rebuild = self.protector.rebuildable(stocks)
@@ -319,8 +322,7 @@ class Daemon:
                         dropped = [*dropped, why]
             return P.Steps(steps, dropped)
         if isinstance(msg, P.Open):
-            local = [s.step for s in t.ranks.get(msg.rank, []) if s.state == SEALED]
-            if self.protector is not None and msg.step not in local:
+            if self.protector is not None and msg.step not in t.sealed_steps(msg.rank):
                 self._rebuild(msg.step)
             s = t.open(msg.rank, msg.step)
             self._broadcast_held()

@@ -165,6 +165,10 @@ class SlotTable:
             out.setdefault(r, sorted(steps))
         return out
 
+    def sealed_steps(self, rank: int) -> list[int]:
+        """The steps this node holds sealed for `rank`, as verified when they were sealed or adopted."""
+        return sorted(s.step for s in self.ranks.get(rank, []) if s.state == SEALED)
+
     def common(self) -> int:
         return common_step(self.held(), self.world_size)
 

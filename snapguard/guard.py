@@ -28,13 +28,15 @@ from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
+import xxhash
 
 from snapguard import protocol as P
 from snapguard.client import DaemonClient
 from snapguard.config import Endpoint, default_shm_dir, default_timeout
-from snapguard.errors import ConfigError, DaemonUnavailable, RestoreError, SnapGuardError
+from snapguard.errors import ChecksumError, ConfigError, DaemonUnavailable, RestoreError, SnapGuardError
 from snapguard.faults import fault_point
-from snapguard.layout import DEFAULT_CHUNK, MANIFEST_VERSION, ChunkHasher, Layout, Manifest, chunk_checksums, plan_layout
+from snapguard.layout import (DEFAULT_CHUNK, MANIFEST_VERSION, ChunkHasher, Layout, Manifest, checksum_mismatch,
+                              chunk_checksums, plan_layout)
 from snapguard.procs import spawn_daemon
 from snapguard.plan import check_agreement, plan_restore
 from snapguard.shm import MiB, map_file
@@ -44,6 +46,8 @@ log = logging.getLogger(__name__)
 
 _PIECE = 256 << 10  # bytes copied, then hashed while in the cache
 _MAX_INVENTORY = 16  # steps one rank reports at restore; more than slots_per_rank will ever hold
+_RESTORE_THREADS = 4  # threads that verify and copy a shard on restore (memory bandwidth, not compute, bounds it)
+_CORRUPT = -2  # what a rank that found a corrupt chunk reports instead of the step it restored
 
 
 @dataclass(frozen=True)
@@ -365,35 +369,63 @@ class Guard:
     # ---- restore path ----------------------------------------------------------------------------
 
     def restore(self) -> int | None:
-        """Restore the newest step every rank holds; return it, or None on a fresh start. Called on every rank."""
+        """Restore the newest step every rank holds; return it, or None on a fresh start. Called on every rank.
+
+        Each rank verifies the shard's checksums as it copies it, a chunk at a time, and copies a chunk only once
+        its checksum matches. If any rank finds a corrupt chunk, every rank plans again, after the daemons have
+        checked every sealed slot and dropped the corrupt ones."""
         self.wait()
         t0 = time.monotonic()
-        inv = self.client.request(P.Inventory(self.endpoint.job, self.rank))
-        for why in inv.dropped:
-            log.warning("%s a sealed snapshot failed verification and is not used: %s", self.who, why)
-        inventories = self._gather_inventories(inv.steps)
-        plan = plan_restore(inventories, self.world_size)
-        if plan.step is None and any(inventories.values()):
-            # Some ranks hold snapshots, but no step is common: starting afresh would silently lose the
-            # job's progress, and training on different steps would corrupt it. Stop and say why.
-            detail = "; ".join(inv.dropped)
-            raise RestoreError(f"{self.who} cannot restore: {plan.reason}" + (f". This rank: {detail}" if detail else ""))
-        if plan.step is None:
-            log.info("%s nothing to restore: %s", self.who, plan.reason)
-            self.client.request(P.Drop(self.endpoint.job, self.rank, -1))
-            check_agreement(self._gather_restored(None))
-            return None
-        shard = self.client.request(P.Open(self.endpoint.job, self.rank, plan.step))
-        self._load(shard)
-        check_agreement(self._gather_restored(plan.step))
-        self.last_sealed = self.common_step = plan.step
-        self._reserve()  # the restored state may be larger than at construction (optimizer state): pre-fault for it
-        log.info("%s restored step %d in %.2f s (%s)%s", self.who, plan.step, time.monotonic() - t0, plan.reason,
-                 "; newer snapshots were corrupt and skipped" if inv.dropped else "")
-        return plan.step
+        dropped: list[str] = []
+        loaded = None  # the step some of whose chunks this rank copied into its state
+        for recheck in (False, True):
+            inv = self.client.request(P.Inventory(self.endpoint.job, self.rank, recheck=recheck))
+            for why in inv.dropped:
+                log.warning("%s a sealed snapshot failed verification and is not used: %s", self.who, why)
+            dropped += inv.dropped
+            inventories = self._gather_inventories(inv.steps)
+            plan = plan_restore(inventories, self.world_size)
+            if plan.step is None and (any(inventories.values()) or loaded is not None):
+                # Some ranks hold snapshots, but no step is common: starting afresh would silently lose the
+                # job's progress, and training on different steps would corrupt it. Stop and say why.
+                detail = "; ".join(dropped)
+                reason = plan.reason if any(inventories.values()) else "every snapshot failed verification"
+                partly = (f". This rank's state holds verified chunks of step {loaded} now, so it must not train on"
+                          if loaded is not None else "")
+                raise RestoreError(f"{self.who} cannot restore: {reason}" + (f". This rank: {detail}" if detail else "")
+                                   + partly)
+            if plan.step is None:
+                log.info("%s nothing to restore: %s", self.who, plan.reason)
+                self.client.request(P.Drop(self.endpoint.job, self.rank, -1))
+                check_agreement(self._gather_restored(None))
+                return None
+            shard = self.client.request(P.Open(self.endpoint.job, self.rank, plan.step))
+            loaded = plan.step
+            try:
+                state = self._load(shard)
+            except ChecksumError as e:
+                state = None
+                log.warning("%s restoring step %d: %s; the daemons check every sealed slot again", self.who,
+                            plan.step, e)
+            restored = self._gather_restored(plan.step if state is not None else _CORRUPT)
+            if _CORRUPT in restored.values():
+                continue
+            for name, st in self.states.items():
+                st.load_state_dict(state[name])
+            check_agreement(restored)
+            self.last_sealed = self.common_step = plan.step
+            self._reserve()  # the restored state may be larger than at construction (optimizer state): pre-fault for it
+            log.info("%s restored step %d in %.2f s (%s)%s", self.who, plan.step, time.monotonic() - t0, plan.reason,
+                     "; newer snapshots were corrupt and skipped" if dropped else "")
+            return plan.step
+        bad = sorted(r for r, s in restored.items() if s == _CORRUPT)
+        raise RestoreError(f"{self.who} step {loaded} failed verification on ranks {bad} even after the daemons"
+                           " checked their sealed slots again; this rank's state holds part of it now, so it must not"
+                           " train on")
 
-    def _load(self, shard: P.Shard) -> None:
-        """Copy the shard into this process's state. The daemon verified its checksums when it listed it."""
+    def _load(self, shard: P.Shard) -> dict:
+        """Copy the shard into this process's tensors, verifying each chunk before its bytes are copied; return
+        the state dicts to load. Raise ChecksumError at the first corrupt chunk."""
         man = Manifest.from_wire(shard.manifest)
         capacity = os.stat(shard.path).st_size
         man.validate(capacity)
@@ -411,20 +443,16 @@ class Guard:
         targets = []
         for e, src in zip(man.entries, sources):
             dst = live.get(e.name)
-            ok = dst is not None and dst.dtype == src.dtype and dst.shape == src.shape and dst.is_contiguous()
+            ok = (dst is not None and dst.dtype == src.dtype and dst.shape == src.shape and dst.is_contiguous()
+                  and not (dst.is_conj() or dst.is_neg()))
             targets.append(dst.detach() if ok else torch.empty_like(src))
         state = unflatten(unpack_tree(man.tree), targets)
         missing = set(self.states) - set(state)
         if missing:
             raise RestoreError(f"{self.who} the snapshot of step {man.step} holds no state for {sorted(missing)}")
-        half = len(man.entries) // 2
-        with torch.no_grad():
-            for i, (dst, src) in enumerate(zip(targets, sources)):
-                dst.copy_(src)
-                if i == half:
-                    fault_point("trainer.restore.mid", man.step)
-        for name, st in self.states.items():
-            st.load_state_dict(state[name])
+        copy_verified(memoryview(self._maps[shard.path][0]), buf, man, targets,
+                      threads=max(1, min(_RESTORE_THREADS, torch.get_num_threads())))
+        return state
 
     def _gather_inventories(self, steps: list[int]) -> dict[int, list[int]]:
         if self.world_size == 1 or not dist.is_initialized():
@@ -437,12 +465,13 @@ class Guard:
         return {r: [s for s in o.tolist() if s >= 0] for r, o in enumerate(out)}
 
     def _gather_restored(self, step: int | None) -> dict[int, int | None]:
+        """What each rank restored: a step, None (nothing), or _CORRUPT."""
         if self.world_size == 1 or not dist.is_initialized():
             return {self.rank: step}
         t = torch.tensor([-1 if step is None else step], dtype=torch.int64)
         out = [torch.empty_like(t) for _ in range(self.world_size)]
         dist.all_gather(out, t, group=self._pg)
-        return {r: (None if o.item() < 0 else o.item()) for r, o in enumerate(out)}
+        return {r: (None if o.item() == -1 else o.item()) for r, o in enumerate(out)}
 
     # ---- shutdown --------------------------------------------------------------------------------
 
@@ -484,6 +513,60 @@ class _ListState:
     def load_state_dict(self, sd: dict) -> None:
         for i, o in enumerate(self.items):
             o.load_state_dict(sd[str(i)])
+
+
+def copy_verified(view: memoryview, buf: torch.Tensor, man: Manifest, targets: list[torch.Tensor],
+                  threads: int = 1) -> None:
+    """Copy a sealed shard (`view`/`buf`: the same slot mapping) into `targets`, one per manifest entry.
+
+    Each chunk is hashed first, which brings it into the CPU cache, and its bytes are copied only once the
+    checksum matches: one pass over the shard's memory, and no corrupt byte ever reaches a target. Threads
+    take contiguous runs of chunks. Raise ChecksumError naming the first corrupt chunk found."""
+    cs, nbytes = man.chunk_size, man.nbytes
+    nchunks = len(man.checksums)
+    base = buf.data_ptr()
+    spans = sorted((e.offset, e.nbytes, t) for e, t in zip(man.entries, targets) if e.nbytes)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def work(first: int, last: int, mid: int | None) -> None:
+        try:
+            i = 0
+            for c in range(first, last):
+                if stop.is_set():
+                    return
+                a, b = c * cs, min((c + 1) * cs, nbytes)
+                have = xxhash.xxh3_64_intdigest(view[a:b])
+                if have != man.checksums[c]:
+                    raise checksum_mismatch(man, c, have)
+                while i < len(spans) and spans[i][0] + spans[i][1] <= a:
+                    i += 1
+                j = i
+                while j < len(spans) and spans[j][0] < b:
+                    off, n, t = spans[j]
+                    x, y = max(off, a), min(off + n, b)
+                    if t.device.type == "cpu":
+                        ctypes.memmove(t.data_ptr() + (x - off), base + x, y - x)
+                    else:
+                        t.reshape(-1).view(torch.uint8)[x - off:y - off].copy_(buf[x:y])
+                    j += 1
+                if c == mid:
+                    fault_point("trainer.restore.mid", man.step)
+        except BaseException as e:
+            stop.set()
+            errors.append(e)
+
+    n = max(1, min(threads, nchunks))
+    cuts = [nchunks * k // n for k in range(n + 1)]
+    workers = [threading.Thread(target=work, args=(cuts[k], cuts[k + 1], None), name=f"snapguard-restore-{k}",
+                                daemon=True) for k in range(1, n)]
+    for w in workers:
+        w.start()
+    work(cuts[0], cuts[1], (cuts[0] + cuts[1]) // 2 if nchunks else None)
+    for w in workers:
+        w.join()
+    if errors:
+        raise next((e for e in errors if isinstance(e, ChecksumError)), errors[0])
 
 
 def _host_register(t: torch.Tensor) -> None:

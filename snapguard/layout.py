@@ -200,7 +200,12 @@ def verify_checksums(buf: memoryview, manifest: Manifest, who: str = "") -> None
     got = chunk_checksums(buf, manifest.nbytes, manifest.chunk_size)
     for i, (want, have) in enumerate(zip(manifest.checksums, got)):
         if want != have:
-            raise ChecksumError(
-                f"{who or f'rank {manifest.rank}'}: shard for step {manifest.step} has checksum {have:016x} in chunk {i}"
-                f" (bytes {i * manifest.chunk_size}..), sealed as {want:016x}"
-            )
+            raise checksum_mismatch(manifest, i, have, who)
+
+
+def checksum_mismatch(manifest: Manifest, chunk: int, have: int, who: str = "") -> ChecksumError:
+    """The error for chunk `chunk` of a shard hashing to `have` instead of its sealed checksum."""
+    return ChecksumError(
+        f"{who or f'rank {manifest.rank}'}: shard for step {manifest.step} has checksum {have:016x} in chunk {chunk}"
+        f" (bytes {chunk * manifest.chunk_size}..), sealed as {manifest.checksums[chunk]:016x}"
+    )

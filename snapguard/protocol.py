@@ -105,9 +105,12 @@ class Seal(Message):
 
 @dataclass(frozen=True)
 class Inventory(Message):
-    """Which steps this rank can restore; the daemon verifies every sealed slot before it answers."""
+    """Which steps this rank can restore. With `recheck`, the daemon first verifies every sealed slot's bytes
+    again and drops those that changed; without it, it lists them as verified at seal (a restoring rank
+    verifies the shard it loads as it copies it)."""
     job: str
     rank: int
+    recheck: bool = True
 
     def check(self):
         _nonneg(self, "rank")

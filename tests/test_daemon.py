@@ -27,7 +27,7 @@ import zmq.utils.monitor
 
 from snapguard import protocol as P
 from snapguard.demo import state_digest
-from snapguard.errors import DaemonError, SnapGuardError
+from snapguard.errors import DaemonError, RestoreError, SnapGuardError
 from snapguard.layout import MANIFEST_VERSION, Manifest, TensorEntry, align, chunk_checksums
 from snapguard.procs import daemon_command
 
@@ -377,6 +377,28 @@ def test_flipped_bytes_in_a_sealed_slot_fall_back_to_the_previous_step_and_say_s
     assert "restored step 0" in caplog.text and "newer snapshots were corrupt and skipped" in caplog.text
     assert "shard for step 1 has checksum" in daemon.log() and "restore will use an older step" in daemon.log()
     assert daemon.held() == {0: [0]}
+    g2.close()
+
+
+def test_when_every_snapshot_is_corrupt_restore_stops_and_says_the_state_was_touched(daemon):
+    model, opt = make_model()
+    loop = {"step": -1}
+    g = daemon.guard(model, opt, loop, rng=False)
+    train_and_snapshot(g, model, opt, loop, range(2))
+    g.close()
+    for step in (0, 1):
+        with open(daemon.slot_file(0, step), "r+b") as f:
+            b = f.read(1)
+            f.seek(0)
+            f.write(bytes([b[0] ^ 0x10]))
+
+    model2, opt2 = make_model(seed=99)
+    g2 = daemon.guard(model2, opt2, {}, rng=False)
+    with pytest.raises(RestoreError, match=r"cannot restore: every snapshot failed verification\. This rank: rank 0:"
+                                           r" shard for step 0 has checksum .*; rank 0: shard for step 1 has checksum"
+                                           r" .*state holds verified chunks of step 1 now, so it must not train on"):
+        g2.restore()
+    assert daemon.held() == {0: []}
     g2.close()
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 
 import msgpack
 import pytest
+import torch
 import xxhash
 
 from snapguard.errors import ChecksumError, LayoutError
@@ -15,6 +17,7 @@ from hypothesis import strategies as st
 
 from snapguard.layout import (ALIGN, DTYPE_SIZES, MANIFEST_VERSION, ChunkHasher, Manifest, TensorEntry, align,
                               chunk_checksums, plan_layout, verify_checksums)
+from snapguard.guard import copy_verified
 
 
 def test_align_rounds_up_to_64():
@@ -163,3 +166,38 @@ def test_verify_checksums_names_the_chunk_whose_bytes_changed():
     with pytest.raises(ChecksumError, match=r"rank 1: shard for step 7 has checksum [0-9a-f]{16} in chunk 2"
                                             r" \(bytes 1024\.\.\), sealed as [0-9a-f]{16}"):
         verify_checksums(memoryview(buf), m)
+
+
+def _shard_with(sizes: list[int], chunk: int, seed: int = 0) -> tuple[bytearray, Manifest]:
+    """A filled slot of float32 tensors of these element counts, and its manifest."""
+    layout = plan_layout([(f"t{i}", "float32", [n]) for i, n in enumerate(sizes)])
+    data = bytearray(random.Random(seed).randbytes(layout.nbytes + 100))
+    m = dataclasses.replace(make_manifest(), nbytes=layout.nbytes, chunk_size=chunk, entries=list(layout.entries),
+                            checksums=chunk_checksums(memoryview(data), layout.nbytes, chunk))
+    return data, m
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+def test_copy_verified_puts_every_entry_bytes_into_its_target(threads):
+    data, m = _shard_with([1000, 0, 17, 4096, 3, 2500], chunk=1024)
+    buf = torch.frombuffer(data, dtype=torch.uint8)
+    targets = [torch.full((e.shape[0],), -1.0) for e in m.entries]
+    copy_verified(memoryview(data), buf, m, targets, threads=threads)
+    for e, t in zip(m.entries, targets):
+        assert t.numpy().tobytes() == bytes(data[e.offset:e.offset + e.nbytes]), e.name
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_copy_verified_never_copies_a_byte_of_a_corrupt_chunk(threads):
+    data, m = _shard_with([3000, 5000], chunk=4096)  # 32 KiB in 8 chunks; t1 spans chunks 2-7
+    bad = 5
+    data[bad * 4096 + 10] ^= 0x40
+    buf = torch.frombuffer(data, dtype=torch.uint8)
+    targets = [torch.zeros(e.shape[0]) for e in m.entries]
+    with pytest.raises(ChecksumError, match=rf"rank 1: shard for step 7 has checksum [0-9a-f]{{16}} in chunk {bad}"):
+        copy_verified(memoryview(data), buf, m, targets, threads=threads)
+    t1, e1 = targets[1].numpy().view("u1"), m.entries[1]
+    lo = bad * 4096 - e1.offset  # the corrupt chunk's first byte within t1
+    assert not t1[lo:lo + 4096].any(), "no byte of the corrupt chunk may reach a target"
+    if threads == 1:  # chunks are checked in order: those before the corrupt one are copied, none after
+        assert t1[:lo].tobytes() == bytes(data[e1.offset:e1.offset + lo]) and not t1[lo:].any()
