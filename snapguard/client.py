@@ -27,6 +27,7 @@ class DaemonClient:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._sock = None
+        self._monitor = None
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
@@ -34,9 +35,20 @@ class DaemonClient:
             s.setsockopt(zmq.LINGER, 0)
             # No ZMQ_IMMEDIATE: with it, a reply that arrives just before the daemon disconnects (the
             # reply to Shutdown) is dropped with the connection. A request to no daemon times out below.
+            # The monitor tells a request that the daemon's end of the connection closed: a daemon that
+            # dies while a request waits will never answer it, and a restarted one never saw it.
+            self._monitor = s.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             s.connect(self.address)
             self._sock = s
         return self._sock
+
+    def _dropped(self) -> bool:
+        """Whether the connection closed since the last call (the events are consumed)."""
+        dropped = False
+        while self._monitor is not None and self._monitor.poll(0):
+            self._monitor.recv_multipart()
+            dropped = True
+        return dropped
 
     def request(self, msg: P.Message, timeout_s: float | None = None) -> P.Message:
         """Send `msg`; return the reply, raising DaemonError for an Error reply or a timeout."""
@@ -46,15 +58,27 @@ class DaemonClient:
             rid = next(self._ids)
             deadline = time.monotonic() + timeout
             sock.setsockopt(zmq.SNDTIMEO, max(1, int(timeout * 1000)))
+            self._dropped()  # a connection closed before this request says nothing about it
             try:
                 sock.send_multipart([rid.to_bytes(8, "little"), P.encode(msg)])
             except zmq.Again:
                 self._reset()
                 raise DaemonUnavailable(f"{self.who}: no daemon accepted a connection on {self.address}"
                                         f" within {timeout:.1f} s (sending {msg.TYPE})") from None
+            poller = zmq.Poller()
+            poller.register(sock, zmq.POLLIN)
+            poller.register(self._monitor, zmq.POLLIN)
             while True:
                 left = deadline - time.monotonic()
-                if left <= 0 or not sock.poll(int(left * 1000) + 1):
+                ready = dict(poller.poll(int(left * 1000) + 1)) if left > 0 else {}
+                if sock not in ready and self._monitor in ready and self._dropped():
+                    # Checked after the reply: a daemon may answer (Shutdown) and then close.
+                    self._reset()
+                    raise DaemonUnavailable(f"{self.who}: the daemon at {self.address} closed the connection while"
+                                            f" {msg.TYPE} waited for its reply (it died or was restarted)")
+                if sock not in ready:
+                    if left > 0 and self._monitor in ready:
+                        continue
                     self._reset()  # drop the socket so a late reply cannot be taken for the next request's
                     raise DaemonUnavailable(f"{self.who}: daemon at {self.address} did not answer {msg.TYPE}"
                                             f" within {timeout:.1f} s")
@@ -81,8 +105,10 @@ class DaemonClient:
 
     def _reset(self) -> None:
         if self._sock is not None:
+            self._sock.disable_monitor()
+            self._monitor.close(0)
             self._sock.close(0)
-            self._sock = None
+            self._sock = self._monitor = None
 
     def close(self) -> None:
         with self._lock:

@@ -402,7 +402,7 @@ class Guard:
             shard = self.client.request(P.Open(self.endpoint.job, self.rank, plan.step))
             loaded = plan.step
             try:
-                state = self._load(shard)
+                state, shard_nbytes = self._load(shard)
             except ChecksumError as e:
                 state = None
                 log.warning("%s restoring step %d: %s; the daemons check every sealed slot again", self.who,
@@ -414,7 +414,8 @@ class Guard:
                 st.load_state_dict(state[name])
             check_agreement(restored)
             self.last_sealed = self.common_step = plan.step
-            self._reserve()  # the restored state may be larger than at construction (optimizer state): pre-fault for it
+            if shard_nbytes > self._reserved:
+                self._reserve(shard_nbytes)  # larger than at construction (optimizer state): pre-fault for it
             log.info("%s restored step %d in %.2f s (%s)%s", self.who, plan.step, time.monotonic() - t0, plan.reason,
                      "; newer snapshots were corrupt and skipped" if dropped else "")
             return plan.step
@@ -423,9 +424,9 @@ class Guard:
                            " checked their sealed slots again; this rank's state holds part of it now, so it must not"
                            " train on")
 
-    def _load(self, shard: P.Shard) -> dict:
+    def _load(self, shard: P.Shard) -> tuple[dict, int]:
         """Copy the shard into this process's tensors, verifying each chunk before its bytes are copied; return
-        the state dicts to load. Raise ChecksumError at the first corrupt chunk."""
+        the state dicts to load and the shard's size. Raise ChecksumError at the first corrupt chunk."""
         man = Manifest.from_wire(shard.manifest)
         capacity = os.stat(shard.path).st_size
         man.validate(capacity)
@@ -452,7 +453,7 @@ class Guard:
             raise RestoreError(f"{self.who} the snapshot of step {man.step} holds no state for {sorted(missing)}")
         copy_verified(memoryview(self._maps[shard.path][0]), buf, man, targets,
                       threads=max(1, min(_RESTORE_THREADS, torch.get_num_threads())))
-        return state
+        return state, man.nbytes
 
     def _gather_inventories(self, steps: list[int]) -> dict[int, list[int]]:
         if self.world_size == 1 or not dist.is_initialized():

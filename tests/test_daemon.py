@@ -13,10 +13,12 @@ import os
 import random
 import resource
 import shutil
+import signal
 import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import msgpack
@@ -27,7 +29,7 @@ import zmq.utils.monitor
 
 from snapguard import protocol as P
 from snapguard.demo import state_digest
-from snapguard.errors import DaemonError, RestoreError, SnapGuardError
+from snapguard.errors import DaemonError, DaemonUnavailable, RestoreError, SnapGuardError
 from snapguard.layout import MANIFEST_VERSION, Manifest, TensorEntry, align, chunk_checksums
 from snapguard.procs import daemon_command
 
@@ -337,7 +339,7 @@ def test_daemon_sigkill_mid_seal_then_restore_gives_the_newest_complete_step(nod
     digests = train_and_snapshot(g, model, opt, loop, range(2))
     train_step(model, opt, 2)
     g.snapshot(2)  # the daemon verifies step 2 and dies before its manifest exists
-    with pytest.raises(SnapGuardError, match="snapshot of step 2 failed: .*did not answer Seal within 3.0 s"):
+    with pytest.raises(SnapGuardError, match="snapshot of step 2 failed: .*closed the connection while Seal waited"):
         g.wait()
     assert node.proc.wait(10) == -9
     g.close()
@@ -400,6 +402,24 @@ def test_when_every_snapshot_is_corrupt_restore_stops_and_says_the_state_was_tou
         g2.restore()
     assert daemon.held() == {0: []}
     g2.close()
+
+
+def test_a_request_in_flight_when_the_daemon_dies_fails_at_once_not_at_its_timeout(node):
+    node.start()
+    c = node.client(timeout_s=60)
+    assert isinstance(c.request(P.Ping()), P.Ok)
+    pid = node.proc.pid
+    os.kill(pid, signal.SIGSTOP)  # the request reaches the daemon's socket, but no answer comes
+    killer = threading.Timer(0.5, os.kill, (pid, signal.SIGKILL))
+    killer.start()
+    t0 = time.monotonic()
+    with pytest.raises(DaemonUnavailable, match="closed the connection while Ping waited for its reply"):
+        c.request(P.Ping())
+    assert time.monotonic() - t0 < 30, "the request must fail when the daemon dies, not wait out its 60 s"
+    killer.join()
+    node.proc.wait(30)
+    node.start()  # the same client goes on with the restarted daemon
+    assert isinstance(c.request(P.Ping()), P.Ok)
 
 
 def test_a_restarted_daemon_readopts_sealed_slots_after_verifying_them(node, caplog):
