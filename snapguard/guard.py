@@ -451,8 +451,7 @@ class Guard:
         missing = set(self.states) - set(state)
         if missing:
             raise RestoreError(f"{self.who} the snapshot of step {man.step} holds no state for {sorted(missing)}")
-        copy_verified(memoryview(self._maps[shard.path][0]), buf, man, targets,
-                      threads=max(1, min(_RESTORE_THREADS, torch.get_num_threads())))
+        copy_verified(buf, man, targets, threads=max(1, min(_RESTORE_THREADS, torch.get_num_threads())))
         return state, man.nbytes
 
     def _gather_inventories(self, steps: list[int]) -> dict[int, list[int]]:
@@ -516,16 +515,15 @@ class _ListState:
             o.load_state_dict(sd[str(i)])
 
 
-def copy_verified(view: memoryview, buf: torch.Tensor, man: Manifest, targets: list[torch.Tensor],
-                  threads: int = 1) -> None:
-    """Copy a sealed shard (`view`/`buf`: the same slot mapping) into `targets`, one per manifest entry.
+def copy_verified(buf: torch.Tensor, man: Manifest, targets: list[torch.Tensor], threads: int = 1) -> None:
+    """Copy a sealed shard (`buf`: the slot's bytes, uint8, on the CPU) into `targets`, one per manifest entry.
 
     Each chunk is hashed first, which brings it into the CPU cache, and its bytes are copied only once the
     checksum matches: one pass over the shard's memory, and no corrupt byte ever reaches a target. Threads
     take contiguous runs of chunks. Raise ChecksumError naming the first corrupt chunk found."""
     cs, nbytes = man.chunk_size, man.nbytes
     nchunks = len(man.checksums)
-    base = buf.data_ptr()
+    base, view = buf.data_ptr(), memoryview(buf.numpy())
     spans = sorted((e.offset, e.nbytes, t) for e, t in zip(man.entries, targets) if e.nbytes)
     stop = threading.Event()
     errors: list[BaseException] = []

@@ -182,7 +182,7 @@ def test_copy_verified_puts_every_entry_bytes_into_its_target(threads):
     data, m = _shard_with([1000, 0, 17, 4096, 3, 2500], chunk=1024)
     buf = torch.frombuffer(data, dtype=torch.uint8)
     targets = [torch.full((e.shape[0],), -1.0) for e in m.entries]
-    copy_verified(memoryview(data), buf, m, targets, threads=threads)
+    copy_verified(buf, m, targets, threads=threads)
     for e, t in zip(m.entries, targets):
         assert t.numpy().tobytes() == bytes(data[e.offset:e.offset + e.nbytes]), e.name
 
@@ -195,7 +195,7 @@ def test_copy_verified_never_copies_a_byte_of_a_corrupt_chunk(threads):
     buf = torch.frombuffer(data, dtype=torch.uint8)
     targets = [torch.zeros(e.shape[0]) for e in m.entries]
     with pytest.raises(ChecksumError, match=rf"rank 1: shard for step 7 has checksum [0-9a-f]{{16}} in chunk {bad}"):
-        copy_verified(memoryview(data), buf, m, targets, threads=threads)
+        copy_verified(buf, m, targets, threads=threads)
     t1, e1 = targets[1].numpy().view("u1"), m.entries[1]
     lo = bad * 4096 - e1.offset  # the corrupt chunk's first byte within t1
     assert not t1[lo:lo + 4096].any(), "no byte of the corrupt chunk may reach a target"
