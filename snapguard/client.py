@@ -26,8 +26,7 @@ class DaemonClient:
         self._ctx = zmq.Context.instance()
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._sock = None
-        self._monitor = None
+        self._sock = self._monitor = self._poller = None
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
@@ -39,16 +38,11 @@ class DaemonClient:
             # dies while a request waits will never answer it, and a restarted one never saw it.
             self._monitor = s.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             s.connect(self.address)
+            self._poller = zmq.Poller()
+            self._poller.register(s, zmq.POLLIN)
+            self._poller.register(self._monitor, zmq.POLLIN)
             self._sock = s
         return self._sock
-
-    def _dropped(self) -> bool:
-        """Whether the connection closed since the last call (the events are consumed)."""
-        dropped = False
-        while self._monitor is not None and self._monitor.poll(0):
-            self._monitor.recv_multipart()
-            dropped = True
-        return dropped
 
     def request(self, msg: P.Message, timeout_s: float | None = None) -> P.Message:
         """Send `msg`; return the reply, raising DaemonError for an Error reply or a timeout."""
@@ -58,28 +52,23 @@ class DaemonClient:
             rid = next(self._ids)
             deadline = time.monotonic() + timeout
             sock.setsockopt(zmq.SNDTIMEO, max(1, int(timeout * 1000)))
-            self._dropped()  # a connection closed before this request says nothing about it
+            while self._monitor.poll(0):  # a connection closed before this request says nothing about it
+                self._monitor.recv_multipart()
             try:
                 sock.send_multipart([rid.to_bytes(8, "little"), P.encode(msg)])
             except zmq.Again:
                 self._reset()
                 raise DaemonUnavailable(f"{self.who}: no daemon accepted a connection on {self.address}"
                                         f" within {timeout:.1f} s (sending {msg.TYPE})") from None
-            poller = zmq.Poller()
-            poller.register(sock, zmq.POLLIN)
-            poller.register(self._monitor, zmq.POLLIN)
             while True:
                 left = deadline - time.monotonic()
-                ready = dict(poller.poll(int(left * 1000) + 1)) if left > 0 else {}
-                if sock not in ready and self._monitor in ready and self._dropped():
-                    # Checked after the reply: a daemon may answer (Shutdown) and then close.
-                    self._reset()
-                    raise DaemonUnavailable(f"{self.who}: the daemon at {self.address} closed the connection while"
-                                            f" {msg.TYPE} waited for its reply (it died or was restarted)")
-                if sock not in ready:
-                    if left > 0 and self._monitor in ready:
-                        continue
+                ready = dict(self._poller.poll(int(left * 1000) + 1)) if left > 0 else {}
+                if sock not in ready:  # a reply is taken first: a daemon may answer (Shutdown) and then close
+                    closed = self._monitor in ready
                     self._reset()  # drop the socket so a late reply cannot be taken for the next request's
+                    if closed:
+                        raise DaemonUnavailable(f"{self.who}: the daemon at {self.address} closed the connection"
+                                                f" while {msg.TYPE} waited for its reply (it died or was restarted)")
                     raise DaemonUnavailable(f"{self.who}: daemon at {self.address} did not answer {msg.TYPE}"
                                             f" within {timeout:.1f} s")
                 frames = sock.recv_multipart()
@@ -108,7 +97,7 @@ class DaemonClient:
             self._sock.disable_monitor()
             self._monitor.close(0)
             self._sock.close(0)
-            self._sock = self._monitor = None
+            self._sock = self._monitor = self._poller = None
 
     def close(self) -> None:
         with self._lock:
