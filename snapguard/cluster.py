@@ -28,10 +28,20 @@ from snapguard.errors import SnapGuardError
 from snapguard.procs import spawn_daemon
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that is free now and that this process has not handed out before. Each probe
+    socket closes before the port is used, so ports picked one after another could repeat (two daemons of one
+    cluster given the same port) without the record."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 @dataclass

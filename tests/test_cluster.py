@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-from snapguard.cluster import Cluster, ClusterSpec
+from snapguard.cluster import Cluster, ClusterSpec, free_port
 from snapguard.demo import compare, progress, read_losses
 from snapguard.errors import SnapGuardError
 
@@ -119,3 +119,10 @@ def test_losing_more_nodes_than_m_is_a_clear_error_not_a_fresh_start(tmp_path):
     assert "RestoreError" in logs and "cannot restore" in logs
     assert "cannot be rebuilt: nodes node0, node2 are lost" in logs
     assert "unrecoverable" in logs
+
+
+def test_free_port_never_hands_out_a_port_twice():
+    # Each probe socket is closed before its port is used, so the kernel may offer the same port again;
+    # among this many picks it does, and two daemons of one cluster then fight over one address.
+    ports = [free_port() for _ in range(3000)]
+    assert len(set(ports)) == len(ports)
