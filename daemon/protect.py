@@ -181,6 +181,26 @@ class Protector:
                 steps = s if steps is None else steps & s
         return max(steps) if steps else -1
 
+    def rewind(self, step: int, epoch: int) -> list[int]:
+        """The job restored `step` (-1: started afresh) and names the timeline that begins there `epoch`; return
+        the steps whose parity this drops.
+
+        Parity of steps newer than `step` belongs to the timeline training has left: those steps are trained
+        again, and their new bytes may differ (training need not be deterministic). Pieces of them may still be
+        on their way, and new pieces folded into old ones would make parity of neither timeline, so this node
+        drops that parity and from now on takes only chunks of `epoch`. Every rank of the job opens the same step
+        with the same epoch before any of them trains on, so no chunk of the new timeline is sent before every
+        daemon knows its epoch."""
+        dropped: set[int] = set()
+        for steps in self.parity.values():
+            for st in [st for st in steps if st > step]:
+                self._spare = steps.pop(st).buf
+                dropped.add(st)
+        self.table.set_epoch(epoch)
+        self.sent_step = min(self.sent_step, step)
+        self.remote_sending = {n: (s, at) for n, (s, at) in self.remote_sending.items() if s <= step}
+        return sorted(dropped)
+
     # ---- sending -------------------------------------------------------------------------------
 
     def choose_step(self, now: float, fresh_s: float) -> int | None:
@@ -216,7 +236,7 @@ class Protector:
                 for off in range(0, sc.chunk_len, PIECE):
                     out.unread[start + off] = data[off:off + PIECE]
                 fields = {"step": step, "codeword": word.index, "position": ref.position, "chunk_len": sc.chunk_len,
-                          "blob": layout}
+                          "epoch": self.table.epoch, "blob": layout}
                 for holder in word.chunks[self.k:]:
                     out.chunks.append((self.group[holder.node], fields, data, start))
         return out
@@ -239,6 +259,9 @@ class Protector:
                                 f" {msg.chunk_len} bytes in pieces of {PIECE}")
         if msg.offset % PIECE:
             raise ProtocolError(f"piece at offset {msg.offset} is not on a {PIECE}-byte boundary")
+        if msg.epoch != self.table.epoch:
+            raise ProtocolError(f"chunk of step {msg.step} from {msg.node} is of timeline {msg.epoch}, and this node's"
+                                f" is {self.table.epoch}: the job restored a step since, or {msg.node} has not yet")
         if xxhash.xxh3_64_intdigest(data) != msg.checksum:
             raise ChecksumError(f"chunk of step {msg.step} codeword {msg.codeword} from {msg.node} fails its checksum")
         if msg.offset == 0 and (not isinstance(msg.blob.get("nbytes"), int) or not isinstance(msg.blob.get("ranks"), list)):

@@ -325,10 +325,12 @@ class Daemon:
             if self.protector is not None and msg.step not in t.sealed_steps(msg.rank):
                 self._rebuild(msg.step)
             s = t.open(msg.rank, msg.step)
+            self._rewind(msg.step, msg.epoch)
             self._broadcast_held()
             return P.Shard(s.path, s.manifest.to_wire())
         if isinstance(msg, P.Drop):
             t.drop(msg.rank, msg.keep_upto)
+            self._rewind(msg.keep_upto, msg.epoch)
             self._broadcast_held()
             return P.Ok()
         raise ProtocolError(f"{msg.TYPE} is not a request this daemon serves")
@@ -468,6 +470,21 @@ class Daemon:
         """Read what the chunks on their way still need out of the slots, before one of them may change."""
         if self._job is not None:
             self._job.out.read_all()
+
+    def _rewind(self, step: int, epoch: int) -> None:
+        """A rank restored `step` (or started afresh: -1) as the start of timeline `epoch`; every rank of the job
+        does so with the same step and epoch (`Protector.rewind`)."""
+        p = self.protector
+        if p is None:
+            return
+        new = epoch != self.table.epoch  # else this node's other ranks restored the same already
+        if self._job is not None and (new or self._job.step > step):
+            self._job = None  # chunks of the old timeline, or of its slots just forgotten: holders refuse them now
+            self._buffer_held = True  # ZeroMQ may still hold the buffer
+        dropped = p.rewind(step, epoch)
+        if new or dropped:
+            log.info("%s restored step %d as timeline %d: dropped parity of newer steps %s", self.who, step, epoch,
+                     dropped)
 
     def _rebuild(self, step: int) -> None:
         self._read_out()  # rebuilt shards are written into slots

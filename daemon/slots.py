@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 FREE, WRITING, SEALED = "free", "writing", "sealed"
 _DATA = re.compile(r"^r(\d+)\.s(\d+)\.data$")
+_EPOCH = "epoch"
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ class SlotTable:
         self.world_size = 0
         self.remote: dict[int, set[int]] = {}  # sealed steps of ranks served by other daemons
         self.protected = -1  # with erasure coding: the newest step protected across the EC group
+        self.epoch = 0  # the job's timeline since its last restore (`Open.epoch`), kept across daemon restarts
         self.who = f"[{job}/{node} daemon]"
 
     # ---- adoption after a restart --------------------------------------------------------------
@@ -128,6 +130,13 @@ class SlotTable:
         ensure_private_dir(self.dir)
         for path in sorted(glob.glob(os.path.join(self.dir, "*.new"))):
             os.unlink(path)
+        try:
+            with open(os.path.join(self.dir, _EPOCH)) as f:
+                self.epoch = int(f.read())
+        except FileNotFoundError:
+            pass
+        except (ValueError, OSError) as e:
+            log.warning("%s cannot read the job's epoch (%s): taking 0 until the next restore sets it", self.who, e)
         for path in sorted(glob.glob(os.path.join(self.dir, "r*.s*.data"))):
             m = _DATA.match(os.path.basename(path))
             if not m:
@@ -156,6 +165,18 @@ class SlotTable:
             for i, s in enumerate(slots):
                 if s is None:
                     slots[i] = Slot(rank, i, self._path(rank, i), 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Remember the job's timeline, in a file beside the slots, so that a restarted daemon keeps it."""
+        if epoch == self.epoch:
+            return
+        ensure_private_dir(self.dir)
+        path = os.path.join(self.dir, _EPOCH)
+        fd = os.open(path + ".new", os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(str(epoch))
+        os.replace(path + ".new", path)
+        self.epoch = epoch
 
     # ---- queries -------------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import os
 import queue
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -139,6 +140,7 @@ class Guard:
         self._closed = False
         self.common_step = -1  # newest step every rank holds sealed, as the daemon last reported
         self.last_sealed = -1
+        self.epoch = 0  # the timeline the last restore() started (0: none); the daemons' chunks carry it
         self._worker = threading.Thread(target=self._run, name=f"snapguard-copy-r{self.rank}", daemon=True)
         self._worker.start()
         self._hooks = [opt.register_step_pre_hook(lambda *_: self.before_update()) for opt in self.optimizers]
@@ -383,7 +385,7 @@ class Guard:
             for why in inv.dropped:
                 log.warning("%s a sealed snapshot failed verification and is not used: %s", self.who, why)
             dropped += inv.dropped
-            inventories = self._gather_inventories(inv.steps)
+            inventories, epoch = self._gather_inventories(inv.steps)
             plan = plan_restore(inventories, self.world_size)
             if plan.step is None and (any(inventories.values()) or loaded is not None):
                 # Some ranks hold snapshots, but no step is common: starting afresh would silently lose the
@@ -396,10 +398,12 @@ class Guard:
                                    + partly)
             if plan.step is None:
                 log.info("%s nothing to restore: %s", self.who, plan.reason)
-                self.client.request(P.Drop(self.endpoint.job, self.rank, -1))
+                self.client.request(P.Drop(self.endpoint.job, self.rank, -1, epoch))
+                self.epoch = epoch
                 check_agreement(self._gather_restored(None))
                 return None
-            shard = self.client.request(P.Open(self.endpoint.job, self.rank, plan.step))
+            shard = self.client.request(P.Open(self.endpoint.job, self.rank, plan.step, epoch))
+            self.epoch = epoch
             loaded = plan.step
             try:
                 state, shard_nbytes = self._load(shard)
@@ -454,15 +458,19 @@ class Guard:
         copy_verified(buf, man, targets, threads=max(1, min(_RESTORE_THREADS, torch.get_num_threads())))
         return state, man.nbytes
 
-    def _gather_inventories(self, steps: list[int]) -> dict[int, list[int]]:
+    def _gather_inventories(self, steps: list[int]) -> tuple[dict[int, list[int]], int]:
+        """Every rank's sealed steps, and the epoch of what this restore starts: a random number rank 0 draws, which
+        every daemon stamps on the new timeline's chunks (`Protector.rewind`)."""
+        epoch = secrets.randbits(62) + 1
         if self.world_size == 1 or not dist.is_initialized():
-            return {self.rank: steps}
-        t = torch.full((_MAX_INVENTORY,), -1, dtype=torch.int64)
+            return {self.rank: steps}, epoch
+        t = torch.full((_MAX_INVENTORY + 1,), -1, dtype=torch.int64)
+        t[0] = epoch
         mine = steps[-_MAX_INVENTORY:]
-        t[:len(mine)] = torch.tensor(mine, dtype=torch.int64)
+        t[1:1 + len(mine)] = torch.tensor(mine, dtype=torch.int64)
         out = [torch.empty_like(t) for _ in range(self.world_size)]
         dist.all_gather(out, t, group=self._pg)
-        return {r: [s for s in o.tolist() if s >= 0] for r, o in enumerate(out)}
+        return {r: [s for s in o[1:].tolist() if s >= 0] for r, o in enumerate(out)}, int(out[0][0])
 
     def _gather_restored(self, step: int | None) -> dict[int, int | None]:
         """What each rank restored: a step, None (nothing), or _CORRUPT."""

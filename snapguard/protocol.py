@@ -118,21 +118,30 @@ class Inventory(Message):
 
 @dataclass(frozen=True)
 class Open(Message):
-    """Hand out the sealed shard of `step` for restore, and forget this rank's newer steps."""
+    """Hand out the sealed shard of `step` for restore, and forget this rank's newer steps. `epoch` names the
+    timeline that starts at `step`: every rank of the job restores the same step with the same epoch."""
     job: str
     rank: int
     step: int
+    epoch: int = 0
 
     def check(self):
-        _nonneg(self, "rank", "step")
+        _nonneg(self, "rank", "step", "epoch")
 
 
 @dataclass(frozen=True)
 class Drop(Message):
-    """Forget every sealed step of this rank newer than `keep_upto` (-1: all of them)."""
+    """Forget every sealed step of this rank newer than `keep_upto` (-1: all of them, a fresh start); `epoch` as
+    for Open."""
     job: str
     rank: int
     keep_upto: int
+    epoch: int = 0
+
+    def check(self):
+        _nonneg(self, "rank", "epoch")
+        if self.keep_upto < -1:
+            raise ProtocolError(f"Drop.keep_upto must be >= -1, got {self.keep_upto}")
 
 
 @dataclass(frozen=True)
@@ -320,11 +329,12 @@ class PeerChunk(PeerMessage):
     chunk_len: int
     checksum: int
     offset: int = 0
+    epoch: int = 0  # the sender's timeline (`Open.epoch`): a holder takes chunks of its own only
     # the sender's node shard, {"nbytes": L, "ranks": [[rank, offset, manifest], ...]}: with the piece at offset 0
     blob: dict = field(default_factory=dict)
 
     def check(self):
-        _nonneg(self, "step", "codeword", "position", "chunk_len", "offset")
+        _nonneg(self, "step", "codeword", "position", "chunk_len", "offset", "epoch")
 
 
 @dataclass(frozen=True)

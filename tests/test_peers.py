@@ -22,11 +22,13 @@ from snapguard import protocol as P
 from snapguard.client import DaemonClient
 from snapguard.cluster import free_port
 from snapguard.config import Endpoint
-from snapguard.daemon.peers import PeerNet, recv_frames, seal_frames
+from snapguard.daemon.peers import AuthError as PeerAuthError, PeerNet, recv_frames, seal_frames
 from snapguard.daemon.protect import PIECE
 from snapguard.errors import SnapGuardError
 from snapguard.guard import Guard
 from snapguard.procs import spawn_daemon
+
+from conftest import wait_until
 
 SECRET = secrets.token_hex(16)
 
@@ -62,6 +64,14 @@ def chunk(net: PeerNet, step: int, data: bytes, checksum: int | None = None) -> 
     blob = {"nbytes": len(data), "ranks": []}
     return P.PeerChunk(**net.header(), step=step, codeword=0, position=0, chunk_len=len(data),
                        checksum=xxhash.xxh3_64_intdigest(data) if checksum is None else checksum, blob=blob)
+
+
+def piece(net: PeerNet, step: int, data: bytes, off: int, size: int | None = None, epoch: int = 0) -> list:
+    """The frames of the piece of b's chunk `data` (codeword 0) at `off`, PIECE bytes long unless `size` says."""
+    body = data[off:off + (size or PIECE)]
+    msg = P.PeerChunk(**net.header(), step=step, codeword=0, position=0, chunk_len=len(data), offset=off, epoch=epoch,
+                      checksum=xxhash.xxh3_64_intdigest(body), blob={"nbytes": len(data), "ranks": []} if off == 0 else {})
+    return seal_frames(net.secret, bytes(8), msg, [body])
 
 
 def status_after(client: DaemonClient, rejected: int, timeout_s: float = 10.0) -> P.StatusReport:
@@ -143,22 +153,14 @@ def test_a_chunk_in_pieces_completes_parity_once_every_piece_is_in(pair):
     ep, net, client, log = pair
     n = PIECE + 1000
     data = np.random.default_rng(3).integers(0, 256, n, dtype=np.uint8).tobytes()
-    blob = {"nbytes": n, "ranks": []}
-
-    def piece(off: int, size: int | None = None) -> list:
-        body = data[off:off + (size or PIECE)]
-        msg = P.PeerChunk(**net.header(), step=1, codeword=0, position=0, chunk_len=n, offset=off,
-                          checksum=xxhash.xxh3_64_intdigest(body), blob=blob if off == 0 else {})
-        return seal_frames(net.secret, bytes(8), msg, [body])
-
     dealer = net._dealer("a")
-    dealer.send_multipart(piece(PIECE))  # the tail first
-    dealer.send_multipart(piece(0, PIECE - 8))  # a piece that is not the last one must be PIECE long
+    dealer.send_multipart(piece(net, 1, data, PIECE))  # the tail first
+    dealer.send_multipart(piece(net, 1, data, 0, PIECE - 8))  # a piece that is not the last one must be PIECE long
     assert status_after(client, 1).rejected == 1
     assert client.request(P.Status()).parity == [], "parity complete with a piece missing"
-    dealer.send_multipart(piece(0))
+    dealer.send_multipart(piece(net, 1, data, 0))
     assert wait_parity(client, [[0, 1, 1]]).parity == [[0, 1, 1]]
-    dealer.send_multipart(piece(PIECE))  # the same piece again
+    dealer.send_multipart(piece(net, 1, data, PIECE))  # the same piece again
     assert status_after(client, 2).rejected == 2
     reply, bulk = net.request("a", P.PeerFetch(**net.header(), step=1, codeword=0, position=1), timeout_s=10)
     assert bulk[0] == data, "parity of k=1 is the chunk itself"
@@ -166,15 +168,19 @@ def test_a_chunk_in_pieces_completes_parity_once_every_piece_is_in(pair):
     assert "does not fit a chunk" in text and "duplicate chunk of step 1" in text
 
 
-def _chunks_received(net: PeerNet, until_step: int, timeout_s: float = 10.0) -> dict[int, bytes]:
-    """Authenticated PeerChunks that reached this (test-played) node, until one of `until_step`: step -> bytes."""
-    got: dict[int, bytes] = {}
+def _chunks_received(net: PeerNet, until_step: int, timeout_s: float = 10.0) -> dict[int, tuple[int, bytes]]:
+    """Authenticated PeerChunks that reached this (test-played) node, until one of `until_step`: step -> (epoch,
+    bytes) of the last one."""
+    got: dict[int, tuple[int, bytes]] = {}
     deadline = time.monotonic() + timeout_s
     while until_step not in got and net.router.poll(max(1, int((deadline - time.monotonic()) * 1000))):
-        _, _, msg, bulk = net.receive(recv_frames(net.router))
+        try:
+            _, _, msg, bulk = net.receive(recv_frames(net.router))
+        except PeerAuthError:  # a stale message: sent on a connection a replaced after counting b as lost
+            continue
         if isinstance(msg, P.PeerChunk):
             assert xxhash.xxh3_64_intdigest(bulk[0]) == msg.checksum
-            got[msg.step] = bytes(bulk[0])
+            got[msg.step] = (msg.epoch, bytes(bulk[0]))
     return got
 
 
@@ -221,7 +227,7 @@ def test_training_never_waits_for_a_parity_holder_that_falls_behind(tmp_path, sl
 
             sent = _chunks_received(net, until_step=10)
             assert 10 in sent, f"a sent chunks of steps {sorted(sent)}, not of its newest step"
-            assert np.array_equal(np.frombuffer(sent[10][:4096 * 4], np.float32), state["w"].numpy())
+            assert np.array_equal(np.frombuffer(sent[10][1][:4096 * 4], np.float32), state["w"].numpy())
             # b catches up with the newest step only: protection skips what it fell behind on
             dealer.send_multipart(seal_frames(net.secret, bytes(8), chunk(net, 10, data), [data]))
             dealer.send_multipart(seal_frames(net.secret, bytes(8), P.PeerHeld(**net.header(), held=[], parity=[[1, 1, 10]])))
@@ -230,5 +236,73 @@ def test_training_never_waits_for_a_parity_holder_that_falls_behind(tmp_path, sl
                 time.sleep(0.02)
             st = client.request(P.Status())
             assert st.protected == 10 and st.parity == [[0, 1, 10]]
+        finally:
+            guard.close()
+
+
+def test_after_a_restore_no_parity_mixes_the_timeline_left_with_the_new_one(tmp_path):
+    """a's trainer dies after sealing step 1, while a holds the first piece of b's step 2. The restarted trainer
+    restores step 1 and trains step 2 again, not necessarily to the same bytes (here b's differ). A holder that
+    folded the new step 2's pieces into the old one's would hold parity of neither, and rebuild a lost node from
+    it wrongly. So the restore starts a new timeline (an epoch, on every chunk): a drops its parity of step 2,
+    refuses pieces of the old timeline that arrive late, and builds step 2's parity from the new one alone."""
+    with _pair(tmp_path, ("--peer-timeout", "1")) as (ep, net, client, log):
+        def new_guard(state):
+            return Guard(states={"s": state}, rng=False, job=ep.job, node="a", run_dir=ep.run_dir, rank=0,
+                         world_size=1, timeout_s=10, gate_timeout_s=3.0)
+
+        dealer = net._dealer("a")
+        n = PIECE + 1000
+        rng = np.random.default_rng(4)
+        sent_by_b = {1: rng.integers(0, 256, n, dtype=np.uint8).tobytes()}  # b's chunk of each step, this timeline
+        state = {"w": torch.arange(4096, dtype=torch.float32)}
+        guard = new_guard(state)
+        guard.snapshot(1)
+        guard.wait()
+        for off in (0, PIECE):
+            dealer.send_multipart(piece(net, 1, sent_by_b[1], off))
+        wait_parity(client, [[0, 1, 1]])
+        left = rng.integers(0, 256, n, dtype=np.uint8).tobytes()  # b's step 2 on the timeline about to be left
+        dealer.send_multipart(piece(net, 2, left, 0))
+        wait_until(lambda: client.request(P.Status()).parity_bytes == 2 * n, 10, "a to hold part of b's step 2")
+        guard.close()  # the trainer is gone; its state lives on in the daemon
+
+        state = {"w": torch.zeros(4096, dtype=torch.float32)}
+        guard = new_guard(state)
+        try:
+            assert guard.restore() == 1
+            assert torch.equal(state["w"], torch.arange(4096, dtype=torch.float32))
+            assert guard.epoch > 0
+            assert client.request(P.Status()).parity == [[0, 1, 1]]
+            rejected = client.request(P.Status()).rejected
+            dealer.send_multipart(piece(net, 2, left, PIECE))  # the old step 2's last piece, late
+            assert status_after(client, rejected + 1).rejected == rejected + 1
+
+            mine = {}  # a's state at each step, this timeline
+            for step in (2, 3):
+                state["w"] += 1
+                mine[step] = state["w"].numpy().tobytes()
+                guard.snapshot(step)
+                guard.wait()
+                sent_by_b[step] = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+                for off in (0, PIECE):
+                    dealer.send_multipart(piece(net, step, sent_by_b[step], off, epoch=guard.epoch))
+            st = wait_parity(client, [[0, 1, 1], [0, 1, 2], [0, 1, 3]])
+            for _, _, step in st.parity:
+                reply, bulk = net.request("a", P.PeerFetch(**net.header(), step=step, codeword=0, position=1),
+                                          timeout_s=10)
+                assert bulk[0] == sent_by_b[step], f"a's parity of step {step} is not b's chunk of that step"
+            assert st.parity == [[0, 1, 1], [0, 1, 2], [0, 1, 3]]
+            assert "is of timeline 0, and this node's is" in log.read_text()
+
+            got = _chunks_received(net, until_step=3)
+            for step, (epoch, data) in got.items():
+                if step > 1:  # a's own chunks of the new timeline carry its epoch and its new bytes
+                    assert epoch == guard.epoch and data[:4096 * 4] == mine[step], step
+            dealer.send_multipart(seal_frames(net.secret, bytes(8), P.PeerHeld(**net.header(), held=[],
+                                                                                parity=[[1, 1, 3]])))
+            st = wait_until(lambda: (lambda s: s.protected == 3 and s)(client.request(P.Status())), 10,
+                            "step 3 to be protected")
+            assert st.parity == [[0, 1, 3]]
         finally:
             guard.close()

@@ -280,6 +280,22 @@ def test_a_new_table_readopts_sealed_slots_and_nothing_else(table, shm_dir, capl
     assert "not re-adopting rank 0 slot" in caplog.text and "not re-adopting rank 1 slot" in caplog.text
 
 
+def test_the_jobs_epoch_outlives_the_daemon_in_a_private_file(table, shm_dir, caplog):
+    """A restarted daemon keeps stamping its chunks with the timeline of the job's last restore."""
+    write_and_seal(table, 0, 0)
+    table.set_epoch(12345)
+    path = os.path.join(table.dir, "epoch")
+    assert mode(path) == 0o600
+    again = SlotTable(table.job, table.node, shm_dir)
+    again.adopt()
+    assert again.epoch == 12345 and again.held() == {0: [0]}
+    open(path, "w").write("not a number")
+    third = SlotTable(table.job, table.node, shm_dir)
+    with caplog.at_level(logging.WARNING, logger="snapguard.daemon.slots"):
+        third.adopt()
+    assert third.epoch == 0 and "cannot read the job's epoch" in caplog.text
+
+
 def test_remove_all_deletes_every_file_and_the_directory(table):
     write_and_seal(table, 0, 0)
     table.reserve(1, 4096)
