@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/core.py                          # GPT-style model, ~88M params + Adam: ~1.06 GB
     .venv/bin/python bench/core.py --scale 0.1 --rounds 1   # a quick check (~10M params)
+    .venv/bin/python bench/core.py --steps-only --batch 4   # section 1 alone, with longer steps
 
 1. Step time with a save every step, against none: `guard.snapshot()`, `torch.save` (to disk and to
    /dev/shm), and `torch.distributed.checkpoint.async_save` (as documented: a new default stager per
@@ -559,6 +560,21 @@ def report_first(label: str, construct: float, allocs: list[tuple[float, float]]
 ALL_MODES = ("none", "snapguard", "torch_save_disk", "torch_save_shm", "dcp_async", "dcp_async_reuse")
 
 
+def print_targets(s1: dict) -> None:
+    if "over_snapguard_med" not in s1:
+        return
+    line = (f"# Targets: snapguard overhead {s1['sg_med'] / s1['none_med'] * 100:.1f}% (median) /"
+            f" {s1['sg_mean'] / s1['none_mean'] * 100:.1f}% (mean) / {s1['sg_paired'] * 100:.1f}% (paired)"
+            f" of the step (target <= 5%)")
+    for k in ("dcp_async", "dcp_async_reuse"):
+        if f"over_{k}_med" in s1:
+            line += (f"; {s1['sg_med'] / s1[f'over_{k}_med']:.2f}x (median) /"
+                     f" {s1['sg_mean'] / s1[f'over_{k}_mean']:.2f}x (mean) /"
+                     f" {s1['sg_paired'] / s1[f'over_{k}_paired_med']:.2f}x (paired) of {k}'s overhead"
+                     f" (target <= 0.2x)")
+    print(line)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of the 12 transformer layers (default 1.0)")
@@ -570,6 +586,8 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=4, help="steps per mode per round, warm-up included (default 4)")
     ap.add_argument("--warmup", type=int, default=1, help="steps discarded at the start of each block (default 1)")
     ap.add_argument("--modes", default=",".join(ALL_MODES), help=f"comma-separated subset of {','.join(ALL_MODES)}")
+    ap.add_argument("--steps-only", action="store_true",
+                    help="section 1 alone (and the first snapshots that build the Guard), e.g. to vary --batch")
     ap.add_argument("--restore-reps", type=int, default=3)
     ap.add_argument("--cold-reps", type=int, default=2)
     ap.add_argument("--fresh-reps", type=int, default=2, help="restores in a fresh process, per method (default 2)")
@@ -664,6 +682,11 @@ def main() -> None:
         s1 = report_steps(records, modes, daemon_cpu, sg_mode.jobs if sg_mode else [], sbytes / U.GB)
         print()
 
+        if args.steps_only:
+            print_targets(s1)
+            print(f"# total {time.perf_counter() - started:.0f} s; load average at end {U.loadavg()}")
+            return
+
         # Section 2.
         progress("section 2: restore")
         print(f"## 2. Restore of the same {sbytes / U.GB:.2f} GB state (load average {U.loadavg()})")
@@ -726,17 +749,7 @@ def main() -> None:
         print(U.table(["file prepared by", "prepare s", "mmap s", "first copy GB/s", "vs memcpy",
                        "second copy GB/s", "prepare + map + first copy s"], rows, right=range(1, 7)))
         print()
-        if "over_snapguard_med" in s1:
-            line = (f"# Targets: snapguard overhead {s1['sg_med'] / s1['none_med'] * 100:.1f}% (median) /"
-                    f" {s1['sg_mean'] / s1['none_mean'] * 100:.1f}% (mean) / {s1['sg_paired'] * 100:.1f}% (paired)"
-                    f" of the step (target <= 5%)")
-            for k in ("dcp_async", "dcp_async_reuse"):
-                if f"over_{k}_med" in s1:
-                    line += (f"; {s1['sg_med'] / s1[f'over_{k}_med']:.2f}x (median) /"
-                             f" {s1['sg_mean'] / s1[f'over_{k}_mean']:.2f}x (mean) /"
-                             f" {s1['sg_paired'] / s1[f'over_{k}_paired_med']:.2f}x (paired) of {k}'s overhead"
-                             f" (target <= 0.2x)")
-            print(line)
+        print_targets(s1)
         print(f"# total {time.perf_counter() - started:.0f} s; load average at end {U.loadavg()}")
     finally:
         for g in guards:
