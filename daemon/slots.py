@@ -23,7 +23,7 @@ from snapguard.config import ensure_private_dir
 from snapguard.errors import ChecksumError, LayoutError, ShmSpaceError, SnapGuardError
 from snapguard.faults import fault_point
 from snapguard.layout import Manifest, verify_checksums
-from snapguard.shm import MiB, create_slot, free_bytes, map_file
+from snapguard.shm import MiB, create_slot, free_bytes, map_file, write_private
 
 log = logging.getLogger(__name__)
 
@@ -171,11 +171,7 @@ class SlotTable:
         if epoch == self.epoch:
             return
         ensure_private_dir(self.dir)
-        path = os.path.join(self.dir, _EPOCH)
-        fd = os.open(path + ".new", os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(str(epoch))
-        os.replace(path + ".new", path)
+        write_private(os.path.join(self.dir, _EPOCH), str(epoch).encode())
         self.epoch = epoch
 
     # ---- queries -------------------------------------------------------------------------------
@@ -249,11 +245,7 @@ class SlotTable:
             slot.state, slot.step = FREE, -1
             raise
         fault_point("daemon.seal.verified", step)
-        tmp = slot.manifest_path + ".new"
-        fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(msgpack.packb(manifest.to_wire(), use_bin_type=True))
-        os.replace(tmp, slot.manifest_path)
+        write_private(slot.manifest_path, msgpack.packb(manifest.to_wire(), use_bin_type=True))
         slot.state, slot.manifest, slot.sealed_at = SEALED, manifest, time.time()
         self.world_size = max(self.world_size, manifest.world_size)
         log.debug("%s rank %d sealed step %d (%d bytes verified in %.3f s)", self.who, rank, step,

@@ -41,6 +41,16 @@ def create_slot(path: str, nbytes: int) -> None:
     os.replace(tmp, path)
 
 
+def write_private(path: str, data: bytes) -> None:
+    """Replace `path` with a file (0600) holding `data`, atomically: a crash leaves the old file or the new one,
+    and at worst a stray `path.new` (`SlotTable.adopt` removes those)."""
+    tmp = path + ".new"
+    fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
 def map_file(path: str, writable: bool, populate: bool = True) -> mmap.mmap:
     """Map a whole slot file shared; MAP_POPULATE fills the page tables up front."""
     fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
