@@ -130,6 +130,7 @@ class Protector:
         self.sent_step = -1
         self.sent_bytes = 0
         self.rejected: list[str] = []
+        self.failed_rebuilds: set[int] = set()  # steps whose rebuilt bytes failed their checksums: never offered again
 
     # ---- what this node holds ------------------------------------------------------------------
 
@@ -197,6 +198,7 @@ class Protector:
                 self._spare = steps.pop(st).buf
                 dropped.add(st)
         self.table.set_epoch(epoch)
+        self.failed_rebuilds = {s for s in self.failed_rebuilds if s <= step}  # newer ones are trained again
         self.sent_step = min(self.sent_step, step)
         self.remote_sending = {n: (s, at) for n, (s, at) in self.remote_sending.items() if s <= step}
         return sorted(dropped)
@@ -352,7 +354,7 @@ class Protector:
             for step, blob in st.blobs.items():
                 candidates[int(step)] = blob
         for step, blob in candidates.items():
-            if self._sources(step, stocks) is not None:
+            if step not in self.failed_rebuilds and self._sources(step, stocks) is not None:
                 out[step] = blob
         return out
 
@@ -391,7 +393,20 @@ class Protector:
         return f"step {step} of node {self.node} cannot be rebuilt: some parity of it is missing"
 
     def rebuild(self, step: int, blob: dict, stocks: dict[str, P.PeerStock], fetch) -> None:
-        """Fetch k chunks per codeword, decode this node's chunks, and seal its ranks' slots of `step`."""
+        """Fetch k chunks per codeword, decode this node's chunks, and seal its ranks' slots of `step`.
+
+        Rebuilt bytes are sealed only if they match the checksums the trainer recorded. If they do not (a peer's
+        slot or parity holds bytes that changed after they were sealed), the step is never offered again
+        (`rebuildable`), so that the restore that asked for it plans again with an older step."""
+        try:
+            self._rebuild(step, blob, stocks, fetch)
+        except ChecksumError as e:
+            self.failed_rebuilds.add(step)
+            log.warning("%s step %d cannot be rebuilt: %s; it is not offered again, restore must use an older step",
+                        self.who, step, e)
+            raise
+
+    def _rebuild(self, step: int, blob: dict, stocks: dict[str, P.PeerStock], fetch) -> None:
         sources = self._sources(step, stocks)
         if sources is None:
             raise UnrecoverableError(f"{self.who} step {step} cannot be rebuilt: fewer than k={self.k} chunks survive")

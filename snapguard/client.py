@@ -76,7 +76,7 @@ class DaemonClient:
                     continue  # a stale reply to a request that timed out earlier
                 reply = P.decode(frames[1])
                 if isinstance(reply, P.Error):
-                    raise DaemonError(f"{self.who}: daemon refused {msg.TYPE}: [{reply.code}] {reply.message}")
+                    raise DaemonError(f"{self.who}: daemon refused {msg.TYPE}: [{reply.code}] {reply.message}", reply.code)
                 return reply
 
     def wait_ready(self, timeout_s: float) -> None:

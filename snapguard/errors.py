@@ -16,7 +16,14 @@ class ProtocolError(SnapGuardError):
 
 
 class DaemonError(SnapGuardError):
-    """The daemon answered a request with an error, or did not answer in time."""
+    """The daemon answered a request with an error, or did not answer in time.
+
+    `code` names the error the daemon reported (the name of its exception, e.g. "ChecksumError"); it is empty
+    when no reply came."""
+
+    def __init__(self, message: str, code: str = ""):
+        super().__init__(message)
+        self.code = code
 
 
 class DaemonUnavailable(DaemonError):

@@ -34,7 +34,8 @@ import xxhash
 from snapguard import protocol as P
 from snapguard.client import DaemonClient
 from snapguard.config import Endpoint, default_shm_dir, default_timeout
-from snapguard.errors import ChecksumError, ConfigError, DaemonUnavailable, RestoreError, SnapGuardError
+from snapguard.errors import (ChecksumError, ConfigError, DaemonError, DaemonUnavailable, RestoreError,
+                              SnapGuardError)
 from snapguard.faults import fault_point
 from snapguard.layout import (DEFAULT_CHUNK, MANIFEST_VERSION, ChunkHasher, Layout, Manifest, checksum_mismatch,
                               chunk_checksums, plan_layout)
@@ -49,6 +50,7 @@ _PIECE = 256 << 10  # bytes copied, then hashed while in the cache
 _MAX_INVENTORY = 16  # steps one rank reports at restore; more than slots_per_rank will ever hold
 _RESTORE_THREADS = 4  # threads that verify and copy a shard on restore (memory bandwidth, not compute, bounds it)
 _CORRUPT = -2  # what a rank that found a corrupt chunk reports instead of the step it restored
+_MAX_RESTORE_ROUNDS = 8  # each round after the first two rules out a step, or ends the restore
 
 
 @dataclass(frozen=True)
@@ -374,13 +376,17 @@ class Guard:
         """Restore the newest step every rank holds; return it, or None on a fresh start. Called on every rank.
 
         Each rank verifies the shard's checksums as it copies it, a chunk at a time, and copies a chunk only once
-        its checksum matches. If any rank finds a corrupt chunk, every rank plans again, after the daemons have
-        checked every sealed slot and dropped the corrupt ones."""
+        its checksum matches. If any rank finds a corrupt chunk, or its daemon cannot rebuild the step from its
+        peers with bytes that match their checksums, every rank plans again, after the daemons have checked every
+        sealed slot and dropped the corrupt ones (and the steps whose rebuild failed): with an older step if need
+        be. A step that fails after that check is not tried again."""
         self.wait()
         t0 = time.monotonic()
         dropped: list[str] = []
         loaded = None  # the step some of whose chunks this rank copied into its state
-        for recheck in (False, True):
+        failed: set[int] = set()  # steps that failed after the daemons checked their slots again
+        recheck = False
+        for _ in range(_MAX_RESTORE_ROUNDS):
             inv = self.client.request(P.Inventory(self.endpoint.job, self.rank, recheck=recheck))
             for why in inv.dropped:
                 log.warning("%s a sealed snapshot failed verification and is not used: %s", self.who, why)
@@ -402,17 +408,22 @@ class Guard:
                 self.epoch = epoch
                 check_agreement(self._gather_restored(None))
                 return None
-            shard = self.client.request(P.Open(self.endpoint.job, self.rank, plan.step, epoch))
-            self.epoch = epoch
-            loaded = plan.step
-            try:
-                state, shard_nbytes = self._load(shard)
-            except ChecksumError as e:
-                state = None
-                log.warning("%s restoring step %d: %s; the daemons check every sealed slot again", self.who,
-                            plan.step, e)
+            if plan.step in failed:
+                break
+            shard, state = self._open(plan.step, epoch), None
+            if shard is not None:
+                self.epoch = epoch
+                loaded = plan.step
+                try:
+                    state, shard_nbytes = self._load(shard)
+                except ChecksumError as e:
+                    log.warning("%s restoring step %d: %s; the daemons check every sealed slot again", self.who,
+                                plan.step, e)
             restored = self._gather_restored(plan.step if state is not None else _CORRUPT)
             if _CORRUPT in restored.values():
+                if recheck:
+                    failed.add(plan.step)
+                recheck = True
                 continue
             for name, st in self.states.items():
                 st.load_state_dict(state[name])
@@ -421,12 +432,22 @@ class Guard:
             if shard_nbytes > self._reserved:
                 self._reserve(shard_nbytes)  # larger than at construction (optimizer state): pre-fault for it
             log.info("%s restored step %d in %.2f s (%s)%s", self.who, plan.step, time.monotonic() - t0, plan.reason,
-                     "; newer snapshots were corrupt and skipped" if dropped else "")
+                     "; newer snapshots were corrupt and skipped" if dropped or failed else "")
             return plan.step
-        bad = sorted(r for r, s in restored.items() if s == _CORRUPT)
-        raise RestoreError(f"{self.who} step {loaded} failed verification on ranks {bad} even after the daemons"
-                           " checked their sealed slots again; this rank's state holds part of it now, so it must not"
-                           " train on")
+        raise RestoreError(f"{self.who} steps {sorted(failed)} failed verification on some ranks even after the"
+                           " daemons checked their sealed slots again" + (f"; this rank's state holds part of step"
+                           f" {loaded} now, so it must not train on" if loaded is not None else ""))
+
+    def _open(self, step: int, epoch: int) -> P.Shard | None:
+        """Ask the daemon for this rank's shard of `step`; None if it cannot rebuild it from its peers, or only
+        with bytes that fail their checksums (it says why, and no longer offers that step)."""
+        try:
+            return self.client.request(P.Open(self.endpoint.job, self.rank, step, epoch))
+        except DaemonError as e:
+            if e.code not in ("ChecksumError", "UnrecoverableError"):
+                raise
+            log.warning("%s restoring step %d: %s; the ranks plan again", self.who, step, e)
+            return None
 
     def _load(self, shard: P.Shard) -> tuple[dict, int]:
         """Copy the shard into this process's tensors, verifying each chunk before its bytes are copied; return

@@ -10,6 +10,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import threading
 import time
 
 import numpy as np
@@ -306,3 +307,88 @@ def test_after_a_restore_no_parity_mixes_the_timeline_left_with_the_new_one(tmp_
             assert st.parity == [[0, 1, 3]]
         finally:
             guard.close()
+
+
+class _Holder:
+    """Node b as the holder of a's parity (k=1: a copy of a's chunk), answering a's requests from a thread: it
+    keeps a's chunks as they arrive and serves them back when a rebuilds, with the bytes of the steps in `rot`
+    changed after they arrived (bit rot in b's memory), under a transport checksum of the changed bytes."""
+
+    def __init__(self, net: PeerNet):
+        self.net, self.chunks, self.blobs, self.rot, self.fetched = net, {}, {}, set(), []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            if not self.net.router.poll(20):
+                continue
+            try:
+                ident, rid, msg, bulk = self.net.receive(recv_frames(self.net.router))
+            except PeerAuthError:
+                continue
+            if isinstance(msg, P.PeerChunk) and msg.codeword == 1:
+                self.chunks[msg.step] = bytes(bulk[0])
+                self.blobs[msg.step] = msg.blob
+            elif isinstance(msg, P.PeerInventory):
+                parity = [[1, 1, s] for s in sorted(self.chunks)]
+                self.net.reply(ident, rid, P.PeerStock("b", [], parity, {str(s): b for s, b in self.blobs.items()}))
+            elif isinstance(msg, P.PeerFetch):
+                data = bytearray(self.chunks[msg.step])
+                if msg.step in self.rot:
+                    data[len(data) // 2] ^= 0xFF
+                self.fetched.append(msg.step)
+                reply = P.PeerData(msg.step, msg.codeword, msg.position, xxhash.xxh3_64_intdigest(bytes(data)))
+                self.net.reply(ident, rid, reply, [bytes(data)])
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def test_a_rebuild_whose_bytes_fail_their_checksums_makes_restore_use_an_older_step(tmp_path):
+    """a's rank sealed steps 1 and 2, and b holds the parity of both. a's slot of step 2 rots, and so does b's
+    parity of it. The restore finds the slot corrupt; a rebuilds step 2 from b; the rebuilt bytes fail the
+    checksums the trainer recorded, so they are never loaded: a stops offering step 2, and the ranks restore
+    step 1, which a still holds, instead of failing the same way on every restart."""
+    with _pair(tmp_path) as (ep, net, client, log):
+        def new_guard(state):
+            return Guard(states={"s": state}, rng=False, job=ep.job, node="a", run_dir=ep.run_dir, rank=0,
+                         world_size=1, timeout_s=10, gate_timeout_s=3.0)
+
+        holder = _Holder(net)
+        try:
+            state = {"w": torch.arange(4096, dtype=torch.float32)}
+            guard = new_guard(state)
+            saved = {}
+            for step in (1, 2):
+                state["w"] += 1
+                saved[step] = state["w"].clone()
+                guard.snapshot(step)
+                guard.wait()
+            wait_until(lambda: {1, 2} <= set(holder.chunks), 10, "a's chunks of steps 1 and 2 to reach b")
+            guard.close()
+
+            st = client.request(P.Status())
+            slot = next(s["slot"] for s in st.ranks[0]["slots"] if s["state"] == "sealed" and s["step"] == 2)
+            with open(os.path.join(st.shm_dir, f"r00000.s{slot}.data"), "r+b") as f:
+                f.seek(100)
+                b = f.read(1)
+                f.seek(100)
+                f.write(bytes([b[0] ^ 0xFF]))
+            holder.rot.add(2)
+
+            state = {"w": torch.zeros(4096, dtype=torch.float32)}
+            guard = new_guard(state)
+            try:
+                assert guard.restore() == 1
+                assert torch.equal(state["w"], saved[1])
+            finally:
+                guard.close()
+            assert holder.fetched == [2], "a rebuilt step 2 once, and never offered it again"
+            text = log.read_text()
+            assert "dropping it, restore will use an older step" in text
+            assert "step 2 cannot be rebuilt" in text and "it is not offered again" in text
+        finally:
+            holder.close()
