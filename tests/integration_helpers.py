@@ -128,8 +128,9 @@ class Run:
         pythonpath = os.pathsep.join(p for p in (SHIMS, os.environ.get("PYTHONPATH")) if p)
         # A fresh rendezvous store per restart: with the shared one, restarted gloo workers hang.
         env = {k: v for k, v in os.environ.items() if not k.startswith("SNAPGUARD_")}
+        # PYTHONFAULTHANDLER: a worker that hangs is sent SIGABRT, and prints every thread's stack to the log.
         env.update(OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", SNAPGUARD_CPU_SHIMS="1",
-                   PYTHONPATH=pythonpath, PYTHONWARNINGS="ignore", **self.env)
+                   PYTHONPATH=pythonpath, PYTHONWARNINGS="ignore", PYTHONFAULTHANDLER="1", **self.env)
         self.started = time.monotonic()
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO,
@@ -140,9 +141,13 @@ class Run:
         try:
             rc = self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
+            hung = self._workers()
+            for pid in hung:
+                os.kill(pid, signal.SIGABRT)  # the fault handler prints where each thread of it waits
+            time.sleep(2.0)
             self.stop()
-            raise AssertionError(f"{self.script} {self.args} did not finish within {timeout_s:.0f} s;"
-                                 f" log tail:\n{self.log()[-4000:]}") from None
+            raise AssertionError(f"{self.script} {self.args} did not finish within {timeout_s:.0f} s; workers"
+                                 f" {hung} still ran; log tail:\n{self.log()[-8000:]}") from None
         self.seconds = time.monotonic() - self.started
         return rc
 
@@ -154,13 +159,21 @@ class Run:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(20)
-        for r in range(NPROC):  # workers left behind, by the pids they wrote
+        for pid in self._workers():  # workers left behind
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+    def _workers(self) -> list[int]:
+        """The workers of this run that are still alive, by the pids they wrote."""
+        alive = []
+        for r in range(NPROC):
             try:
                 pid = int(open(os.path.join(self.out, f"pid.r{r}")).read().split()[0])
                 if self.out.encode() in open(f"/proc/{pid}/cmdline", "rb").read():
-                    os.kill(pid, signal.SIGKILL)
+                    alive.append(pid)
             except (OSError, ValueError):
                 pass
+        return alive
 
 
 def run_all(*runs: Run, timeout_s: float = 180.0) -> list[int]:
