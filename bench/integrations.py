@@ -33,6 +33,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from snapguard.procs import leave_process_group
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 1 << 20
 
@@ -285,7 +287,7 @@ def main() -> int:
     dist.all_gather_object(gathered, {"results": results, "bytes": nbytes})
     if rank == 0:
         report(a, step_s, gathered)
-    dist.destroy_process_group()
+    leave_process_group()
     return 0
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from runlog import RunLog
 from snapguard.integrations.deepspeed import protect
+from snapguard.procs import leave_process_group
 from torch_ddp import batch, build_model
 
 
@@ -57,8 +58,7 @@ def main() -> None:
     log.final(module=engine.module.state_dict(), fp32=getattr(opt, "single_partition_of_fp32_groups", None),
               optimizer=getattr(opt, "optimizer", opt).state_dict(), lr=engine.get_lr(), seen=seen,
               counters=[engine.global_steps, engine.global_samples])
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from runlog import RunLog
 from snapguard.integrations.megatron import protect
+from snapguard.procs import leave_process_group
 
 VOCAB, SEQ, MICRO_BATCH = 128, 32, 4
 
@@ -71,9 +72,8 @@ def main() -> None:
 
     log.final(model=model.state_dict(), optimizer=optimizer.state_dict(), consumed_train_samples=consumed,
               rng=tensor_parallel.get_cuda_rng_tracker().get_states())
-    dist.barrier()
     parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

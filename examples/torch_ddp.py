@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from runlog import RunLog
 from snapguard.integrations.torch import protect
+from snapguard.procs import leave_process_group
 
 VOCAB, SEQ = 128, 16
 
@@ -60,8 +61,7 @@ def main() -> None:
     guard.close()
 
     log.final(model=model.module.state_dict(), optimizer=opt.state_dict())
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

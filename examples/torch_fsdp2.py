@@ -17,6 +17,7 @@ from torch.distributed.fsdp import fully_shard
 
 from runlog import RunLog
 from snapguard.integrations.torch import protect
+from snapguard.procs import leave_process_group
 from torch_ddp import batch, build_model
 
 
@@ -51,8 +52,7 @@ def main() -> None:
 
     model_sd, optim_sd = get_state_dict(model, opt)
     log.final(model=model_sd, optimizer=optim_sd)
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -106,6 +106,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     import snapguard
+    from snapguard.procs import leave_process_group
 
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s rank {os.environ.get('RANK')}: %(message)s")
@@ -149,8 +150,7 @@ def worker_main(argv: list[str] | None = None) -> int:
         guard.close()
     with open(os.path.join(a.out, f"final.r{rank}.json"), "w") as f:
         json.dump(state_digest(model.module, opt), f, indent=0, sort_keys=True)
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
     return 0
 
 
