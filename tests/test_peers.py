@@ -7,9 +7,12 @@ Node "a" (the daemon under test) holds the parity of codeword 0, whose one data 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
+import subprocess
+import sys
 import threading
 import time
 
@@ -342,6 +345,18 @@ class _Holder:
                 reply = P.PeerData(msg.step, msg.codeword, msg.position, xxhash.xxh3_64_intdigest(bytes(data)))
                 self.net.reply(ident, rid, reply, [bytes(data)])
 
+    def rot_both(self, client: DaemonClient, rank: int, step: int) -> None:
+        """Flip a byte of `rank`'s sealed slot of `step` on a, and of b's parity of that step."""
+        st = client.request(P.Status())
+        slot = next(s["slot"] for r in st.ranks if r["rank"] == rank
+                    for s in r["slots"] if s["state"] == "sealed" and s["step"] == step)
+        with open(os.path.join(st.shm_dir, f"r{rank:05d}.s{slot}.data"), "r+b") as f:
+            f.seek(100)
+            b = f.read(1)
+            f.seek(100)
+            f.write(bytes([b[0] ^ 0xFF]))
+        self.rot.add(step)
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(10)
@@ -370,14 +385,7 @@ def test_a_rebuild_whose_bytes_fail_their_checksums_makes_restore_use_an_older_s
             wait_until(lambda: {1, 2} <= set(holder.chunks), 10, "a's chunks of steps 1 and 2 to reach b")
             guard.close()
 
-            st = client.request(P.Status())
-            slot = next(s["slot"] for s in st.ranks[0]["slots"] if s["state"] == "sealed" and s["step"] == 2)
-            with open(os.path.join(st.shm_dir, f"r00000.s{slot}.data"), "r+b") as f:
-                f.seek(100)
-                b = f.read(1)
-                f.seek(100)
-                f.write(bytes([b[0] ^ 0xFF]))
-            holder.rot.add(2)
+            holder.rot_both(client, rank=0, step=2)
 
             state = {"w": torch.zeros(4096, dtype=torch.float32)}
             guard = new_guard(state)
@@ -390,5 +398,73 @@ def test_a_rebuild_whose_bytes_fail_their_checksums_makes_restore_use_an_older_s
             text = log.read_text()
             assert "dropping it, restore will use an older step" in text
             assert "step 2 cannot be rebuilt" in text and "it is not offered again" in text
+        finally:
+            holder.close()
+
+
+_RANK = """
+import json, sys, torch, torch.distributed as dist
+from snapguard.guard import Guard
+from snapguard.procs import leave_process_group
+rank, world, port, job, run_dir, mode, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], *sys.argv[4:8]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+state = {"w": torch.full((4096,), float(100 * rank))}
+guard = Guard(states={"s": state}, rng=False, job=job, node="a", run_dir=run_dir, rank=rank, world_size=world,
+              timeout_s=20, gate_timeout_s=5.0)
+if mode == "train":
+    for step in (1, 2):
+        state["w"] += 1
+        guard.snapshot(step)
+        guard.wait()
+else:
+    state["w"].zero_()
+    step = guard.restore()
+    with open(out, "w") as f:
+        json.dump({"step": step, "w": state["w"].tolist()}, f)
+guard.close()
+leave_process_group()
+"""
+
+
+def _ranks(ep: Endpoint, mode: str, out_dir, world: int = 2) -> list[str]:
+    """Run `world` ranks of _RANK on node a, each a process of its own joined by gloo; return their logs."""
+    port, procs, logs = free_port(), [], []
+    for rank in range(world):
+        log = out_dir / f"{mode}.r{rank}.log"
+        logs.append(log)
+        with open(log, "wb") as f:
+            procs.append(subprocess.Popen([sys.executable, "-c", _RANK, str(rank), str(world), str(port), ep.job,
+                                           ep.run_dir, mode, str(out_dir / f"{mode}.r{rank}.json")],
+                                          stdout=f, stderr=subprocess.STDOUT))
+    for p, log in zip(procs, logs):
+        try:
+            rc = p.wait(120)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"rank of {mode} did not finish in 120 s:\n{log.read_text()[-3000:]}")
+        assert rc == 0, f"{mode} rank exited with {rc}:\n{log.read_text()[-3000:]}"
+    return [log.read_text() for log in logs]
+
+
+def test_ranks_that_disagree_on_a_failed_rebuild_all_restore_the_same_older_step(tmp_path):
+    """Two ranks on node a sealed steps 1 and 2. Rank 1's slot of step 2 rots, and so does b's parity of it;
+    rank 0's slot is intact. Rank 0 can open step 2, rank 1 cannot (its rebuild fails the checksums), so
+    both plan again and restore step 1, each its own bytes: never two different steps."""
+    with _pair(tmp_path) as (ep, net, client, log):
+        holder = _Holder(net)
+        try:
+            _ranks(ep, "train", tmp_path)
+            wait_until(lambda: {1, 2} <= set(holder.chunks), 10, "a's chunks of steps 1 and 2 to reach b")
+            holder.rot_both(client, rank=1, step=2)
+
+            logs = _ranks(ep, "restore", tmp_path)
+            for rank in range(2):
+                got = json.loads((tmp_path / f"restore.r{rank}.json").read_text())
+                assert got["step"] == 1, logs[rank][-3000:]
+                assert got["w"] == [100.0 * rank + 1] * 4096, f"rank {rank} holds other bytes than its step 1"
+            assert holder.fetched == [2]
+            assert "restoring step 2" in logs[1] and "the ranks plan again" in logs[1]
+            assert "step 2 cannot be rebuilt" in log.read_text()
         finally:
             holder.close()
