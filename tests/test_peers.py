@@ -64,6 +64,12 @@ def pair(tmp_path):
         yield p
 
 
+def _guard(ep: Endpoint, state: dict) -> Guard:
+    """The one rank of node a, in this process, protecting `state`."""
+    return Guard(states={"s": state}, rng=False, job=ep.job, node="a", run_dir=ep.run_dir, rank=0, world_size=1,
+                 timeout_s=10, gate_timeout_s=3.0)
+
+
 def chunk(net: PeerNet, step: int, data: bytes, checksum: int | None = None) -> P.PeerChunk:
     blob = {"nbytes": len(data), "ranks": []}
     return P.PeerChunk(**net.header(), step=step, codeword=0, position=0, chunk_len=len(data),
@@ -198,8 +204,7 @@ def test_training_never_waits_for_a_parity_holder_that_falls_behind(tmp_path, sl
     extra = () if slots is None else ("--slots-per-rank", str(slots))
     with _pair(tmp_path, extra) as (ep, net, client, _):
         state = {"w": torch.arange(4096, dtype=torch.float32)}
-        guard = Guard(states={"s": state}, rng=False, job=ep.job, node="a", run_dir=ep.run_dir, rank=0, world_size=1,
-                      timeout_s=10, gate_timeout_s=3.0)
+        guard = _guard(ep, state)
         try:
             dealer = net._dealer("a")
             data = np.random.default_rng(2).integers(0, 256, 4096, dtype=np.uint8).tobytes()
@@ -251,16 +256,12 @@ def test_after_a_restore_no_parity_mixes_the_timeline_left_with_the_new_one(tmp_
     it wrongly. So the restore starts a new timeline (an epoch, on every chunk): a drops its parity of step 2,
     refuses pieces of the old timeline that arrive late, and builds step 2's parity from the new one alone."""
     with _pair(tmp_path, ("--peer-timeout", "1")) as (ep, net, client, log):
-        def new_guard(state):
-            return Guard(states={"s": state}, rng=False, job=ep.job, node="a", run_dir=ep.run_dir, rank=0,
-                         world_size=1, timeout_s=10, gate_timeout_s=3.0)
-
         dealer = net._dealer("a")
         n = PIECE + 1000
         rng = np.random.default_rng(4)
         sent_by_b = {1: rng.integers(0, 256, n, dtype=np.uint8).tobytes()}  # b's chunk of each step, this timeline
         state = {"w": torch.arange(4096, dtype=torch.float32)}
-        guard = new_guard(state)
+        guard = _guard(ep, state)
         guard.snapshot(1)
         guard.wait()
         for off in (0, PIECE):
@@ -272,7 +273,7 @@ def test_after_a_restore_no_parity_mixes_the_timeline_left_with_the_new_one(tmp_
         guard.close()  # the trainer is gone; its state lives on in the daemon
 
         state = {"w": torch.zeros(4096, dtype=torch.float32)}
-        guard = new_guard(state)
+        guard = _guard(ep, state)
         try:
             assert guard.restore() == 1
             assert torch.equal(state["w"], torch.arange(4096, dtype=torch.float32))
@@ -368,14 +369,10 @@ def test_a_rebuild_whose_bytes_fail_their_checksums_makes_restore_use_an_older_s
     checksums the trainer recorded, so they are never loaded: a stops offering step 2, and the ranks restore
     step 1, which a still holds, instead of failing the same way on every restart."""
     with _pair(tmp_path) as (ep, net, client, log):
-        def new_guard(state):
-            return Guard(states={"s": state}, rng=False, job=ep.job, node="a", run_dir=ep.run_dir, rank=0,
-                         world_size=1, timeout_s=10, gate_timeout_s=3.0)
-
         holder = _Holder(net)
         try:
             state = {"w": torch.arange(4096, dtype=torch.float32)}
-            guard = new_guard(state)
+            guard = _guard(ep, state)
             saved = {}
             for step in (1, 2):
                 state["w"] += 1
@@ -388,7 +385,7 @@ def test_a_rebuild_whose_bytes_fail_their_checksums_makes_restore_use_an_older_s
             holder.rot_both(client, rank=0, step=2)
 
             state = {"w": torch.zeros(4096, dtype=torch.float32)}
-            guard = new_guard(state)
+            guard = _guard(ep, state)
             try:
                 assert guard.restore() == 1
                 assert torch.equal(state["w"], saved[1])
