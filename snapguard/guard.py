@@ -35,7 +35,7 @@ from snapguard import protocol as P
 from snapguard.client import DaemonClient
 from snapguard.config import Endpoint, default_shm_dir, default_timeout
 from snapguard.errors import (ChecksumError, ConfigError, DaemonError, DaemonUnavailable, RestoreError,
-                              SnapGuardError)
+                              SnapGuardError, UnrecoverableError)
 from snapguard.faults import fault_point
 from snapguard.layout import (DEFAULT_CHUNK, MANIFEST_VERSION, ChunkHasher, Layout, Manifest, checksum_mismatch,
                               chunk_checksums, plan_layout)
@@ -444,7 +444,7 @@ class Guard:
         try:
             return self.client.request(P.Open(self.endpoint.job, self.rank, step, epoch))
         except DaemonError as e:
-            if e.code not in ("ChecksumError", "UnrecoverableError"):
+            if e.code not in (ChecksumError.__name__, UnrecoverableError.__name__):  # the daemon names its exception
                 raise
             log.warning("%s restoring step %d: %s; the ranks plan again", self.who, step, e)
             return None
