@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slots-per-rank", type=int, help="shared-memory slots per rank (default: 2, or 3 with"
                     " --peer-bind: the protected step, the newest sealed one, and one to write, so that training"
                     " never waits for protection)")
+    ap.add_argument("--hash-threads", type=int, help="threads that verify a sealed shard's checksums (default:"
+                    " half the cores, 1 to 8)")
     ap.add_argument("--keep-on-exit", action="store_true", help="leave the slots in shared memory when stopping")
     ap.add_argument("--peer-bind", help="TCP address peers reach this daemon at, e.g. tcp://10.0.0.5:7100")
     ap.add_argument("--peer", action="append", default=[], metavar="NODE=ADDRESS",
@@ -136,10 +138,13 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         job, node = default_job(a.job), default_node(a.node)
+        if a.hash_threads is not None and a.hash_threads < 1:
+            raise ConfigError(f"--hash-threads must be at least 1, got {a.hash_threads}")
         secret = load_secret(a.secret_file) if a.peer_bind else b""  # before a rendezvous: fail alone, not the job
         peers, group, store = resolve_peers(a, job, node)  # noqa: F841 (a hosted store lives with the daemon)
         cfg = DaemonConfig(job, node, default_run_dir(a.run_dir),
                            default_shm_dir(a.shm_dir), a.shm_limit, a.slots_per_rank, not a.keep_on_exit,
+                           hash_threads=a.hash_threads,
                            peer_bind=a.peer_bind, peers=peers, ec_group=group, ec_m=a.ec_m,
                            secret=secret, peer_timeout_s=a.peer_timeout)
         d = Daemon(cfg)

@@ -23,7 +23,7 @@ import zmq
 from snapguard import protocol as P
 from snapguard.config import Endpoint, ensure_private_dir
 from snapguard.errors import ProtocolError, SnapGuardError, UnrecoverableError
-from snapguard.layout import Manifest
+from snapguard.layout import Manifest, default_hash_threads
 from snapguard.shm import free_bytes
 
 from snapguard.daemon.peers import AuthError as PeerAuthError
@@ -47,6 +47,7 @@ class DaemonConfig:
     shm_limit: int | None = None  # bytes this daemon may allocate in shm_dir, on top of the free-space check
     slots_per_rank: int | None = None  # default: 2, or 3 with erasure coding (see `slots_for`)
     remove_on_exit: bool = True
+    hash_threads: int | None = None  # threads that verify a sealed shard (default: `default_hash_threads()`)
     # erasure coding across nodes (all empty: this node stands alone)
     peer_bind: str | None = None  # e.g. tcp://10.0.0.5:7100
     peers: tuple[tuple[str, str], ...] = ()  # (node, address) of every other daemon of the job
@@ -122,7 +123,8 @@ class Daemon:
     def __init__(self, cfg: DaemonConfig):
         self.cfg = cfg
         self.who = f"[{cfg.job}/{cfg.node} daemon]"
-        self.table = SlotTable(cfg.job, cfg.node, cfg.shm_dir, cfg.shm_limit, slots_for(cfg))
+        self.table = SlotTable(cfg.job, cfg.node, cfg.shm_dir, cfg.shm_limit, slots_for(cfg),
+                               cfg.hash_threads or default_hash_threads())
         self._stop = False
         self._remove = cfg.remove_on_exit
         self._lock_fd = None

@@ -109,12 +109,14 @@ class Slot:
 class SlotTable:
     """All slots of one job's ranks on this node, under shm_dir/snapguard-<job>-<node>/."""
 
-    def __init__(self, job: str, node: str, shm_dir: str, shm_limit: int | None = None, slots_per_rank: int = 2):
+    def __init__(self, job: str, node: str, shm_dir: str, shm_limit: int | None = None, slots_per_rank: int = 2,
+                 hash_threads: int = 1):
         if slots_per_rank < 2:
             raise SnapGuardError(f"slots_per_rank must be at least 2, got {slots_per_rank}")
         self.job, self.node, self.shm_dir = job, node, shm_dir
         self.shm_limit = shm_limit
         self.slots_per_rank = slots_per_rank
+        self.hash_threads = hash_threads  # threads that verify a shard's checksums
         self.dir = os.path.join(shm_dir, f"snapguard-{job}-{node}")
         self.ranks: dict[int, list[Slot]] = {}
         self.world_size = 0
@@ -152,7 +154,7 @@ class SlotTable:
                     with open(slot.manifest_path, "rb") as f:
                         man = Manifest.from_wire(msgpack.unpackb(f.read(), raw=False, strict_map_key=False))
                     man.validate(slot.capacity)
-                    verify_checksums(slot.buffer(), man, who=f"{self.who} rank {rank} slot {index}")
+                    verify_checksums(slot.buffer(), man, f"{self.who} rank {rank} slot {index}", self.hash_threads)
                 except (SnapGuardError, ValueError, OSError, msgpack.UnpackException) as e:
                     log.warning("%s not re-adopting rank %d slot %d: %s", self.who, rank, index, e)
                     os.unlink(slot.manifest_path)
@@ -240,7 +242,7 @@ class SlotTable:
         manifest.validate(slot.capacity)
         t0 = time.monotonic()
         try:
-            verify_checksums(slot.buffer(), manifest, who=f"rank {rank}")
+            verify_checksums(slot.buffer(), manifest, f"rank {rank}", self.hash_threads)
         except ChecksumError:
             slot.state, slot.step = FREE, -1
             raise
@@ -271,7 +273,7 @@ class SlotTable:
             if slot.state != SEALED:
                 continue
             try:
-                verify_checksums(slot.buffer(), slot.manifest, who=f"rank {rank}")
+                verify_checksums(slot.buffer(), slot.manifest, f"rank {rank}", self.hash_threads)
             except ChecksumError as e:
                 log.warning("%s %s; dropping it, restore will use an older step", self.who, e)
                 dropped.append(str(e))

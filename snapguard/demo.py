@@ -100,7 +100,11 @@ def worker_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step-sleep", type=float, default=0.0, help="pause per step, to give faults room")
     ap.add_argument("--no-snapshot", action="store_true", help="the reference run: no snapguard at all")
     ap.add_argument("--no-rng", action="store_true", help="snapshot without RNG state (a broken restore, for tests)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where the model trains; cuda: rank LOCAL_RANK's GPU (modulo the GPUs there are)")
     a = ap.parse_args(argv)
+    if a.device == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS, before its first use
 
     import torch
     import torch.distributed as dist
@@ -116,12 +120,23 @@ def worker_main(argv: list[str] | None = None) -> int:
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, f"pid.r{rank}"), "w") as f:
         f.write(f"{os.getpid()} {attempt}\n")
+    device = torch.device("cpu")
+    if a.device == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        # A run with failures must compute exactly what the run without did: no atomics in backward, and
+        # attention by its plain formula (the fused kernels' backward passes are not deterministic).
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+        torch.backends.cuda.enable_cudnn_sdp(False)
     torch.manual_seed(a.seed)
     # DDP re-orders its gradient buckets after the first iteration it runs, and a bucket's layout
     # decides the order in which gloo sums each element: the first step after any restart would
     # round differently from the same step in an unbroken run. find_unused_parameters=True keeps
     # the initial buckets for good, so every run reduces in the same order.
-    model = torch.nn.parallel.DistributedDataParallel(build_model(a.width, a.layers), find_unused_parameters=True)
+    model = torch.nn.parallel.DistributedDataParallel(build_model(a.width, a.layers).to(device),
+                                                      find_unused_parameters=True)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loop = {"step": -1}
     guard = None
@@ -134,7 +149,7 @@ def worker_main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"rank {rank}: loop state says step {loop['step']}, restore said {restored}")
     losses = open(os.path.join(a.out, f"loss.r{rank}.jsonl"), "a")
     for step in range(start, a.steps):
-        x, y = batch(step, rank, a.seed)
+        x, y = (t.to(device) for t in batch(step, rank, a.seed))
         loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -167,6 +182,7 @@ class JobSpec:
     max_restarts: int = 3
     snapshot: bool = True
     rng: bool = True
+    device: str = "cpu"
     env: dict | None = None
 
 
@@ -175,7 +191,7 @@ def launch(spec: JobSpec, log_path: str | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={spec.nproc}",
            f"--max-restarts={spec.max_restarts}", "--monitor-interval=0.1", "-m", "snapguard.demo", "worker",
            "--out", spec.out, "--steps", str(spec.steps), "--width", str(spec.width), "--layers", str(spec.layers),
-           "--step-sleep", str(spec.step_sleep)]
+           "--step-sleep", str(spec.step_sleep), "--device", spec.device]
     if not spec.snapshot:
         cmd.append("--no-snapshot")
     if not spec.rng:

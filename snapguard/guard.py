@@ -14,7 +14,6 @@ buffers, RNG states, loop state) are cloned when `snapshot()` is called, so they
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import dataclasses
 import logging
@@ -38,7 +37,7 @@ from snapguard.errors import (ChecksumError, ConfigError, DaemonError, DaemonUna
                               SnapGuardError, UnrecoverableError)
 from snapguard.faults import fault_point
 from snapguard.layout import (DEFAULT_CHUNK, MANIFEST_VERSION, ChunkHasher, Layout, Manifest, checksum_mismatch,
-                              chunk_checksums, plan_layout)
+                              chunk_checksums, default_hash_threads, plan_layout)
 from snapguard.procs import spawn_daemon
 from snapguard.plan import check_agreement, plan_restore
 from snapguard.shm import MiB, map_file
@@ -66,19 +65,21 @@ class GuardConfig:
     timeout_s: float | None = None  # every daemon request and collective
     gate_timeout_s: float = 300.0  # most time a copy waits for other ranks before reusing a slot
     chunk_size: int = DEFAULT_CHUNK
+    hash_threads: int | None = None  # threads that hash a shard to or from the GPU (default: default_hash_threads())
     rank: int | None = None
     world_size: int | None = None
 
 
 class _Job:
-    def __init__(self, step: int, layout: Layout, tensors: list[torch.Tensor], tree: bytes, cuda_ready: Any):
+    def __init__(self, step: int, layout: Layout, tensors: list[torch.Tensor], tree: bytes,
+                 cuda_ready: dict[torch.device, Any]):
         self.step, self.layout, self.tensors, self.tree = step, layout, tensors, tree
-        self.cuda_ready = cuda_ready
+        self.cuda_ready = cuda_ready  # per CUDA device: an event recorded when snapshot() was called
         self.copy_done = threading.Event()
         self.sealed = threading.Event()
         self.error: BaseException | None = None
         self.started = time.monotonic()
-        self.begin_s = self.copy_s = self.seal_s = 0.0  # slot grant (including waits), copy, seal
+        self.begin_s = self.copy_s = self.hash_s = self.seal_s = 0.0  # slot grant (with waits), copy, hashing left, seal
 
 
 class Guard:
@@ -135,7 +136,9 @@ class Guard:
             self._pg = None if gloo else dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s))
 
         self._layout: Layout | None = None
-        self._maps: dict[str, tuple[Any, torch.Tensor, int, int]] = {}
+        self._maps: dict[str, _Mapped] = {}
+        self._pin = False  # the state has CUDA tensors: page-lock the slot mappings for device-to-host copies
+        self._streams: dict[torch.device, Any] = {}  # per CUDA device, the side stream the copies run on
         self._reserved = 0  # shard size the slots were last reserved for
         self._job: _Job | None = None
         self._queue: queue.Queue = queue.Queue()
@@ -176,6 +179,7 @@ class Guard:
         if nbytes is None:
             tensors, _ = self._capture()
             nbytes = plan_layout(tensor_spec(n, t) for n, t in tensors).nbytes
+            self._pin = self._pin or any(t.is_cuda for _, t in tensors)
         reply = self.client.request(P.Reserve(self.endpoint.job, self.rank, self.world_size, nbytes))
         t0 = time.monotonic()
         fresh = 0
@@ -227,10 +231,13 @@ class Guard:
             if self._layout is not None:
                 log.info("%s step %d: state shapes changed, planning a new layout", self.who, step)
             self._layout = plan_layout(specs)
-        cuda_ready = None
-        if any(t.is_cuda for t in tensors):
-            cuda_ready = torch.cuda.Event()
-            cuda_ready.record()
+        # The copy runs on a side stream of each device, after everything queued so far on the current stream
+        # (the optimizer step that made this state, and the clones above).
+        cuda_ready = {}
+        for d in {t.device for t in tensors if t.is_cuda}:
+            cuda_ready[d] = torch.cuda.Event()
+            cuda_ready[d].record(torch.cuda.current_stream(d))
+        self._pin = self._pin or bool(cuda_ready)
         job = _Job(step, self._layout, tensors, pack_tree(tree), cuda_ready)
         self._job = job
         self._queue.put(job)
@@ -289,15 +296,17 @@ class Guard:
         job.begin_s = time.monotonic() - t_begin
         buf, _ = self._mapping(granted.path, granted.capacity)
         t0 = time.monotonic()
-        stream = None
-        if job.cuda_ready is not None:
-            stream = torch.cuda.Stream()
-            stream.wait_event(job.cuda_ready)
+        streams = {}
+        for d, ready in job.cuda_ready.items():
+            if d not in self._streams:
+                self._streams[d] = torch.cuda.Stream(device=d)
+            streams[d] = self._streams[d]
+            streams[d].wait_event(ready)
         half = len(layout.entries) // 2
         base = buf.data_ptr()
-        mm = self._maps[granted.path][0]
-        hasher = ChunkHasher(memoryview(mm), layout.nbytes, self.config.chunk_size) if stream is None else None
-        with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
+        mm = self._maps[granted.path].mm
+        hasher = ChunkHasher(memoryview(mm), layout.nbytes, self.config.chunk_size) if not streams else None
+        with torch.no_grad():
             for i, (e, t) in enumerate(zip(layout.entries, job.tensors)):
                 if not e.nbytes:
                     pass
@@ -313,18 +322,27 @@ class Guard:
                             hasher.advance(e.offset + off + n)
                 else:
                     dst = buf[e.offset:e.offset + e.nbytes].view(TORCH_DTYPES[e.dtype]).view(e.shape)
-                    dst.copy_(t, non_blocking=stream is not None)
+                    if t.is_cuda:
+                        # Asynchronous into page-locked memory, on the side stream of the tensor's device (the
+                        # context makes that device current in this thread too).
+                        with torch.cuda.stream(streams[t.device]):
+                            dst.copy_(t, non_blocking=True)
+                    else:
+                        dst.copy_(t)
                     if hasher is not None:
                         hasher.advance(e.offset + e.nbytes)
                 if i == half:
                     fault_point("trainer.copy.mid", job.step)
-        if stream is not None:
+        for stream in streams.values():
             stream.synchronize()
-            checksums = chunk_checksums(memoryview(mm), layout.nbytes, self.config.chunk_size)
-        else:
-            checksums = hasher.finish()
         job.copy_s = time.monotonic() - t0
-        job.copy_done.set()
+        job.copy_done.set()  # the state may change now; what is left reads the slot only
+        t_hash = time.monotonic()
+        if hasher is not None:
+            checksums = hasher.finish()
+        else:
+            checksums = chunk_checksums(memoryview(mm), layout.nbytes, self.config.chunk_size, self._hash_threads())
+        job.hash_s = time.monotonic() - t_hash
         fault_point("trainer.copy.done", job.step)
         t1 = time.monotonic()
         manifest = Manifest(MANIFEST_VERSION, self.endpoint.job, self.rank, self.world_size, job.step, layout.nbytes,
@@ -334,9 +352,13 @@ class Guard:
         job.seal_s = time.monotonic() - t1
         self.common_step = reply.common
         self.last_sealed = job.step
-        if job.copy_s + job.seal_s > 5.0:
-            log.warning("%s step %d: snapshot took %.2f s (copy %.2f s, seal %.2f s)", self.who, job.step,
-                        job.copy_s + job.seal_s, job.copy_s, job.seal_s)
+        took = job.copy_s + job.hash_s + job.seal_s
+        if took > 5.0:
+            log.warning("%s step %d: snapshot took %.2f s (copy %.2f s, checksums %.2f s, seal %.2f s)", self.who,
+                        job.step, took, job.copy_s, job.hash_s, job.seal_s)
+
+    def _hash_threads(self) -> int:
+        return self.config.hash_threads or default_hash_threads()
 
     def _begin(self, step: int, nbytes: int) -> P.Granted:
         deadline = time.monotonic() + self.config.gate_timeout_s
@@ -357,18 +379,26 @@ class Guard:
 
     def _mapping(self, path: str, capacity: int) -> tuple[torch.Tensor, bool]:
         """This process's mapping of a slot file, and whether it was mapped just now. MAP_POPULATE touches every
-        page: the first mapping of a fresh slot zeroes its memory, which is why Guard maps slots up front."""
+        page: the first mapping of a fresh slot zeroes its memory, which is why Guard maps slots up front.
+        With CUDA state, the mapping is page-locked too (once), so device-to-host copies run asynchronously."""
         ino = os.stat(path).st_ino
         cached = self._maps.get(path)
-        if cached is not None and cached[2] == capacity and cached[3] == ino:
-            return cached[1], False
-        self._maps.pop(path, None)
+        if cached is not None and cached.capacity == capacity and cached.ino == ino:
+            if self._pin and not cached.pinned:
+                cached.pinned = _host_register(cached.t)
+            return cached.t, False
+        if cached is not None:
+            self._unmap(path)
         mm = map_file(path, writable=True)
         t = torch.frombuffer(mm, dtype=torch.uint8) if capacity else torch.empty(0, dtype=torch.uint8)
-        if torch.cuda.is_available() and capacity:
-            _host_register(t)
-        self._maps[path] = (mm, t, capacity, ino)
+        self._maps[path] = _Mapped(mm, t, capacity, ino, self._pin and capacity > 0 and _host_register(t))
         return t, True
+
+    def _unmap(self, path: str) -> None:
+        """Forget a mapping (unmapped once nothing uses its tensor); page-locked memory is released first."""
+        m = self._maps.pop(path)
+        if m.pinned:
+            _host_unregister(m.t)
 
     # ---- restore path ----------------------------------------------------------------------------
 
@@ -476,7 +506,11 @@ class Guard:
         missing = set(self.states) - set(state)
         if missing:
             raise RestoreError(f"{self.who} the snapshot of step {man.step} holds no state for {sorted(missing)}")
-        copy_verified(buf, man, targets, threads=max(1, min(_RESTORE_THREADS, torch.get_num_threads())))
+        # Into CPU tensors, verifying and copying are both memory-bound: a few threads, no more than training uses.
+        # Into GPU tensors the copies are the device's, and hashing is the work: as many threads as a snapshot's.
+        on_gpu = any(t.is_cuda for t in targets)
+        threads = self._hash_threads() if on_gpu else min(_RESTORE_THREADS, torch.get_num_threads())
+        copy_verified(buf, man, targets, threads=max(1, threads))
         return state, man.nbytes
 
     def _gather_inventories(self, steps: list[int]) -> tuple[dict[int, list[int]], int]:
@@ -516,9 +550,8 @@ class Guard:
                 h.remove()
             self._queue.put(None)
             self._worker.join(self.timeout_s)
-            for mm, t, _, _ in self._maps.values():
-                del t
-            self._maps.clear()
+            for path in list(self._maps):
+                self._unmap(path)
             if shutdown_daemon:
                 self.client.request(P.Shutdown(remove=True))
             self.client.close()
@@ -575,8 +608,8 @@ def copy_verified(buf: torch.Tensor, man: Manifest, targets: list[torch.Tensor],
                     x, y = max(off, a), min(off + n, b)
                     if t.device.type == "cpu":
                         ctypes.memmove(t.data_ptr() + (x - off), base + x, y - x)
-                    else:
-                        t.reshape(-1).view(torch.uint8)[x - off:y - off].copy_(buf[x:y])
+                    else:  # from page-locked memory: asynchronous, synchronized below
+                        t.view(-1).view(torch.uint8)[x - off:y - off].copy_(buf[x:y], non_blocking=True)
                     j += 1
                 if c == mid:
                     fault_point("trainer.restore.mid", man.step)
@@ -593,12 +626,34 @@ def copy_verified(buf: torch.Tensor, man: Manifest, targets: list[torch.Tensor],
     work(cuts[0], cuts[1], (cuts[0] + cuts[1]) // 2 if nchunks else None)
     for w in workers:
         w.join()
+    for d in {t.device for t in targets if t.is_cuda}:
+        torch.cuda.synchronize(d)
     if errors:
         raise next((e for e in errors if isinstance(e, ChecksumError)), errors[0])
 
 
-def _host_register(t: torch.Tensor) -> None:
-    """Page-lock a shared-memory mapping so device-to-host copies run asynchronously at full speed."""
+@dataclass
+class _Mapped:
+    """A slot file mapped into this process: `t` views `mm`'s bytes; `ino` tells a replaced file from the same."""
+
+    mm: Any
+    t: torch.Tensor
+    capacity: int
+    ino: int
+    pinned: bool
+
+
+def _host_register(t: torch.Tensor) -> bool:
+    """Page-lock a shared-memory mapping so device-to-host copies run asynchronously at full speed; False
+    (and a warning) where CUDA refuses, which leaves the copies correct but synchronous."""
     err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel(), 0)
     if int(err) != 0:
         log.warning("cudaHostRegister of %d bytes failed (%s); copies from the GPU will be slower", t.numel(), err)
+        return False
+    return True
+
+
+def _host_unregister(t: torch.Tensor) -> None:
+    err = torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+    if int(err) != 0:
+        log.warning("cudaHostUnregister of %d bytes failed (%s)", t.numel(), err)

@@ -357,10 +357,13 @@ def test_daemon_sigkill_mid_seal_then_restore_gives_the_newest_complete_step(nod
     g2.close()
 
 
-def test_flipped_bytes_in_a_sealed_slot_fall_back_to_the_previous_step_and_say_so(daemon, caplog):
+@pytest.mark.parametrize("hash_threads", [1, 3])
+def test_flipped_bytes_in_a_sealed_slot_fall_back_to_the_previous_step_and_say_so(node, caplog, hash_threads):
+    daemon = node
+    daemon.start(["--hash-threads", str(hash_threads)])
     model, opt = make_model()
     loop = {"step": -1}
-    g = daemon.guard(model, opt, loop, rng=False)
+    g = daemon.guard(model, opt, loop, rng=False, chunk_size=4096)  # many chunks, for the daemon's threads
     digests = train_and_snapshot(g, model, opt, loop, range(2))
     g.close()
     path = daemon.slot_file(0, 1)
@@ -547,15 +550,17 @@ def test_status_cli_shows_ranks_steps_sizes_and_ages(daemon):
 
 # ---- memory: pre-faulted slots, in-place restore -------------------------------------------------
 
-def _slot_mappings() -> dict[str, tuple[int, int]]:
-    """This process's mappings of snapshot slot files: path -> (size, resident bytes), from /proc/self/smaps."""
+def _slot_mappings(table_dir: str) -> dict[str, tuple[int, int]]:
+    """This process's mappings of the slot files in `table_dir`: path -> (size, resident bytes), from
+    /proc/self/smaps. (Other tests' slots may still be mapped here until the garbage collector frees the
+    tracebacks that hold their buffers.)"""
     out, path = {}, None
     with open("/proc/self/smaps") as f:
         for line in f:
             fields = line.split()
             if not fields[0].endswith(":"):  # a mapping's header: address range, perms, offset, dev, inode[, path]
                 name = fields[5] if len(fields) >= 6 else ""
-                path = name if name.endswith(".data") and "/snapguard-" in name else None
+                path = name if name.endswith(".data") and os.path.dirname(name) == table_dir else None
             elif path is not None and fields[0] in ("Size:", "Rss:"):
                 size, rss = out.get(path, (0, 0))
                 kib = int(fields[1]) * 1024
@@ -572,7 +577,7 @@ def test_a_guard_faults_in_both_slots_before_training_and_regrows_them_together(
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     g = daemon.guard(model, opt, rng=False)
     params_only = sum(p.numel() * 4 for p in model.parameters())
-    maps = _slot_mappings()
+    maps = _slot_mappings(daemon.table_dir)
     assert len(maps) == 2, maps
     assert all(size >= params_only and rss == size for size, rss in maps.values()), maps
 
@@ -580,7 +585,7 @@ def test_a_guard_faults_in_both_slots_before_training_and_regrows_them_together(
     train_step_big()
     g.snapshot(0)  # three times the bytes now: the slots grow
     g.wait()
-    grown = _slot_mappings()
+    grown = _slot_mappings(daemon.table_dir)
     assert len(grown) == 2 and all(size >= 3 * params_only and rss == size for size, rss in grown.values()), grown
 
     train_step_big()

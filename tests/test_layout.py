@@ -155,17 +155,26 @@ def test_hashing_while_copying_gives_the_checksums_of_the_finished_buffer(nbytes
     assert h.finish() == chunk_checksums(memoryview(final), nbytes, chunk)
 
 
-def test_verify_checksums_names_the_chunk_whose_bytes_changed():
-    buf = bytearray(bytes(range(256)) * 8)
+@pytest.mark.parametrize("nbytes", [0, 511, 512, 513, 40 * 512, 40 * 512 + 7])
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_chunk_checksums_in_threads_equal_one_pass(nbytes, threads):
+    data = random.Random(nbytes).randbytes(nbytes + 9)
+    assert chunk_checksums(memoryview(data), nbytes, 512, threads) == chunk_checksums(memoryview(data), nbytes, 512)
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_verify_checksums_names_the_chunk_whose_bytes_changed(threads):
+    buf = bytearray(bytes(range(256)) * 16)
     m = dataclasses.replace(make_manifest(), nbytes=len(buf), chunk_size=512,
                             entries=[TensorEntry("x", "uint8", [len(buf)], 0, len(buf))],
                             checksums=chunk_checksums(memoryview(buf), len(buf), 512))
     m.validate(capacity=len(buf))
-    verify_checksums(memoryview(buf), m)
+    verify_checksums(memoryview(buf), m, threads=threads)
     buf[1500] ^= 0x01  # one bit, in chunk 2
+    buf[3000] ^= 0x01  # and one in chunk 5: the first is named
     with pytest.raises(ChecksumError, match=r"rank 1: shard for step 7 has checksum [0-9a-f]{16} in chunk 2"
                                             r" \(bytes 1024\.\.\), sealed as [0-9a-f]{16}"):
-        verify_checksums(memoryview(buf), m)
+        verify_checksums(memoryview(buf), m, threads=threads)
 
 
 def _shard_with(sizes: list[int], chunk: int, seed: int = 0) -> tuple[bytearray, Manifest]:

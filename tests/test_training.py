@@ -54,40 +54,40 @@ def reference(tmp_path_factory):
 
 # ---- watching a run --------------------------------------------------------------------------------
 
-def steps_by_attempt(out: str) -> dict[int, dict[int, list[int]]]:
+def steps_by_attempt(out: str, nproc: int = NPROC) -> dict[int, dict[int, list[int]]]:
     """attempt -> rank -> the steps that rank logged in that attempt, in order."""
     got: dict[int, dict[int, list[int]]] = {}
-    for row in read_losses(out, NPROC):
+    for row in read_losses(out, nproc):
         got.setdefault(row["attempt"], {}).setdefault(row["rank"], []).append(row["step"])
     return got
 
 
-def progress_in(out: str, attempt: int) -> int:
+def progress_in(out: str, attempt: int, nproc: int = NPROC) -> int:
     """The newest step every rank has logged in `attempt`, -1 if some rank has logged none."""
-    ranks = steps_by_attempt(out).get(attempt, {})
-    return min((max(ranks[r]) if ranks.get(r) else -1) for r in range(NPROC))
+    ranks = steps_by_attempt(out, nproc).get(attempt, {})
+    return min((max(ranks[r]) if ranks.get(r) else -1) for r in range(nproc))
 
 
-def wait_for_attempt(out: str, attempt: int, proc) -> dict[int, int]:
+def wait_for_attempt(out: str, attempt: int, proc, nproc: int = NPROC) -> dict[int, int]:
     """Wait until every rank of `attempt` has started (written its pid); return rank -> pid."""
     def ready():
         if proc.poll() is not None:
             pytest.fail(f"the job exited with {proc.returncode} before attempt {attempt} started; see {out}/launcher.log")
-        pids = worker_pids(out, NPROC)
-        return len(pids) == NPROC and all(a == attempt for _, a in pids.values()) and {r: p for r, (p, _) in pids.items()}
-    return wait_until(ready, 120, f"all {NPROC} ranks of attempt {attempt} to start")
+        pids = worker_pids(out, nproc)
+        return len(pids) == nproc and all(a == attempt for _, a in pids.values()) and {r: p for r, (p, _) in pids.items()}
+    return wait_until(ready, 120, f"all {nproc} ranks of attempt {attempt} to start")
 
 
-def wait_for_progress(out: str, attempt: int, step: int, proc) -> None:
+def wait_for_progress(out: str, attempt: int, step: int, proc, nproc: int = NPROC) -> None:
     def there():
         if proc.poll() is not None:
             pytest.fail(f"the job exited with {proc.returncode} in attempt {attempt} before step {step}")
-        return progress_in(out, attempt) >= step
+        return progress_in(out, attempt, nproc) >= step
     wait_until(there, 120, f"attempt {attempt} to reach step {step}")
 
 
-def sigkill_rank(out: str, rank: int, attempt: int) -> int:
-    pid, got = worker_pids(out, NPROC)[rank]
+def sigkill_rank(out: str, rank: int, attempt: int, nproc: int = NPROC) -> int:
+    pid, got = worker_pids(out, nproc)[rank]
     assert got == attempt and is_worker_of(pid, out), f"rank {rank}'s pid file does not name a live worker of attempt {attempt}"
     os.kill(pid, signal.SIGKILL)
     return pid
