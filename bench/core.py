@@ -298,11 +298,12 @@ def report_steps(records: list[StepRecord], modes: list[Mode], daemon_cpu: dict[
         o_paired = over[m.name + "_paired"][0]
         rows.append([m.label, f"{o_med:+.3f}", f"{o_mean:+.3f}", f"{sg_med:+.3f}", f"{sg_mean:+.3f}",
                      U.ratio(sg_med, o_med), U.ratio(sg_mean, o_mean), U.ratio(sg_paired, o_paired)])
-    print("Overhead per step, snapguard's against each other mode's (target: at most 1/5 = 0.2x of async_save's):")
-    print()
-    print(U.table(["other mode", "its overhead s (median)", "(mean)", "snapguard's s (median)", "(mean)",
-                   "snapguard / other (median)", "(mean)", "(paired by round)"], rows, right=range(1, 8)))
-    print()
+    if rows:
+        print("Overhead per step, snapguard's against each other mode's (target: at most 1/5 = 0.2x of async_save's):")
+        print()
+        print(U.table(["other mode", "its overhead s (median)", "(mean)", "snapguard's s (median)", "(mean)",
+                       "snapguard / other (median)", "(mean)", "(paired by round)"], rows, right=range(1, 8)))
+        print()
     done = [j for j in sg_jobs if j.sealed.is_set() and j.error is None]
     if done:
         copy, seal = U.median([j.copy_s for j in done]), U.median([j.seal_s for j in done])

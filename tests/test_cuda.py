@@ -107,3 +107,36 @@ def test_gpu_training_killed_at_random_moments_resumes_bit_identically(node, tmp
         assert node.held() == {r: [STEPS - 2, STEPS - 1] for r in range(NPROC)}
     finally:
         jobs.close()
+
+
+def test_gpu_restore_refuses_a_corrupt_step_and_uses_the_one_before(daemon):
+    """A flipped byte in the newest sealed slot: restoring onto the GPU detects it before any byte reaches
+    the device, and restores the step before it, bit-exactly."""
+    model, opt = _model_and_adam(0)
+    loop = {"step": -1}
+    guard = daemon.guard(model, opt, loop, rng=False)
+    digests = []
+    try:
+        for step in range(2):
+            _train(model, opt, range(step, step + 1))
+            loop["step"] = step
+            guard.snapshot(step)
+            guard.wait()
+            digests.append(state_digest(model, opt))
+    finally:
+        guard.close()
+    with open(daemon.slot_file(0, 1), "r+b") as f:
+        f.seek(4096)
+        b = f.read(1)
+        f.seek(4096)
+        f.write(bytes([b[0] ^ 0x01]))
+
+    model2, opt2 = _model_and_adam(1)
+    loop2 = {"step": -1}
+    guard2 = daemon.guard(model2, opt2, loop2, rng=False)
+    try:
+        assert guard2.restore() == 0
+        assert loop2["step"] == 0 and state_digest(model2, opt2) == digests[0]
+    finally:
+        guard2.close()
+    assert "shard for step 1 has checksum" in daemon.log()
