@@ -184,11 +184,7 @@ def restore_section(trainer: GpuTrainer, guard: Guard, model, optimizer, make_gu
 
     def dcp_into(path: str) -> float:
         t = time.perf_counter()
-        msd, osd = get_state_dict(model, optimizer)
-        sd = {"model": msd, "optim": osd}
-        dcp.load(sd, checkpoint_id=path, no_dist=True)
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        core.dcp_load_into(path, model, optimizer)
         torch.cuda.synchronize()
         return time.perf_counter() - t
 

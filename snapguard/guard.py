@@ -37,7 +37,7 @@ from snapguard.errors import (ChecksumError, ConfigError, DaemonError, DaemonUna
                               SnapGuardError, UnrecoverableError)
 from snapguard.faults import fault_point
 from snapguard.layout import (DEFAULT_CHUNK, MANIFEST_VERSION, ChunkHasher, Layout, Manifest, checksum_mismatch,
-                              chunk_checksums, default_hash_threads, plan_layout)
+                              chunk_checksums, default_hash_threads, plan_layout, verify_checksums)
 from snapguard.procs import spawn_daemon
 from snapguard.plan import check_agreement, plan_restore
 from snapguard.shm import MiB, map_file
@@ -592,10 +592,7 @@ def copy_verified(buf: torch.Tensor, man: Manifest, targets: list[torch.Tensor],
     spans = sorted((e.offset, e.nbytes, t) for e, t in zip(man.entries, targets) if e.nbytes)
     devices = {t.device for t in targets if t.is_cuda}
     if devices:
-        got = chunk_checksums(view, nbytes, cs, threads)
-        bad = next((c for c, (want, have) in enumerate(zip(man.checksums, got)) if want != have), None)
-        if bad is not None:
-            raise checksum_mismatch(man, bad, got[bad])
+        verify_checksums(view, man, threads=threads)
         fault_point("trainer.restore.mid", man.step)
         for off, n, t in spans:
             if t.device.type == "cpu":

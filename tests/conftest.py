@@ -163,6 +163,15 @@ class Node:
             self.proc.wait(30)
 
 
+def flip_bits(path: str, offset: int, mask: int) -> None:
+    """Corrupt a file in place, as a bad DIMM or a stray write would: XOR the byte at `offset` with `mask`."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ mask]))
+
+
 def make_dirs(tag: str) -> tuple[str, str]:
     run_dir = tempfile.mkdtemp(prefix=f"sg-{tag}-", dir="/tmp")
     shm_dir = tempfile.mkdtemp(prefix=f"sgtest-{os.getpid()}-", dir=SHM_ROOT)

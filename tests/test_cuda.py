@@ -14,7 +14,7 @@ import torch
 
 from snapguard.demo import JobSpec, build_model, compare, state_digest
 
-from conftest import Jobs
+from conftest import flip_bits
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -81,32 +81,28 @@ def test_gpu_state_restores_bit_exactly_from_page_locked_slots(daemon):
         guard2.close()
 
 
-def test_gpu_training_killed_at_random_moments_resumes_bit_identically(node, tmp_path):
+def test_gpu_training_killed_at_random_moments_resumes_bit_identically(node, jobs, tmp_path):
     """The demo job on the GPU (2 ranks, DDP over gloo, dropout on the device): two SIGKILLs of a random
     rank at random moments; every loss of every attempt and every byte of the final state equal a run
     without failures."""
     from test_training import sigkill_rank, wait_for_attempt, wait_for_progress
 
-    jobs = Jobs()
-    try:
-        ref = JobSpec(out=str(tmp_path / "reference"), nproc=NPROC, steps=STEPS, snapshot=False, max_restarts=0,
-                      device="cuda")
-        assert jobs.finish(jobs.launch(ref), ref.out, RUN_TIMEOUT_S) == 0, f"see {ref.out}/launcher.log"
-        node.start(["--log-level", "INFO"])
-        kills = 2
-        spec = JobSpec(out=str(tmp_path / "run"), nproc=NPROC, steps=STEPS, max_restarts=kills, step_sleep=0.02,
-                       env=node.env, device="cuda")
-        proc = jobs.launch(spec)
-        rnd = random.Random(0xC0DA)
-        for k in range(kills):
-            wait_for_attempt(spec.out, k, proc, NPROC)
-            wait_for_progress(spec.out, k, (k + 1) * STEPS // (kills + 1), proc, NPROC)
-            sigkill_rank(spec.out, rnd.randrange(NPROC), k, NPROC)
-        assert jobs.finish(proc, spec.out, RUN_TIMEOUT_S) == 0, f"see {spec.out}/launcher.log"
-        assert compare(ref.out, spec.out, NPROC) == []
-        assert node.held() == {r: [STEPS - 2, STEPS - 1] for r in range(NPROC)}
-    finally:
-        jobs.close()
+    ref = JobSpec(out=str(tmp_path / "reference"), nproc=NPROC, steps=STEPS, snapshot=False, max_restarts=0,
+                  device="cuda")
+    assert jobs.finish(jobs.launch(ref), ref.out, RUN_TIMEOUT_S) == 0, f"see {ref.out}/launcher.log"
+    node.start(["--log-level", "INFO"])
+    kills = 2
+    spec = JobSpec(out=str(tmp_path / "run"), nproc=NPROC, steps=STEPS, max_restarts=kills, step_sleep=0.02,
+                   env=node.env, device="cuda")
+    proc = jobs.launch(spec)
+    rnd = random.Random(0xC0DA)
+    for k in range(kills):
+        wait_for_attempt(spec.out, k, proc, NPROC)
+        wait_for_progress(spec.out, k, (k + 1) * STEPS // (kills + 1), proc, NPROC)
+        sigkill_rank(spec.out, rnd.randrange(NPROC), k, NPROC)
+    assert jobs.finish(proc, spec.out, RUN_TIMEOUT_S) == 0, f"see {spec.out}/launcher.log"
+    assert compare(ref.out, spec.out, NPROC) == []
+    assert node.held() == {r: [STEPS - 2, STEPS - 1] for r in range(NPROC)}
 
 
 def test_gpu_restore_refuses_a_corrupt_step_and_uses_the_one_before(daemon):
@@ -125,11 +121,7 @@ def test_gpu_restore_refuses_a_corrupt_step_and_uses_the_one_before(daemon):
             digests.append(state_digest(model, opt))
     finally:
         guard.close()
-    with open(daemon.slot_file(0, 1), "r+b") as f:
-        f.seek(4096)
-        b = f.read(1)
-        f.seek(4096)
-        f.write(bytes([b[0] ^ 0x01]))
+    flip_bits(daemon.slot_file(0, 1), 4096, 0x01)
 
     model2, opt2 = _model_and_adam(1)
     loop2 = {"step": -1}

@@ -33,7 +33,7 @@ from snapguard.errors import DaemonError, DaemonUnavailable, RestoreError, SnapG
 from snapguard.layout import MANIFEST_VERSION, Manifest, TensorEntry, align, chunk_checksums
 from snapguard.procs import daemon_command
 
-from conftest import Node, make_dirs, unique_id
+from conftest import Node, flip_bits, make_dirs, unique_id
 
 # ---- helpers -------------------------------------------------------------------------------------
 
@@ -366,11 +366,7 @@ def test_flipped_bytes_in_a_sealed_slot_fall_back_to_the_previous_step_and_say_s
     g = daemon.guard(model, opt, loop, rng=False, chunk_size=4096)  # many chunks, for the daemon's threads
     digests = train_and_snapshot(g, model, opt, loop, range(2))
     g.close()
-    path = daemon.slot_file(0, 1)
-    with open(path, "r+b") as f:  # flip one bit of the first tensor of step 1
-        b = f.read(1)
-        f.seek(0)
-        f.write(bytes([b[0] ^ 0x10]))
+    flip_bits(daemon.slot_file(0, 1), 0, 0x10)  # one bit of the first tensor of step 1
 
     model2, opt2 = make_model(seed=99)
     loop2 = {}
@@ -392,10 +388,7 @@ def test_when_every_snapshot_is_corrupt_restore_stops_and_says_the_state_was_tou
     train_and_snapshot(g, model, opt, loop, range(2))
     g.close()
     for step in (0, 1):
-        with open(daemon.slot_file(0, step), "r+b") as f:
-            b = f.read(1)
-            f.seek(0)
-            f.write(bytes([b[0] ^ 0x10]))
+        flip_bits(daemon.slot_file(0, step), 0, 0x10)
 
     model2, opt2 = make_model(seed=99)
     g2 = daemon.guard(model2, opt2, {}, rng=False)

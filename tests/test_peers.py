@@ -32,7 +32,7 @@ from snapguard.errors import SnapGuardError
 from snapguard.guard import Guard
 from snapguard.procs import spawn_daemon
 
-from conftest import wait_until
+from conftest import flip_bits, wait_until
 
 SECRET = secrets.token_hex(16)
 
@@ -351,11 +351,7 @@ class _Holder:
         st = client.request(P.Status())
         slot = next(s["slot"] for r in st.ranks if r["rank"] == rank
                     for s in r["slots"] if s["state"] == "sealed" and s["step"] == step)
-        with open(os.path.join(st.shm_dir, f"r{rank:05d}.s{slot}.data"), "r+b") as f:
-            f.seek(100)
-            b = f.read(1)
-            f.seek(100)
-            f.write(bytes([b[0] ^ 0xFF]))
+        flip_bits(os.path.join(st.shm_dir, f"r{rank:05d}.s{slot}.data"), 100, 0xFF)
         self.rot.add(step)
 
     def close(self) -> None:
