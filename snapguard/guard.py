@@ -384,14 +384,14 @@ class Guard:
         ino = os.stat(path).st_ino
         cached = self._maps.get(path)
         if cached is not None and cached.capacity == capacity and cached.ino == ino:
-            if self._pin and not cached.pinned:
+            if self._pin and cached.pinned is None and capacity:
                 cached.pinned = _host_register(cached.t)
             return cached.t, False
         if cached is not None:
             self._unmap(path)
         mm = map_file(path, writable=True)
         t = torch.frombuffer(mm, dtype=torch.uint8) if capacity else torch.empty(0, dtype=torch.uint8)
-        self._maps[path] = _Mapped(mm, t, capacity, ino, self._pin and capacity > 0 and _host_register(t))
+        self._maps[path] = _Mapped(mm, t, capacity, ino, _host_register(t) if self._pin and capacity else None)
         return t, True
 
     def _unmap(self, path: str) -> None:
@@ -644,13 +644,14 @@ def copy_verified(buf: torch.Tensor, man: Manifest, targets: list[torch.Tensor],
 
 @dataclass
 class _Mapped:
-    """A slot file mapped into this process: `t` views `mm`'s bytes; `ino` tells a replaced file from the same."""
+    """A slot file mapped into this process: `t` views `mm`'s bytes; `ino` tells a replaced file from the same.
+    `pinned`: page-locked (True), refused by CUDA (False, not asked again), or never asked (None)."""
 
     mm: Any
     t: torch.Tensor
     capacity: int
     ino: int
-    pinned: bool
+    pinned: bool | None
 
 
 def _host_register(t: torch.Tensor) -> bool:
