@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 import xxhash
-import zmq
 
 from snapguard import protocol as P
 from snapguard.client import DaemonClient
