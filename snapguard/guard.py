@@ -37,7 +37,7 @@ from snapguard.errors import (ChecksumError, ConfigError, DaemonError, DaemonUna
                               SnapGuardError, UnrecoverableError)
 from snapguard.faults import fault_point
 from snapguard.layout import (DEFAULT_CHUNK, MANIFEST_VERSION, ChunkHasher, Layout, Manifest, checksum_mismatch,
-                              chunk_checksums, default_hash_threads, plan_layout, verify_checksums)
+                              chunk_checksums, default_hash_threads, in_threads, plan_layout, verify_checksums)
 from snapguard.procs import spawn_daemon
 from snapguard.plan import check_agreement, plan_restore
 from snapguard.shm import MiB, map_file
@@ -603,9 +603,9 @@ def copy_verified(buf: torch.Tensor, man: Manifest, targets: list[torch.Tensor],
             torch.cuda.synchronize(d)
         return
     stop = threading.Event()
-    errors: list[BaseException] = []
 
-    def work(first: int, last: int, mid: int | None) -> None:
+    def work(first: int, last: int) -> None:
+        mid = (first + last) // 2 if first == 0 else None  # the fault point lies in this thread's run
         try:
             i = 0
             for c in range(first, last):
@@ -625,21 +625,11 @@ def copy_verified(buf: torch.Tensor, man: Manifest, targets: list[torch.Tensor],
                     j += 1
                 if c == mid:
                     fault_point("trainer.restore.mid", man.step)
-        except BaseException as e:
-            stop.set()
-            errors.append(e)
+        except BaseException:
+            stop.set()  # the other threads stop at their next chunk
+            raise
 
-    n = max(1, min(threads, nchunks))
-    cuts = [nchunks * k // n for k in range(n + 1)]
-    workers = [threading.Thread(target=work, args=(cuts[k], cuts[k + 1], None), name=f"snapguard-restore-{k}",
-                                daemon=True) for k in range(1, n)]
-    for w in workers:
-        w.start()
-    work(cuts[0], cuts[1], (cuts[0] + cuts[1]) // 2 if nchunks else None)
-    for w in workers:
-        w.join()
-    if errors:
-        raise next((e for e in errors if isinstance(e, ChecksumError)), errors[0])
+    in_threads(nchunks, threads, work, "snapguard-restore")
 
 
 @dataclass

@@ -11,7 +11,7 @@ import math
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import xxhash
 
@@ -167,28 +167,43 @@ def default_hash_threads() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0)) // 2))
 
 
+def in_threads(n: int, threads: int, work: Callable[[int, int], None], name: str) -> None:
+    """Call work(first, last) on contiguous runs of range(n): the first run in this thread, the others in
+    threads of their own (at most `threads` in all). Once all are done, raise a ChecksumError one of them
+    raised, else the first error."""
+    k = max(1, min(threads, n))
+    cuts = [n * i // k for i in range(k + 1)]
+    errors: list[BaseException] = []
+
+    def run(first: int, last: int) -> None:
+        try:
+            work(first, last)
+        except BaseException as e:
+            errors.append(e)
+
+    workers = [threading.Thread(target=run, args=(cuts[i], cuts[i + 1]), name=f"{name}-{i}", daemon=True)
+               for i in range(1, k)]
+    for w in workers:
+        w.start()
+    run(cuts[0], cuts[1])
+    for w in workers:
+        w.join()
+    if errors:
+        raise next((e for e in errors if isinstance(e, ChecksumError)), errors[0])
+
+
 def chunk_checksums(buf: memoryview, nbytes: int, chunk_size: int = DEFAULT_CHUNK, threads: int = 1) -> list[int]:
-    """xxh3-64 of each chunk of buf[:nbytes]; `threads` take contiguous runs of chunks. xxhash releases the
-    GIL on inputs over 64 KiB, so this runs beside training, and the threads in parallel."""
+    """xxh3-64 of each chunk of buf[:nbytes]; `threads` take contiguous runs of at least two chunks. xxhash
+    releases the GIL on inputs over 64 KiB, so this runs beside training, and the threads in parallel."""
     view = memoryview(buf)[:nbytes]
     starts = range(0, nbytes, chunk_size)
-    n = max(1, min(threads, len(starts) // 2))
-    if n == 1:
-        return [xxhash.xxh3_64_intdigest(view[i:i + chunk_size]) for i in starts]
     sums = [0] * len(starts)
 
     def work(first: int, last: int) -> None:
         for c in range(first, last):
             sums[c] = xxhash.xxh3_64_intdigest(view[starts[c]:starts[c] + chunk_size])
 
-    cuts = [len(starts) * k // n for k in range(n + 1)]
-    workers = [threading.Thread(target=work, args=(cuts[k], cuts[k + 1]), name=f"snapguard-hash-{k}", daemon=True)
-               for k in range(1, n)]
-    for w in workers:
-        w.start()
-    work(cuts[0], cuts[1])
-    for w in workers:
-        w.join()
+    in_threads(len(starts), min(threads, len(starts) // 2), work, "snapguard-hash")
     return sums
 
 
