@@ -221,11 +221,12 @@ class DaemonHandle:
                 self.proc.wait(30)
 
 
-def start_daemon(job: str, run_dir: str) -> DaemonHandle:
+def start_daemon(job: str, run_dir: str, extra: list[str] | tuple[str, ...] = ()) -> DaemonHandle:
+    """A daemon for `job`, started with `extra` command-line options, logging into run_dir."""
     ep = Endpoint(job, NODE, run_dir)
     log_path = os.path.join(run_dir, f"{job}.log")
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
-    return DaemonHandle(ep, spawn_daemon(ep, log_path=log_path), log_path)
+    return DaemonHandle(ep, spawn_daemon(ep, extra=extra, log_path=log_path), log_path)
 
 
 class NoReserveGuard(Guard):
@@ -354,9 +355,9 @@ class RestoreTimer:
         sg_guard.copy_verified = self._orig_copy
 
 
-def torch_load_into(path: str, model, optimizer) -> tuple[float, float]:
+def torch_load_into(path: str, model, optimizer, map_location: str | None = None) -> tuple[float, float]:
     t = time.perf_counter()
-    sd = torch.load(path, weights_only=True)
+    sd = torch.load(path, weights_only=True, map_location=map_location)
     loaded = time.perf_counter() - t
     model.load_state_dict(sd["model"])
     optimizer.load_state_dict(sd["optim"])

@@ -44,10 +44,8 @@ import core  # noqa: E402
 import core_util as U  # noqa: E402
 from core import DcpMode, Mode, SnapguardMode, StepRecord, TorchSaveMode  # noqa: E402
 
-from snapguard.config import Endpoint  # noqa: E402
 from snapguard.guard import Guard  # noqa: E402
 from snapguard.layout import default_hash_threads  # noqa: E402
-from snapguard.procs import spawn_daemon  # noqa: E402
 
 GIB = 1 << 30
 
@@ -98,16 +96,16 @@ def pinned_stager(mode: DcpMode, model, optimizer) -> str | None:
     return None
 
 
-def gbps(nbytes: int, fn, reps: int = 5) -> float:
+def on_gpu(fn) -> float:
+    """Seconds `fn` takes, until the GPU has done what it queued."""
+    t = time.perf_counter()
     fn()
     torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return nbytes / best / U.GB
+    return time.perf_counter() - t
+
+
+def gbps(nbytes: int, fn, reps: int = 5) -> float:
+    return nbytes / U.best_seconds(lambda: on_gpu(fn), reps) / U.GB
 
 
 def bandwidth_section(slot: torch.Tensor) -> None:
@@ -146,15 +144,6 @@ def same_state(saved: list[torch.Tensor], model, optimizer) -> bool:
     return len(now) == len(saved) and all(a.device == b.device and torch.equal(a, b) for a, b in zip(saved, now))
 
 
-def torch_load_into(path: str, model, optimizer) -> float:
-    t = time.perf_counter()
-    sd = torch.load(path, weights_only=True, map_location="cuda")
-    model.load_state_dict(sd["model"])
-    optimizer.load_state_dict(sd["optim"])
-    torch.cuda.synchronize()
-    return time.perf_counter() - t
-
-
 def restore_section(trainer: GpuTrainer, guard: Guard, model, optimizer, make_guard, work: str, reps: int,
                     step: int) -> None:
     trainer.step(Mode(), step)
@@ -176,31 +165,26 @@ def restore_section(trainer: GpuTrainer, guard: Guard, model, optimizer, make_gu
             for p in model.parameters():
                 p.add_(1.0)
 
-    def sg() -> float:
-        t = time.perf_counter()
+    def sg() -> None:
         assert fresh.restore() == step
-        torch.cuda.synchronize()
-        return time.perf_counter() - t
 
-    def dcp_into(path: str) -> float:
-        t = time.perf_counter()
-        core.dcp_load_into(path, model, optimizer)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t
+    def torch_into() -> None:
+        core.torch_load_into(pt, model, optimizer, map_location="cuda")
 
-    methods = [("sg", sg), ("torch", lambda: torch_load_into(pt, model, optimizer)),
-               ("dcp", lambda: dcp_into(dcp_dir))]
+    def dcp_into() -> None:
+        core.dcp_load_into(dcp_dir, model, optimizer)
+
+    methods = [("sg", sg), ("torch", torch_into), ("dcp", dcp_into)]
     for r in range(reps):
         for key, fn in methods:
             spoil()
-            times.setdefault(key, []).append(fn())
+            times.setdefault(key, []).append(on_gpu(fn))
             assert same_state(saved, model, optimizer), f"{key} restored other bytes than were saved"
-        for key, path, fn in (("torch_cold", pt, lambda: torch_load_into(pt, model, optimizer)),
-                              ("dcp_cold", dcp_dir, lambda: dcp_into(dcp_dir))):
+        for key, path, fn in (("torch_cold", pt, torch_into), ("dcp_cold", dcp_dir, dcp_into)):
             U.sync_and_drop(path)
             resident = U.resident_fraction(path)
             spoil()
-            times.setdefault(key, []).append(fn())
+            times.setdefault(key, []).append(on_gpu(fn))
             assert same_state(saved, model, optimizer), f"{key} restored other bytes than were saved"
             times.setdefault(key + "_resident", []).append(resident if resident is not None else float("nan"))
         core.progress(f"restore rep {r + 1}/{reps}")
@@ -268,10 +252,7 @@ def main() -> None:
     run_dir = tempfile.mkdtemp(prefix="sg-gpubench-", dir="/tmp")
     work = tempfile.mkdtemp(prefix="sg-gpubench-", dir=a.disk_dir)
     job = f"gpubench{os.getpid()}"
-    ep = Endpoint(job, core.NODE, run_dir)
-    log_path = os.path.join(run_dir, f"{job}.log")
-    extra = ["--hash-threads", str(a.hash_threads)] if a.hash_threads else []
-    daemon = core.DaemonHandle(ep, spawn_daemon(ep, extra=extra, log_path=log_path), log_path)
+    daemon = core.start_daemon(job, run_dir, ["--hash-threads", str(a.hash_threads)] if a.hash_threads else [])
     opts = {"chunk_size": a.chunk_mib << 20, **({"hash_threads": a.hash_threads} if a.hash_threads else {})}
 
     def make_guard() -> Guard:
