@@ -9,7 +9,8 @@
    call; and torchtitan-style: one reused stager that stages in the background, waited for before
    `optimizer.step()`). Modes run in interleaved blocks, so load from other processes hits all of them
    alike; the first steps of each block are discarded, so every counted step both waits for the
-   previous save and starts the next one.
+   previous save and starts the next one. `--modes none,snapguard,snapguard_sync` adds, as a reference,
+   the same snapshot waited for at once: how much of its cost the background copy hides.
 2. Restore time: `guard.restore()` in a fresh Guard (daemon memory to tensors), against `torch.load`
    and `dcp.load` of the same state, with the files in the page cache (as they are right after
    writing) and dropped from it (fsync, then POSIX_FADV_DONTNEED).
@@ -116,6 +117,18 @@ class SnapguardMode(Mode):
         self.jobs.append(self.guard._job)
 
     def drain(self) -> None:
+        self.guard.wait()
+
+
+class SnapguardSyncMode(SnapguardMode):
+    """The same snapshot, waited for at once: what it costs when nothing overlaps it with training. Not a
+    baseline: a reference for how much of the work the background copy hides (none, where no core is idle)."""
+
+    name = "snapguard_sync"
+    label = "snapguard `snapshot()` + `wait()` (no overlap)"
+
+    def after_step(self, step: int) -> None:
+        super().after_step(step)
         self.guard.wait()
 
 
@@ -560,6 +573,7 @@ def report_first(label: str, construct: float, allocs: list[tuple[float, float]]
 # ---- main ---------------------------------------------------------------------------------------
 
 ALL_MODES = ("none", "snapguard", "torch_save_disk", "torch_save_shm", "dcp_async", "dcp_async_reuse")
+EXTRA_MODES = ("snapguard_sync",)  # run only when named in --modes
 
 
 def print_targets(s1: dict) -> None:
@@ -587,7 +601,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of interleaved blocks (default 3)")
     ap.add_argument("--block", type=int, default=4, help="steps per mode per round, warm-up included (default 4)")
     ap.add_argument("--warmup", type=int, default=1, help="steps discarded at the start of each block (default 1)")
-    ap.add_argument("--modes", default=",".join(ALL_MODES), help=f"comma-separated subset of {','.join(ALL_MODES)}")
+    ap.add_argument("--modes", default=",".join(ALL_MODES),
+                    help=f"comma-separated subset of {','.join(ALL_MODES + EXTRA_MODES)} (default: all but"
+                         f" {','.join(EXTRA_MODES)})")
     ap.add_argument("--steps-only", action="store_true",
                     help="section 1 alone (and the first snapshots that build the Guard), e.g. to vary --batch")
     ap.add_argument("--restore-reps", type=int, default=3)
@@ -598,8 +614,8 @@ def main() -> None:
     ap.add_argument("--shm-dir", default="/dev/shm")
     args = ap.parse_args()
     names = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if "none" not in names or any(m not in ALL_MODES for m in names):
-        ap.error(f"--modes must include none and use only {ALL_MODES}")
+    if "none" not in names or any(m not in ALL_MODES + EXTRA_MODES for m in names):
+        ap.error(f"--modes must include none and use only {ALL_MODES + EXTRA_MODES}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the daemons and removes files
     started = time.perf_counter()
@@ -656,6 +672,8 @@ def main() -> None:
                 modes.append(Mode())
             elif name == "snapguard":
                 modes.append(SnapguardMode(guard))
+            elif name == "snapguard_sync":
+                modes.append(SnapguardSyncMode(guard))
             elif name == "torch_save_disk":
                 modes.append(TorchSaveMode(name, f"`torch.save` to disk ({args.disk_dir})", paths["torch_disk"],
                                            model, optimizer))
@@ -680,7 +698,7 @@ def main() -> None:
         print(f"## 1. Step time with a save every step ({args.rounds} rounds x {args.block} steps per mode, interleaved;"
               f" first {args.warmup} of each block discarded; load average {load_before} before, {load_after} after)")
         print()
-        sg_mode = next((m for m in modes if isinstance(m, SnapguardMode)), None)
+        sg_mode = next((m for m in modes if m.name == "snapguard"), None)
         s1 = report_steps(records, modes, daemon_cpu, sg_mode.jobs if sg_mode else [], sbytes / U.GB)
         print()
 
