@@ -24,11 +24,12 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         echo "[setup] no torch found: installing torch==2.13.0 (CPU build)"
         "$VPY" -m pip install -q "torch==2.13.0"
     else
-        echo "[setup] keeping torch $("$VPY" -c 'import torch; print(torch.__version__)')"
+        echo "[setup] keeping torch $("$VPY" -W ignore -c 'import torch; print(torch.__version__)')"
     fi
     # Pin whatever torch is installed, so no resolver swaps it for another build.
     cons="$VENV/constraints.txt"
-    "$VPY" -c "import torch; print('torch==' + torch.__version__)" > "$cons"
+    # (-W ignore: torch warns that NumPy is missing, which is only installed next)
+    "$VPY" -W ignore -c "import torch; print('torch==' + torch.__version__)" > "$cons"
     echo "[setup] installing snapguard and its dependencies"
     DS_BUILD_OPS=0 DS_SKIP_CUDA_CHECK=1 "$VPY" -m pip install -q -c "$cons" -e ".[all,test]"
     echo "$want" > "$stamp"
