@@ -13,14 +13,17 @@ import glob
 import os
 import random
 import signal
+import subprocess
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import msgpack
+
 from snapguard.errors import ConfigError, SnapGuardError
 
 if TYPE_CHECKING:  # the harness: cluster, proxy, log offsets
-    from snapguard.chaos.harness import Run
+    from snapguard.chaos.harness import FaultRecord, Run
 
 PHASES = {"copy.mid": "trainer.copy.mid", "copy.done": "trainer.copy.done", "restore.mid": "trainer.restore.mid"}
 
@@ -56,6 +59,15 @@ class Fault:
     def detect(self, run: "Run", since: "dict[str, int]") -> list[str]:
         """Evidence, in the daemons' and workers' logs written since injection, that the fault was noticed."""
         return []
+
+    def evidence_needed(self, run: "Run", rec: "FaultRecord") -> str | None:
+        """Whose evidence (the prefix of a `detect` line: "restore", "daemon") must show that a correct system
+        noticed the fault, as it played out in `rec`; None where noticing it is not required."""
+        return None
+
+    def remark(self, run: "Run", rec: "FaultRecord") -> str:
+        """Anything the report should say about how the fault played out, besides its outcome."""
+        return ""
 
     def settle(self, run: "Run") -> None:
         """Called when the fault has played out (recovery or the end of the run): undo what the harness set up."""
@@ -173,12 +185,13 @@ class LoseNode(Fault):
 
 
 class CorruptSlot(Fault):
-    """Flip bytes in a rank's newest sealed slot in shared memory (bit rot, a stray write), then SIGKILL
-    that rank so the restart must restore: the checksums must catch it and restore must use an older
-    step or rebuild the shard from the peers, never load the bad bytes."""
+    """SIGKILL a rank, then flip bytes in its newest sealed slot in shared memory (bit rot, a stray write),
+    so the restart must restore: the checksums must catch it and restore must use an older step or rebuild
+    the shard from the peers, never load the bad bytes."""
 
     kind = "corrupt_slot"
     params = {"node": str, "rank": int, "nbytes": int}
+    SEAL_GRACE_S = 0.5  # for a Seal the rank sent before it died: the daemon still handles it
 
     def inject(self, run: "Run", rnd: random.Random) -> Injected:
         c = run.cluster
@@ -188,11 +201,21 @@ class CorruptSlot(Fault):
         if c.node_of(rank) != node:
             raise ConfigError(f"corrupt_slot: rank {rank} is not on {node}")
         d = os.path.join(c.shm_dir(node), f"snapguard-{c.spec.job}-{node}")
-        sealed = [p for p in glob.glob(os.path.join(d, f"r{rank:05d}.s*.data"))
-                  if os.path.exists(p[:-len(".data")] + ".manifest")]
-        if not sealed:
+        if not _sealed_steps(d, rank):
             raise SnapGuardError(f"corrupt_slot: rank {rank} has no sealed slot in {d}")
-        path = max(sealed, key=lambda p: os.path.getmtime(p[:-len(".data")] + ".manifest"))
+        # Killed first: a rank that lives on may seal a newer step right after the bytes are flipped, and
+        # the restart would then restore past them without reading them.
+        pid = _pid(run, rank)
+        os.kill(pid, signal.SIGKILL)
+        try:
+            c.workers[rank].wait(10)
+        except subprocess.TimeoutExpired:
+            raise SnapGuardError(f"corrupt_slot: rank {rank} (pid {pid}) still runs 10 s after SIGKILL") from None
+        time.sleep(self.SEAL_GRACE_S)
+        sealed = _sealed_steps(d, rank)
+        if not sealed:
+            raise SnapGuardError(f"corrupt_slot: rank {rank} has no sealed slot in {d} after SIGKILL")
+        self.step, path = max(sealed.items())
         n = self.kw.get("nbytes", 16)
         size = os.path.getsize(path)
         where = sorted({0, size // 2, max(0, size // 2 - 4096)})
@@ -202,14 +225,42 @@ class CorruptSlot(Fault):
                 data = bytearray(f.read(min(n, size - off)))
                 f.seek(off)
                 f.write(bytes(b ^ 0xA5 for b in data))
-        pid = _pid(run, rank)
-        os.kill(pid, signal.SIGKILL)
-        return Injected(f"flipped {n} bytes at offsets {where} of {os.path.basename(path)} (rank {rank} on {node});"
-                        f" SIGKILL rank {rank} (pid {pid})", rank=rank, node=node)
+        return Injected(f"SIGKILL rank {rank} (pid {pid}); flipped {n} bytes at offsets {where} of"
+                        f" {os.path.basename(path)}, its newest sealed step {self.step} (on {node})", rank=rank, node=node)
 
     def detect(self, run: "Run", since: dict[str, int]) -> list[str]:
         hits = _grep(run, since, "daemon", "dropping it") + _grep(run, since, "daemon", "not re-adopting")
         return [f"restore: checksum mismatch caught ({h.split(': ', 1)[0]})" for h in hits][:1]
+
+    def evidence_needed(self, run: "Run", rec: "FaultRecord") -> str | None:
+        return None if self._never_read(run, rec) else "restore"
+
+    def remark(self, run: "Run", rec: "FaultRecord") -> str:
+        if self._never_read(run, rec):
+            return (f"the corrupted step {self.step} was never read: the ranks restored step {rec.restored_step},"
+                    " the newest step every rank held, and skipped no corrupt snapshot")
+        return ""
+
+    def _never_read(self, run: "Run", rec: "FaultRecord") -> bool:
+        """Whether the restart restored an older step than the corrupted one without trying that one: restore falls
+        back from a step only when it catches corruption in it, and says so. An older step is restored without
+        trying the newer one when some rank had not sealed it (one still waiting for its slot, say)."""
+        if rec.restored_step is None or rec.restored_step >= self.step:
+            return False
+        lines = _grep(run, rec.offsets, "worker", f"restored step {rec.restored_step} in")
+        return bool(lines) and not any("corrupt" in line for line in lines)
+
+
+def _sealed_steps(directory: str, rank: int) -> dict[int, str]:
+    """The steps `rank` holds sealed in a daemon's slot directory, and their data files."""
+    out = {}
+    for path in glob.glob(os.path.join(directory, f"r{rank:05d}.s*.data")):
+        try:
+            with open(path[:-len(".data")] + ".manifest", "rb") as f:
+                out[int(msgpack.unpackb(f.read())["step"])] = path
+        except FileNotFoundError:
+            continue  # free, or being written
+    return out
 
 
 class _Net(Fault):
@@ -261,6 +312,10 @@ class NetDuplicate(_Net):
             found.append(f"daemon: {len(replays)} replayed request(s) refused")
         return found
 
+    def evidence_needed(self, run: "Run", rec: "FaultRecord") -> str | None:
+        # A duplicated request must be refused as a replay; a duplicated reply or chunk needs no notice.
+        return "daemon" if run.proxy.stats(getattr(self, "window", -1))["duplicated_requests"] else None
+
 
 class FillShm(Fault):
     """The node's /dev/shm is full when its machine is replaced: the node is lost and its replacement
@@ -272,6 +327,9 @@ class FillShm(Fault):
 
     kind = "fill_shm"
     params = {"node": str, "free": str, "attempts": int}
+
+    def evidence_needed(self, run: "Run", rec: "FaultRecord") -> str | None:
+        return "daemon"  # the ShmSpaceError
 
     def inject(self, run: "Run", rnd: random.Random) -> Injected:
         node = self.kw.get("node") or rnd.choice(run.cluster.names)

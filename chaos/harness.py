@@ -340,9 +340,7 @@ class Run:
                 rec.recovery_s = round(min(r["t"] for r in by_attempt[b]) - rec.wall, 2)
                 past = [r["t"] for r in by_attempt[b] if r["step"] > reached]
                 rec.caught_up_s = round(min(past) - rec.wall, 2) if past else None
-            needs = {"corrupt_slot": "restore", "fill_shm": "daemon"}.get(rec.kind)
-            if rec.kind == "net_duplicate" and self.proxy.stats(getattr(f, "window", -1))["duplicated_requests"]:
-                needs = "daemon"  # a duplicated request must be refused as a replay
+            needs = f.evidence_needed(self, rec)
             if needs and not any(d.startswith(needs) for d in rec.detected_by):
                 rec.ok, rec.outcome = False, f"FAIL: not detected by the {needs}"
             elif rec.restarted and not later:
@@ -351,7 +349,7 @@ class Run:
                 rec.ok, rec.outcome = False, "FAIL: no failure was seen (no restart)"
             else:
                 rec.ok = True
-                rec.outcome = "recovered" if rec.restarted else "tolerated"
+                rec.outcome = "; ".join(x for x in ("recovered" if rec.restarted else "tolerated", f.remark(self, rec)) if x)
         if expect_failure:
             problems = _compare_logged(self.reference_out, self.cluster.out, world)
         elif self.completed:
