@@ -2,8 +2,9 @@
 
 Without an output directory it prints to stdout. With one (`--out DIR`, as the tests pass), each rank
 writes `loss.rRANK.jsonl` (one line per step: the loss as an exact float hex), `final.rRANK.json`
-(sha256 of every tensor of its final state) and `pid.rRANK`, so that a run interrupted by failures
-can be compared bit for bit with one that was not (see `snapguard.demo.compare`).
+(sha256 of every tensor of its final state, after its dtype, shape and device type) and `pid.rRANK`, so
+that a run interrupted by failures can be compared bit for bit with one that was not (see
+`snapguard.demo.compare`).
 """
 
 from __future__ import annotations
@@ -48,8 +49,10 @@ class RunLog:
 def _walk(prefix: str, node: Any, out: dict[str, str]) -> None:
     if isinstance(node, torch.Tensor):
         t = node.to_local() if hasattr(node, "to_local") else node
+        where = t.device.type
         t = t.detach().cpu().contiguous()
-        out[prefix] = f"{t.dtype}{list(t.shape)}:" + hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+        out[prefix] = f"{t.dtype}{list(t.shape)}@{where}:" + \
+            hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
     elif isinstance(node, dict):
         for k, v in node.items():
             _walk(f"{prefix}/{k}", v, out)

@@ -15,8 +15,9 @@ measured reasons for each are in ../shared/notes/frameworks-on-cpu.md:
 Examples stay free of any of this: the tests put `tests/cpu_shims` first on PYTHONPATH and set
 SNAPGUARD_CPU_SHIMS=1; that directory's `sitecustomize.py` calls `install_import_hooks()`, which
 patches each framework module right after it is first imported, in every process of the job. With
-SNAPGUARD_TEST_NO_GUARD=1 as well, the integrations' `protect()` returns a guard that does nothing:
-the example then runs as it did before snapguard was added, which is the reference a test compares with.
+SNAPGUARD_TEST_NO_GUARD=1, the integrations' `protect()` returns a guard that does nothing: the example
+then runs as it did before snapguard was added, which is the reference a test compares with. The GPU
+tests (test_cuda_integrations.py) set SNAPGUARD_TEST_NO_GUARD alone: there the frameworks run unpatched.
 """
 
 from __future__ import annotations
@@ -163,9 +164,12 @@ class _PatchingFinder(importlib.abc.MetaPathFinder):
         return spec
 
 
-def install_import_hooks(no_guard: bool = False) -> None:
-    """Patch each framework module right after its first import (and any already imported now); with
-    `no_guard`, also make the integrations' protect() a no-op (reference runs)."""
+def install_import_hooks(cpu_shims: bool = True, no_guard: bool = False) -> None:
+    """Patch each framework module right after its first import (and any already imported now): with
+    `cpu_shims`, the CPU-only framework shims; with `no_guard`, the integrations' protect() becomes a no-op
+    (reference runs). On a GPU, a reference run takes `no_guard` alone."""
+    if not cpu_shims:
+        PATCHES.clear()
     if no_guard:
         PATCHES.update({"snapguard.integrations.torch": _no_guard(None), "snapguard.integrations.deepspeed": _no_guard(None),
                         "snapguard.integrations.megatron": _no_guard(0)})

@@ -109,6 +109,8 @@ class Run:
     out: str
     env: dict[str, str] = field(default_factory=dict)
     max_restarts: int = 0
+    nproc: int = NPROC
+    cpu_shims: bool = True   # False on a GPU: the frameworks run unpatched
     proc: subprocess.Popen | None = None
     started: float = 0.0
     seconds: float = 0.0
@@ -122,15 +124,17 @@ class Run:
 
     def start(self) -> "Run":
         os.makedirs(self.out, exist_ok=True)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={NPROC}",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={self.nproc}",
                f"--max-restarts={self.max_restarts}", "--monitor-interval=0.1",
                os.path.join(EXAMPLES, self.script), "--out", self.out, *self.args]
         pythonpath = os.pathsep.join(p for p in (SHIMS, os.environ.get("PYTHONPATH")) if p)
         # A fresh rendezvous store per restart: with the shared one, restarted gloo workers hang.
         env = {k: v for k, v in os.environ.items() if not k.startswith("SNAPGUARD_")}
         # PYTHONFAULTHANDLER: a worker that hangs is sent SIGABRT, and prints every thread's stack to the log.
-        env.update(OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", SNAPGUARD_CPU_SHIMS="1",
-                   PYTHONPATH=pythonpath, PYTHONWARNINGS="ignore", PYTHONFAULTHANDLER="1", **self.env)
+        env.update(OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", PYTHONPATH=pythonpath,
+                   PYTHONWARNINGS="ignore", PYTHONFAULTHANDLER="1", **self.env)
+        if self.cpu_shims:
+            env["SNAPGUARD_CPU_SHIMS"] = "1"
         self.started = time.monotonic()
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO,
@@ -166,7 +170,7 @@ class Run:
     def _workers(self) -> list[int]:
         """The workers of this run that are still alive, by the pids they wrote."""
         alive = []
-        for r in range(NPROC):
+        for r in range(self.nproc):
             try:
                 pid = int(open(os.path.join(self.out, f"pid.r{r}")).read().split()[0])
                 if self.out.encode() in open(f"/proc/{pid}/cmdline", "rb").read():
@@ -205,16 +209,19 @@ class Scenario:
 
 
 @contextlib.contextmanager
-def scenarios(workdir: str, specs: dict[str, tuple[str, list[str], int]]):
+def scenarios(workdir: str, specs: dict[str, tuple[str, list[str], int]], nproc: int = NPROC, cpu_shims: bool = True):
     """Run each (script, args, steps) of `specs` as a Scenario, all at once (start-ups overlap); yield them by
-    name with their daemons still holding the snapshots; `args` must make the example train `steps` steps."""
+    name with their daemons still holding the snapshots; `args` must make the example train `steps` steps.
+    Each job has `nproc` ranks; the last of them is SIGKILLed."""
     with contextlib.ExitStack() as stack:
         out: dict[str, Scenario] = {}
         for name, (script, args, steps) in specs.items():
             d = stack.enter_context(private_daemon(name))
             base = os.path.join(workdir, name)
-            out[name] = Scenario(d, Run(script, args, os.path.join(base, "ref"), env=reference_env()),
-                                 Run(script, args, os.path.join(base, "run"), env=fault_env(d, base), max_restarts=1),
+            out[name] = Scenario(d, Run(script, args, os.path.join(base, "ref"), env=reference_env(), nproc=nproc,
+                                        cpu_shims=cpu_shims),
+                                 Run(script, args, os.path.join(base, "run"), env=fault_env(d, base, rank=nproc - 1),
+                                     max_restarts=1, nproc=nproc, cpu_shims=cpu_shims),
                                  steps)
         rcs = run_all(*(r for s in out.values() for r in (s.ref, s.run)))
         for i, s in enumerate(out.values()):
@@ -235,13 +242,13 @@ def fault_env(daemon: PrivateDaemon, workdir: str, step: int = 3, rank: int = 1)
 
 def assert_same_as_reference(ref: Run, run: Run, steps: int) -> None:
     """Every logged loss of every attempt and every byte of the final state equal the unbroken run."""
-    problems = compare(ref.out, run.out, NPROC)
+    problems = compare(ref.out, run.out, run.nproc)
     assert not problems, "differs from the run without failures:\n  " + "\n  ".join(problems[:10]) + \
         f"\nlog tail:\n{run.log()[-3000:]}"
-    rows = read_losses(run.out, NPROC)
+    rows = read_losses(run.out, run.nproc)
     attempts = sorted({r["attempt"] for r in rows})
     assert attempts == [0, 1], f"expected one failure and one restart, saw attempts {attempts}:\n{run.log()[-3000:]}"
-    for r in range(NPROC):
+    for r in range(run.nproc):
         assert sorted({row["step"] for row in rows if row["rank"] == r}) == list(range(steps))
     # The restart resumed from a snapshot: attempt 1 did not start again from step 0.
     first = min(row["step"] for row in rows if row["attempt"] == 1)

@@ -1,10 +1,11 @@
 """Loaded by every Python process whose PYTHONPATH starts with this directory (the integration tests
 set it for their torchrun jobs): with SNAPGUARD_CPU_SHIMS=1, installs the CPU-only framework shims
-of ../framework_shims.py. Nothing else happens, so launchers and daemons start as usual."""
+of ../framework_shims.py; with SNAPGUARD_TEST_NO_GUARD=1, makes the integrations' protect() a no-op.
+Nothing else happens, so launchers and daemons start as usual."""
 
 import os
 
-if os.environ.get("SNAPGUARD_CPU_SHIMS") == "1":
+if "1" in (os.environ.get("SNAPGUARD_CPU_SHIMS"), os.environ.get("SNAPGUARD_TEST_NO_GUARD")):
     import importlib.util
 
     _spec = importlib.util.spec_from_file_location(
@@ -12,4 +13,5 @@ if os.environ.get("SNAPGUARD_CPU_SHIMS") == "1":
                                                        "framework_shims.py"))
     _mod = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(_mod)
-    _mod.install_import_hooks(no_guard=os.environ.get("SNAPGUARD_TEST_NO_GUARD") == "1")
+    _mod.install_import_hooks(cpu_shims=os.environ.get("SNAPGUARD_CPU_SHIMS") == "1",
+                              no_guard=os.environ.get("SNAPGUARD_TEST_NO_GUARD") == "1")
