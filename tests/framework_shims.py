@@ -134,7 +134,10 @@ def _no_guard(fresh_start):
 
 # ---- installing ------------------------------------------------------------------------------------
 
-PATCHES: dict[str, Callable] = {
+# Module name -> what to patch in it right after its first import; install_import_hooks() fills it.
+PATCHES: dict[str, Callable] = {}
+
+CPU_SHIMS: dict[str, Callable] = {
     "megatron.core.utils": _patch_megatron_utils,
     "megatron.core.tensor_parallel.random": _patch_megatron_random,
     "deepspeed.comm.torch": _patch_deepspeed_comm,
@@ -168,8 +171,8 @@ def install_import_hooks(cpu_shims: bool = True, no_guard: bool = False) -> None
     """Patch each framework module right after its first import (and any already imported now): with
     `cpu_shims`, the CPU-only framework shims; with `no_guard`, the integrations' protect() becomes a no-op
     (reference runs). On a GPU, a reference run takes `no_guard` alone."""
-    if not cpu_shims:
-        PATCHES.clear()
+    if cpu_shims:
+        PATCHES.update(CPU_SHIMS)
     if no_guard:
         PATCHES.update({"snapguard.integrations.torch": _no_guard(None), "snapguard.integrations.deepspeed": _no_guard(None),
                         "snapguard.integrations.megatron": _no_guard(0)})
