@@ -49,6 +49,7 @@ _PIECE = 256 << 10  # bytes copied, then hashed while in the cache
 _MAX_INVENTORY = 16  # steps one rank reports at restore; more than slots_per_rank will ever hold
 _RESTORE_THREADS = 4  # threads that verify and copy a shard on restore (memory bandwidth, not compute, bounds it)
 _CORRUPT = -2  # what a rank that found a corrupt chunk reports instead of the step it restored
+_FAILED = -3  # what a rank whose restore raised reports, so that the others stop too instead of waiting for it
 _MAX_RESTORE_ROUNDS = 8  # each round after the first two rules out a step, or ends the restore
 
 
@@ -62,8 +63,10 @@ class GuardConfig:
     shm_dir: str | None = None
     start_daemon: bool = False  # start a daemon for this node when none answers
     daemon_args: tuple[str, ...] = ()  # extra arguments for a daemon started by Guard
-    timeout_s: float | None = None  # every daemon request and collective
-    gate_timeout_s: float = 300.0  # most time a copy waits for other ranks before reusing a slot
+    timeout_s: float | None = None  # every daemon request
+    # Most time a copy waits for other ranks before reusing a slot; restore's collectives wait for the other ranks
+    # this long on top of timeout_s.
+    gate_timeout_s: float = 300.0
     chunk_size: int = DEFAULT_CHUNK
     hash_threads: int | None = None  # threads that hash a shard to or from the GPU (default: default_hash_threads())
     rank: int | None = None
@@ -127,13 +130,19 @@ class Guard:
         self.optimizers = [o for o in optimizers if isinstance(o, torch.optim.Optimizer)]
         self._guarded_fn = guarded
 
+        # How long a restore's collectives wait for the other ranks. Longer than one daemon request: between two
+        # collectives a rank makes up to two requests (an Open that rebuilds the node's shards from its peers, an
+        # Inventory that re-verifies every sealed slot) and copies its shard, which no request timeout bounds; and
+        # ranks reach the first one after pre-faulting their slots at different speeds. gate_timeout_s is the
+        # knob for "how long ranks wait for each other" on the save path too.
+        self._agree_s = self.timeout_s + cfg.gate_timeout_s
         self.client = DaemonClient(self.endpoint.address, self.timeout_s, self.who)
-        self._connect()
-        self._pg = None
-        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
-            # Agreement runs on a gloo group (collective: every rank constructs its Guard in the same order).
-            gloo = dist.get_backend() == "gloo"
-            self._pg = None if gloo else dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s))
+        try:
+            self._connect()
+            self._pg = self._agreement_group()
+        except BaseException:
+            self.client.close()
+            raise
 
         self._layout: Layout | None = None
         self._maps: dict[str, _Mapped] = {}
@@ -168,6 +177,16 @@ class Guard:
             self._spawn_daemon()
             self.client.wait_ready(self.timeout_s)
         self.client.request(P.Hello(self.endpoint.job, self.rank, self.world_size, os.getpid()))
+
+    def _agreement_group(self) -> Any:
+        """A gloo group of its own for restore's agreement, whose timeout is _agree_s: the default group's may be
+        NCCL, or gloo with a timeout of half an hour. Collective: every rank constructs its Guard in the same order."""
+        if self.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return None
+        try:
+            return dist.new_group(backend="gloo", timeout=timedelta(seconds=self._agree_s))
+        except RuntimeError as e:
+            raise SnapGuardError(f"{self.who} waiting for every rank to construct its Guard: {e}") from e
 
     def _spawn_daemon(self) -> None:
         log.info("%s no daemon answers on %s: starting one", self.who, self.endpoint.socket_path)
@@ -416,40 +435,59 @@ class Guard:
         loaded = None  # the step some of whose chunks this rank copied into its state
         failed: set[int] = set()  # steps that failed after the daemons checked their slots again
         recheck = False
-        for _ in range(_MAX_RESTORE_ROUNDS):
+        for rnd in range(1, _MAX_RESTORE_ROUNDS + 1):
             inv = self.client.request(P.Inventory(self.endpoint.job, self.rank, recheck=recheck))
             for why in inv.dropped:
                 log.warning("%s a sealed snapshot failed verification and is not used: %s", self.who, why)
             dropped += inv.dropped
-            inventories, epoch = self._gather_inventories(inv.steps)
+            # Every decision below is taken from gathered data, so that every rank takes the same branch.
+            inventories, epoch, touched = self._gather_inventories(inv.steps, loaded, rnd)
             plan = plan_restore(inventories, self.world_size)
-            if plan.step is None and (any(inventories.values()) or loaded is not None):
+            if plan.step is None and (any(inventories.values()) or touched):
                 # Some ranks hold snapshots, but no step is common: starting afresh would silently lose the
                 # job's progress, and training on different steps would corrupt it. Stop and say why.
                 detail = "; ".join(dropped)
                 reason = plan.reason if any(inventories.values()) else "every snapshot failed verification"
-                partly = (f". This rank's state holds verified chunks of step {loaded} now, so it must not train on"
-                          if loaded is not None else "")
                 raise RestoreError(f"{self.who} cannot restore: {reason}" + (f". This rank: {detail}" if detail else "")
-                                   + partly)
+                                   + self._touched(loaded, touched))
             if plan.step is None:
                 log.info("%s nothing to restore: %s", self.who, plan.reason)
                 self.client.request(P.Drop(self.endpoint.job, self.rank, -1, epoch))
                 self.epoch = epoch
-                check_agreement(self._gather_restored(None))
+                check_agreement(self._gather_restored(None, self.world_size, "starting afresh")[0])
                 return None
             if plan.step in failed:
                 break
-            shard, state = self._open(plan.step, epoch), None
-            if shard is not None:
-                self.epoch = epoch
-                loaded = plan.step
-                try:
-                    state, shard_nbytes = self._load(shard)
-                except ChecksumError as e:
-                    log.warning("%s restoring step %d: %s; the daemons check every sealed slot again", self.who,
-                                plan.step, e)
-            restored = self._gather_restored(plan.step if state is not None else _CORRUPT)
+            state, report, saved_ws, error = None, _CORRUPT, self.world_size, None
+            try:
+                shard = self._open(plan.step, epoch)
+                if shard is not None:
+                    man = self._manifest(shard)
+                    saved_ws = man.world_size
+                    if saved_ws == self.world_size:  # else nothing is written: every rank refuses below
+                        self.epoch = epoch
+                        loaded = plan.step
+                        try:
+                            state, shard_nbytes = self._load(shard, man)
+                            report = plan.step
+                        except ChecksumError as e:
+                            log.warning("%s restoring step %d: %s; the daemons check every sealed slot again", self.who,
+                                        plan.step, e)
+            except SnapGuardError as e:
+                error, report = e, _FAILED
+            restored, sizes = self._gather_restored(report, saved_ws, f"restoring step {plan.step}")
+            if error is not None:
+                raise error
+            if _FAILED in restored.values():
+                ranks = sorted(r for r, s in restored.items() if s == _FAILED)
+                raise RestoreError(f"{self.who} cannot restore step {plan.step}: it failed on ranks {ranks} (their"
+                                   " errors say why)" + self._touched(loaded, {}))
+            wrong = {r: n for r, n in sizes.items() if n != self.world_size}
+            if wrong:
+                r, n = min(wrong.items())
+                raise RestoreError(f"{self.who} cannot restore step {plan.step}: it was taken by a job of {n} ranks"
+                                   f" (rank {r}'s shard says so), this job has {self.world_size}; snapguard restores"
+                                   f" only into the world size that took the snapshot" + self._touched(loaded, {}))
             if _CORRUPT in restored.values():
                 if recheck:
                     failed.add(plan.step)
@@ -465,8 +503,17 @@ class Guard:
                      "; newer snapshots were corrupt and skipped" if dropped or failed else "")
             return plan.step
         raise RestoreError(f"{self.who} steps {sorted(failed)} failed verification on some ranks even after the"
-                           " daemons checked their sealed slots again" + (f"; this rank's state holds part of step"
-                           f" {loaded} now, so it must not train on" if loaded is not None else ""))
+                           " daemons checked their sealed slots again" + self._touched(loaded, {}))
+
+    @staticmethod
+    def _touched(loaded: int | None, others: dict[int, int]) -> str:
+        """What a failed restore left in the state: this rank's, or other ranks' (`others`: rank -> step)."""
+        if loaded is not None:
+            return f". This rank's state holds verified chunks of step {loaded} now, so it must not train on"
+        if others:
+            return (f". Ranks {sorted(others)} hold chunks of the snapshot in their state now, so the job must not"
+                    " train on")
+        return ""
 
     def _open(self, step: int, epoch: int) -> P.Shard | None:
         """Ask the daemon for this rank's shard of `step`; None if it cannot rebuild it from its peers, or only
@@ -479,30 +526,41 @@ class Guard:
             log.warning("%s restoring step %d: %s; the ranks plan again", self.who, step, e)
             return None
 
-    def _load(self, shard: P.Shard) -> tuple[dict, int]:
-        """Copy the shard into this process's tensors, verifying each chunk before its bytes are copied; return
-        the state dicts to load and the shard's size. Raise ChecksumError at the first corrupt chunk."""
+    def _manifest(self, shard: P.Shard) -> Manifest:
         man = Manifest.from_wire(shard.manifest)
-        capacity = os.stat(shard.path).st_size
-        man.validate(capacity)
+        man.validate(os.stat(shard.path).st_size)
         if man.rank != self.rank:
             raise RestoreError(f"{self.who} the daemon handed out rank {man.rank}'s shard")
+        return man
+
+    def _load(self, shard: P.Shard, man: Manifest) -> tuple[dict, int]:
+        """Copy the shard into this process's tensors, verifying each chunk before its bytes are copied; return
+        the state dicts to load and the shard's size. Raise ChecksumError at the first corrupt chunk."""
         current, _ = self._capture()
         check_compatible(man.entries, current)
-        buf, _ = self._mapping(shard.path, capacity)
+        buf, _ = self._mapping(shard.path, os.stat(shard.path).st_size)
         sources = [buf[e.offset:e.offset + e.nbytes].view(TORCH_DTYPES[e.dtype]).view(e.shape) for e in man.entries]
         # Like torch.distributed.checkpoint, load into the tensors the state dicts hold now: parameters and
         # existing optimizer state are overwritten in place (one copy, no allocation, no page faults); what
         # does not exist yet (a fresh optimizer's moments) gets new memory. Nothing is written before the
-        # snapshot is known to hold every state.
+        # snapshot is known to hold every state. The state dicts get the live tensors themselves back, not
+        # detached aliases: a plain dict's load_state_dict puts its values back, which must be the same objects
+        # (a Parameter stays that Parameter, with its requires_grad).
         live = dict(current)
-        targets = []
+        targets, values, strided = [], [], []
         for e, src in zip(man.entries, sources):
             dst = live.get(e.name)
-            ok = (dst is not None and dst.dtype == src.dtype and dst.shape == src.shape and dst.is_contiguous()
-                  and not (dst.is_conj() or dst.is_neg()))
-            targets.append(dst.detach() if ok else torch.empty_like(src))
-        state = unflatten(unpack_tree(man.tree), targets)
+            if dst is None:
+                targets.append(torch.empty_like(src))
+                values.append(targets[-1])
+                continue
+            if dst.is_contiguous() and not (dst.is_conj() or dst.is_neg()):
+                targets.append(dst.detach())  # the bytes are copied by address: no autograd, no views
+            else:
+                targets.append(torch.empty_like(src))  # copied into the live tensor once verified
+                strided.append((dst, targets[-1]))
+            values.append(dst)
+        state = unflatten(unpack_tree(man.tree), values)
         missing = set(self.states) - set(state)
         if missing:
             raise RestoreError(f"{self.who} the snapshot of step {man.step} holds no state for {sorted(missing)}")
@@ -511,30 +569,47 @@ class Guard:
         on_gpu = any(t.is_cuda for t in targets)
         threads = self._hash_threads() if on_gpu else min(_RESTORE_THREADS, torch.get_num_threads())
         copy_verified(buf, man, targets, threads=max(1, threads))
+        with torch.no_grad():
+            for dst, verified in strided:
+                dst.copy_(verified)  # exact: the conjugate and negative bits are sign flips
         return state, man.nbytes
 
-    def _gather_inventories(self, steps: list[int]) -> tuple[dict[int, list[int]], int]:
-        """Every rank's sealed steps, and the epoch of what this restore starts: a random number rank 0 draws, which
-        every daemon stamps on the new timeline's chunks (`Protector.rewind`)."""
+    def _gather_inventories(self, steps: list[int], loaded: int | None,
+                            rnd: int) -> tuple[dict[int, list[int]], int, dict[int, int]]:
+        """Every rank's sealed steps; the epoch of what this restore starts: a random number rank 0 draws, which
+        every daemon stamps on the new timeline's chunks (`Protector.rewind`); and the ranks whose state holds
+        chunks of an earlier round's step (rank -> step)."""
         epoch = secrets.randbits(62) + 1
-        if self.world_size == 1 or not dist.is_initialized():
-            return {self.rank: steps}, epoch
-        t = torch.full((_MAX_INVENTORY + 1,), -1, dtype=torch.int64)
+        t = torch.full((_MAX_INVENTORY + 2,), -1, dtype=torch.int64)
         t[0] = epoch
+        t[1] = -1 if loaded is None else loaded
         mine = steps[-_MAX_INVENTORY:]
-        t[1:1 + len(mine)] = torch.tensor(mine, dtype=torch.int64)
-        out = [torch.empty_like(t) for _ in range(self.world_size)]
-        dist.all_gather(out, t, group=self._pg)
-        return {r: [s for s in o[1:].tolist() if s >= 0] for r, o in enumerate(out)}, int(out[0][0])
+        t[2:2 + len(mine)] = torch.tensor(mine, dtype=torch.int64)
+        out = self._all_gather(t, f"every rank's inventory of sealed steps (restore round {rnd})")
+        inventories = {r: [s for s in o[2:] if s >= 0] for r, o in out.items()}
+        return inventories, out[min(out)][0], {r: o[1] for r, o in out.items() if o[1] >= 0}
 
-    def _gather_restored(self, step: int | None) -> dict[int, int | None]:
-        """What each rank restored: a step, None (nothing), or _CORRUPT."""
-        if self.world_size == 1 or not dist.is_initialized():
-            return {self.rank: step}
-        t = torch.tensor([-1 if step is None else step], dtype=torch.int64)
+    def _gather_restored(self, step: int | None, world_size: int,
+                         what: str) -> tuple[dict[int, int | None], dict[int, int]]:
+        """What each rank restored (a step, None: nothing, _CORRUPT or _FAILED), and the world size its shard
+        was taken with."""
+        t = torch.tensor([-1 if step is None else step, world_size], dtype=torch.int64)
+        out = self._all_gather(t, f"every rank's result of {what}")
+        return {r: (None if o[0] == -1 else o[0]) for r, o in out.items()}, {r: o[1] for r, o in out.items()}
+
+    def _all_gather(self, t: torch.Tensor, what: str) -> dict[int, list[int]]:
+        """Every rank's `t`, by rank (called on every rank; without torch.distributed, this rank's only). A rank
+        that does not come within _agree_s, or died, is a RestoreError that says what was awaited."""
+        if self._pg is None:
+            return {self.rank: t.tolist()}
         out = [torch.empty_like(t) for _ in range(self.world_size)]
-        dist.all_gather(out, t, group=self._pg)
-        return {r: (None if o.item() == -1 else o.item()) for r, o in enumerate(out)}
+        t0 = time.monotonic()
+        try:
+            dist.all_gather(out, t, group=self._pg)
+        except RuntimeError as e:  # gloo's timeout, and a peer's closed connection (DistBackendError)
+            raise RestoreError(f"{self.who} waited {time.monotonic() - t0:.1f} s (at most {self._agree_s:.0f} s) for"
+                               f" {what}: {e}") from e
+        return {r: o.tolist() for r, o in enumerate(out)}
 
     # ---- shutdown --------------------------------------------------------------------------------
 
@@ -550,11 +625,18 @@ class Guard:
                 h.remove()
             self._queue.put(None)
             self._worker.join(self.timeout_s)
-            for path in list(self._maps):
-                self._unmap(path)
-            if shutdown_daemon:
-                self.client.request(P.Shutdown(remove=True))
-            self.client.close()
+            if self._worker.is_alive():
+                # Its (GPU) copy may still write into a slot: page-locked memory must not be released under it.
+                log.warning("%s close(): the copy thread is still busy after %.0f s; its slots stay mapped", self.who,
+                            self.timeout_s)
+            else:
+                for path in list(self._maps):
+                    self._unmap(path)
+            try:
+                if shutdown_daemon:
+                    self.client.request(P.Shutdown(remove=True))
+            finally:
+                self.client.close()
 
     def __enter__(self) -> "Guard":
         return self

@@ -79,10 +79,22 @@ def as_stateful(obj: Any, name: str) -> Stateful:
 
 
 def flatten(tree: Any, path: str = "") -> tuple[list[tuple[str, torch.Tensor]], Any]:
-    """Split a state into its tensors (with path names) and a msgpack-able tagged tree."""
-    tensors: list[tuple[str, torch.Tensor]] = []
+    """Split a state into its tensors (with path names) and a msgpack-able tagged tree.
 
-    def enc(node: Any, where: str) -> Any:
+    A tensor's name is its path of keys joined with '/'. Restore finds tensors by name, so two tensors
+    whose keys print alike ({1: a, "1": b}, or {"a/b": x, "a": {"b": y}}) are refused, never mixed up."""
+    tensors: list[tuple[str, torch.Tensor]] = []
+    keys_of: dict[str, tuple] = {}  # tensor name -> the keys that lead to it
+
+    def add(where: str, keys: tuple, t: torch.Tensor) -> int:
+        if where in keys_of:
+            raise LayoutError(f"the tensors at {_describe(keys_of[where])} and {_describe(keys)} would both be named"
+                              f" {where!r} (a name joins the keys with '/'): rename one of these keys")
+        keys_of[where] = keys
+        tensors.append((where, t))
+        return len(tensors) - 1
+
+    def enc(node: Any, where: str, keys: tuple) -> Any:
         if isinstance(node, torch.Tensor):
             if type(node) is not torch.Tensor and not isinstance(node, torch.nn.Parameter):
                 raise LayoutError(f"{where}: {type(node).__name__} is not a plain tensor; an integration must turn it into"
@@ -91,8 +103,9 @@ def flatten(tree: Any, path: str = "") -> tuple[list[tuple[str, torch.Tensor]], 
                 raise LayoutError(f"{where}: sparse and quantized tensors are not supported")
             if node.dtype not in DTYPE_NAMES:
                 raise LayoutError(f"{where}: dtype {node.dtype} is not supported")
-            tensors.append((where, node))
-            return ["T", len(tensors) - 1]
+            return ["T", add(where, keys, node)]
+        if isinstance(node, np.generic):  # first: np.float64, np.str_ and np.bytes_ subclass float, str and bytes
+            return ["g", node.dtype.str, node.tobytes()]
         if node is None or isinstance(node, (bool, str, bytes, float)):
             return node
         if isinstance(node, int):
@@ -100,23 +113,30 @@ def flatten(tree: Any, path: str = "") -> tuple[list[tuple[str, torch.Tensor]], 
         if isinstance(node, np.ndarray):
             if node.dtype == object:
                 raise LayoutError(f"{where}: NumPy arrays of objects are not supported")
-            tensors.append((where, torch.from_numpy(np.ascontiguousarray(node).copy())))
-            return ["N", len(tensors) - 1]
-        if isinstance(node, np.generic):
-            return ["g", node.dtype.str, node.tobytes()]
+            try:
+                t = torch.from_numpy(node.copy(order="C"))  # not np.ascontiguousarray: it makes a 0-d array 1-d
+            except (TypeError, ValueError) as e:  # a dtype torch lacks (strings, dates), or a non-native byte order
+                why = f"{where}: a NumPy array of dtype {node.dtype.str} cannot be stored exactly: {e}"
+                raise LayoutError(why) from None
+            return ["N", add(where, keys, t)]
         if isinstance(node, torch.dtype):
             return ["D", DTYPE_NAMES.get(node) or str(node)]
         if isinstance(node, torch.device):
             return ["V", str(node)]
         if isinstance(node, dict):
-            return ["d", [[enc(k, f"{where}/<key>"), enc(v, f"{where}/{k}")] for k, v in node.items()]]
+            return ["d", [[enc(k, f"{where}/<key>", (*keys, "<key>")), enc(v, f"{where}/{k}", (*keys, k))]
+                          for k, v in node.items()]]
         if isinstance(node, (list, tuple)):
-            items = [enc(v, f"{where}/{i}") for i, v in enumerate(node)]
+            items = [enc(v, f"{where}/{i}", (*keys, i)) for i, v in enumerate(node)]
             return ["t" if isinstance(node, tuple) else "l", items]
         raise LayoutError(f"{where or '/'}: cannot snapshot a {type(node).__module__}.{type(node).__name__};"
                           " state must be tensors, arrays, numbers, strings, bytes and containers of them")
 
-    return tensors, enc(tree, path)
+    return tensors, enc(tree, path, ())
+
+
+def _describe(keys: tuple) -> str:
+    return "".join(f"[{k!r}]" for k in keys) or "the root"
 
 
 def unflatten(tree: Any, tensors: list[torch.Tensor]) -> Any:
@@ -133,7 +153,8 @@ def unflatten(tree: Any, tensors: list[torch.Tensor]) -> Any:
         if tag == "I":
             return int(val[0])
         if tag == "g":
-            return np.frombuffer(val[1], dtype=np.dtype(val[0]))[0]
+            dt = np.dtype(val[0])
+            return dt.type() if dt.itemsize == 0 else np.frombuffer(val[1], dtype=dt)[0]  # np.str_("") has none
         if tag == "D":
             return TORCH_DTYPES.get(val[0]) or getattr(torch, val[0].removeprefix("torch."))
         if tag == "V":

@@ -139,3 +139,31 @@ def test_check_compatible_names_the_first_mismatch():
         check_compatible(list(entries), flatten({"w": torch.ones(2, 3, dtype=torch.float16)})[0])
     with pytest.raises(LayoutError, match=r"tensor '/bias': the model has float32\[3\], the snapshot has no such tensor"):
         check_compatible(list(entries), flatten({"w": torch.ones(2, 3), "bias": torch.ones(3)})[0])
+
+
+@pytest.mark.parametrize(("state", "first", "second", "name"), [
+    ({"x": {1: torch.ones(1), "1": torch.zeros(1)}}, "['x'][1]", "['x']['1']", "/x/1"),
+    ({"x": {"a/b": torch.ones(1), "a": {"b": torch.zeros(1)}}}, "['x']['a/b']", "['x']['a']['b']", "/x/a/b"),
+    ({"x": {0: np.ones(1), "0": torch.zeros(1)}}, "['x'][0]", "['x']['0']", "/x/0"),
+], ids=["int-and-str-key", "slash-in-a-key", "array-and-tensor"])
+def test_tensors_whose_names_would_collide_are_refused_naming_both_keys(state, first, second, name):
+    # Restore finds a tensor by its name: two with one name would both get the same bytes back.
+    with pytest.raises(LayoutError) as e:
+        flatten(state)
+    assert f"the tensors at {first} and {second} would both be named {name!r}" in str(e.value)
+
+
+def test_zero_dimensional_arrays_and_numpy_scalars_keep_shape_dtype_and_type():
+    state = {"a0": np.array(7.25), "i0": np.array(-3, dtype=np.int16), "f64": np.float64(0.1), "s": np.str_("ab"),
+             "s0": np.str_(""), "b0": np.bytes_(b""), "b": np.bytes_(b"\x00x"), "f32": np.float32(1.5)}
+    got, tensors, _ = through_shard(state)
+    assert [n for n, _ in tensors] == ["/a0", "/i0"]
+    for k in ("a0", "i0"):
+        assert got[k].shape == () and got[k].dtype == state[k].dtype and got[k].tobytes() == state[k].tobytes(), k
+    for k in ("f64", "s", "s0", "b0", "b", "f32"):
+        assert type(got[k]) is type(state[k]) and got[k] == state[k], k
+
+
+def test_arrays_torch_cannot_hold_are_a_layout_error():
+    with pytest.raises(LayoutError, match=r"/a: a NumPy array of dtype >f4 cannot be stored exactly"):
+        flatten({"a": np.arange(3, dtype=">f4")})

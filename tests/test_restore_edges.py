@@ -1,0 +1,212 @@
+"""Restore's edges: values go back into the objects they came from, states that cannot come back exactly are
+refused, and ranks that disagree or do not come stop every rank with an error that says why, within the Guard's
+timeouts. Real daemons; the multi-rank cases run two processes over torch.distributed (gloo)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from snapguard.errors import DaemonError, LayoutError, RestoreError
+
+from conftest import flip_bits
+
+
+def bits(t: torch.Tensor) -> bytes:
+    return t.detach().resolve_conj().resolve_neg().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
+
+def test_tensors_of_a_plain_dict_go_back_into_the_same_objects(daemon):
+    g0 = torch.Generator().manual_seed(0)
+    saved = {"w": torch.randn(3, generator=g0), "t": torch.randn(4, 3, generator=g0), "n": torch.randn(5, generator=g0)}
+    extra = {"w": torch.nn.Parameter(saved["w"].clone()), "t": saved["t"].clone(), "n": saved["n"].clone(), "lst": [1]}
+    g = daemon.guard(None, None, extra, rng=False)
+    g.snapshot(0)
+    g.close()
+
+    w = torch.nn.Parameter(torch.zeros(3))
+    t = torch.zeros(4, 6)[:, ::2]  # live tensors that cannot take the bytes by address: copied into, in place
+    n = torch.zeros(5)._neg_view()
+    live = {"w": w, "t": t, "n": n, "lst": []}
+    g2 = daemon.guard(None, None, live, rng=False)
+    assert g2.restore() == 0
+    g2.close()
+    assert live["w"] is w and type(w) is torch.nn.Parameter and w.requires_grad
+    assert live["t"] is t and live["n"] is n and live["lst"] == [1]
+    for k in ("w", "t", "n"):
+        assert bits(live[k]) == bits(saved[k]), k
+
+
+def test_numpy_values_come_back_with_their_shape_dtype_and_type(daemon):
+    extra = {"a0": np.array(7.25), "f64": np.float64(0.1), "s": np.str_("x")}
+    g = daemon.guard(None, None, extra, rng=False)
+    g.snapshot(0)
+    g.close()
+    live = {"a0": np.array(0.0), "f64": np.float64(0), "s": np.str_("")}
+    g2 = daemon.guard(None, None, live, rng=False)
+    assert g2.restore() == 0
+    g2.close()
+    assert live["a0"].shape == () and live["a0"].dtype == np.float64 and live["a0"].tobytes() == extra["a0"].tobytes()
+    assert type(live["f64"]) is np.float64 and live["f64"] == extra["f64"]
+    assert type(live["s"]) is np.str_ and live["s"] == "x"
+
+
+def test_a_state_whose_tensor_names_collide_is_refused_when_the_guard_is_built(daemon):
+    with pytest.raises(LayoutError, match=r"\['extra'\]\['ints'\]\[1\] and \['extra'\]\['ints'\]\['1'\] would both"):
+        daemon.guard(None, None, {"ints": {1: torch.ones(1), "1": torch.zeros(1)}}, rng=False)
+
+
+def test_a_snapshot_of_another_world_size_is_refused_and_nothing_is_written(daemon):
+    g = daemon.guard(None, None, {"w": torch.ones(4), "pos": 123}, rng=False, world_size=2)
+    g.snapshot(5)
+    g.close()
+    live = {"w": torch.zeros(4), "pos": 0}
+    g2 = daemon.guard(None, None, live, rng=False, world_size=1)
+    with pytest.raises(RestoreError, match=r"cannot restore step 5: it was taken by a job of 2 ranks \(rank 0's shard"
+                                           r" says so\), this job has 1; snapguard restores only into the world size"):
+        g2.restore()
+    g2.close()
+    assert live["pos"] == 0 and torch.equal(live["w"], torch.zeros(4))
+
+
+def test_close_releases_the_socket_even_when_the_daemon_refuses_to_shut_down(daemon, monkeypatch):
+    g = daemon.guard(None, None, {"w": torch.ones(2)}, rng=False)
+    closed = []
+    monkeypatch.setattr(g.client, "close", lambda: closed.append(True))
+
+    def refuse(msg, timeout_s=None):
+        raise DaemonError(f"daemon refused {msg.TYPE}: [Busy] not now", "Busy")
+
+    monkeypatch.setattr(g.client, "request", refuse)
+    with pytest.raises(DaemonError, match="refused Shutdown"):
+        g.close(shutdown_daemon=True)
+    assert closed == [True]
+
+
+# ---- two ranks over gloo -------------------------------------------------------------------------
+
+WORKER = r'''
+import datetime, json, os, sys, time
+import torch, torch.distributed as dist
+from snapguard.errors import SnapGuardError
+from snapguard.guard import Guard
+
+rank, port, job, run_dir, out, phase = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                        timeout=datetime.timedelta(seconds=60))
+
+def guard(state):
+    return Guard(states={"s": state}, rng=False, job=job, node="n0", run_dir=run_dir, timeout_s=2.0, gate_timeout_s=2.0)
+
+result = {}
+if phase == "save":
+    state = {"w": torch.full((4,), float(rank))}
+    g = guard(state)
+    for step in range(2):
+        state["w"] += 1
+        g.snapshot(step)
+    g.close()
+else:
+    state = {"w": torch.zeros(5 if phase == "mismatch" and rank == 1 else 4)}
+    g = guard(state)
+    if phase == "late" and rank == 1:  # comes to restore only once rank 0 has given up on it
+        deadline = time.monotonic() + 30
+        while not os.path.exists(os.path.join(out, "r0.json")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    if phase == "open-fails" and rank == 1:
+        g._open = lambda step, epoch: None  # as when its daemon cannot rebuild the step from its peers
+    t0 = time.monotonic()
+    try:
+        result["restored"] = g.restore()
+    except SnapGuardError as e:
+        result["error"] = f"{type(e).__name__}: {e}"
+    except Exception as e:
+        result["other"] = f"{type(e).__name__}: {e}"
+    result["elapsed"] = time.monotonic() - t0
+    try:
+        g.close()
+    except SnapGuardError:
+        pass
+with open(os.path.join(out, f"r{rank}.tmp"), "w") as f:
+    json.dump(result, f)
+os.rename(os.path.join(out, f"r{rank}.tmp"), os.path.join(out, f"r{rank}.json"))
+sys.stdout.flush()
+os._exit(0)  # no teardown of gloo groups whose peer may be gone
+'''
+
+
+@pytest.fixture
+def pair(daemon, tmp_path):
+    """run(phase) -> each rank's result: two worker processes, ranks 0 and 1 of a gloo job, on `daemon`'s node."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    procs: list[subprocess.Popen] = []
+
+    def run(phase: str, timeout_s: float = 90.0) -> dict[int, dict]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        out = tmp_path / phase
+        out.mkdir()
+        ps = []
+        for r in range(2):
+            with open(out / f"log.r{r}", "w") as log:
+                ps.append(subprocess.Popen([sys.executable, str(script), str(r), str(port), daemon.job, daemon.run_dir,
+                                            str(out), phase], stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True))
+        procs.extend(ps)
+        for p in ps:
+            p.wait(timeout_s)
+        got = {}
+        for r in range(2):
+            path = out / f"r{r}.json"
+            assert path.exists(), f"rank {r} wrote no result: {(out / f'log.r{r}').read_text()[-3000:]}"
+            got[r] = json.loads(path.read_text())
+        return got
+
+    yield run
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(30)
+
+
+def test_a_rank_that_does_not_come_stops_the_others_within_the_guards_timeouts(pair):
+    # timeout_s=2 and gate_timeout_s=2: rank 0 waits 4 s for rank 1's inventory, not the default group's 30 min.
+    got = pair("late")
+    assert "error" in got[0], got
+    assert got[0]["error"].startswith("RestoreError: "), got
+    assert "for every rank's inventory of sealed steps (restore round 1)" in got[0]["error"], got
+    assert got[0]["elapsed"] < 20, got
+    assert "error" in got[1] and got[1]["error"].startswith("RestoreError: "), got
+
+
+def test_a_rank_whose_restore_fails_stops_every_rank_at_once(pair):
+    pair("save")
+    got = pair("mismatch")  # rank 1's model has a tensor of another shape
+    assert got[1]["error"].startswith("LayoutError: tensor '/s/w': the snapshot has float32[4]"), got
+    assert "cannot restore step 1: it failed on ranks [1] (their errors say why)" in got[0]["error"], got
+    assert got[0]["elapsed"] < 20, got
+
+
+def test_ranks_whose_restores_went_differently_take_the_same_branch(pair, daemon):
+    # Round 1: rank 0 copies (corrupt) chunks of step 1, rank 1's daemon cannot give it step 1. Round 2: the daemons
+    # drop every corrupt slot, so no rank holds anything; rank 1 must not start afresh while rank 0 stops.
+    pair("save")
+    for path in glob.glob(os.path.join(daemon.table_dir, "r*.data")):
+        flip_bits(path, 0, 0x10)
+    got = pair("open-fails")
+    assert "error" in got[0] and "error" in got[1], got
+    assert "every snapshot failed verification" in got[0]["error"], got
+    assert "This rank's state holds verified chunks of step 1 now, so it must not train on" in got[0]["error"], got
+    assert got[1]["error"].startswith("RestoreError: "), got
+    assert "Ranks [0] hold chunks of the snapshot in their state now, so the job must not train on" in got[1]["error"]
