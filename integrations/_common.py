@@ -131,6 +131,11 @@ class CountersState:
         return {n: getattr(self.obj, n) for n in self.names}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
+        # All or nothing: a counter left at its fresh value would resume the loop at the wrong place.
+        missing = [n for n in self.names if n not in sd]
+        unexpected = [n for n in sd if n not in self.names]
+        if missing or unexpected:
+            raise LayoutError(f"counters of {type(self.obj).__name__}: the snapshot "
+                              + (f"has no {missing}" if missing else f"has {unexpected}, which this process does not keep"))
         for n in self.names:
-            if n in sd:
-                setattr(self.obj, n, sd[n])
+            setattr(self.obj, n, sd[n])

@@ -20,7 +20,11 @@ What each rank snapshots, all local, nothing gathered:
   through DeepSpeed's `load_state_dict([...], load_from_fp32_weights=True)` so that DeepSpeed
   re-links its fragments as after load_checkpoint; for stage 0 without mixed precision, the torch
   optimizer's state.
-- `engine`: `global_steps`, `global_samples`, `skipped_steps`, `micro_steps` and the lr scheduler.
+- `engine`: `global_steps`, `global_samples`, `skipped_steps`, `micro_steps`; `lr_scheduler`: the lr
+  scheduler, or that there is none (a restore into an engine that differs is refused).
+- `deepspeed_rng`: the states of DeepSpeed's model-parallel RNG tracker
+  (`deepspeed.checkpointing.get_cuda_rng_tracker()`), when anything seeded it; snapguard's Guard adds the
+  Python, NumPy, torch and CUDA RNGs.
 - `client`: the `client_state` dict you pass (restored in place), like save_checkpoint's client_state.
 
 The ZeRO optimizer is no torch optimizer, so `protect` wraps `engine.optimizer.step` on the instance:
@@ -41,11 +45,12 @@ from typing import Any
 
 import torch
 
-from snapguard.errors import ConfigError
+from snapguard.errors import ConfigError, LayoutError
 from snapguard.integrations._common import AdapterGuard, CountersState, add_user_states, optimizer_tensors, require
 
 deepspeed = require("deepspeed", "deepspeed", "deepspeed")
 from deepspeed.checkpoint import constants as C  # noqa: E402
+from deepspeed.runtime.activation_checkpointing import checkpointing as ds_checkpointing  # noqa: E402
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer  # noqa: E402
 
 __all__ = ["protect", "DeepSpeedGuard"]
@@ -97,17 +102,40 @@ class ZeroOptimizerState:
 
 
 class SchedulerState:
+    """The engine's lr scheduler under `scheduler`, or nothing when the engine has none."""
+
     def __init__(self, engine: Any):
         self.engine = engine
 
     def state_dict(self) -> dict[str, Any]:
         s = self.engine.lr_scheduler
-        return {} if s is None or not hasattr(s, "state_dict") else s.state_dict()
+        return {} if s is None else {"scheduler": s.state_dict()}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
+        # Either way round, training on would follow another learning-rate schedule than the snapshot's run.
         s = self.engine.lr_scheduler
-        if sd and s is not None:
-            s.load_state_dict(sd)
+        if s is None and "scheduler" in sd:
+            raise LayoutError("lr_scheduler: the snapshot holds a scheduler's state, this engine has no scheduler")
+        if s is not None and "scheduler" not in sd:
+            raise LayoutError(f"lr_scheduler: the snapshot holds no scheduler state, this engine has a"
+                              f" {type(s).__name__}")
+        if s is not None:
+            s.load_state_dict(sd["scheduler"])
+
+
+class TrackerRNGState:
+    """The named RNG states of DeepSpeed's model-parallel tracker (`deepspeed.checkpointing.get_cuda_rng_tracker()`).
+
+    `model_parallel_cuda_manual_seed` or `tracker.add` seed it; dropout in model-parallel regions draws from it,
+    and activation checkpointing replays it. Empty (nothing seeded it), it saves nothing and a restore leaves it empty.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return ds_checkpointing.get_cuda_rng_tracker().get_states()  # snapshot() clones them before it returns
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        # Clones: the restored tensors may be the Guard's, which the tracker must not share.
+        ds_checkpointing.get_cuda_rng_tracker().set_states({name: s.clone() for name, s in sd.items()})
 
 
 class DeepSpeedGuard(AdapterGuard):
@@ -167,8 +195,12 @@ def protect(engine: Any, *, client_state: dict | None = None, extra: Any = None,
     else:
         raise ConfigError(f"snapguard supports DeepSpeed ZeRO stages 0 (torch optimizer), 1 and 2; this engine runs"
                           f" stage {stage} with {type(opt).__name__}")
+    if engine.lr_scheduler is not None and not hasattr(engine.lr_scheduler, "state_dict"):
+        raise ConfigError(f"the engine's lr scheduler ({type(engine.lr_scheduler).__name__}) has no state_dict():"
+                          " snapguard cannot snapshot it")
     named: dict[str, Any] = {"module": engine.module, "optimizer": opt_state,
-                             "engine": CountersState(engine, ENGINE_COUNTERS), "lr_scheduler": SchedulerState(engine)}
+                             "engine": CountersState(engine, ENGINE_COUNTERS), "lr_scheduler": SchedulerState(engine),
+                             "deepspeed_rng": TrackerRNGState()}
     if client_state is not None:
         named["client"] = client_state
     add_user_states(named, extra, states)

@@ -138,15 +138,31 @@ class MegatronOptimizerState:
         return out
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if sorted(sd) != sorted(str(i) for i in range(len(self.parts))):
+            raise LayoutError(f"optimizer: the snapshot holds {len(sd)} optimizer part(s), this optimizer has"
+                              f" {len(self.parts)}")
+        for i, (opt, _, _, mains) in enumerate(self.parts):  # check every part before changing any
+            part = sd[str(i)]
+            # A grad scaler on one side only would resume with another loss scale, or none.
+            scaler = getattr(opt, "grad_scaler", None)
+            if (scaler is None) != ("grad_scaler" not in part):
+                raise LayoutError(f"optimizer part {i} ({type(opt).__name__}): "
+                                  + ("the snapshot holds a grad scaler's state, this optimizer has no grad scaler"
+                                     if scaler is None else "the snapshot holds no grad scaler state, this optimizer"
+                                     f" has a {type(scaler).__name__}"))
+            differ = sorted(set(part["main_params"]) ^ set(mains))
+            if differ:
+                raise LayoutError(f"optimizer part {i}: fp32 main parameter {differ[0]!r} is in "
+                                  + ("the snapshot, not in this optimizer" if differ[0] in part["main_params"]
+                                     else "this optimizer, not in the snapshot"))
         for i, (opt, _, named, mains) in enumerate(self.parts):
             part = sd[str(i)]
             named.load_state_dict(part["optimizer"])
             with torch.no_grad():
                 for k, p in mains.items():
                     p.copy_(part["main_params"][k])
-            scaler = getattr(opt, "grad_scaler", None)
-            if scaler is not None and "grad_scaler" in part:
-                scaler.load_state_dict(part["grad_scaler"])
+            if "grad_scaler" in part:
+                opt.grad_scaler.load_state_dict(part["grad_scaler"])
 
 
 # ---- RNG and layout ---------------------------------------------------------------------------------

@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, _get_fqns, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor
 
 from snapguard.errors import ConfigError, LayoutError
@@ -107,24 +108,43 @@ class ModelState:
 
 
 class OptimizerState:
-    """An optimizer's state dict through DCP: keyed by parameter names, moments of sharded parameters as local shards."""
+    """An optimizer's state dict through DCP: keyed by parameter names, moments of sharded parameters as local
+    shards. Without per-parameter state (SGD without momentum, or no step yet), its param_groups alone."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, name: str = "optimizer"):
         self.model, self.optimizer, self.name = model, optimizer, name
 
+    def _fqns(self) -> list[str]:
+        """The name DCP gives each of the optimizer's parameters, in the optimizer's order."""
+        # DCP's own naming (no DDP `module.` prefix, no compile or checkpoint-wrapper prefixes), so that both
+        # routes below key param_groups alike.
+        fqn = {p: next(iter(_get_fqns(self.model, n))) for n, p in self.model.named_parameters()}
+        try:
+            return [fqn[p] for g in self.optimizer.param_groups for p in g["params"]]
+        except KeyError:
+            raise ConfigError(f"{self.name} holds a parameter that is not the model's") from None
+
     def state_dict(self) -> dict[str, Any]:
         if not self.optimizer.state:
-            # DCP initialises an empty optimizer by running step() with zero gradients and lr 0, which
-            # counts a step (Adam's bias correction) the training never took: an optimizer that has not
-            # stepped yet holds nothing worth a snapshot, so do not ask.
-            return {}
+            # No per-parameter state (an optimizer that has not stepped yet, or one that keeps none, like SGD
+            # without momentum): only param_groups, which carry the lr a scheduler set. Not through DCP, which
+            # would first run step() with zero gradients and lr 0 to create the state, counting a step (Adam's
+            # bias correction) the training never took.
+            names = self._fqns()
+            groups = self.optimizer.state_dict()["param_groups"]
+            return {"state": {}, "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in groups],
+                    DTENSORS: {}}
         dtensors: dict[str, list] = {}
         sd = _local(get_optimizer_state_dict(self.model, self.optimizer, options=_options()), "", dtensors)
         sd[DTENSORS] = dtensors
         return sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        if not sd:
+        missing = [k for k in ("state", "param_groups", DTENSORS) if k not in sd]
+        if missing:
+            raise LayoutError(f"{self.name}: the snapshot holds no {missing[0]!r} for this optimizer")
+        if not sd["state"]:
+            self._load_param_groups(sd["param_groups"])
             return
         dtensors = sd[DTENSORS]
         params = get_model_state_dict(self.model, options=_options())
@@ -143,6 +163,25 @@ class OptimizerState:
                 state[fqn][key] = _as_dtensor(value, template, saved, name)
         set_optimizer_state_dict(self.model, self.optimizer, {"state": state, "param_groups": sd["param_groups"]},
                                  options=_options())
+
+    def _load_param_groups(self, groups: list[dict]) -> None:
+        """Load a snapshot without per-parameter state: its param_groups, and no state (as it held none)."""
+        # torch's own load_state_dict, not DCP's, whose initialising step() on a fresh optimizer is not needed here.
+        names = self._fqns()
+        live, at = [], 0
+        for g in self.optimizer.param_groups:
+            live.append(names[at:at + len(g["params"])])
+            at += len(g["params"])
+        saved = [list(g["params"]) for g in groups]
+        if len(saved) != len(live):
+            raise LayoutError(f"{self.name}: the snapshot has {len(saved)} param_groups, this optimizer {len(live)}")
+        for i, (had, has) in enumerate(zip(saved, live)):
+            if had != has:
+                raise LayoutError(f"{self.name}: param_groups[{i}] holds parameters {had} in the snapshot, {has} in"
+                                  " this optimizer")
+        index = {n: i for i, n in enumerate(names)}
+        self.optimizer.load_state_dict({"state": {},
+                                        "param_groups": [dict(g, params=[index[n] for n in g["params"]]) for g in groups]})
 
 
 def _local_tensors(optimizer: torch.optim.Optimizer):

@@ -6,6 +6,11 @@ restore the newest step both hold. Every loss of every attempt and every byte of
 fp32 partitions, optimizer state, learning rate, engine counters and client state must equal the
 run without snapguard and without failures. Then a restore into a wider model must fail, naming
 the first tensor that differs.
+
+A model whose dropout draws from DeepSpeed's own model-parallel RNG tracker (seeded with `tracker.add`,
+replayed by activation checkpointing's recompute) must resume as bit-exactly: the tracker's states are
+part of the snapshot. Restores that cannot apply some saved state (a lr scheduler on one side only,
+missing engine counters) must fail and say what.
 """
 
 from __future__ import annotations
@@ -13,12 +18,76 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from types import SimpleNamespace
 
 import pytest
 
-from integration_helpers import Run, layout_error, run_all, scenarios
+from integration_helpers import EXAMPLES, Run, layout_error, run_all, scenarios
 
 STEPS = 6
+
+# An example of its own (the examples stay as users see them): dropout in a model-parallel region, drawn from
+# DeepSpeed's tracker inside fork(), under deepspeed.checkpointing.checkpoint, whose recompute replays the
+# tracker's states. On a CPU, DeepSpeed's accelerator is the CPU one, and the tracker swaps the CPU generator.
+TRACKER_EXAMPLE = f"""
+import argparse, sys
+sys.path.insert(0, {EXAMPLES!r})
+
+import deepspeed
+import torch
+import torch.nn.functional as F
+
+from runlog import RunLog
+from snapguard.integrations.deepspeed import protect
+from snapguard.procs import leave_process_group
+from torch_ddp import VOCAB, batch
+
+
+class TrackedDropout(torch.nn.Module):
+    def forward(self, x):
+        with deepspeed.checkpointing.get_cuda_rng_tracker().fork():
+            return F.dropout(x, 0.3, self.training)
+
+
+class Net(torch.nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.emb = torch.nn.Embedding(VOCAB, width)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 4 * width), torch.nn.GELU(), TrackedDropout(),
+                                       torch.nn.Linear(4 * width, width))
+        self.out = torch.nn.Linear(width, VOCAB)
+
+    def forward(self, x):
+        h = self.emb(x)
+        return self.out(h + deepspeed.checkpointing.checkpoint(self.mlp, h))
+
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--steps", type=int)
+ap.add_argument("--out")
+a = ap.parse_args()
+deepspeed.init_distributed(dist_backend="gloo")
+rank = torch.distributed.get_rank()
+log = RunLog(a.out, rank)
+torch.manual_seed(0)
+# What model_parallel_cuda_manual_seed does, without an mpu: each (tensor-parallel) rank its own stream.
+deepspeed.checkpointing.get_cuda_rng_tracker().add("model-parallel-rng", 1234 + rank)
+config = {{"train_micro_batch_size_per_gpu": 8, "optimizer": {{"type": "AdamW", "params": {{"lr": 1e-2,
+          "torch_adam": True}}}}, "zero_optimization": {{"stage": 1}}, "steps_per_print": 10 ** 9}}
+engine, _, _, _ = deepspeed.initialize(model=Net(32), config=config)
+guard = protect(engine, start_daemon=True)
+guard.restore()
+for step in range(engine.global_steps, a.steps):
+    x, y = batch(step, rank, "cpu")
+    loss = F.cross_entropy(engine(x).flatten(0, 1), y.flatten())
+    engine.backward(loss)
+    engine.step()
+    guard.snapshot()
+    log.loss(step, loss.item())
+guard.close()
+log.final(module=engine.module.state_dict(), tracker=deepspeed.checkpointing.get_cuda_rng_tracker().get_states())
+leave_process_group()
+"""
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +121,77 @@ def test_missing_deepspeed_names_the_extra(monkeypatch):
     monkeypatch.delitem(sys.modules, "snapguard.integrations.deepspeed", raising=False)
     with pytest.raises(ImportError, match=r"pip install snapguard\[deepspeed\]"):
         importlib.import_module("snapguard.integrations.deepspeed")
+
+
+def test_deepspeed_rng_tracker_resumes_bit_exactly_after_sigkill(tmp_path):
+    script = tmp_path / "deepspeed_tracker.py"
+    script.write_text(TRACKER_EXAMPLE)
+    with scenarios(str(tmp_path), {"tracker": (str(script), ["--steps", str(STEPS)], STEPS)}) as s:
+        s["tracker"].check()
+
+
+def test_deepspeed_rng_tracker_state_round_trips_and_an_empty_tracker_stays_empty():
+    import deepspeed
+    import torch
+
+    from snapguard.integrations.deepspeed import TrackerRNGState
+
+    tracker = deepspeed.checkpointing.get_cuda_rng_tracker()
+    state = TrackerRNGState()
+    saved_states = tracker.get_states()
+    try:
+        tracker.reset()
+        assert state.state_dict() == {}  # nothing seeded it: nothing to save, and a restore leaves it empty
+        state.load_state_dict({})
+        assert tracker.get_states() == {}
+
+        tracker.add("model-parallel-rng", 99)
+        sd = {k: v.clone() for k, v in state.state_dict().items()}
+        with tracker.fork():
+            first = torch.rand(4)
+        state.load_state_dict(sd)
+        with tracker.fork():
+            assert torch.equal(torch.rand(4), first)
+        assert tracker.get_states()["model-parallel-rng"] is not sd["model-parallel-rng"]
+    finally:
+        tracker.set_states(saved_states)
+
+
+def test_lr_scheduler_on_one_side_only_is_refused():
+    import torch
+    from deepspeed.runtime.lr_schedules import WarmupLR
+
+    from snapguard.errors import LayoutError
+    from snapguard.integrations.deepspeed import SchedulerState
+
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    with_scheduler = SimpleNamespace(lr_scheduler=WarmupLR(opt, warmup_num_steps=5))
+    with_scheduler.lr_scheduler.step()
+    without = SimpleNamespace(lr_scheduler=None)
+    saved = SchedulerState(with_scheduler).state_dict()
+    with pytest.raises(LayoutError, match="the snapshot holds a scheduler's state, this engine has no scheduler"):
+        SchedulerState(without).load_state_dict(saved)
+    with pytest.raises(LayoutError, match="the snapshot holds no scheduler state, this engine has a WarmupLR"):
+        SchedulerState(with_scheduler).load_state_dict(SchedulerState(without).state_dict())
+    SchedulerState(without).load_state_dict({})  # no scheduler on either side: nothing to restore
+
+    fresh = SimpleNamespace(lr_scheduler=WarmupLR(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1),
+                                                  warmup_num_steps=5))
+    SchedulerState(fresh).load_state_dict(saved)
+    assert fresh.lr_scheduler.state_dict() == with_scheduler.lr_scheduler.state_dict()
+
+
+def test_engine_counters_missing_from_a_snapshot_are_refused():
+    from snapguard.errors import LayoutError
+    from snapguard.integrations._common import CountersState
+    from snapguard.integrations.deepspeed import ENGINE_COUNTERS
+
+    engine = SimpleNamespace(global_steps=0, global_samples=0, skipped_steps=0, micro_steps=0)
+    counters = CountersState(engine, ENGINE_COUNTERS)
+    with pytest.raises(LayoutError, match=r"the snapshot has no \['global_samples', 'micro_steps'\]"):
+        counters.load_state_dict({"global_steps": 3, "skipped_steps": 0})
+    with pytest.raises(LayoutError, match=r"the snapshot has \['tokens'\], which this process does not keep"):
+        counters.load_state_dict(dict.fromkeys(ENGINE_COUNTERS, 1) | {"tokens": 5})
+    assert vars(engine) == dict.fromkeys(ENGINE_COUNTERS, 0)  # nothing half-restored
+    counters.load_state_dict({"global_steps": 3, "global_samples": 24, "skipped_steps": 1, "micro_steps": 3})
+    assert vars(engine) == {"global_steps": 3, "global_samples": 24, "skipped_steps": 1, "micro_steps": 3}

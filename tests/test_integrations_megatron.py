@@ -95,6 +95,39 @@ def test_megatron_optimizer_state_keeps_main_params_and_grad_scaler_by_name():
     assert part.grad_scaler.growth == 7 and part.grad_scaler.scale.item() == 8.0
 
 
+def test_megatron_optimizer_state_refuses_a_grad_scaler_on_one_side_only():
+    """A snapshot with a grad scaler's state restored into an optimizer without one (or the other way round)
+    would resume with another loss scale: refused, naming the part, never skipped."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from snapguard.errors import LayoutError
+    from snapguard.integrations.megatron import MegatronOptimizerState, _param_names
+
+    class Scaler:
+        def state_dict(self):
+            return {"scale": torch.tensor([1024.0])}
+
+        def load_state_dict(self, sd):
+            raise AssertionError("a refused restore must change nothing")
+
+    def state(scaler):
+        model = torch.nn.Linear(4, 3)
+        part = SimpleNamespace(optimizer=torch.optim.SGD(model.parameters(), lr=0.1), grad_scaler=scaler)
+        return MegatronOptimizerState(SimpleNamespace(chained_optimizers=[part]), _param_names([model]))
+
+    with_scaler, without = state(Scaler()), state(None)
+    with pytest.raises(LayoutError, match=r"optimizer part 0 \(SimpleNamespace\): the snapshot holds a grad scaler's"
+                                          " state, this optimizer has no grad scaler"):
+        without.load_state_dict(_clone(with_scaler.state_dict()))
+    with pytest.raises(LayoutError, match="the snapshot holds no grad scaler state, this optimizer has a Scaler"):
+        with_scaler.load_state_dict(_clone(without.state_dict()))
+    with pytest.raises(LayoutError, match="the snapshot holds 2 optimizer part"):
+        without.load_state_dict({"0": _clone(without.state_dict()["0"]), "1": _clone(without.state_dict()["0"])})
+    without.load_state_dict(_clone(without.state_dict()))  # no grad scaler on either side (fp32, bf16)
+
+
 def _clone(node):
     import torch
 

@@ -91,3 +91,46 @@ def test_optimizer_step_waits_for_the_copy_and_the_snapshot_holds_the_state_befo
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
         guard.close()
         assert not opt._optimizer_step_pre_hooks, "close() left the step pre-hook installed"
+
+
+def test_sgd_without_momentum_restores_the_learning_rate_a_scheduler_set():
+    """SGD without momentum keeps no per-parameter state: its param_groups alone carry the lr a scheduler
+    changed. Restored into fresh objects, the lr and every later step must equal the run that never broke."""
+    import torch
+
+    from integration_helpers import private_daemon
+    from snapguard.integrations.torch import protect
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 8)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.01)
+        return model, opt, torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+
+    def train(model, opt, sched, step):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
+        model(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+
+    with private_daemon("sgd") as d:
+        options = dict(job=d.job, node="n0", run_dir=d.run_dir, rank=0, world_size=1, timeout_s=10)
+        model, opt, sched = build()
+        guard = protect(model, opt, states={"scheduler": sched}, **options)
+        for step in range(3):
+            train(model, opt, sched, step)
+            guard.snapshot(step)
+        guard.close()
+        assert not opt.state and opt.param_groups[0]["lr"] == 0.0125
+
+        model2, opt2, sched2 = build()  # the restarted process: lr 0.1 again
+        guard2 = protect(model2, opt2, states={"scheduler": sched2}, **options)
+        assert guard2.restore() == 2
+        assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+        for step in range(3, 5):
+            train(model, opt, sched, step)
+            train(model2, opt2, sched2, step)
+            assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+            assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+        guard2.close()
