@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgpack
 
+from snapguard.config import slot_dir_name
 from snapguard.errors import ConfigError, SnapGuardError
 
 if TYPE_CHECKING:  # the harness: cluster, proxy, log offsets
@@ -200,7 +201,7 @@ class CorruptSlot(Fault):
         rank = self.kw.get("rank", rnd.choice(ranks))
         if c.node_of(rank) != node:
             raise ConfigError(f"corrupt_slot: rank {rank} is not on {node}")
-        d = os.path.join(c.shm_dir(node), f"snapguard-{c.spec.job}-{node}")
+        d = os.path.join(c.shm_dir(node), slot_dir_name(c.spec.job, node))
         if not _sealed_steps(d, rank):
             raise SnapGuardError(f"corrupt_slot: rank {rank} has no sealed slot in {d}")
         # Killed first: a rank that lives on may seal a newer step right after the bytes are flipped, and

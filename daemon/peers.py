@@ -29,6 +29,8 @@ import zmq
 from snapguard import protocol as P
 from snapguard.errors import DaemonUnavailable, ProtocolError, SnapGuardError
 
+from snapguard.daemon.protect import PIECE
+
 log = logging.getLogger(__name__)
 
 ENV_SECRET = "SNAPGUARD_SECRET"  # hex or text; or --secret-file
@@ -41,11 +43,13 @@ class AuthError(SnapGuardError):
 
 def load_secret(path: str | None) -> bytes:
     if path:
-        st = os.stat(path)
-        if st.st_mode & 0o077:
-            raise SnapGuardError(f"secret file {path} must not be readable by group or others (chmod 600)")
-        with open(path, "rb") as f:
-            secret = f.read().strip()
+        try:
+            with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_mode & 0o077:
+                    raise SnapGuardError(f"secret file {path} must not be readable by group or others (chmod 600)")
+                secret = f.read().strip()
+        except OSError as e:
+            raise SnapGuardError(f"cannot read the secret file {path}: {e.strerror}") from None
     else:
         secret = os.environ.get(ENV_SECRET, "").encode()
     if len(secret) < 16:
@@ -90,6 +94,11 @@ def open_frames(secret: bytes, frames: list) -> tuple[bytes, P.Message, list]:
 
 _ZERO_COPY = 1 << 16
 RECV_HWM = 4  # messages ZeroMQ reads ahead per peer
+# The largest frame a peer sends this daemon's ROUTER: a piece of a chunk, or a header (a chunk's carries its node's
+# layout). ZeroMQ buffers a whole frame before the MAC can be checked, so an unauthenticated sender may make the
+# daemon hold this much per frame; a larger one closes the sender's connection. (Replies, whole chunks of a rebuild,
+# arrive on the DEALERs, which take any size.)
+MAX_PEER_FRAME = PIECE + P.MAX_HEADER_BYTES + (1 << 16)
 
 
 def recv_frames(sock: zmq.Socket) -> list:
@@ -112,7 +121,7 @@ class PeerNet:
         ctx = zmq.Context.instance()
         self.router = ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.MAXMSGSIZE, 1 << 34)
+        self.router.setsockopt(zmq.MAXMSGSIZE, MAX_PEER_FRAME)
         # A message can be a chunk of a shard (hundreds of MiB). ZeroMQ reads ahead of this daemon up to the high
         # water mark per peer; a low one leaves chunks of a holder that falls behind in its senders' queues (whose
         # senders then hold back their next step) instead of piling them up in its memory.

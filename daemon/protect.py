@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,6 +66,20 @@ def read_parts(parts: list[tuple[int, Slot, int]], start: int, stop: int, out) -
         lo, hi = max(start, off), min(stop, off + n)
         if lo < hi:
             out[lo - start:hi - start] = np.frombuffer(slot.buffer(), np.uint8, hi - lo, lo - off)
+
+
+def _check_blob(blob: dict) -> None:
+    """A node's blob layout as its chunks carry it, {"nbytes": L, "ranks": [[rank, offset, manifest], ...]}: kept, and
+    handed back to that node to rebuild from, so it is checked as it arrives."""
+    nbytes, ranks = blob.get("nbytes"), blob.get("ranks")
+    ok = type(nbytes) is int and nbytes >= 0 and type(ranks) is list
+    for row in ranks if ok else ():
+        ok = (type(row) is list and len(row) == 3 and type(row[0]) is int and type(row[1]) is int
+              and 0 <= row[0] < P.MAX_WORLD_SIZE and 0 <= row[1] <= nbytes and type(row[2]) is dict)
+        if not ok:
+            break
+    if not ok:
+        raise ProtocolError(f"chunk's blob layout is malformed: {str(blob)[:200]}")
 
 
 class OutgoingStep:
@@ -115,6 +130,8 @@ class Protector:
         self.g, self.m, self.k = len(group), m, len(group) - m
         self.me = group.index(node)
         self.codec = Codec(self.k, m, backend)
+        # A parity chunk is held in memory whole: a peer's chunk_len beyond this machine's memory is a bad message.
+        self.max_chunk_len = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         self.who = table.who
         # parity this node holds: (codeword, position) -> {step: entry}
         self.parity: dict[tuple[int, int], dict[int, ParityEntry]] = {}
@@ -247,8 +264,11 @@ class Protector:
 
     def accept_chunk(self, msg: P.PeerChunk, data: bytes) -> None:
         """Fold one piece of a data chunk into the parity this node holds; refuse anything that does not fit."""
-        if msg.codeword >= self.g or msg.position >= self.k:
+        if msg.codeword >= len(self.plan.codewords) or msg.position >= self.k:
             raise ProtocolError(f"chunk for codeword {msg.codeword} position {msg.position} is outside g={self.g}, k={self.k}")
+        if msg.chunk_len > self.max_chunk_len:
+            raise ProtocolError(f"chunk of step {msg.step} from {msg.node} is {msg.chunk_len} bytes long, more than this"
+                                f" machine's memory ({self.max_chunk_len} bytes) could hold as parity")
         word = self.plan.codewords[msg.codeword]
         if self.group[word.chunks[msg.position].node] != msg.node:
             raise ProtocolError(f"node {msg.node} does not own position {msg.position} of codeword {msg.codeword}")
@@ -256,7 +276,7 @@ class Protector:
         if not mine:
             raise ProtocolError(f"this node holds no parity of codeword {msg.codeword}")
         end = msg.offset + len(data)
-        if not data or end > msg.chunk_len or (end < msg.chunk_len and len(data) != PIECE):
+        if not data or len(data) > PIECE or end > msg.chunk_len or (end < msg.chunk_len and len(data) != PIECE):
             raise ProtocolError(f"piece of {len(data)} bytes at offset {msg.offset} does not fit a chunk of"
                                 f" {msg.chunk_len} bytes in pieces of {PIECE}")
         if msg.offset % PIECE:
@@ -266,8 +286,8 @@ class Protector:
                                 f" is {self.table.epoch}: the job restored a step since, or {msg.node} has not yet")
         if xxhash.xxh3_64_intdigest(data) != msg.checksum:
             raise ChecksumError(f"chunk of step {msg.step} codeword {msg.codeword} from {msg.node} fails its checksum")
-        if msg.offset == 0 and (not isinstance(msg.blob.get("nbytes"), int) or not isinstance(msg.blob.get("ranks"), list)):
-            raise ProtocolError("chunk's blob layout is malformed")
+        if msg.offset == 0:
+            _check_blob(msg.blob)
         for pos in mine:
             steps = self.parity[(msg.codeword, pos)]
             done = [s for s, e in steps.items() if e.complete(self.k)]
@@ -312,7 +332,20 @@ class Protector:
                 self._spare = steps.pop(st).buf
 
     def note_peer(self, msg: P.PeerHeld, now: float) -> None:
-        self.remote_parity[msg.node] = {(c, p, s) for c, p, s in msg.parity}
+        """Take what a peer holds. Decoding checked the rows' shapes (`PeerHeld.check`); this checks that the parity a
+        member of this group reports is parity it holds under this node's plan, which a member started with another
+        --ec-group or --ec-m breaks. A message that does not fit raises ProtocolError and changes nothing."""
+        member = msg.node in self.group  # a node of another EC group reports parity of that group's plan
+        for c, pos, _ in msg.parity if member else ():
+            if c >= len(self.plan.codewords) or not self.k <= pos < self.g:
+                raise ProtocolError(f"{msg.node} reports parity at codeword {c} position {pos}: this node's plan (g={self.g},"
+                                    f" m={self.m}) has codewords 0..{self.g - 1} with parity at positions {self.k}..{self.g - 1};"
+                                    " are the daemons of the group started alike?")
+            holder = self.group[self.plan.codewords[c].chunks[pos].node]
+            if holder != msg.node:
+                raise ProtocolError(f"{msg.node} reports parity of codeword {c} position {pos}, which {holder} holds in EC"
+                                    f" group {self.group} with m={self.m}: are the daemons of the group started alike?")
+        self.remote_parity[msg.node] = {(c, p, s) for c, p, s in msg.parity} if member else set()
         self.remote_sending[msg.node] = (msg.sending, now)
         self.table.remote.update({row[0]: set(row[1:]) for row in msg.held})
         ranks = [set(row[1:]) for row in msg.held]

@@ -115,6 +115,19 @@ class _SendJob:
         return sorted(set(self.todo) | {d for d, t in self.trackers if not t.done})
 
 
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs; trainers share the daemon's node (in another PID namespace they look gone)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class AlreadyRunning(SnapGuardError):
     pass
 
@@ -143,21 +156,35 @@ class Daemon:
         self.rejected: list[str] = []
         self._rejected_count = 0
         self._warned_alone = False
+        self._trainers: dict[int, tuple[int, int]] = {}  # rank -> (pid, world_size) of its trainer, from its Hello
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
         ensure_private_dir(self.cfg.run_dir)
         ep = self.cfg.endpoint
-        self._lock_fd = os.open(ep.lock_path, os.O_CREAT | os.O_RDWR, 0o600)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                other = os.pread(self._lock_fd, 32, 0).decode(errors="replace").strip()
-                os.close(self._lock_fd)
-                raise AlreadyRunning(f"{self.who} another daemon (pid {other or '?'}) already serves {ep.socket_path}")
-            raise
+        for _ in range(10):  # bounded: each retry means a daemon of this job and node exited just then
+            fd = os.open(ep.lock_path, os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno in (errno.EAGAIN, errno.EACCES):
+                    other = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                    os.close(fd)
+                    raise AlreadyRunning(f"{self.who} another daemon (pid {other or '?'}) already serves {ep.socket_path}")
+                os.close(fd)
+                raise
+            # A daemon unlinks its lock file as it exits, still holding the lock: if we opened that file just
+            # before, our lock is on a file the next starter never sees. Keep it only if it is still at the path.
+            try:
+                if os.path.samestat(os.fstat(fd), os.stat(ep.lock_path)):
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        else:
+            raise SnapGuardError(f"{self.who} could not lock {ep.lock_path}: it was replaced 10 times in a row")
+        self._lock_fd = fd
         os.ftruncate(self._lock_fd, 0)
         os.pwrite(self._lock_fd, str(os.getpid()).encode(), 0)
         self.table.adopt()
@@ -217,6 +244,12 @@ class Daemon:
                         self._read_peers()
                     if time.monotonic() - self._last_beat > self.cfg.heartbeat_s:
                         self._broadcast_held()
+        except BaseException:
+            # Only a clean shutdown may delete the slots: after a crash they are what a restarted daemon re-adopts.
+            self._remove = False
+            log.critical("%s stops on an unexpected error; its sealed slots stay in %s for the next daemon to"
+                         " re-adopt", self.who, self.table.dir)
+            raise
         finally:
             self.close()
 
@@ -275,15 +308,15 @@ class Daemon:
             raise ProtocolError(f"{msg.TYPE} is not a request this daemon serves")
         self._check_job(msg.job)
         if isinstance(msg, P.Hello):
-            t.note_world(msg.world_size)
+            self._note_world(msg)
             return P.Welcome(self.cfg.node, os.getpid(), t.dir)
         if isinstance(msg, P.Reserve):
-            t.note_world(msg.world_size)
+            self._note_world(msg)
             self._read_out()  # a free slot that grows gets a new file
             slots = t.reserve(msg.rank, msg.nbytes)
             return P.Ok({"slots": [[s.path, s.capacity] for s in slots]})
         if isinstance(msg, P.Begin):
-            t.note_world(msg.world_size)
+            self._note_world(msg)
             if self._job is not None:
                 _, slot = t.plan(msg.rank, msg.step)
                 if any(slot is s for s in self._job.out.slots):
@@ -293,19 +326,24 @@ class Daemon:
                 s = t.ranks[msg.rank][d.slot]
                 return P.Granted(d.slot, s.path, s.capacity)
             if d.action == "wait":
-                unknown = sorted(set(range(msg.world_size)) - set(t.held()))
-                if self.net is None and unknown and not self._warned_alone:
-                    self._warned_alone = True
-                    log.warning("%s rank %d waits for ranks %s%s to seal step %d, which this daemon does not serve and,"
-                                " without peers, never hears of: a job spanning several nodes needs its daemons to be"
-                                " peers (--peer-bind with --peer or --rendezvous)", self.who, msg.rank,
-                                unknown[:8], "..." if len(unknown) > 8 else "", d.need)
+                if self.net is None and not self._warned_alone:
+                    held = t.held()  # the first ranks it never heard of, found without a set of the whole world
+                    unknown = list(itertools.islice((r for r in range(msg.world_size) if r not in held), 9))
+                    if unknown:
+                        self._warned_alone = True
+                        log.warning("%s rank %d waits for ranks %s%s to seal step %d, which this daemon does not serve"
+                                    " and, without peers, never hears of: a job spanning several nodes needs its daemons"
+                                    " to be peers (--peer-bind with --peer or --rendezvous)", self.who, msg.rank,
+                                    unknown[:8], "..." if len(unknown) > 8 else "", d.need)
                 log.debug("%s rank %d waits to write step %d: slots %s, all ranks hold %d, protected %d", self.who,
                           msg.rank, msg.step, [(x.state, x.step) for x in t.ranks[msg.rank]], t.common(), t.protected)
                 return P.Wait(d.need, t.common())
             return P.Error("BadStep", f"rank {msg.rank}: {d.reason}")
         if isinstance(msg, P.Seal):
             man = Manifest.from_wire(msg.manifest)
+            if man.world_size != t.world_size:  # the table would take it as the job's
+                raise ProtocolError(f"rank {msg.rank}: the manifest of step {msg.step} says world_size {man.world_size},"
+                                    f" the job's is {t.world_size}")
             t.seal(msg.rank, msg.step, msg.slot, man)
             self._held_due = True  # told to the peers after the reply: a seal never waits for that
             return P.Sealed(msg.step, t.common())
@@ -394,12 +432,15 @@ class Daemon:
         if self.net is None:
             return
         self._last_beat = time.monotonic()
-        self.protector.prune()
-        held = [[r, *steps] for r, steps in self.table.held().items() if r in self.table.ranks]
-        msg_fields = {"held": held, "parity": self.protector.complete_parity(), "sending": self.protector.sent_step}
-        for node in self.net.peers:
-            self.net.send(node, P.PeerHeld(**self._header(), **msg_fields))
-        self.table.protected = self.protector.protected_step()
+        try:
+            self.protector.prune()
+            held = [[r, *steps] for r, steps in self.table.held().items() if r in self.table.ranks]
+            msg_fields = {"held": held, "parity": self.protector.complete_parity(), "sending": self.protector.sent_step}
+            for node in self.net.peers:
+                self.net.send(node, P.PeerHeld(**self._header(), **msg_fields))
+            self.table.protected = self.protector.protected_step()
+        except Exception:  # a bug must not take the daemon, and this node's snapshots, down: the next beat tries again
+            log.exception("%s internal error sending PeerHeld (heartbeat) to the peers", self.who)
 
     def _read_peers(self) -> None:
         """Handle what the peers sent: every small message at once, and one chunk. A chunk (hundreds of MiB to
@@ -419,6 +460,10 @@ class Daemon:
             ident, rid, msg, bulk = self.net.receive(frames)
         except (PeerAuthError, ProtocolError) as e:
             self._reject(f"unauthenticated or malformed peer message: {e}")
+            return
+        except Exception as e:  # a bug must not take the daemon down: the message is dropped
+            log.exception("%s internal error reading a peer message", self.who)
+            self._reject(f"peer message dropped on an internal error: {type(e).__name__}: {e}")
             return
         try:
             if isinstance(msg, P.PeerHeld):
@@ -443,6 +488,11 @@ class Daemon:
             self._reject(f"refused {msg.TYPE} from {msg.node}: {e}")
             if rid != bytes(8):
                 self.net.reply(ident, rid, P.Error(type(e).__name__, str(e)))
+        except Exception as e:  # a bug must not take the daemon, and this node's snapshots, down
+            log.exception("%s internal error handling %s from %s", self.who, msg.TYPE, msg.node)
+            self._reject(f"refused {msg.TYPE} from {msg.node} on an internal error: {type(e).__name__}: {e}")
+            if rid != bytes(8):
+                self.net.reply(ident, rid, P.Error("InternalError", f"{type(e).__name__}: {e}"))
 
     def _reject(self, why: str) -> None:
         self._rejected_count += 1
@@ -504,6 +554,22 @@ class Daemon:
         self.protector.rebuild(step, blob, stocks, fetch)
         self.protector.sent_step = max(self.protector.sent_step, step)  # its parity is in place already
         self._stocks_cache = (0.0, {})
+
+    def _note_world(self, msg: P.Hello | P.Reserve | P.Begin) -> None:
+        """Take the job's world size from a trainer's request. A job changes it only by restarting every rank, so a
+        world size other than the one a running trainer of the job said Hello with is refused: ranks beyond a smaller
+        world would drop out of `common()`, and a rank could reuse a slot of a step they still need. A Hello replaces
+        its rank's earlier trainer; once no trainer of the old size runs, the job may restart with another."""
+        hello = isinstance(msg, P.Hello)
+        for rank, (pid, world) in sorted(self._trainers.items()):
+            if world != msg.world_size and not (hello and rank == msg.rank) and _alive(pid):
+                raise ProtocolError(f"rank {msg.rank} says world_size {msg.world_size}, but rank {rank} of this job (pid"
+                                    f" {pid}, still running) said {world}: a job changes its world size only by"
+                                    " restarting every rank")
+        self._trainers = {r: v for r, v in self._trainers.items() if v[1] == msg.world_size}  # the others are gone
+        if hello:
+            self._trainers[msg.rank] = (msg.pid, msg.world_size)
+        self.table.note_world(msg.world_size)
 
     def _check_job(self, job: str) -> None:
         if job != self.cfg.job:

@@ -13,13 +13,14 @@ import glob
 import logging
 import os
 import re
+import stat
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import msgpack
 
-from snapguard.config import ensure_private_dir
+from snapguard.config import ensure_private_dir, slot_dir_name
 from snapguard.errors import ChecksumError, LayoutError, ShmSpaceError, SnapGuardError
 from snapguard.faults import fault_point
 from snapguard.layout import Manifest, verify_checksums
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 FREE, WRITING, SEALED = "free", "writing", "sealed"
 _DATA = re.compile(r"^r(\d+)\.s(\d+)\.data$")
 _EPOCH = "epoch"
+_OURS = re.compile(r"^(r\d+\.s\d+\.(data|manifest)|epoch)(\.new)?$")  # every name a table writes in its directory
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,7 @@ class Slot:
 
 
 class SlotTable:
-    """All slots of one job's ranks on this node, under shm_dir/snapguard-<job>-<node>/."""
+    """All slots of one job's ranks on this node, under shm_dir/snapguard-<job>@<node>/."""
 
     def __init__(self, job: str, node: str, shm_dir: str, shm_limit: int | None = None, slots_per_rank: int = 2,
                  hash_threads: int = 1):
@@ -117,7 +119,7 @@ class SlotTable:
         self.shm_limit = shm_limit
         self.slots_per_rank = slots_per_rank
         self.hash_threads = hash_threads  # threads that verify a shard's checksums
-        self.dir = os.path.join(shm_dir, f"snapguard-{job}-{node}")
+        self.dir = os.path.join(shm_dir, slot_dir_name(job, node))
         self.ranks: dict[int, list[Slot]] = {}
         self.world_size = 0
         self.remote: dict[int, set[int]] = {}  # sealed steps of ranks served by other daemons
@@ -130,8 +132,9 @@ class SlotTable:
     def adopt(self) -> None:
         """Re-adopt slot files left by an earlier daemon of this job; keep only verified sealed shards."""
         ensure_private_dir(self.dir)
-        for path in sorted(glob.glob(os.path.join(self.dir, "*.new"))):
-            os.unlink(path)
+        for name in sorted(os.listdir(self.dir)):
+            if name.endswith(".new") and _OURS.match(name):
+                os.unlink(os.path.join(self.dir, name))
         try:
             with open(os.path.join(self.dir, _EPOCH)) as f:
                 self.epoch = int(f.read())
@@ -153,6 +156,9 @@ class SlotTable:
                 try:
                     with open(slot.manifest_path, "rb") as f:
                         man = Manifest.from_wire(msgpack.unpackb(f.read(), raw=False, strict_map_key=False))
+                    if man.job != self.job or man.rank != rank:  # a file copied or renamed: not this slot's shard
+                        raise LayoutError(f"its manifest names job {man.job!r} rank {man.rank}, the file is job"
+                                          f" {self.job!r} rank {rank}'s")
                     man.validate(slot.capacity)
                     verify_checksums(slot.buffer(), man, f"{self.who} rank {rank} slot {index}", self.hash_threads)
                 except (SnapGuardError, ValueError, OSError, msgpack.UnpackException) as e:
@@ -221,10 +227,13 @@ class SlotTable:
         if d.action != "grant":
             return d
         slot = slots[d.slot]
-        self._forget(slot)  # the commit marker goes first
         if slot.capacity < nbytes:
+            # The space is checked and the bigger file reserved before the commit marker goes: a Begin refused
+            # for lack of memory keeps the sealed step this slot holds.
             self._check_space(rank, nbytes - slot.capacity, 1, nbytes)
-            self._allocate(slot, nbytes)
+            self._allocate(slot, nbytes, before_replace=lambda: self._forget(slot))
+        else:
+            self._forget(slot)  # the commit marker goes first
         slot.state, slot.step = WRITING, step
         return d
 
@@ -299,14 +308,28 @@ class SlotTable:
                 self._forget(slot)
 
     def remove_all(self) -> None:
+        """Delete the files this table writes, and its directory once empty: never anything else in there."""
         for slots in self.ranks.values():
             for s in slots:
                 s.unmap()
-        for path in glob.glob(os.path.join(self.dir, "*")):
-            os.unlink(path)
-        if os.path.isdir(self.dir):
-            os.rmdir(self.dir)
         self.ranks.clear()
+        try:
+            st = os.lstat(self.dir)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():  # not the directory we made: leave it alone
+            log.warning("%s %s is not our directory (a symlink, or another user's): not removing anything in it",
+                        self.who, self.dir)
+            return
+        for name in os.listdir(self.dir):
+            if _OURS.match(name):
+                os.unlink(os.path.join(self.dir, name))
+        others = os.listdir(self.dir)
+        if others:
+            log.warning("%s left %s in place: it holds files snapguard did not write (%s)", self.who, self.dir,
+                        ", ".join(sorted(others)[:5]))
+        else:
+            os.rmdir(self.dir)
 
     # ---- helpers -------------------------------------------------------------------------------
 
@@ -324,10 +347,10 @@ class SlotTable:
             os.unlink(slot.manifest_path)
         slot.state, slot.step, slot.manifest = FREE, -1, None
 
-    def _allocate(self, slot: Slot, nbytes: int) -> None:
+    def _allocate(self, slot: Slot, nbytes: int, before_replace: Callable[[], None] | None = None) -> None:
         slot.unmap()
         t0 = time.monotonic()
-        create_slot(slot.path, nbytes)
+        create_slot(slot.path, nbytes, before_replace)
         slot.capacity = nbytes
         log.info("%s allocated rank %d slot %d: %.1f MiB in %.2f s", self.who, slot.rank, slot.index,
                  nbytes / MiB, time.monotonic() - t0)

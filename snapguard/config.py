@@ -6,9 +6,11 @@ Defaults are computed when asked for, never at import time.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import socket
+import stat
 from dataclasses import dataclass
 
 from snapguard.errors import ConfigError
@@ -81,12 +83,43 @@ class Endpoint:
         return f"ipc://{self.socket_path}"
 
 
+def slot_dir_name(job: str, node: str) -> str:
+    """The directory, inside the shm dir, of one job's slots on one node. '@' is in neither id's alphabet, so no
+    two (job, node) pairs share it; with '-' they did (job 'a-b' on node 'c', job 'a' on node 'b-c')."""
+    return f"snapguard-{check_name('job', job)}@{check_name('node', node)}"
+
+
 def ensure_private_dir(path: str) -> str:
-    """Create `path` with mode 0700, or check that an existing one is ours and private."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    st = os.stat(path)
-    if st.st_uid != os.getuid():
-        raise ConfigError(f"{path} belongs to uid {st.st_uid}, not to us (uid {os.getuid()}): choose another directory")
-    if st.st_mode & 0o077:
-        os.chmod(path, 0o700)
+    """Create `path` with mode 0700, or check that an existing one is a real directory of ours that no one else can
+    write, and take away others' right to read it.
+
+    A symlink is refused, never followed: in a directory everyone may write (/dev/shm, /tmp), another user can
+    plant one at our name pointing at a directory of ours, which we would chmod, fill and empty. A directory
+    others could write is refused too: they may have planted files (or symlinks) in it before we came."""
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise ConfigError(f"{path} is a symlink or not a directory, so it may not be ours: refusing to use it;"
+                              " remove it, or choose another directory") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.getuid():
+            raise ConfigError(f"{path} belongs to uid {st.st_uid}, not to us (uid {os.getuid()}): choose another"
+                              " directory")
+        if st.st_mode & 0o022:
+            raise ConfigError(f"{path} is writable by others (mode {stat.S_IMODE(st.st_mode):o}), so what is in it"
+                              " may not be ours: refusing to use it; remove it, or choose another directory")
+        if st.st_mode & 0o077:
+            os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
     return path

@@ -21,6 +21,7 @@ from snapguard.errors import ProtocolError
 VERSION = 1
 MAX_HEADER_BYTES = 16 << 20  # manifests of models with many tensors fit comfortably
 MAX_FRAMES = 16
+MAX_WORLD_SIZE = 1 << 24  # ranks in one job: far beyond any real one, small enough to loop over
 
 _REGISTRY: dict[str, type["Message"]] = {}
 
@@ -44,6 +45,20 @@ def _nonneg(msg: Message, *names: str) -> None:
             raise ProtocolError(f"{msg.TYPE}.{n} must be >= 0, got {getattr(msg, n)}")
 
 
+def _in_world(msg: Message) -> None:
+    """`rank` and, where the message has it, `world_size` name a rank of a job of a sane size: the daemon loops
+    over the ranks of a job."""
+    world = getattr(msg, "world_size", None)
+    if world is None:
+        if not 0 <= msg.rank < MAX_WORLD_SIZE:
+            raise ProtocolError(f"{msg.TYPE}.rank must be in 0..{MAX_WORLD_SIZE - 1}, got {msg.rank}")
+        return
+    if not 1 <= world <= MAX_WORLD_SIZE:
+        raise ProtocolError(f"{msg.TYPE}.world_size must be in 1..{MAX_WORLD_SIZE}, got {world}")
+    if not 0 <= msg.rank < world:
+        raise ProtocolError(f"{msg.TYPE}.rank {msg.rank} is outside world_size {world}")
+
+
 # ---- trainer -> daemon -------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -59,9 +74,8 @@ class Hello(Message):
     pid: int
 
     def check(self):
-        _nonneg(self, "rank", "pid")
-        if not 0 <= self.rank < self.world_size:
-            raise ProtocolError(f"Hello.rank {self.rank} is outside world_size {self.world_size}")
+        _nonneg(self, "pid")
+        _in_world(self)
 
 
 @dataclass(frozen=True)
@@ -73,7 +87,8 @@ class Reserve(Message):
     nbytes: int
 
     def check(self):
-        _nonneg(self, "rank", "nbytes")
+        _nonneg(self, "nbytes")
+        _in_world(self)
 
 
 @dataclass(frozen=True)
@@ -86,9 +101,8 @@ class Begin(Message):
     nbytes: int
 
     def check(self):
-        _nonneg(self, "rank", "step", "nbytes")
-        if not 0 <= self.rank < self.world_size:
-            raise ProtocolError(f"Begin.rank {self.rank} is outside world_size {self.world_size}")
+        _nonneg(self, "step", "nbytes")
+        _in_world(self)
 
 
 @dataclass(frozen=True)
@@ -100,7 +114,8 @@ class Seal(Message):
     manifest: dict
 
     def check(self):
-        _nonneg(self, "rank", "step", "slot")
+        _nonneg(self, "step", "slot")
+        _in_world(self)
 
 
 @dataclass(frozen=True)
@@ -113,7 +128,7 @@ class Inventory(Message):
     recheck: bool = True
 
     def check(self):
-        _nonneg(self, "rank")
+        _in_world(self)
 
 
 @dataclass(frozen=True)
@@ -126,7 +141,8 @@ class Open(Message):
     epoch: int = 0
 
     def check(self):
-        _nonneg(self, "rank", "step", "epoch")
+        _nonneg(self, "step", "epoch")
+        _in_world(self)
 
 
 @dataclass(frozen=True)
@@ -139,7 +155,8 @@ class Drop(Message):
     epoch: int = 0
 
     def check(self):
-        _nonneg(self, "rank", "epoch")
+        _nonneg(self, "epoch")
+        _in_world(self)
         if self.keep_upto < -1:
             raise ProtocolError(f"Drop.keep_upto must be >= -1, got {self.keep_upto}")
 
@@ -317,6 +334,18 @@ class PeerHeld(PeerMessage):
     held: list[list[int]]
     parity: list[list[int]]
     sending: int = -1
+
+    def check(self):
+        # shapes and signs here; codewords and positions against the receiver's EC plan in `Protector.note_peer`
+        for row in self.held:
+            if not row or not 0 <= row[0] < MAX_WORLD_SIZE or min(row) < 0:
+                raise ProtocolError(f"PeerHeld.held row {row[:8]} is not [rank, step, ...] with a rank in"
+                                    f" 0..{MAX_WORLD_SIZE - 1} and steps >= 0")
+        for row in self.parity:
+            if len(row) != 3 or min(row) < 0:
+                raise ProtocolError(f"PeerHeld.parity row {row[:8]} is not [codeword, position, step] of values >= 0")
+        if self.sending < -1:
+            raise ProtocolError(f"PeerHeld.sending must be >= -1, got {self.sending}")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from typing import Callable
 
 from snapguard.errors import ShmSpaceError
 
@@ -15,8 +16,10 @@ def free_bytes(directory: str) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def create_slot(path: str, nbytes: int) -> None:
-    """Create `path` (0600) holding `nbytes` of reserved memory, replacing what was there.
+def create_slot(path: str, nbytes: int, before_replace: Callable[[], None] | None = None) -> None:
+    """Create `path` (0600) holding `nbytes` of reserved memory, replacing what was there; `before_replace` runs
+    once the new file is reserved, just before it takes the old one's place (if the memory is not there, neither
+    happens).
 
     posix_fallocate reserves the space, so ENOSPC surfaces here as a clear error. On tmpfs it leaves the
     pages unwritten: the first mapping that touches them zeroes them, at a few percent of memcpy speed
@@ -38,6 +41,8 @@ def create_slot(path: str, nbytes: int) -> None:
         os.unlink(tmp)
         raise
     os.close(fd)
+    if before_replace is not None:
+        before_replace()
     os.replace(tmp, path)
 
 

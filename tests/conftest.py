@@ -22,7 +22,7 @@ import pytest
 
 from snapguard import protocol as P
 from snapguard.client import DaemonClient
-from snapguard.config import Endpoint
+from snapguard.config import Endpoint, slot_dir_name
 from snapguard.faults import ENV_FAULTS, fault_point
 from snapguard.procs import spawn_daemon
 
@@ -78,7 +78,7 @@ class Node:
     @property
     def table_dir(self) -> str:
         """Where the daemon keeps this job's slot files."""
-        return os.path.join(self.shm_dir, f"snapguard-{self.job}-{self.node}")
+        return os.path.join(self.shm_dir, slot_dir_name(self.job, self.node))
 
     @property
     def log_path(self) -> str:

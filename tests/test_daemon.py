@@ -28,6 +28,8 @@ import zmq
 import zmq.utils.monitor
 
 from snapguard import protocol as P
+from snapguard.client import DaemonClient
+from snapguard.config import Endpoint
 from snapguard.demo import state_digest
 from snapguard.errors import DaemonError, DaemonUnavailable, RestoreError, SnapGuardError
 from snapguard.layout import MANIFEST_VERSION, Manifest, TensorEntry, align, chunk_checksums
@@ -87,6 +89,44 @@ def seal_raw(node: Node, rank: int, world: int, step: int, nbytes: int = 8192, s
     return g.slot
 
 
+_FAILING = """
+import importlib, os, sys
+from snapguard.daemon.__main__ import main
+trigger, targets = sys.argv[1], sys.argv[2]
+def failing(orig):
+    def method(*args, **kwargs):
+        if os.path.exists(trigger):
+            raise RuntimeError("injected failure")
+        return orig(*args, **kwargs)
+    return method
+for target in targets.split(","):
+    module, _, name = target.partition(":")
+    cls_name, meth = name.split(".")
+    cls = getattr(importlib.import_module(module), cls_name)
+    setattr(cls, meth, failing(getattr(cls, meth)))
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def spawn_failing_daemon(ep: Endpoint, shm_dir: str, extra: list[str], trigger: str, methods: list[str],
+                         log_path: str) -> subprocess.Popen:
+    """A real daemon whose `methods` ("module:Class.method") raise RuntimeError while the file `trigger` exists: a
+    bug, which no validation rules out, at a chosen place. Waits until it answers."""
+    cmd = [sys.executable, "-c", _FAILING, trigger, ",".join(methods), *daemon_command(ep, shm_dir, extra)[3:]]
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
+    c = DaemonClient(ep.address, who="waiting for a failing daemon")
+    try:
+        c.wait_ready(30)
+    except DaemonUnavailable:
+        proc.kill()
+        proc.wait(10)
+        raise
+    finally:
+        c.close()
+    return proc
+
+
 def files_of(node: Node) -> dict[str, bytes]:
     """Every byte of every file the daemon keeps in shared memory, by name."""
     out = {}
@@ -137,11 +177,13 @@ def train_and_snapshot(guard, model, opt, loop: dict, steps) -> dict[int, dict]:
 
 @pytest.fixture(scope="module")
 def busy():
-    """One daemon holding state for a two-rank job: rank 0 sealed steps 0 and 1, rank 1 sealed 0 and is writing 1."""
+    """One daemon holding state for a two-rank job: rank 0 sealed steps 0 and 1, rank 1 sealed 0 and is writing 1.
+    Rank 0's trainer (this process) said Hello."""
     run_dir, shm_dir = make_dirs("wire")
     n = Node(unique_id("wire"), "n0", run_dir, shm_dir)
     n.start()
     try:
+        assert isinstance(n.request(P.Hello(n.job, 0, 2, os.getpid())), P.Welcome)
         for step in (0, 1):
             seal_raw(n, 0, 2, step)
         seal_raw(n, 1, 2, 0)
@@ -222,6 +264,17 @@ def bad_requests(node: Node) -> dict[str, tuple[bytes, str, str]]:
         "seal-no-such-slot": (P.encode(P.Seal(job, 1, 1, 9, good_manifest(node, 1, 1))), "LayoutError", "no slot 9"),
         "seal-offset-past-end": (P.encode(P.Seal(job, 1, 1, 1, good_manifest(
             node, 1, 1, over={"entries": [["payload", "uint8", [8192], 64, 8192]]}))), "LayoutError", "runs past the shard end"),
+        # a world size other than the one rank 0's running trainer said: ranks would drop out of the common step
+        "reserve-rank-outside-world": (P.encode(P.Reserve(job, 1, 1, 8192)), "ProtocolError",
+                                       "Reserve.rank 1 is outside world_size 1"),
+        "reserve-smaller-world": (P.encode(P.Reserve(job, 0, 1, 8192)), "ProtocolError",
+                                  "rank 0 says world_size 1, but rank 0 of this job"),
+        "begin-larger-world": (P.encode(P.Begin(job, 1, 3, 2, 8192)), "ProtocolError",
+                               "rank 1 says world_size 3, but rank 0 of this job"),
+        "hello-other-world": (P.encode(P.Hello(job, 1, 4, os.getpid())), "ProtocolError", "still running) said 2"),
+        "world-of-4e7": (enc({**begin, "world_size": 40_000_000}), "ProtocolError", "Begin.world_size must be in 1.."),
+        "seal-manifest-other-world": (P.encode(P.Seal(job, 1, 1, 1, good_manifest(node, 1, 1, over={"world_size": 3}))),
+                                      "ProtocolError", "says world_size 3, the job's is 2"),
     }
 
 
@@ -502,6 +555,27 @@ def test_a_shutdown_that_keeps_memory_leaves_it_for_the_next_daemon(daemon):
     assert daemon.held() == {0: [0]}
 
 
+def test_a_daemon_that_dies_of_an_unexpected_error_leaves_its_sealed_slots_to_the_next(node):
+    """Only a clean shutdown deletes the slots: a daemon that stops on a bug keeps them, and the next one re-adopts
+    them. (Deleting them on the way out turned any crash into the loss of every snapshot of the node.)"""
+    trigger = os.path.join(node.run_dir, "fail")
+    node.proc = spawn_failing_daemon(node.ep, node.shm_dir, [], trigger, ["snapguard.daemon.server:Daemon._handle"],
+                                     node.log_path)
+    for step in (0, 1):
+        seal_raw(node, 0, 1, step)
+    before = files_of(node)
+    open(trigger, "w").close()
+    with pytest.raises(DaemonUnavailable):
+        node.request(P.Ping(), timeout_s=5.0)
+    assert node.proc.wait(30) != 0
+    assert files_of(node) == before
+    assert "stops on an unexpected error; its sealed slots stay" in node.log()
+    node.close()
+    os.unlink(trigger)
+    node.start()
+    assert node.held() == {0: [0, 1]}
+
+
 def test_files_are_private(node):
     os.chmod(node.run_dir, 0o755)  # the daemon tightens a run dir that others could read
     node.start()
@@ -626,3 +700,115 @@ def test_a_rank_of_a_multi_node_job_whose_daemon_has_no_peers_gets_an_error_that
     finally:
         with contextlib.suppress(SnapGuardError):
             g.close()
+
+
+# ---- the job's world size ------------------------------------------------------------------------
+
+def test_a_job_restarts_with_another_world_size_once_its_old_trainers_are_gone(daemon):
+    """While a trainer of the two-rank job runs, a request that says the job has one rank is refused (rank 1 would
+    drop out of the common step, and rank 0 could overwrite a step rank 1 still needs). An elastic restart with one
+    rank, after the old trainers have exited, is served: Hello, restore, train on."""
+    old = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]) for _ in range(2)]
+    try:
+        for rank, p in enumerate(old):
+            assert isinstance(daemon.request(P.Hello(daemon.job, rank, 2, p.pid)), P.Welcome)
+        for step in (0, 1):
+            for rank in (0, 1):
+                seal_raw(daemon, rank, 2, step)
+        with pytest.raises(DaemonError, match=r"rank 0 says world_size 1, but rank 1 of this job \(pid \d+, still"
+                                              r" running\) said 2"):
+            daemon.request(P.Hello(daemon.job, 0, 1, os.getpid()))
+        with pytest.raises(DaemonError, match="rank 0 says world_size 1, but rank 0 of this job"):
+            daemon.request(P.Begin(daemon.job, 0, 1, 2, 8192))
+        assert daemon.status().common == 1 and daemon.held() == {0: [0, 1], 1: [0, 1]}
+    finally:
+        for p in old:
+            p.kill()
+            p.wait(10)
+    assert isinstance(daemon.request(P.Hello(daemon.job, 0, 1, os.getpid())), P.Welcome)
+    assert daemon.request(P.Inventory(daemon.job, 0)).steps == [0, 1]
+    assert isinstance(daemon.request(P.Open(daemon.job, 0, 1, epoch=5)), P.Shard)
+    seal_raw(daemon, 0, 1, 2)
+    assert daemon.status().common == 2
+
+
+def test_a_rank_of_the_largest_world_waits_without_the_daemon_listing_every_rank(daemon):
+    """A Wait reply costs the same in a world of 2**24 ranks (the most a message may name) as in one of two."""
+    world = 1 << 24
+    for step in (0, 1):
+        seal_raw(daemon, 0, world, step)
+    t0 = time.monotonic()
+    for _ in range(3):
+        assert isinstance(daemon.request(P.Begin(daemon.job, 0, world, 2, 8192)), P.Wait)
+    assert time.monotonic() - t0 < 2.0
+    assert "waits for ranks [1, 2, 3, 4, 5, 6, 7, 8]... to seal step" in daemon.log()
+
+
+# ---- the files around the daemon: planted symlinks, a lock file unlinked under a starter, refused memory ------
+
+@pytest.mark.parametrize("where", ["shm", "run"])
+def test_a_symlink_planted_at_a_daemon_directory_stops_it_and_touches_nothing(node, where):
+    """/dev/shm and /tmp are everyone's: another user may plant the name of a daemon's directory as a symlink to
+    a directory of ours. The daemon must refuse it, never chmod the target or delete files in it."""
+    victim = tempfile.mkdtemp(prefix="sg-victim-", dir="/tmp")
+    try:
+        os.chmod(victim, 0o755)
+        for name in ("precious.txt", "r00000.s0.data.new"):
+            with open(os.path.join(victim, name), "w") as f:
+                f.write("keep me")
+        ep = node.ep
+        if where == "shm":
+            os.symlink(victim, node.table_dir)
+        else:
+            ep = Endpoint(node.job, node.node, os.path.join(node.run_dir, "planted"))
+            os.symlink(victim, ep.run_dir)
+        r = subprocess.run(daemon_command(ep, node.shm_dir), capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2 and "is a symlink or not a directory" in r.stderr, r.stderr
+        assert mode(victim) == 0o755 and sorted(os.listdir(victim)) == ["precious.txt", "r00000.s0.data.new"]
+    finally:
+        shutil.rmtree(victim, ignore_errors=True)
+
+
+def test_a_begin_refused_for_lack_of_memory_changes_nothing(node):
+    """A rank's state can grow after its first snapshots (an optimizer creates its state lazily): a Begin that
+    asks for more memory than there is gets an error, and every sealed step stays as it was."""
+    node.start(["--shm-limit", "1M"])
+    for step in (0, 1):
+        seal_raw(node, 0, 1, step)
+    before = (observable(node), files_of(node))
+    with pytest.raises(DaemonError, match=r"refused Begin: \[ShmSpaceError\] rank 0: 1 snapshot slot\(s\) of 2.0 MiB"):
+        node.request(P.Begin(node.job, 0, 1, 2, 2 << 20))
+    assert node.request(P.Inventory(node.job, 0)) == P.Steps([0, 1], [])
+    assert (observable(node), files_of(node)) == before
+
+
+def test_a_starter_that_locked_an_unlinked_lock_file_locks_the_new_one(node, monkeypatch):
+    """A daemon unlinks its lock file as it exits. A starter that opened the file just before gets the lock on
+    it once it is free, while the next starter creates and locks a new file: unless the first one checks that
+    its file is still the one at the path, two daemons serve one job and node."""
+    import fcntl
+
+    from snapguard.daemon.server import Daemon, DaemonConfig
+
+    node.start()
+    real_flock, raced = fcntl.flock, []
+
+    def flock_once_the_old_daemon_is_gone(fd, op):
+        if not raced:  # between this starter's open and its flock, the daemon holding the lock exits
+            raced.append(fd)
+            assert isinstance(node.request(P.Shutdown(remove=True)), P.Ok)
+            assert node.proc.wait(15) == 0
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock_once_the_old_daemon_is_gone)
+    d = Daemon(DaemonConfig(node.job, node.node, node.run_dir, node.shm_dir))
+    try:
+        d.start()
+        monkeypatch.undo()
+        assert raced and os.path.exists(node.ep.lock_path)
+        assert os.path.samestat(os.fstat(d._lock_fd), os.stat(node.ep.lock_path))
+        r = subprocess.run(daemon_command(node.ep, node.shm_dir), capture_output=True, text=True, timeout=30)
+        assert r.returncode == 3 and f"another daemon (pid {os.getpid()}) already serves" in r.stderr, r.stderr
+    finally:
+        d.close()
+    assert not os.path.exists(node.ep.lock_path) and not os.path.exists(node.table_dir)

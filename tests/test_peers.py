@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import torch
 import xxhash
+import zmq
+import zmq.utils.monitor
 
 from snapguard import protocol as P
 from snapguard.client import DaemonClient
@@ -31,20 +33,26 @@ from snapguard.errors import SnapGuardError
 from snapguard.guard import Guard
 from snapguard.procs import spawn_daemon
 
-from conftest import flip_bits, wait_until
+from conftest import Node, flip_bits, wait_until
+from test_daemon import seal_raw, spawn_failing_daemon
 
 SECRET = secrets.token_hex(16)
 
 
 @contextlib.contextmanager
-def _pair(tmp_path, extra: tuple[str, ...] = ()):
+def _pair(tmp_path, extra: tuple[str, ...] = (), failing: tuple[str, list[str]] | None = None):
+    """Daemon a, and node b played by this test; `failing`: (trigger, methods) as for `spawn_failing_daemon`."""
     ep = Endpoint(f"auth{os.getpid()}", "a", str(tmp_path / "run"))
     pa, pb = free_port(), free_port()
     shm = f"/dev/shm/snapguard-peers-{secrets.token_hex(4)}"
     os.makedirs(shm, mode=0o700)
     os.environ["SNAPGUARD_SECRET"] = SECRET
-    proc = spawn_daemon(ep, shm, ["--peer-bind", f"tcp://127.0.0.1:{pa}", "--peer", f"b=tcp://127.0.0.1:{pb}",
-                                  "--ec-group", "a,b", "--ec-m", "1", *extra], log_path=str(tmp_path / "daemon.log"))
+    args = ["--peer-bind", f"tcp://127.0.0.1:{pa}", "--peer", f"b=tcp://127.0.0.1:{pb}", "--ec-group", "a,b",
+            "--ec-m", "1", *extra]
+    if failing is None:
+        proc = spawn_daemon(ep, shm, args, log_path=str(tmp_path / "daemon.log"))
+    else:
+        proc = spawn_failing_daemon(ep, shm, args, *failing, log_path=str(tmp_path / "daemon.log"))
     net = PeerNet(ep.job, "b", SECRET.encode(), f"tcp://127.0.0.1:{pb}", {"a": f"tcp://127.0.0.1:{pa}"})
     client = DaemonClient(ep.address, timeout_s=10)
     try:
@@ -175,6 +183,116 @@ def test_a_chunk_in_pieces_completes_parity_once_every_piece_is_in(pair):
     assert bulk[0] == data, "parity of k=1 is the chunk itself"
     text = log.read_text()
     assert "does not fit a chunk" in text and "duplicate chunk of step 1" in text
+
+
+def held_frames(net: PeerNet, **fields) -> list:
+    """The frames of a PeerHeld from b, authenticated, whatever its fields hold."""
+    return seal_frames(net.secret, bytes(8), P.PeerHeld(**net.header(), **{"held": [], "parity": [], **fields}))
+
+
+def chunk_frames(net: PeerNet, data: bytes, **fields) -> list:
+    """The frames of a PeerChunk of b's step 4 for codeword 0 carrying `data`, authenticated, with `fields` changed."""
+    fields = {"step": 4, "codeword": 0, "position": 0, "chunk_len": len(data), "checksum": xxhash.xxh3_64_intdigest(data),
+              "blob": {"nbytes": len(data), "ranks": []}, **fields}
+    return seal_frames(net.secret, bytes(8), P.PeerChunk(**net.header(), **fields), [data])
+
+
+def test_malformed_peer_messages_are_refused_counted_and_never_kept(pair):
+    """Authenticated messages that do not fit this node's plan: rows of the wrong shape, codewords and positions out
+    of range, parity that only a peer started with another --ec-group or --ec-m would report, a chunk longer than
+    any memory. Each is refused and counted, nothing of it is kept (not even its good rows), and the daemon serves
+    on with its snapshots. (Any one of them used to stop the daemon, which then deleted every slot of the node.)"""
+    ep, net, client, log = pair
+    a = Node(ep.job, "a", ep.run_dir, "")
+    try:
+        seal_raw(a, 0, 1, 0)
+        dealer = net._dealer("a")
+        data = np.random.default_rng(5).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+        dealer.send_multipart(seal_frames(net.secret, bytes(8), chunk(net, 3, data), [data]))
+        assert wait_parity(client, [[0, 1, 3]]).parity == [[0, 1, 3]]
+
+        attacks = [
+            ("a held row without a rank", held_frames(net, held=[[]])),
+            ("a negative rank", held_frames(net, held=[[-1, 0]])),
+            ("a parity row of two values", held_frames(net, parity=[[1, 1]])),
+            ("codeword 99", held_frames(net, parity=[[99, 1, 3]])),
+            ("a negative codeword", held_frames(net, parity=[[-1, 1, 3]])),
+            ("a position past the group", held_frames(net, parity=[[1, 5, 3]])),
+            ("a data position", held_frames(net, parity=[[1, 0, 3]])),
+            ("parity a holds, as from a peer with another group", held_frames(net, parity=[[0, 1, 3]])),
+            ("a bad row behind a good one", held_frames(net, parity=[[1, 1, 3], [99, 1, 3]])),
+            ("sending below -1", held_frames(net, sending=-5)),
+            ("a chunk of codeword 99", chunk_frames(net, data, codeword=99)),
+            ("a chunk longer than memory", chunk_frames(net, bytes(PIECE), chunk_len=1 << 50,
+                                                        blob={"nbytes": 1 << 50, "ranks": []})),
+            ("a malformed blob layout", chunk_frames(net, data, blob={"nbytes": len(data), "ranks": [[0]]})),
+        ]
+        for i, (what, frames) in enumerate(attacks, start=1):
+            dealer.send_multipart(frames)
+            st = status_after(client, i)
+            assert st.rejected == i, f"{what}: not rejected"
+            assert st.parity == [[0, 1, 3]] and st.protected == -1, f"{what}: parity {st.parity}, protected {st.protected}"
+        assert a.held() == {0: [0]}
+        text = log.read_text()
+        assert "is not [rank, step, ...]" in text and "is not [codeword, position, step]" in text
+        assert "are the daemons of the group started alike?" in text
+        assert "more than this machine's memory" in text and "blob layout is malformed" in text
+        # b's parity of step 3, reported alone, counts: the refused message's good row was not kept before
+        dealer.send_multipart(held_frames(net, parity=[[1, 1, 3]]))
+        wait_until(lambda: client.request(P.Status()).protected == 3, 10, "step 3 to be protected")
+    finally:
+        a.close()
+
+
+def test_a_bug_handling_a_peer_message_or_a_heartbeat_is_logged_and_the_daemon_serves_on(tmp_path):
+    """Defence in depth: an unexpected exception while a handles b's PeerHeld, or sends its own heartbeat, is logged
+    with the message type; a keeps serving and keeps its snapshots."""
+    trigger = tmp_path / "fail"
+    methods = ["snapguard.daemon.protect:Protector.note_peer", "snapguard.daemon.peers:PeerNet.send"]
+    with _pair(tmp_path, failing=(str(trigger), methods)) as (ep, net, client, log):
+        a = Node(ep.job, "a", ep.run_dir, "")
+        try:
+            seal_raw(a, 0, 1, 0)
+            trigger.touch()
+            dealer = net._dealer("a")
+            dealer.send_multipart(held_frames(net, parity=[[1, 1, 0]]))
+            assert status_after(client, 1).rejected == 1
+            wait_until(lambda: "internal error sending PeerHeld (heartbeat)" in log.read_text(), 10, "a heartbeat")
+            text = log.read_text()
+            assert "internal error handling PeerHeld from b" in text and "RuntimeError: injected failure" in text
+            trigger.unlink()
+            data = np.random.default_rng(6).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+            dealer.send_multipart(seal_frames(net.secret, bytes(8), chunk(net, 3, data), [data]))
+            assert wait_parity(client, [[0, 1, 3]]).parity == [[0, 1, 3]]
+            assert a.held() == {0: [0]}
+        finally:
+            a.close()
+
+
+def test_a_frame_over_the_peer_limit_closes_that_connection_unread(pair):
+    """ZeroMQ holds a whole frame before its MAC can be checked: anyone reaching the peer port could make the daemon
+    buffer 16 GiB. A frame larger than any a peer sends (a piece of a chunk, or a header) closes the connection."""
+    ep, net, client, _ = pair
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    try:
+        sock.connect(net.peers["a"])
+        sock.send_multipart([bytes(8), bytes(PIECE + P.MAX_HEADER_BYTES + (1 << 16) + 1)])
+        assert monitor.poll(20_000), "a should close the connection that sent an over-limit frame"
+        assert zmq.utils.monitor.recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
+    finally:
+        sock.disable_monitor()
+        monitor.close(0)
+        sock.close(0)
+    # b's messages, a piece of PIECE bytes among them, are still taken
+    n = PIECE + 1000
+    data = np.random.default_rng(7).integers(0, 256, n, dtype=np.uint8).tobytes()
+    dealer = net._dealer("a")
+    for off in (0, PIECE):
+        dealer.send_multipart(piece(net, 1, data, off))
+    st = wait_parity(client, [[0, 1, 1]])
+    assert st.parity == [[0, 1, 1]] and st.rejected == 0
 
 
 def _chunks_received(net: PeerNet, until_step: int, timeout_s: float = 10.0) -> dict[int, tuple[int, bytes]]:
@@ -460,3 +578,24 @@ def test_ranks_that_disagree_on_a_failed_rebuild_all_restore_the_same_older_step
             assert "step 2 cannot be rebuilt" in log.read_text()
         finally:
             holder.close()
+
+
+def test_a_secret_file_that_is_missing_short_or_readable_by_others_stops_the_daemon_with_a_clear_error(tmp_path):
+    def daemon_with(secret_file: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "snapguard.daemon", "--job", "sec", "--node", "n0",
+                               "--run-dir", str(tmp_path / "run"), "--shm-dir", str(tmp_path / "shm"),
+                               "--peer-bind", f"tcp://127.0.0.1:{free_port()}", "--secret-file", secret_file],
+                              capture_output=True, text=True, timeout=60)
+
+    path = tmp_path / "secret"
+    proc = daemon_with(str(path))
+    assert proc.returncode == 2 and "cannot read the secret file" in proc.stderr, proc.stderr[-2000:]
+    path.write_bytes(secrets.token_hex(16).encode())
+    path.chmod(0o644)
+    proc = daemon_with(str(path))
+    assert proc.returncode == 2 and "chmod 600" in proc.stderr, proc.stderr[-2000:]
+    path.chmod(0o600)
+    path.write_bytes(b"short")
+    proc = daemon_with(str(path))
+    assert proc.returncode == 2 and "at least 16 bytes" in proc.stderr, proc.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "shm") or not os.listdir(tmp_path / "shm")

@@ -130,3 +130,44 @@ def test_every_registered_field_type_has_a_validator():
                 P._check(None, t, f"{cls.TYPE}.{name}")
             except ProtocolError as e:
                 assert "no validator" not in str(e), e
+
+
+RESERVE = fields_of(P.Reserve("job", 0, 4, 4096))
+HELD = fields_of(P.PeerHeld("job", "b", 1, 1, held=[[0, 3, 4]], parity=[[1, 1, 3]]))
+
+
+@pytest.mark.parametrize(("frame", "match"), [
+    pytest.param(raw({**RESERVE, "world_size": 0}), "Reserve.world_size must be in 1..16777216, got 0", id="world-0"),
+    pytest.param(raw({**RESERVE, "rank": 4}), "Reserve.rank 4 is outside world_size 4", id="reserve-rank-outside"),
+    pytest.param(raw({**RESERVE, "rank": -1}), "Reserve.rank -1 is outside world_size 4", id="reserve-rank-negative"),
+    pytest.param(raw({**BEGIN, "world_size": 40_000_000}), "Begin.world_size must be in 1..16777216, got 40000000",
+                 id="world-4e7"),
+    pytest.param(raw({**BEGIN, "world_size": -3}), "Begin.world_size must be in 1", id="world-negative"),
+    pytest.param(raw({**fields_of(P.Hello("job", 0, 2, 1)), "world_size": (1 << 24) + 1}),
+                 "Hello.world_size must be in 1", id="hello-world-over-max"),
+    pytest.param(raw({**fields_of(P.Seal("job", 0, 1, 0, {})), "rank": 1 << 40}), "Seal.rank must be in 0..16777215",
+                 id="seal-rank-huge"),
+    pytest.param(raw({**fields_of(P.Open("job", 0, 1)), "rank": -1}), "Open.rank must be in 0..16777215, got -1",
+                 id="open-rank-negative"),
+])
+def test_world_size_and_rank_are_bounded(frame, match):
+    """The daemon loops over a job's ranks: a world of 4e7 ranks, or a rank outside its world, never reaches it."""
+    with pytest.raises(ProtocolError, match=match):
+        P.decode(frame)
+
+
+@pytest.mark.parametrize(("over", "match"), [
+    ({"held": [[]]}, r"PeerHeld.held row \[\] is not \[rank, step, ...\]"),
+    ({"held": [[0, 3], [-1, 3]]}, r"PeerHeld.held row \[-1, 3\]"),
+    ({"held": [[0, -3]]}, r"PeerHeld.held row \[0, -3\]"),
+    ({"held": [[1 << 24, 3]]}, "PeerHeld.held row"),
+    ({"parity": [[1, 1]]}, r"PeerHeld.parity row \[1, 1\] is not \[codeword, position, step\]"),
+    ({"parity": [[1, 1, 3, 4]]}, "PeerHeld.parity row"),
+    ({"parity": [[-1, 1, 3]]}, r"PeerHeld.parity row \[-1, 1, 3\]"),
+    ({"parity": [[1, 1, 3], [1, -1, 3]]}, r"PeerHeld.parity row \[1, -1, 3\]"),
+    ({"sending": -2}, "PeerHeld.sending must be >= -1, got -2"),
+])
+def test_peer_held_rows_are_checked_on_decoding(over, match):
+    assert P.decode(raw(HELD)).held == [[0, 3, 4]]
+    with pytest.raises(ProtocolError, match=match):
+        P.decode(raw({**HELD, **over}))

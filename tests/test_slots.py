@@ -14,7 +14,7 @@ import msgpack
 import pytest
 
 from snapguard.daemon.slots import FREE, SEALED, WRITING, SlotTable, common_step, plan_begin
-from snapguard.errors import ChecksumError, LayoutError, ShmSpaceError
+from snapguard.errors import ChecksumError, ConfigError, LayoutError, ShmSpaceError
 from snapguard.layout import MANIFEST_VERSION, Manifest, TensorEntry, chunk_checksums
 
 from conftest import SHM_ROOT, unique_id
@@ -348,3 +348,111 @@ def test_chunks_on_their_way_are_read_out_before_their_slot_is_handed_out(table)
 
     assert sent(read_all_first=True)[:len(data)] == data
     assert sent(read_all_first=False)[:len(data)] != data, "the tail was read after the slot was overwritten"
+
+
+# ---- what lies in the shared, world-writable directory -------------------------------------------
+
+@pytest.fixture
+def victim():
+    """A directory of ours that another user would like us to chmod and empty: 0755, holding files."""
+    d = tempfile.mkdtemp(prefix=f"sgvictim-{os.getpid()}-", dir="/tmp")
+    os.chmod(d, 0o755)
+    for name in ("precious.txt", "r00000.s0.data", "r00000.s0.data.new"):
+        with open(os.path.join(d, name), "w") as f:
+            f.write("keep me")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_symlink_planted_at_the_slot_directory_is_refused_and_its_target_left_alone(table, victim):
+    os.symlink(victim, table.dir)  # another user may do this in /dev/shm before the daemon starts
+    for call in (table.adopt, lambda: table.reserve(0, 4096), lambda: table.set_epoch(3)):
+        with pytest.raises(ConfigError, match="is a symlink or not a directory"):
+            call()
+    table.remove_all()
+    assert os.path.islink(table.dir)
+    assert mode(victim) == 0o755 and sorted(os.listdir(victim)) == ["precious.txt", "r00000.s0.data",
+                                                                      "r00000.s0.data.new"]
+
+
+@pytest.mark.parametrize("what", ["file", "open-dir"])
+def test_a_slot_directory_that_is_not_a_private_directory_is_refused(table, what):
+    if what == "file":
+        open(table.dir, "w").close()
+        match = "is a symlink or not a directory"
+    else:  # others could have planted files in it before we came
+        os.mkdir(table.dir)
+        os.chmod(table.dir, 0o777)
+        match = "is writable by others"
+    with pytest.raises(ConfigError, match=match):
+        table.adopt()
+
+
+def test_remove_all_deletes_only_the_files_a_table_writes(table, caplog):
+    write_and_seal(table, 0, 0)
+    table.set_epoch(7)
+    ours = os.path.join(table.dir, "r00000.s1.manifest.new")
+    open(ours, "wb").close()
+    foreign = os.path.join(table.dir, "notes.txt")
+    open(foreign, "w").close()
+    with caplog.at_level(logging.WARNING, logger="snapguard.daemon.slots"):
+        table.remove_all()
+    assert os.listdir(table.dir) == ["notes.txt"]
+    assert "holds files snapguard did not write (notes.txt)" in caplog.text
+
+
+@pytest.mark.parametrize("how", ["limit", "fallocate"])
+def test_a_begin_refused_for_lack_of_memory_keeps_every_sealed_step(shm_dir, monkeypatch, how):
+    """The optimizer creates its state on the first step, so a rank's second Begin may ask for far more memory.
+    If that is not there, the refusal must leave the sealed steps as they were."""
+    t = SlotTable(unique_id("space"), "n0", shm_dir, shm_limit=1 << 20 if how == "limit" else None)
+    for step in (0, 1):
+        write_and_seal(t, 0, step)
+    if how == "fallocate":  # the free-space check passes, then the memory is gone (another job took it)
+        def no_space(fd, offset, length):
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(os, "posix_fallocate", no_space)
+
+    def files():
+        return {name: open(os.path.join(t.dir, name), "rb").read() for name in sorted(os.listdir(t.dir))}
+
+    before = files()
+    with pytest.raises(ShmSpaceError):
+        t.begin(0, 2, 2 << 20)
+    assert t.held() == {0: [0, 1]} and [s.state for s in t.ranks[0]] == [SEALED, SEALED]
+    assert files() == before, "not one file may change"
+    again = SlotTable(t.job, t.node, shm_dir)
+    again.adopt()
+    assert again.held() == {0: [0, 1]}
+    monkeypatch.undo()
+    assert t.begin(0, 2, 4096).action == "grant"  # what fits is still granted
+
+
+def test_job_and_node_ids_never_share_a_slot_directory(shm_dir):
+    """With '-' between them, job 'a-b' on node 'c' and job 'a' on node 'b-c' used one directory: their daemons
+    (with different sockets and locks) overwrote each other's slots."""
+    a, b = SlotTable("a-b", "c", shm_dir), SlotTable("a", "b-c", shm_dir)
+    assert a.dir != b.dir
+    write_and_seal(a, 0, 0)
+    b.adopt()
+    assert b.held() == {} and a.held() == {0: [0]}
+    with pytest.raises(ConfigError, match="node id 'x@y' is not valid"):
+        SlotTable("a", "x@y", shm_dir)
+
+
+def test_adopt_refuses_a_manifest_of_another_job_or_rank(table, shm_dir, caplog):
+    for step in (0, 1):
+        write_and_seal(table, 0, step)
+    s0, s1 = table.ranks[0]
+    with open(s0.manifest_path, "rb") as f:
+        wire = msgpack.unpackb(f.read(), raw=False)
+    with open(s0.manifest_path, "wb") as f:
+        f.write(msgpack.packb({**wire, "job": "other"}, use_bin_type=True))
+    for suffix in (".data", ".manifest"):  # rank 0's shard, under rank 1's name
+        os.rename(s1.path[:-len(".data")] + suffix, os.path.join(table.dir, "r00001.s1" + suffix))
+    again = SlotTable(table.job, table.node, shm_dir)
+    with caplog.at_level(logging.WARNING, logger="snapguard.daemon.slots"):
+        again.adopt()
+    assert again.held() == {0: [], 1: []}
+    assert f"its manifest names job 'other' rank 0, the file is job {table.job!r} rank 0's" in caplog.text
+    assert f"its manifest names job {table.job!r} rank 0, the file is job {table.job!r} rank 1's" in caplog.text
