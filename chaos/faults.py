@@ -9,6 +9,7 @@ with a clear error) and which evidence in the logs shows that the fault was noti
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 import random
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import msgpack
 
 from snapguard.config import slot_dir_name
+from snapguard.demo import MAX_STEPS_LOST
 from snapguard.errors import ConfigError, SnapGuardError
 
 if TYPE_CHECKING:  # the harness: cluster, proxy, log offsets
@@ -69,6 +71,12 @@ class Fault:
     def remark(self, run: "Run", rec: "FaultRecord") -> str:
         """Anything the report should say about how the fault played out, besides its outcome."""
         return ""
+
+    def max_steps_lost(self, run: "Run") -> int | None:
+        """How many of the steps trained before this fault a restart may have to train again: the step whose
+        snapshot was in flight, and one more (a step some rank had sealed past the newest one every rank
+        holds, or a newest step found corrupt). More means state was lost. None: no bound in steps."""
+        return MAX_STEPS_LOST
 
     def settle(self, run: "Run") -> None:
         """Called when the fault has played out (recovery or the end of the run): undo what the harness set up."""
@@ -184,6 +192,9 @@ class LoseNode(Fault):
     def detect(self, run: "Run", since: dict[str, int]) -> list[str]:
         return [f"restore: {h}" for h in _grep(run, since, "daemon", "rebuilt step")][:2]
 
+    def max_steps_lost(self, run: "Run") -> int | None:
+        return _node_loss_bound(run)
+
 
 class CorruptSlot(Fault):
     """SIGKILL a rank, then flip bytes in its newest sealed slot in shared memory (bit rot, a stray write),
@@ -250,6 +261,14 @@ class CorruptSlot(Fault):
             return False
         lines = _grep(run, rec.offsets, "worker", f"restored step {rec.restored_step} in")
         return bool(lines) and not any("corrupt" in line for line in lines)
+
+
+def _node_loss_bound(run: "Run") -> int | None:
+    """A lost node is rebuilt to the newest step its group protected. With two slots per rank, a rank never
+    seals more than one step past that one, so the bound of every other fault holds. With three (the daemon's
+    default under erasure coding) a rank may keep overwriting the step being protected while the protected one
+    stays put, so the steps lost are bounded in time, not in steps."""
+    return MAX_STEPS_LOST if run.conf.slots_per_rank == 2 else None
 
 
 def _sealed_steps(directory: str, rank: int) -> dict[int, str]:
@@ -364,6 +383,9 @@ class FillShm(Fault):
                 d.wait(10)
             run.say(f"freed /dev/shm on {node}: its daemon restarts without the limit")
 
+    def max_steps_lost(self, run: "Run") -> int | None:
+        return _node_loss_bound(run)
+
     def detect(self, run: "Run", since: dict[str, int]) -> list[str]:
         hits = _grep(run, since, "worker", "ShmSpaceError")
         return [f"daemon: refused the slots with a clear ShmSpaceError ({hits[0].split(': ', 1)[0]})"] if hits else []
@@ -413,6 +435,12 @@ def check_params(kind: str, params: dict, conf: Any, where: str) -> None:
         raise ConfigError(f"{where}: rank {params['rank']} is outside 0..{world - 1}")
     if "node" in params and params["node"] not in names:
         raise ConfigError(f"{where}: node {params['node']!r} is not one of {names}")
+    if "node" in params and "rank" in params and params["rank"] // conf.ranks_per_node != names.index(params["node"]):
+        raise ConfigError(f"{where}: rank {params['rank']} is not on {params['node']}"
+                          f" (ranks {conf.ranks_per_node}*i .. {conf.ranks_per_node}*i+{conf.ranks_per_node - 1} are on node<i>)")
+    if "link" in params and not any(fnmatch.fnmatch(f"{a}->{b}", params["link"]) for a in names for b in names if a != b):
+        raise ConfigError(f"{where}: link {params['link']!r} matches no daemon-to-daemon link (named like"
+                          f" \"node0->node1\"; shell patterns such as \"node0->*\" work)")
     if "phase" in params and params["phase"] not in PHASES:
         raise ConfigError(f"{where}: phase {params['phase']!r} is not one of {sorted(PHASES)}")
     if "nodes" in params and (not set(params["nodes"]) <= set(names) or len(params["nodes"]) <= conf.m):

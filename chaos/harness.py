@@ -8,7 +8,9 @@
    fault has played out.
 3. The verdict: every loss the run logged (in every attempt) and every byte of the final model and
    optimizer state equal the reference; each fault was noticed by the part that should notice it and
-   recovered from; a fault no code can survive ended the job with the clear error it must.
+   recovered from, its restart losing no more than the steps whose snapshots were in flight (a job that
+   starts again from scratch reproduces the reference too, so this is checked apart); a fault no code
+   can survive ended the job with the clear error it must.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Callable
 
 from snapguard.cluster import Cluster, ClusterSpec
 from snapguard.demo import compare, read_losses
-from snapguard.errors import SnapGuardError
+from snapguard.errors import ConfigError, SnapGuardError
 
 from snapguard.chaos.faults import KINDS, Fault, Injected
 from snapguard.chaos.proxy import PeerProxy
@@ -195,6 +197,8 @@ class Run:
         offsets = self.log_offsets()
         try:
             done: Injected = self.faults[self.next].inject(self, self.rnd)
+        except ConfigError:
+            raise  # a fault that can never be injected as written: waiting for it would only run out the clock
         except SnapGuardError as e:
             self._inject_tries += 1
             if self._inject_tries % 20 == 1:
@@ -345,6 +349,14 @@ class Run:
                 rec.ok, rec.outcome = False, f"FAIL: not detected by the {needs}"
             elif rec.restarted and not later:
                 rec.ok, rec.outcome = False, "FAIL: the job never trained again"
+            elif rec.restored_step is not None and rec.restored_step < 0 and (rec.step or 0) >= 1:
+                # every rank had logged step 1, so every rank had sealed step 0: nothing may start from scratch
+                rec.ok, rec.outcome = False, (f"FAIL: the restart started from scratch after step {rec.steps_lost - 1}:"
+                                              " every snapshot was lost")
+            elif rec.steps_lost is not None and rec.steps_lost > (bound := f.max_steps_lost(self) or rec.steps_lost):
+                rec.ok, rec.outcome = False, (f"FAIL: {rec.steps_lost} steps lost: the restart restored step"
+                                              f" {rec.restored_step} after step {rec.restored_step + rec.steps_lost}"
+                                              f" (at most {bound} may be)")
             elif f.restart and not rec.restarted:
                 rec.ok, rec.outcome = False, "FAIL: no failure was seen (no restart)"
             else:

@@ -41,7 +41,7 @@ class ClusterConf:
     slots_per_rank: int | None = 2
     hang_timeout_s: float = 8.0  # torchrun-style: no new step for this long kills and restarts every rank
     timeout_s: float = 1200.0  # the whole protected run
-    max_restarts: int | None = None  # default: the number of faults + 3
+    max_restarts: int | None = None  # default: 2 x the number of faults + 3
     worker_args: tuple[str, ...] = ()  # e.g. ("--no-rng",): a deliberately broken restore
 
 
@@ -69,11 +69,27 @@ class Scenario:
                 "faults": [{"kind": f.kind, "at_step": f.at_step, **f.params} for f in self.faults]}
 
 
+# What TOML must give for each [cluster] key (a float may be written as an integer).
+_CLUSTER_TYPES: dict[str, type | tuple[type, ...]] = {
+    "nodes": int, "ranks_per_node": int, "m": int, "steps": int, "width": int, "layers": int,
+    "step_sleep": (int, float), "slots_per_rank": int, "hang_timeout_s": (int, float), "timeout_s": (int, float),
+    "max_restarts": int, "worker_args": list,
+}
+
+
 def _cluster_conf(d: dict, where: str) -> ClusterConf:
     known = {f.name: f for f in dataclasses.fields(ClusterConf)}
     unknown = sorted(set(d) - set(known))
     if unknown:
         raise ConfigError(f"{where}: unknown [cluster] key(s) {unknown}; known: {sorted(known)}")
+    for k, v in d.items():
+        want = _CLUSTER_TYPES[k]
+        ok = isinstance(v, want) and not isinstance(v, bool)
+        if k == "worker_args":
+            ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
+        if not ok:
+            what = {int: "an integer", list: "a list of strings"}.get(want, "a number")  # type: ignore[call-overload]
+            raise ConfigError(f"{where}: [cluster] {k} must be {what}, got {v!r}")
     d = dict(d)
     if "worker_args" in d:
         d["worker_args"] = tuple(d["worker_args"])
@@ -106,11 +122,13 @@ def from_dict(d: dict, name: str = "scenario", where: str = "scenario") -> Scena
 
 
 def load(path: str) -> Scenario:
-    with open(path, "rb") as f:
-        try:
+    try:
+        with open(path, "rb") as f:
             d = tomllib.load(f)
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read the scenario {path}: {e.strerror}") from None
     return from_dict(d, name=path.rsplit("/", 1)[-1].removesuffix(".toml"), where=path)
 
 

@@ -1,4 +1,4 @@
-"""`snapguard`: status of the node's daemons, the demo, and (later) the chaos harness."""
+"""`snapguard`: status of the node's daemons, the one-node demo, and the chaos harness."""
 
 from __future__ import annotations
 

@@ -100,6 +100,8 @@ def worker_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step-sleep", type=float, default=0.0, help="pause per step, to give faults room")
     ap.add_argument("--no-snapshot", action="store_true", help="the reference run: no snapguard at all")
     ap.add_argument("--no-rng", action="store_true", help="snapshot without RNG state (a broken restore, for tests)")
+    ap.add_argument("--amnesia", action="store_true",
+                    help="every restart trains from step 0 without snapguard (a restart that lost every snapshot, for tests)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="where the model trains; cuda: rank LOCAL_RANK's GPU (modulo the GPUs there are)")
     a = ap.parse_args(argv)
@@ -118,8 +120,10 @@ def worker_main(argv: list[str] | None = None) -> int:
     rank = dist.get_rank()
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, f"pid.r{rank}"), "w") as f:
+    pid_file = os.path.join(a.out, f"pid.r{rank}")
+    with open(f"{pid_file}.{os.getpid()}", "w") as f:
         f.write(f"{os.getpid()} {attempt}\n")
+    os.replace(f"{pid_file}.{os.getpid()}", pid_file)  # whole: the demo and the tests poll it while it changes
     device = torch.device("cpu")
     if a.device == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
@@ -141,7 +145,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     loop = {"step": -1}
     guard = None
     start = 0
-    if not a.no_snapshot:
+    if not a.no_snapshot and not (a.amnesia and attempt > 0):
         guard = snapguard.Guard(model, opt, loop, rng=not a.no_rng)
         restored = guard.restore()
         start = 0 if restored is None else restored + 1
@@ -222,6 +226,35 @@ def progress(out: str, nproc: int) -> int:
     for row in rows:
         best[row["rank"]] = row["step"]
     return min(best.get(r, -1) for r in range(nproc))
+
+
+# A restart may train again at most this many of the steps trained before a failure: the step whose snapshot
+# was in flight, and one more (a step some rank had sealed past the newest one every rank holds, or a newest
+# step found corrupt). More means snapshots were lost: a job that starts again from step 0 reproduces every
+# loss and byte of the reference too, so `compare` alone cannot tell.
+MAX_STEPS_LOST = 2
+
+
+def restarts(rows: list[dict]) -> list[tuple[int, int, int]]:
+    """(attempt, the step it restored, -1 for none; the newest step any rank logged before it) for every attempt
+    after the first that logged a step."""
+    by: dict[int, list[int]] = {}
+    for r in rows:
+        by.setdefault(r["attempt"], []).append(r["step"])
+    out = []
+    for a in sorted(by):
+        before = [s for b in by if b < a for s in by[b]]
+        if before:
+            out.append((a, min(by[a]) - 1, max(before)))
+    return out
+
+
+def steps_lost_problems(rows: list[dict], bound: int = MAX_STEPS_LOST) -> list[str]:
+    """The restarts that went back further than `bound` steps, or to scratch."""
+    return [f"attempt {a} " + (f"started from scratch after step {reached}: every snapshot was lost" if restored < 0 else
+                               f"restored step {restored} after step {reached}: {reached - restored} steps lost,"
+                               f" at most {bound} may be")
+            for a, restored, reached in restarts(rows) if reached - restored > bound]
 
 
 def compare(reference: str, run: str, nproc: int) -> list[str]:

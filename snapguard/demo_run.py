@@ -3,7 +3,8 @@
 It starts a daemon, runs the job once without failures (the reference), then again with
 snapshots every step while it SIGKILLs random trainers at random moments; torch's elastic launcher
 restarts all ranks, which restore the newest step every rank holds and finish. The verdict compares
-every logged loss and every byte of the final model and optimizer state with the reference.
+every logged loss and every byte of the final model and optimizer state with the reference, and
+checks that no restart went back further than the steps whose snapshots were in flight.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import tempfile
 import time
 
 from snapguard.config import Endpoint
-from snapguard.demo import JobSpec, compare, launch, progress, read_losses
+from snapguard.demo import MAX_STEPS_LOST, JobSpec, compare, launch, progress, read_losses, restarts, steps_lost_problems
 from snapguard.procs import spawn_daemon
 from snapguard import protocol as P
 from snapguard.client import DaemonClient
@@ -31,6 +32,11 @@ def _wait(proc, what: str, timeout_s: float) -> int:
     except Exception:
         os.killpg(proc.pid, signal.SIGKILL)
         raise SnapGuardError(f"{what} did not finish within {timeout_s:.0f} s") from None
+
+
+def _pid_of(out: str, rank: int) -> int:
+    with open(os.path.join(out, f"pid.r{rank}")) as f:
+        return int(f.read().split()[0])
 
 
 def run_demo(a) -> int:
@@ -65,13 +71,16 @@ def run_demo(a) -> int:
                 time.sleep(0.02)
             time.sleep(rnd.random() * 0.3)
             rank = rnd.randrange(a.nproc)
-            pid = int(open(os.path.join(run.out, f"pid.r{rank}")).read().split()[0])
+            pid = _pid_of(run.out, rank)
             step = progress(run.out, a.nproc)
             os.kill(pid, signal.SIGKILL)
             killed.append((rank, step))
             print(f"      SIGKILL rank {rank} (pid {pid}) near step {step}", flush=True)
             # wait for the launcher to restart every rank before the next fault
-            while proc.poll() is None and int(open(os.path.join(run.out, f"pid.r{rank}")).read().split()[0]) == pid:
+            deadline = time.monotonic() + 120
+            while proc.poll() is None and _pid_of(run.out, rank) == pid:
+                if time.monotonic() > deadline:
+                    raise SnapGuardError(f"the launcher did not restart rank {rank} within 120 s of its SIGKILL")
                 time.sleep(0.05)
         rc = _wait(proc, "the protected run", RUN_TIMEOUT_S)
     finally:
@@ -84,18 +93,23 @@ def run_demo(a) -> int:
         daemon.wait(10)
     print(f"      done in {time.monotonic() - t1:.1f} s (exit code {rc})")
     print("[3/3] verdict")
-    problems = compare(ref.out, run.out, a.nproc) if rc == 0 else [f"protected run failed: see {run.out}/launcher.log"]
     rows = read_losses(run.out, a.nproc)
+    problems = compare(ref.out, run.out, a.nproc) if rc == 0 else [f"protected run failed: see {run.out}/launcher.log"]
+    problems += steps_lost_problems(rows)
     attempts = sorted({r["attempt"] for r in rows})
     redone = len(rows) - a.nproc * a.steps
     print(f"      failures injected: {len(killed)}; restarts: {len(attempts) - 1}; steps trained twice: {redone}")
+    for attempt, restored, reached in restarts(rows):
+        print(f"      attempt {attempt} restored step {restored} after step {reached} had been trained"
+              f" ({reached - restored} steps lost; at most {MAX_STEPS_LOST} may be)")
     if problems:
-        print("FAIL: the protected run differs from the reference:")
+        print("FAIL: the protected run differs from the reference or lost snapshots:")
         for p in problems[:20]:
             print("   ", p)
         return 1
     print(f"PASS: every loss of every attempt and every byte of the final model and optimizer state on all"
-          f" {a.nproc} ranks equal the unbroken run ({time.monotonic() - t0:.1f} s in all)")
+          f" {a.nproc} ranks equal the unbroken run, and no restart lost more than {MAX_STEPS_LOST} steps"
+          f" ({time.monotonic() - t0:.1f} s in all)")
     if not a.workdir:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -73,6 +73,26 @@ def test_scenarios_refuse_unknown_keys_kinds_and_places():
         from_dict({"fault": [{"kind": "lose_node", "at_step": 5}, {"kind": "kill_rank", "at_step": 3}]})
     with pytest.raises(ConfigError, match="more than m=1"):
         from_dict({"fault": [{"kind": "lose_more_than_m", "at_step": 3, "nodes": ["node0"]}]})
+    with pytest.raises(ConfigError, match="nodes must be an integer"):
+        from_dict({"cluster": {"nodes": "3"}})
+    with pytest.raises(ConfigError, match="step_sleep must be a number"):
+        from_dict({"cluster": {"step_sleep": "x"}})
+    with pytest.raises(ConfigError, match="worker_args must be a list of strings"):
+        from_dict({"cluster": {"worker_args": "--no-rng"}})
+    # faults that could never be injected as written are refused up front, not retried until the run times out
+    with pytest.raises(ConfigError, match="rank 0 is not on node1"):
+        from_dict({"fault": [{"kind": "corrupt_slot", "at_step": 3, "node": "node1", "rank": 0}]})
+    with pytest.raises(ConfigError, match="matches no daemon-to-daemon link"):
+        from_dict({"fault": [{"kind": "net_drop", "at_step": 3, "link": "node0->node7"}]})
+    assert from_dict({"fault": [{"kind": "net_drop", "at_step": 3, "link": "node0->*"}]}).faults
+
+
+def test_a_missing_scenario_file_is_a_usage_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read the scenario"):
+        load(str(tmp_path / "missing.toml"))
+    proc = subprocess.run([sys.executable, "-m", "snapguard.cli", "chaos", "run", "--scenario", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "cannot read the scenario" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_random_scenarios_are_reproducible_and_recoverable():
@@ -169,6 +189,20 @@ def test_a_restore_without_rng_state_makes_the_verdict_fail(tmp_path, reference)
     assert rep["faults"][0]["outcome"] == "recovered"  # the fault itself was handled; the state was not
     assert any("loss" in p and "reference" in p for p in rep["problems"])
     assert any("final state differs" in p for p in rep["problems"])
+
+
+@pytest.mark.timeout(400)
+def test_a_restart_from_scratch_makes_the_verdict_fail(tmp_path, reference):
+    """Training again from step 0 reproduces every loss and byte of the reference (the job is deterministic),
+    so only the restored step shows that every snapshot was lost: the verdict must still FAIL."""
+    rep = _run(tmp_path, reference, [{"kind": "kill_rank", "at_step": 6, "rank": 1}], steps=16,
+               worker_args=["--amnesia"])
+    assert rep["verdict"] == "FAIL" and rep["completed"]
+    f = rep["faults"][0]
+    assert f["restarted"] and f["restored_step"] == -1 and f["steps_lost"] >= 7, f
+    assert f["outcome"].startswith("FAIL: the restart started from scratch"), f
+    # the losses and the final state alone would have passed
+    assert rep["problems"] == [f"fault #0 {f['label']}: {f['outcome']}"]
 
 
 @pytest.mark.slow
