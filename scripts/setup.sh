@@ -3,18 +3,26 @@
 #   bash scripts/setup.sh demo   -> sets up, then runs the main job: `snapguard chaos run`
 #   bash scripts/setup.sh test   -> sets up, then runs the whole test suite
 #   bash scripts/setup.sh        -> sets up only
-# Torch: installs torch==2.13.0 (the CPU build this project tests with) only when the
-# environment has no torch at all; a torch that is already there is never touched.
+# Torch: installs torch==2.13.0 (the CPU build this project tests with) only when there is no
+# torch at all; a torch that is already there is never touched. A torch installed for the Python
+# that creates .venv (a CUDA build, say) is used as it is: .venv then sees that Python's packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 VENV=${SNAPGUARD_VENV:-$ROOT/.venv}
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || {
+    echo "[setup] snapguard needs Python 3.11 or newer; $PY is $("$PY" --version 2>&1) (set PYTHON=...)" >&2; exit 2; }
 
 if [ ! -x "$VENV/bin/python" ]; then
-    echo "[setup] creating $VENV with $($PY --version)"
-    "$PY" -m venv "$VENV"
+    if "$PY" -c "import torch" >/dev/null 2>&1; then
+        echo "[setup] creating $VENV with $($PY --version), which has torch: .venv uses it and its other packages"
+        "$PY" -m venv --system-site-packages "$VENV"
+    else
+        echo "[setup] creating $VENV with $($PY --version)"
+        "$PY" -m venv "$VENV"
+    fi
 fi
 VPY="$VENV/bin/python"
 stamp="$VENV/.snapguard-setup"
