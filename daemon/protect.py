@@ -218,6 +218,11 @@ class Protector:
         self.failed_rebuilds = {s for s in self.failed_rebuilds if s <= step}  # newer ones are trained again
         self.sent_step = min(self.sent_step, step)
         self.remote_sending = {n: (s, at) for n, (s, at) in self.remote_sending.items() if s <= step}
+        # What the peers' ranks held of the timeline left behind: until each peer's next PeerHeld (a daemon sends
+        # one as it rewinds), those steps must not count toward common(), or a rank here that sealed its new
+        # step + 1 could reuse the slot of `step` while the other nodes' ranks hold nothing newer.
+        self.table.remote = {r: {s for s in steps if s <= step} for r, steps in self.table.remote.items()}
+        self.remote_sealed = {n: {s for s in steps if s <= step} for n, steps in self.remote_sealed.items()}
         return sorted(dropped)
 
     # ---- sending -------------------------------------------------------------------------------

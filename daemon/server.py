@@ -447,13 +447,17 @@ class Daemon:
         authenticate and fold into parity) would otherwise hold up the small messages queued behind it, among
         them which steps the other ranks have sealed, which this node's ranks wait for before reusing a slot."""
         while len(self._chunks) < CHUNKS_READ_AHEAD and self.net.router.poll(0):
-            frames = recv_frames(self.net.router)
-            if len(frames) > 4:  # [identity, request id, header, bulk..., tag]: a chunk (authenticated later)
-                self._chunks.append(frames)
-            else:
-                self._handle_peer(frames)
+            self._take_peer_frames(recv_frames(self.net.router))
         if self._chunks:
             self._handle_peer(self._chunks.popleft())
+
+    def _take_peer_frames(self, frames: list[bytes]) -> None:
+        """A small message is handled now; a chunk waits its turn behind the chunks read before it, also while
+        this daemon waits for a peer's reply: handled out of turn, it would make the replay check refuse them."""
+        if len(frames) > 4:  # [identity, request id, header, bulk..., tag]: a chunk (authenticated later)
+            self._chunks.append(frames)
+        else:
+            self._handle_peer(frames)
 
     def _handle_peer(self, frames: list[bytes]) -> None:
         try:
@@ -511,7 +515,7 @@ class Daemon:
                 continue
             try:
                 reply, _ = self.net.request(node, P.PeerInventory(**self._header(), asker=self.cfg.node),
-                                            self.cfg.peer_timeout_s, serve=self._handle_peer)
+                                            self.cfg.peer_timeout_s, serve=self._take_peer_frames)
                 stocks[node] = reply
             except SnapGuardError as e:
                 log.warning("%s counting peer %s as lost: %s", self.who, node, e)
@@ -548,7 +552,7 @@ class Daemon:
 
         def fetch(node: str, s: int, c: int, pos: int):
             reply, bulk = self.net.request(node, P.PeerFetch(**self._header(), step=s, codeword=c, position=pos),
-                                           self.cfg.peer_timeout_s, serve=self._handle_peer)
+                                           self.cfg.peer_timeout_s, serve=self._take_peer_frames)
             return reply, bulk[0]
 
         self.protector.rebuild(step, blob, stocks, fetch)

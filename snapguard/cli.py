@@ -48,7 +48,7 @@ def cmd_status(a: argparse.Namespace) -> int:
     from snapguard.client import DaemonClient
 
     run_dir = default_run_dir(a.run_dir)
-    pattern = f"{default_job(a.job)}.*.sock" if a.job or os.environ.get("SNAPGUARD_JOB") else "*.sock"
+    pattern = f"{default_job(a.job)}@*.sock" if a.job or os.environ.get("SNAPGUARD_JOB") else "*.sock"
     socks = sorted(glob.glob(os.path.join(run_dir, pattern)))
     if not socks:
         print(f"no snapguard daemon sockets in {run_dir}", file=sys.stderr)

@@ -71,12 +71,18 @@ class Endpoint:
         return cls(default_job(job), default_node(node), default_run_dir(run_dir))
 
     @property
+    def stem(self) -> str:
+        """The daemon's socket, lock and log are named <job>@<node>.*: '@' is in neither id's alphabet, so no two
+        (job, node) pairs share them (with '.', job 'a.b' on node 'c' and job 'a' on node 'b.c' did)."""
+        return f"{check_name('job', self.job)}@{check_name('node', self.node)}"
+
+    @property
     def socket_path(self) -> str:
-        return os.path.join(self.run_dir, f"{self.job}.{self.node}.sock")
+        return os.path.join(self.run_dir, f"{self.stem}.sock")
 
     @property
     def lock_path(self) -> str:
-        return os.path.join(self.run_dir, f"{self.job}.{self.node}.lock")
+        return os.path.join(self.run_dir, f"{self.stem}.lock")
 
     @property
     def address(self) -> str:

@@ -23,7 +23,7 @@ def spawn_daemon(ep: Endpoint, shm_dir: str | None = None, extra: tuple[str, ...
                  log_path: str | None = None, wait_s: float | None = 30.0) -> subprocess.Popen:
     """Start a daemon in a session of its own (it outlives its parent's process group); wait until it answers."""
     ensure_private_dir(ep.run_dir)
-    log_path = log_path or os.path.join(ep.run_dir, f"{ep.job}.{ep.node}.log")
+    log_path = log_path or os.path.join(ep.run_dir, f"{ep.stem}.log")
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(daemon_command(ep, shm_dir, extra), stdin=subprocess.DEVNULL, stdout=logf,
                                 stderr=logf, start_new_session=True)

@@ -82,7 +82,7 @@ class Node:
 
     @property
     def log_path(self) -> str:
-        return os.path.join(self.run_dir, f"{self.job}.{self.node}.log")
+        return os.path.join(self.run_dir, f"{self.ep.stem}.log")
 
     def log(self) -> str:
         with open(self.log_path, errors="replace") as f:

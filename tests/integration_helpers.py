@@ -70,7 +70,7 @@ class PrivateDaemon:
         return {r["rank"]: sorted(s["step"] for s in r["slots"] if s["state"] == "sealed") for r in st.ranks}
 
     def log(self) -> str:
-        path = os.path.join(self.run_dir, f"{self.job}.n0.log")
+        path = os.path.join(self.run_dir, f"{self.job}@n0.log")
         return open(path, errors="replace").read() if os.path.exists(path) else ""
 
     def stop(self) -> None:

@@ -615,6 +615,27 @@ def test_status_cli_shows_ranks_steps_sizes_and_ages(daemon):
     assert all(row[4:6] == ["8.0", "KiB"] for row in rows[:3]) and rows[0][-1] == "s"
 
 
+def test_jobs_and_nodes_whose_ids_run_together_get_daemons_of_their_own(node):
+    """Job 'J.x' on node 'c' and job 'J' on node 'x.c' name different daemons: both run, each with its own
+    socket, lock and slots, and `snapguard status --job J` shows only job J's."""
+    a = Node(f"{node.job}.x", "c", node.run_dir, node.shm_dir)
+    b = Node(node.job, "x.c", node.run_dir, node.shm_dir)
+    try:
+        a.start()
+        b.start()
+        assert a.ep.socket_path != b.ep.socket_path and a.table_dir != b.table_dir
+        seal_raw(b, 0, 1, 0)
+        assert a.request(P.Status()).job == a.job and b.request(P.Status()).job == b.job
+        assert a.held() == {} and b.held() == {0: [0]}
+        r = subprocess.run([sys.executable, "-m", "snapguard.cli", "status", "--run-dir", node.run_dir, "--job", b.job],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert f"daemon {b.job}/{b.node}" in r.stdout and f"daemon {a.job}/" not in r.stdout
+    finally:
+        a.close()
+        b.close()
+
+
 # ---- memory: pre-faulted slots, in-place restore -------------------------------------------------
 
 def _slot_mappings(table_dir: str) -> dict[str, tuple[int, int]]:

@@ -350,6 +350,26 @@ def test_chunks_on_their_way_are_read_out_before_their_slot_is_handed_out(table)
     assert sent(read_all_first=False)[:len(data)] != data, "the tail was read after the slot was overwritten"
 
 
+def test_a_restore_forgets_what_the_peers_held_of_the_timeline_left_behind(table):
+    """Rank 0 is served here, rank 1 by peer n1, which last said it holds steps 2 and 3. The job restores step 2
+    and rank 0 seals its new step 3. Until n1 says what it holds after its own rewind, its old step 3 must not
+    make step 3 common: rank 0 would then overwrite step 2, the only step both ranks hold."""
+    from snapguard import protocol as P
+    from snapguard.daemon.protect import Protector
+
+    table.note_world(2)
+    for step in (2, 3):
+        write_and_seal(table, 0, step, world=2)
+    p = Protector(table, ["n0", "n1"], "n0", 1)
+    p.note_peer(P.PeerHeld(job=table.job, node="n1", boot=1, seq=1, held=[[1, 2, 3]], parity=[]), time.monotonic())
+    assert table.common() == 3
+    table.open(0, 2)  # what the daemon does on Open: forget rank 0's newer steps, then rewind
+    p.rewind(2, epoch=7)
+    write_and_seal(table, 0, 3, world=2)  # the new timeline's step 3
+    assert table.common() == 2
+    assert table.plan(0, 4)[0].action == "wait", "the slot of step 2 must not be handed out"
+
+
 # ---- what lies in the shared, world-writable directory -------------------------------------------
 
 @pytest.fixture
