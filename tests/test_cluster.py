@@ -68,9 +68,20 @@ def _assert_restores_from_memory(out: str, world: int, attempts: int) -> None:
         assert 0 < after and after >= before - 2, f"attempt {a} restarted at step {after}, previous reached {before}"
 
 
+@pytest.mark.timeout(600)
+def test_g4_m2_survives_the_loss_of_each_node_and_of_two_at_once(tmp_path_factory):
+    """Each node, and three of the six pairs (each node in one at least): every erasure pattern is rebuilt
+    byte for byte in tests/test_codec.py; all six pairs on real daemons are the slow test below."""
+    _g4_m2_survives(tmp_path_factory, [(i,) for i in range(4)] + [(0, 1), (2, 3), (1, 2)])
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_g4_m2_survives_every_loss_of_one_and_two_nodes(tmp_path_factory):
-    losses = [(i,) for i in range(4)] + list(itertools.combinations(range(4), 2))
+    _g4_m2_survives(tmp_path_factory, [(i,) for i in range(4)] + list(itertools.combinations(range(4), 2)))
+
+
+def _g4_m2_survives(tmp_path_factory, losses: list[tuple[int, ...]]) -> None:
     steps = STEPS_BETWEEN_LOSSES * (len(losses) + 2)
     ref = _reference(tmp_path_factory, 4, steps)
     c = _run_with_losses(str(tmp_path_factory.mktemp("g4m2")), 4, 2, steps, losses)
