@@ -22,7 +22,7 @@ import zmq
 
 from snapguard import protocol as P
 from snapguard.config import Endpoint, ensure_private_dir
-from snapguard.errors import ProtocolError, SnapGuardError, UnrecoverableError
+from snapguard.errors import ProtocolError, RestoreError, SnapGuardError, UnrecoverableError
 from snapguard.layout import Manifest, default_hash_threads
 from snapguard.shm import free_bytes
 
@@ -364,6 +364,12 @@ class Daemon:
         if isinstance(msg, P.Open):
             if self.protector is not None and msg.step not in t.sealed_steps(msg.rank):
                 self._rebuild(msg.step)
+            man = t.sealed_manifest(msg.rank, msg.step)
+            if man is not None and man.world_size != t.world_size:
+                # Refused before anything changes: opening forgets the rank's newer steps and rewinds the parity.
+                raise RestoreError(f"rank {msg.rank}: step {msg.step} was taken by a job of {man.world_size} ranks,"
+                                    f" this job has {t.world_size}; snapguard restores only into the world size"
+                                    " that took the snapshot")
             s = t.open(msg.rank, msg.step)
             self._rewind(msg.step, msg.epoch)
             self._broadcast_held()

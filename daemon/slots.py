@@ -194,6 +194,10 @@ class SlotTable:
         """The steps this node holds sealed for `rank`, as verified when they were sealed or adopted."""
         return sorted(s.step for s in self.ranks.get(rank, []) if s.state == SEALED)
 
+    def sealed_manifest(self, rank: int, step: int) -> Manifest | None:
+        """The manifest of `rank`'s sealed `step`, None if this node does not hold it."""
+        return next((s.manifest for s in self.ranks.get(rank, []) if s.state == SEALED and s.step == step), None)
+
     def common(self) -> int:
         return common_step(self.held(), self.world_size)
 

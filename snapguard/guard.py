@@ -521,6 +521,8 @@ class Guard:
         try:
             return self.client.request(P.Open(self.endpoint.job, self.rank, step, epoch))
         except DaemonError as e:
+            if e.code == RestoreError.__name__:  # e.g. a snapshot of another world size: refused, nothing changed
+                raise RestoreError(f"{self.who} cannot restore: {e}") from e
             if e.code not in (ChecksumError.__name__, UnrecoverableError.__name__):  # the daemon names its exception
                 raise
             log.warning("%s restoring step %d: %s; the ranks plan again", self.who, step, e)

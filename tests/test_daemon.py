@@ -728,7 +728,8 @@ def test_a_rank_of_a_multi_node_job_whose_daemon_has_no_peers_gets_an_error_that
 def test_a_job_restarts_with_another_world_size_once_its_old_trainers_are_gone(daemon):
     """While a trainer of the two-rank job runs, a request that says the job has one rank is refused (rank 1 would
     drop out of the common step, and rank 0 could overwrite a step rank 1 still needs). An elastic restart with one
-    rank, after the old trainers have exited, is served: Hello, restore, train on."""
+    rank, after the old trainers have exited, is served (Hello, train on), but the two-rank job's snapshot is not
+    opened for it: Open refuses it before forgetting anything."""
     old = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]) for _ in range(2)]
     try:
         for rank, p in enumerate(old):
@@ -748,7 +749,11 @@ def test_a_job_restarts_with_another_world_size_once_its_old_trainers_are_gone(d
             p.wait(10)
     assert isinstance(daemon.request(P.Hello(daemon.job, 0, 1, os.getpid())), P.Welcome)
     assert daemon.request(P.Inventory(daemon.job, 0)).steps == [0, 1]
-    assert isinstance(daemon.request(P.Open(daemon.job, 0, 1, epoch=5)), P.Shard)
+    with pytest.raises(DaemonError, match="step 1 was taken by a job of 2 ranks, this job has 1"):
+        daemon.request(P.Open(daemon.job, 0, 1, epoch=5))
+    with pytest.raises(DaemonError, match="step 0 was taken by a job of 2 ranks"):
+        daemon.request(P.Open(daemon.job, 0, 0, epoch=5))
+    assert daemon.held() == {0: [0, 1], 1: [0, 1]}, "a refused Open forgets no step"
     seal_raw(daemon, 0, 1, 2)
     assert daemon.status().common == 2
 

@@ -71,11 +71,13 @@ def test_a_snapshot_of_another_world_size_is_refused_and_nothing_is_written(daem
     g.close()
     live = {"w": torch.zeros(4), "pos": 0}
     g2 = daemon.guard(None, None, live, rng=False, world_size=1)
-    with pytest.raises(RestoreError, match=r"cannot restore step 5: it was taken by a job of 2 ranks \(rank 0's shard"
-                                           r" says so\), this job has 1; snapguard restores only into the world size"):
+    # the daemon refuses to open it (before it forgets anything); the guard checks the manifests too
+    with pytest.raises(RestoreError, match=r"step 5 was taken by a job of 2 ranks, this job has 1; snapguard restores"
+                                           r" only into the world size"):
         g2.restore()
     g2.close()
     assert live["pos"] == 0 and torch.equal(live["w"], torch.zeros(4))
+    assert daemon.held() == {0: [5]}, "the refused snapshot stays for a restart with the right world size"
 
 
 def test_close_releases_the_socket_even_when_the_daemon_refuses_to_shut_down(daemon, monkeypatch):
