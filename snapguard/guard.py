@@ -436,12 +436,20 @@ class Guard:
         failed: set[int] = set()  # steps that failed after the daemons checked their slots again
         recheck = False
         for rnd in range(1, _MAX_RESTORE_ROUNDS + 1):
-            inv = self.client.request(P.Inventory(self.endpoint.job, self.rank, recheck=recheck))
+            try:
+                inv, error = self.client.request(P.Inventory(self.endpoint.job, self.rank, recheck=recheck)), None
+            except SnapGuardError as e:  # still gathered with the others, who would otherwise wait out _agree_s
+                inv, error = P.Steps([], []), e
             for why in inv.dropped:
                 log.warning("%s a sealed snapshot failed verification and is not used: %s", self.who, why)
             dropped += inv.dropped
             # Every decision below is taken from gathered data, so that every rank takes the same branch.
-            inventories, epoch, touched = self._gather_inventories(inv.steps, loaded, rnd)
+            inventories, epoch, touched, unlisted = self._gather_inventories(inv.steps, loaded, rnd, error is not None)
+            if error is not None:
+                raise error
+            if unlisted:
+                raise RestoreError(f"{self.who} cannot restore: ranks {unlisted} could not list their snapshots (their"
+                                   " errors say why)" + self._touched(loaded, touched))
             plan = plan_restore(inventories, self.world_size)
             if plan.step is None and (any(inventories.values()) or touched):
                 # Some ranks hold snapshots, but no step is common: starting afresh would silently lose the
@@ -576,20 +584,22 @@ class Guard:
                 dst.copy_(verified)  # exact: the conjugate and negative bits are sign flips
         return state, man.nbytes
 
-    def _gather_inventories(self, steps: list[int], loaded: int | None,
-                            rnd: int) -> tuple[dict[int, list[int]], int, dict[int, int]]:
+    def _gather_inventories(self, steps: list[int], loaded: int | None, rnd: int,
+                            unlisted: bool) -> tuple[dict[int, list[int]], int, dict[int, int], list[int]]:
         """Every rank's sealed steps; the epoch of what this restore starts: a random number rank 0 draws, which
-        every daemon stamps on the new timeline's chunks (`Protector.rewind`); and the ranks whose state holds
-        chunks of an earlier round's step (rank -> step)."""
+        every daemon stamps on the new timeline's chunks (`Protector.rewind`); the ranks whose state holds chunks
+        of an earlier round's step (rank -> step); and the ranks that could not list their steps (`unlisted`)."""
         epoch = secrets.randbits(62) + 1
-        t = torch.full((_MAX_INVENTORY + 2,), -1, dtype=torch.int64)
+        t = torch.full((_MAX_INVENTORY + 3,), -1, dtype=torch.int64)
         t[0] = epoch
         t[1] = -1 if loaded is None else loaded
+        t[2] = int(unlisted)
         mine = steps[-_MAX_INVENTORY:]
-        t[2:2 + len(mine)] = torch.tensor(mine, dtype=torch.int64)
+        t[3:3 + len(mine)] = torch.tensor(mine, dtype=torch.int64)
         out = self._all_gather(t, f"every rank's inventory of sealed steps (restore round {rnd})")
-        inventories = {r: [s for s in o[2:] if s >= 0] for r, o in out.items()}
-        return inventories, out[min(out)][0], {r: o[1] for r, o in out.items() if o[1] >= 0}
+        inventories = {r: [s for s in o[3:] if s >= 0] for r, o in out.items()}
+        return (inventories, out[min(out)][0], {r: o[1] for r, o in out.items() if o[1] >= 0},
+                sorted(r for r, o in out.items() if o[2] == 1))
 
     def _gather_restored(self, step: int | None, world_size: int,
                          what: str) -> tuple[dict[int, int | None], dict[int, int]]:

@@ -103,11 +103,13 @@ from snapguard.errors import SnapGuardError
 from snapguard.guard import Guard
 
 rank, port, job, run_dir, out, phase = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]
+shm_dir = sys.argv[7]
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                         timeout=datetime.timedelta(seconds=60))
 
-def guard(state):
-    return Guard(states={"s": state}, rng=False, job=job, node="n0", run_dir=run_dir, timeout_s=2.0, gate_timeout_s=2.0)
+def guard(state, node="n0", **kw):
+    return Guard(states={"s": state}, rng=False, job=job, node=node, run_dir=run_dir, timeout_s=2.0, gate_timeout_s=2.0,
+                 **kw)
 
 result = {}
 if phase == "save":
@@ -119,7 +121,14 @@ if phase == "save":
     g.close()
 else:
     state = {"w": torch.zeros(5 if phase == "mismatch" and rank == 1 else 4)}
-    g = guard(state)
+    if phase == "inventory-fails" and rank == 1:  # its own node's daemon, which dies before the restore asks it
+        import signal
+        from snapguard.config import Endpoint
+        g = guard(state, node="n1", start_daemon=True, shm_dir=shm_dir)
+        with open(Endpoint(job, "n1", run_dir).lock_path) as f:
+            os.kill(int(f.read()), signal.SIGKILL)
+    else:
+        g = guard(state)
     if phase == "late" and rank == 1:  # comes to restore only once rank 0 has given up on it
         deadline = time.monotonic() + 30
         while not os.path.exists(os.path.join(out, "r0.json")) and time.monotonic() < deadline:
@@ -163,7 +172,7 @@ def pair(daemon, tmp_path):
         for r in range(2):
             with open(out / f"log.r{r}", "w") as log:
                 ps.append(subprocess.Popen([sys.executable, str(script), str(r), str(port), daemon.job, daemon.run_dir,
-                                            str(out), phase], stdout=log, stderr=subprocess.STDOUT,
+                                            str(out), phase, daemon.shm_dir], stdout=log, stderr=subprocess.STDOUT,
                                            start_new_session=True))
         procs.extend(ps)
         for p in ps:
@@ -197,6 +206,14 @@ def test_a_rank_whose_restore_fails_stops_every_rank_at_once(pair):
     got = pair("mismatch")  # rank 1's model has a tensor of another shape
     assert got[1]["error"].startswith("LayoutError: tensor '/s/w': the snapshot has float32[4]"), got
     assert "cannot restore step 1: it failed on ranks [1] (their errors say why)" in got[0]["error"], got
+    assert got[0]["elapsed"] < 20, got
+
+
+def test_a_rank_whose_daemon_cannot_list_its_snapshots_stops_every_rank_at_once(pair):
+    pair("save")
+    got = pair("inventory-fails")  # rank 1's daemon was SIGKILLed: its Inventory request fails
+    assert got[1]["error"].startswith("DaemonUnavailable: ") and "while Inventory waited" in got[1]["error"], got
+    assert "cannot restore: ranks [1] could not list their snapshots (their errors say why)" in got[0]["error"], got
     assert got[0]["elapsed"] < 20, got
 
 
