@@ -68,20 +68,6 @@ def read_parts(parts: list[tuple[int, Slot, int]], start: int, stop: int, out) -
             out[lo - start:hi - start] = np.frombuffer(slot.buffer(), np.uint8, hi - lo, lo - off)
 
 
-def _check_blob(blob: dict) -> None:
-    """A node's blob layout as its chunks carry it, {"nbytes": L, "ranks": [[rank, offset, manifest], ...]}: kept, and
-    handed back to that node to rebuild from, so it is checked as it arrives."""
-    nbytes, ranks = blob.get("nbytes"), blob.get("ranks")
-    ok = type(nbytes) is int and nbytes >= 0 and type(ranks) is list
-    for row in ranks if ok else ():
-        ok = (type(row) is list and len(row) == 3 and type(row[0]) is int and type(row[1]) is int
-              and 0 <= row[0] < P.MAX_WORLD_SIZE and 0 <= row[1] <= nbytes and type(row[2]) is dict)
-        if not ok:
-            break
-    if not ok:
-        raise ProtocolError(f"chunk's blob layout is malformed: {str(blob)[:200]}")
-
-
 class OutgoingStep:
     """This node's chunks of one step on their way to the parity holders. Their bytes are read out of the slots
     a piece at a time: ahead of sending (`read_some`, a few per turn of the daemon's loop), when a piece is
@@ -292,7 +278,7 @@ class Protector:
         if xxhash.xxh3_64_intdigest(data) != msg.checksum:
             raise ChecksumError(f"chunk of step {msg.step} codeword {msg.codeword} from {msg.node} fails its checksum")
         if msg.offset == 0:
-            _check_blob(msg.blob)
+            P.check_blob(msg.blob, "chunk's blob layout")
         for pos in mine:
             steps = self.parity[(msg.codeword, pos)]
             done = [s for s, e in steps.items() if e.complete(self.k)]

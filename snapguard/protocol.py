@@ -383,12 +383,39 @@ class PeerFetch(PeerMessage):
         _nonneg(self, "step", "codeword", "position")
 
 
+def check_blob(blob: dict, what: str) -> None:
+    """A node's blob layout as its chunks carry it, {"nbytes": L, "ranks": [[rank, offset, manifest], ...]}: held by
+    the parity holders and handed back to that node to rebuild from, so it is checked wherever it arrives."""
+    nbytes, ranks = blob.get("nbytes"), blob.get("ranks")
+    ok = type(nbytes) is int and nbytes >= 0 and type(ranks) is list
+    for row in ranks if ok else ():
+        ok = (type(row) is list and len(row) == 3 and type(row[0]) is int and type(row[1]) is int
+              and 0 <= row[0] < MAX_WORLD_SIZE and 0 <= row[1] <= nbytes and type(row[2]) is dict)
+        if not ok:
+            break
+    if not ok:
+        raise ProtocolError(f"{what} is malformed: {str(blob)[:200]}")
+
+
 @dataclass(frozen=True)
 class PeerStock(Message):
     node: str
     sealed: list[int]  # steps for which every local rank holds a sealed shard
     parity: list[list[int]]  # complete parity chunks: [codeword, position, step]
     blobs: dict  # str(step) -> the asker's node-shard layout, as sent with its chunks
+
+    def check(self):
+        # A reply the asker rebuilds from: a malformed one is refused like a forged one (the peer counts as lost).
+        if any(s < 0 for s in self.sealed):
+            raise ProtocolError(f"PeerStock.sealed holds a negative step: {self.sealed[:8]}")
+        for row in self.parity:
+            if len(row) != 3 or min(row) < 0:
+                raise ProtocolError(f"PeerStock.parity row {row[:8]} is not [codeword, position, step] of values >= 0")
+        for step, blob in self.blobs.items():
+            if not (isinstance(step, str) and step.isascii() and step.isdigit()) or not isinstance(blob, dict):
+                raise ProtocolError(f"PeerStock.blobs maps {str(step)[:20]!r} to a {type(blob).__name__}: expected"
+                                    " a step (decimal string) -> blob layout")
+            check_blob(blob, f"PeerStock.blobs[{step}]")
 
 
 @dataclass(frozen=True)

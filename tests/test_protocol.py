@@ -171,3 +171,25 @@ def test_peer_held_rows_are_checked_on_decoding(over, match):
     assert P.decode(raw(HELD)).held == [[0, 3, 4]]
     with pytest.raises(ProtocolError, match=match):
         P.decode(raw({**HELD, **over}))
+
+
+STOCK = fields_of(P.PeerStock("b", sealed=[3, 4], parity=[[1, 1, 3]],
+                              blobs={"3": {"nbytes": 64, "ranks": [[0, 0, {"step": 3}]]}}))
+
+
+@pytest.mark.parametrize(("over", "match"), [
+    ({"sealed": [3, -4]}, r"PeerStock.sealed holds a negative step"),
+    ({"parity": [[1, 1]]}, r"PeerStock.parity row \[1, 1\] is not \[codeword, position, step\]"),
+    ({"parity": [[1, -1, 3]]}, r"PeerStock.parity row \[1, -1, 3\]"),
+    ({"blobs": {"x3": {"nbytes": 64, "ranks": []}}}, r"PeerStock.blobs maps 'x3' to a dict: expected a step"),
+    ({"blobs": {"3": [1, 2]}}, r"PeerStock.blobs maps '3' to a list"),
+    ({"blobs": {"3": {"nbytes": -1, "ranks": []}}}, r"PeerStock.blobs\[3\] is malformed"),
+    ({"blobs": {"3": {"nbytes": 64, "ranks": [[0, 65, {}]]}}}, r"PeerStock.blobs\[3\] is malformed"),
+    ({"blobs": {"3": {"nbytes": 64, "ranks": [[0, 0]]}}}, r"PeerStock.blobs\[3\] is malformed"),
+])
+def test_a_peer_stock_reply_is_checked_on_decoding(over, match):
+    """A rebuild reads steps, parity and blob layouts out of the peers' stocks: a malformed reply is refused
+    as it is decoded (the asker then counts that peer as lost), never half-used."""
+    assert P.decode(raw(STOCK)).blobs["3"]["nbytes"] == 64
+    with pytest.raises(ProtocolError, match=match):
+        P.decode(raw({**STOCK, **over}))
