@@ -152,6 +152,7 @@ class Guard:
         self._job: _Job | None = None
         self._queue: queue.Queue = queue.Queue()
         self._closed = False
+        self._mixed: str | None = None  # set when a failed restore left chunks of a snapshot in the state
         self.common_step = -1  # newest step every rank holds sealed, as the daemon last reported
         self.last_sealed = -1
         self.epoch = 0  # the timeline the last restore() started (0: none); the daemons' chunks carry it
@@ -236,6 +237,9 @@ class Guard:
             raise ConfigError(f"{self.who} snapshot step must be a non-negative int, got {step!r}")
         if self._closed:
             raise SnapGuardError(f"{self.who} snapshot({step}) after close()")
+        if self._mixed:
+            raise RestoreError(f"{self.who} snapshot({step}) refused: a failed restore left the state mixed ({self._mixed});"
+                               " the job must not train on from it")
         self.wait()  # one snapshot in flight: the previous one has had a whole step to seal
         named, tree = self._capture()
         guarded = self._guarded_storages()
@@ -509,16 +513,19 @@ class Guard:
                 self._reserve(shard_nbytes)  # larger than at construction (optimizer state): pre-fault for it
             log.info("%s restored step %d in %.2f s (%s)%s", self.who, plan.step, time.monotonic() - t0, plan.reason,
                      "; newer snapshots were corrupt and skipped" if dropped or failed else "")
+            self._mixed = None  # every tensor holds the step now
             return plan.step
         raise RestoreError(f"{self.who} steps {sorted(failed)} failed verification on some ranks even after the"
                            " daemons checked their sealed slots again" + self._touched(loaded, {}))
 
-    @staticmethod
-    def _touched(loaded: int | None, others: dict[int, int]) -> str:
-        """What a failed restore left in the state: this rank's, or other ranks' (`others`: rank -> step)."""
+    def _touched(self, loaded: int | None, others: dict[int, int]) -> str:
+        """What a failed restore left in the state: this rank's, or other ranks' (`others`: rank -> step). A mixed
+        state must not be snapshotted as if it were a step: `snapshot()` refuses until a restore succeeds."""
         if loaded is not None:
+            self._mixed = f"this rank's state holds verified chunks of step {loaded}"
             return f". This rank's state holds verified chunks of step {loaded} now, so it must not train on"
         if others:
+            self._mixed = f"ranks {sorted(others)} hold chunks of the snapshot in their state"
             return (f". Ranks {sorted(others)} hold chunks of the snapshot in their state now, so the job must not"
                     " train on")
         return ""

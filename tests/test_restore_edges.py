@@ -143,6 +143,12 @@ else:
     except Exception as e:
         result["other"] = f"{type(e).__name__}: {e}"
     result["elapsed"] = time.monotonic() - t0
+    if "error" in result and phase == "open-fails":  # a caller that catches the error and trains on anyway
+        try:
+            g.snapshot(7)
+            result["snapshot"] = "taken"
+        except SnapGuardError as e:
+            result["snapshot"] = f"{type(e).__name__}: {e}"
     try:
         g.close()
     except SnapGuardError:
@@ -229,3 +235,8 @@ def test_ranks_whose_restores_went_differently_take_the_same_branch(pair, daemon
     assert "This rank's state holds verified chunks of step 1 now, so it must not train on" in got[0]["error"], got
     assert got[1]["error"].startswith("RestoreError: "), got
     assert "Ranks [0] hold chunks of the snapshot in their state now, so the job must not train on" in got[1]["error"]
+    # a caller that catches the RestoreError and trains on cannot snapshot the mixed state as step 7
+    for r in (0, 1):
+        assert got[r]["snapshot"].startswith("RestoreError: "), got
+        assert "refused: a failed restore left the state mixed" in got[r]["snapshot"], got
+    assert 7 not in sum(daemon.held().values(), []), daemon.held()
