@@ -353,7 +353,7 @@ class Run:
                 # every rank had logged step 1, so every rank had sealed step 0: nothing may start from scratch
                 rec.ok, rec.outcome = False, (f"FAIL: the restart started from scratch after step {rec.steps_lost - 1}:"
                                               " every snapshot was lost")
-            elif rec.steps_lost is not None and rec.steps_lost > (bound := f.max_steps_lost(self) or rec.steps_lost):
+            elif (bound := f.max_steps_lost(self)) is not None and (rec.steps_lost or 0) > bound:
                 rec.ok, rec.outcome = False, (f"FAIL: {rec.steps_lost} steps lost: the restart restored step"
                                               f" {rec.restored_step} after step {rec.restored_step + rec.steps_lost}"
                                               f" (at most {bound} may be)")
