@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+import zmq
+
 from snapguard.config import check_name, default_job, default_node, default_run_dir, default_shm_dir
 from snapguard.daemon.peers import ENV_SECRET, load_secret
 from snapguard.daemon.server import AlreadyRunning, Daemon, DaemonConfig
@@ -17,11 +19,16 @@ RENDEZVOUS_TIMEOUT_S = 600.0
 
 
 def parse_size(text: str) -> int:
+    """'8G', '512MiB', '64K', '1000000': bytes, at least 1."""
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
     t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
+    try:
+        n = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+        if not 1 <= n < 1 << 62:
+            raise ValueError
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 8G, 512M or 65536") from None
+    return int(n)
 
 
 def _pairs(flag: str, items: list[str], what: str) -> dict[str, str]:
@@ -36,6 +43,33 @@ def _pairs(flag: str, items: list[str], what: str) -> dict[str, str]:
             raise ConfigError(f"{flag} gives node {node} twice ({out[node]!r} and {value!r})")
         out[node] = value
     return out
+
+
+def _check_static_group(node: str, peer_bind: str | None, peers: dict[str, str], group: tuple[str, ...],
+                        ec_m: int, ec_m_given: bool) -> None:
+    """Before anything starts: an EC group given with --peer/--ec-group/--ec-m is one this daemon can join."""
+    if not peer_bind:
+        given = [flag for flag, v in (("--peer", peers), ("--ec-group", group), ("--ec-m", ec_m_given)) if v]
+        if given:
+            raise ConfigError(f"{', '.join(given)} make(s) this daemon a member of an EC group, which needs --peer-bind"
+                              " (the address its peers reach it at); without it the daemon would run alone, with no"
+                              " erasure coding")
+        return
+    from snapguard.rendezvous import static_roster
+    from snapguard.stripes import plan_stripes
+
+    static_roster(node, peer_bind, tuple(peers.items()), {})  # addresses are tcp://HOST:PORT, no node twice
+    members = group or tuple(sorted([node, *peers]))
+    for n in members:
+        check_name("node", n)
+    if len(set(members)) != len(members):
+        raise ConfigError(f"--ec-group {','.join(members)} names a node twice")
+    if node not in members:
+        raise ConfigError(f"--ec-group {','.join(members)} does not include this node ({node})")
+    missing = [n for n in members if n != node and n not in peers]
+    if missing:
+        raise ConfigError(f"--ec-group members {missing} have no --peer NODE=ADDRESS")
+    plan_stripes(len(members), ec_m)  # g and m in range
 
 
 def resolve_peers(a: argparse.Namespace, job: str, node: str):
@@ -83,6 +117,7 @@ def resolve_peers(a: argparse.Namespace, job: str, node: str):
         domains = _pairs("--failure-domain", a.failure_domain, "DOMAIN")
         if a.ec_g is None and not domains:
             group = tuple(n.strip() for n in a.ec_group.split(",")) if a.ec_group else ()
+            _check_static_group(node, a.peer_bind, peers, group, a.ec_m, a.ec_m_given)
             return tuple(peers.items()), group, None
         if not a.peer_bind:
             raise ConfigError("--ec-g and --failure-domain group this node with its peers: they need --peer-bind")
@@ -121,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--failure-domain", action="append", default=[], metavar="NODE=DOMAIN",
                     help="with --peer: the failure domain (rack, switch, host) of each node, this one included"
                     " (default: every node its own)")
-    ap.add_argument("--ec-m", type=int, default=1, help="parity chunks per codeword: lost nodes the group survives")
+    ap.add_argument("--ec-m", type=int, help="parity chunks per codeword: lost nodes the group survives (default: 1)")
     ap.add_argument("--rendezvous", metavar="HOST:PORT", help="meet the job's other daemons in the torch.distributed"
                     " TCPStore at HOST:PORT instead of listing them with --peer")
     ap.add_argument("--nodes", type=int, help="with --rendezvous: how many daemons the job has")
@@ -132,9 +167,10 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"seconds to wait for every daemon to join (default: {RENDEZVOUS_TIMEOUT_S:.0f})")
     ap.add_argument("--secret-file", help=f"file (0600) with the job's secret for peer traffic (default: ${ENV_SECRET})")
     ap.add_argument("--peer-timeout", type=float, default=10.0, help="seconds before a silent peer counts as lost")
-    ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("--log-level", default="INFO", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     a = ap.parse_args(argv)
-    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
+    a.ec_m_given, a.ec_m = a.ec_m is not None, 1 if a.ec_m is None else a.ec_m
+    logging.basicConfig(level=a.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         job, node = default_job(a.job), default_node(a.node)
@@ -148,11 +184,17 @@ def main(argv: list[str] | None = None) -> int:
                            peer_bind=a.peer_bind, peers=peers, ec_group=group, ec_m=a.ec_m,
                            secret=secret, peer_timeout_s=a.peer_timeout)
         d = Daemon(cfg)
-        d.start()
+        try:
+            d.start()
+        except AlreadyRunning:
+            raise  # nothing of ours to undo: the socket, lock and slots are the running daemon's
+        except BaseException:
+            d.abandon()
+            raise
     except AlreadyRunning as e:
         print(e, file=sys.stderr)
         return 3
-    except SnapGuardError as e:
+    except (SnapGuardError, zmq.ZMQError, OSError) as e:  # a busy --peer-bind port, an unusable directory
         print(f"snapguard-daemon: {e}", file=sys.stderr)
         return 2
     d.serve_forever()

@@ -277,6 +277,17 @@ class Daemon:
             os.close(self._lock_fd)
             self._lock_fd = None
 
+    def abandon(self) -> None:
+        """Undo a start() that failed after taking the lock: close the sockets, remove the socket and lock files.
+        The slots stay (sealed ones are an earlier daemon's, for the next one to re-adopt); an empty slot
+        directory goes."""
+        self._remove = False
+        held = self._lock_fd is not None
+        self.close()
+        if held:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.table.dir)  # only if empty
+
     # ---- requests --------------------------------------------------------------------------------
 
     def _handle(self, frames: list[bytes]) -> None:

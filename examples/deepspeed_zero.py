@@ -25,6 +25,8 @@ def main() -> None:
     ap.add_argument("--zero", type=int, default=2, choices=(0, 1, 2))
     ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--out", help="write losses and a final-state digest here")
+    # The `deepspeed` launcher passes --local_rank=N; LOCAL_RANK in the environment says the same.
+    ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     deepspeed.init_distributed(dist_backend="nccl" if device != "cpu" else "gloo")

@@ -53,9 +53,15 @@ def default_shm_dir(shm_dir: str | None = None) -> str:
 
 
 def default_timeout(timeout_s: float | None = None) -> float:
-    if timeout_s is not None:
-        return float(timeout_s)
-    return float(os.environ.get(ENV_TIMEOUT, "60"))
+    where = "timeout_s" if timeout_s is not None else f"${ENV_TIMEOUT}"
+    value = timeout_s if timeout_s is not None else os.environ.get(ENV_TIMEOUT, "60")
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        t = float("nan")
+    if not 0 < t < 1e7:  # NaN too; ZeroMQ takes whole milliseconds in an int
+        raise ConfigError(f"{where} must be a number of seconds, more than 0 and finite, got {value!r}")
+    return t
 
 
 @dataclass(frozen=True)
@@ -78,7 +84,12 @@ class Endpoint:
 
     @property
     def socket_path(self) -> str:
-        return os.path.join(self.run_dir, f"{self.stem}.sock")
+        path = os.path.join(self.run_dir, f"{self.stem}.sock")
+        if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
+            raise ConfigError(f"the daemon's socket path {path} is {len(os.fsencode(path))} bytes; Unix sockets allow"
+                              f" {_MAX_SOCKET_PATH}: use a shorter run dir (SNAPGUARD_RUN_DIR, --run-dir) or shorter"
+                              " job and node ids")
+        return path
 
     @property
     def lock_path(self) -> str:
@@ -87,6 +98,9 @@ class Endpoint:
     @property
     def address(self) -> str:
         return f"ipc://{self.socket_path}"
+
+
+_MAX_SOCKET_PATH = 107  # sun_path is 108 bytes, NUL included
 
 
 def slot_dir_name(job: str, node: str) -> str:

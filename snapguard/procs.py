@@ -4,12 +4,14 @@ and leaving a torch.distributed job so that its process exits cleanly."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 
 from snapguard.client import DaemonClient
 from snapguard.config import Endpoint, ensure_private_dir
+from snapguard.errors import DaemonUnavailable, SnapGuardError
 
 
 def daemon_command(ep: Endpoint, shm_dir: str | None = None, extra: tuple[str, ...] | list[str] = ()) -> list[str]:
@@ -21,19 +23,68 @@ def daemon_command(ep: Endpoint, shm_dir: str | None = None, extra: tuple[str, .
 
 def spawn_daemon(ep: Endpoint, shm_dir: str | None = None, extra: tuple[str, ...] | list[str] = (),
                  log_path: str | None = None, wait_s: float | None = 30.0) -> subprocess.Popen:
-    """Start a daemon in a session of its own (it outlives its parent's process group); wait until it answers."""
+    """Start a daemon in a session of its own (it outlives its parent's process group); wait until it answers.
+
+    With ``wait_s``: a daemon that exits first (bad flags, a rendezvous refused) is a SnapGuardError with its
+    exit code and the last lines of its log, raised as soon as it exits; one that neither answers nor exits
+    within ``wait_s`` is killed (its whole session) and reported as DaemonUnavailable. Without ``wait_s`` the
+    process is returned at once and the caller owns it.
+    """
     ensure_private_dir(ep.run_dir)
     log_path = log_path or os.path.join(ep.run_dir, f"{ep.stem}.log")
     with open(log_path, "ab") as logf:
+        log_start = logf.tell()  # the log is appended to: what this daemon writes starts here
         proc = subprocess.Popen(daemon_command(ep, shm_dir, extra), stdin=subprocess.DEVNULL, stdout=logf,
                                 stderr=logf, start_new_session=True)
     if wait_s:
-        c = DaemonClient(ep.address, who=f"waiting for daemon {ep.job}/{ep.node}")
-        try:
-            c.wait_ready(wait_s)
-        finally:
-            c.close()
+        _wait_answering(ep, proc, wait_s, log_path, log_start)
     return proc
+
+
+def _wait_answering(ep: Endpoint, proc: subprocess.Popen, wait_s: float, log_path: str, log_start: int) -> None:
+    who = f"daemon {ep.job}/{ep.node} (pid {proc.pid})"
+    deadline = time.monotonic() + wait_s
+    c = DaemonClient(ep.address, who=f"waiting for daemon {ep.job}/{ep.node}")
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise SnapGuardError(f"{who} exited with code {proc.returncode} before it answered on {ep.address};"
+                                     f" its log {log_path} ends:\n{_log_tail(log_path, log_start)}")
+            try:
+                c.wait_ready(max(0.05, min(0.5, deadline - time.monotonic())))
+                return
+            except DaemonUnavailable:
+                if time.monotonic() < deadline or proc.poll() is not None:
+                    continue
+                _kill_session(proc)
+                raise DaemonUnavailable(f"{who} did not answer on {ep.address} within {wait_s:g} s and was killed"
+                                        f" (its process group, SIGKILL); see {log_path}") from None
+    finally:
+        c.close()
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL a process started with ``start_new_session`` and everything in its session's group; reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # its pid is its process group's id
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:  # in uninterruptible sleep: nothing more to do from here
+        pass
+
+
+def _log_tail(path: str, start: int, lines: int = 5, max_bytes: int = 8192) -> str:
+    """The last ``lines`` lines a process wrote to ``path`` since offset ``start``."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(start, os.path.getsize(path) - max_bytes))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError as e:
+        return f"  (cannot read it: {e})"
+    tail = [line for line in text.splitlines() if line.strip()][-lines:]
+    return "\n".join(f"  {line}" for line in tail) if tail else "  (nothing)"
 
 
 def leave_process_group() -> None:

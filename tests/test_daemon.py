@@ -12,8 +12,10 @@ import glob
 import os
 import random
 import resource
+import secrets
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -29,9 +31,9 @@ import zmq.utils.monitor
 
 from snapguard import protocol as P
 from snapguard.client import DaemonClient
-from snapguard.config import Endpoint
+from snapguard.config import Endpoint, default_timeout
 from snapguard.demo import state_digest
-from snapguard.errors import DaemonError, DaemonUnavailable, RestoreError, SnapGuardError
+from snapguard.errors import ConfigError, DaemonError, DaemonUnavailable, RestoreError, SnapGuardError
 from snapguard.layout import MANIFEST_VERSION, Manifest, TensorEntry, align, chunk_checksums
 from snapguard.procs import daemon_command
 
@@ -636,6 +638,57 @@ def test_jobs_and_nodes_whose_ids_run_together_get_daemons_of_their_own(node):
         b.close()
 
 
+@pytest.mark.parametrize(("extra", "message"), [
+    pytest.param(["--peer", "n1=tcp://127.0.0.1:7311", "--ec-group", "n0,n1"],
+                 "--peer, --ec-group make(s) this daemon a member of an EC group, which needs --peer-bind",
+                 id="peers-without-peer-bind"),
+    pytest.param(["--ec-m", "2"], "--ec-m make(s) this daemon a member of an EC group", id="ec-m-alone"),
+    pytest.param(["--peer-bind", "tcp://127.0.0.1:7312", "--peer", "n1=notanaddress"],
+                 "peer address 'notanaddress' is not tcp://HOST:PORT", id="bad-peer-address"),
+    pytest.param(["--peer-bind", "tcp://127.0.0.1:7312", "--peer", "n1=tcp://127.0.0.1:7313", "--ec-group", "n5,n1"],
+                 "--ec-group n5,n1 does not include this node (n0)", id="group-without-this-node"),
+    pytest.param(["--peer-bind", "tcp://127.0.0.1:7312", "--peer", "n1=tcp://127.0.0.1:7313", "--ec-group", "n0,n2"],
+                 "--ec-group members ['n2'] have no --peer", id="group-member-without-address"),
+    pytest.param(["--peer-bind", "tcp://127.0.0.1:7312", "--peer", "n1=tcp://127.0.0.1:7313", "--ec-m", "5"],
+                 "parity chunks m must be an int in 1..g-1", id="m-too-large"),
+    pytest.param(["--shm-limit", "infG"], "'infG' is not a size", id="shm-limit-inf"),
+    pytest.param(["--shm-limit", "-3"], "'-3' is not a size", id="shm-limit-negative"),
+])
+def test_a_daemon_given_flags_it_cannot_honour_stops_before_creating_anything(node, extra, message):
+    """Peer flags without --peer-bind used to start a daemon that ran alone, no erasure coding, without a word."""
+    r = subprocess.run(daemon_command(node.ep, node.shm_dir, extra), capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, SNAPGUARD_SECRET=secrets.token_hex(16)))
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert os.listdir(node.run_dir) == [] and os.listdir(node.shm_dir) == []
+
+
+def test_a_daemon_whose_start_fails_leaves_no_socket_lock_or_slot_directory(node):
+    with socket.socket() as busy:  # --peer-bind on a port something else listens on
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run(daemon_command(node.ep, node.shm_dir, ["--peer-bind", f"tcp://127.0.0.1:{port}", "--peer",
+                                                                 "n1=tcp://127.0.0.1:1"]),
+                           capture_output=True, text=True, timeout=60,
+                           env=dict(os.environ, SNAPGUARD_SECRET=secrets.token_hex(16)))
+    assert r.returncode == 2 and "Address already in use" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert os.listdir(node.run_dir) == [] and os.listdir(node.shm_dir) == []
+    node.start()  # nothing left behind stands in the way of the next daemon
+    assert isinstance(node.request(P.Ping()), P.Ok)
+
+
+def test_socket_paths_too_long_for_unix_sockets_and_bad_timeouts_are_clear_errors(monkeypatch):
+    with pytest.raises(ConfigError, match=r"Unix sockets allow 107: use a shorter run dir"):
+        Endpoint("j" * 60, "n" * 60, "/tmp/x").socket_path
+    for bad in ("abc", "inf", "nan", "-1", "0"):
+        monkeypatch.setenv("SNAPGUARD_TIMEOUT_S", bad)
+        with pytest.raises(ConfigError, match=r"\$SNAPGUARD_TIMEOUT_S must be a number of seconds"):
+            default_timeout()
+    monkeypatch.setenv("SNAPGUARD_TIMEOUT_S", "2.5")
+    assert default_timeout() == 2.5 and default_timeout(7) == 7.0
+
+
 # ---- memory: pre-faulted slots, in-place restore -------------------------------------------------
 
 def _slot_mappings(table_dir: str) -> dict[str, tuple[int, int]]:
@@ -838,3 +891,31 @@ def test_a_starter_that_locked_an_unlinked_lock_file_locks_the_new_one(node, mon
     finally:
         d.close()
     assert not os.path.exists(node.ep.lock_path) and not os.path.exists(node.table_dir)
+
+
+def test_spawn_daemon_reports_a_daemon_that_exits_at_once_with_its_exit_code_and_log(node):
+    t0 = time.monotonic()
+    with pytest.raises(SnapGuardError) as e:
+        node.start(["--hash-threads", "0"], wait_s=60)
+    assert time.monotonic() - t0 < 30, "spawn_daemon waited out wait_s although the daemon had exited"
+    msg = str(e.value)
+    assert f"daemon {node.job}/n0 (pid " in msg and "exited with code 2 before it answered" in msg, msg
+    assert node.log_path in msg and "--hash-threads must be at least 1, got 0" in msg, msg
+
+
+def test_spawn_daemon_kills_a_daemon_that_does_not_answer_in_time(node, monkeypatch):
+    """A daemon waiting in a rendezvous that never completes neither answers nor exits: spawn_daemon must not
+    leave it running in its own session with no handle for the caller."""
+    import re
+
+    from snapguard.cluster import free_port
+
+    monkeypatch.setenv("SNAPGUARD_SECRET", "0123456789abcdef0123456789abcdef")
+    with pytest.raises(DaemonUnavailable) as e:
+        node.start(["--peer-bind", f"tcp://127.0.0.1:{free_port()}", "--rendezvous", f"127.0.0.1:{free_port()}",
+                    "--rendezvous-host", "--nodes", "2", "--rendezvous-timeout", "120"], wait_s=3)
+    msg = str(e.value)
+    assert "did not answer on" in msg and "within 3 s and was killed" in msg and node.log_path in msg, msg
+    pid = int(re.search(r"\(pid (\d+)\)", msg).group(1))
+    with pytest.raises(ProcessLookupError):  # killed and reaped
+        os.kill(pid, 0)

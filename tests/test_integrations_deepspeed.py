@@ -93,8 +93,9 @@ leave_process_group()
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     work = str(tmp_path_factory.mktemp("deepspeed"))
-    with scenarios(work, {f"zero{z}": ("deepspeed_zero.py", ["--zero", str(z), "--steps", str(STEPS)], STEPS)
-                          for z in (1, 2)}) as s:
+    # --local_rank as the `deepspeed` launcher passes it (the example reads LOCAL_RANK instead)
+    with scenarios(work, {f"zero{z}": ("deepspeed_zero.py", ["--zero", str(z), "--steps", str(STEPS), "--local_rank=0"],
+                                       STEPS) for z in (1, 2)}) as s:
         yield work, s
 
 
