@@ -16,7 +16,10 @@ Keys, all under ``snapguard/<job>/``:
   loss, or a restarted daemon) walks the same probe sequence and finds its own slot before any empty
   one, so it never counts twice; a node that finds every slot taken by others is refused.
 - ``member/<node>``: the node's record (JSON), written before it claims its slot, so a record
-  exists for every claimed slot. A node that joins again overwrites its record.
+  exists for every claimed slot. A node that joins again at the same address overwrites its record; a
+  daemon whose record would replace one at another address (two daemons given one node name, or a
+  node come back elsewhere) is refused with a ConfigError naming both addresses, checked before it
+  writes its record and again in the roster it reads back (the other may have written in between).
 - ``joins/<node>``: how many times the node joined (for the log: a second join is a rejoin).
 
 Nothing read from the store is trusted: records are JSON (never pickle) of bounded size, and every
@@ -193,7 +196,8 @@ def join(store, job: str, me: Member, nodes: int, timeout_s: float,
     on every daemon: the first to join records them with the number of nodes, later ones are
     checked against them. Raises RendezvousError when fewer than ``nodes`` joined within
     ``timeout_s``, naming who has joined; ConfigError when this daemon disagrees with the job's
-    settings or every slot belongs to other nodes; ProtocolError for a value in the store that is
+    settings, every slot belongs to other nodes, or another daemon of its node name joined at
+    another address; ProtocolError for a value in the store that is
     not one of ours.
     """
     from torch.distributed import DistError
@@ -206,6 +210,7 @@ def join(store, job: str, me: Member, nodes: int, timeout_s: float,
     wanted = {"v": VERSION, "nodes": nodes, **(settings or {})}
     try:
         _agree(store, job, wanted)
+        _check_same_daemon(store, job, me)
         store.set(key(job, "member", me.node), me.to_wire())
         slot = _claim_slot(store, job, me.node, nodes)
         count = store.add(key(job, "joins", me.node), 1)
@@ -230,6 +235,12 @@ def join(store, job: str, me: Member, nodes: int, timeout_s: float,
             if member.node != name:
                 raise ProtocolError(f"rendezvous key {where} holds the record of node {member.node}, not of {name}")
             roster.append(member)
+        mine = next((x for x in roster if x.node == me.node), None)
+        if mine is None:  # our slot is ours (claimed above): its record can only be missing if the store lies
+            raise ProtocolError(f"{who} node {me.node} is not in the roster it joined"
+                                f" ({', '.join(sorted(x.node for x in roster))})")
+        # another daemon of this name may have written its record between our check and our set
+        _refuse_other_daemon(job, me, mine, "joined while this one was joining")
     except DistError as e:
         raise RendezvousError(f"{who} lost the rendezvous store: {_first_line(e)}") from None
     log.info("%s all %d daemons joined in %.1f s: %s", who, nodes, time.monotonic() - t0,
@@ -246,6 +257,32 @@ def _agree(store, job: str, wanted: dict) -> None:
                          for k in sorted(set(theirs) | set(wanted)) if theirs.get(k) != wanted.get(k))
         raise ConfigError(f"job {job}'s rendezvous was started with other settings: {diff}; every daemon of a job"
                           f" must be given the same --nodes, --ec-g and --ec-m")
+
+
+def _check_same_daemon(store, job: str, me: Member) -> None:
+    """Refuse to join when ``member/<node>`` already holds another address (see ``_refuse_other_daemon``)."""
+    where = key(job, "member", me.node)
+    if store.check([where]):
+        theirs = Member.from_wire(store.get(where), where)
+        if theirs.node != me.node:
+            raise ProtocolError(f"rendezvous key {where} holds the record of node {theirs.node}, not of {me.node}")
+        _refuse_other_daemon(job, me, theirs, "has joined already")
+
+
+def _refuse_other_daemon(job: str, me: Member, theirs: Member, when: str) -> None:
+    """ConfigError when ``theirs``, the store's record of ``me.node``, is a daemon at another address.
+
+    A daemon of the same node at the same address (a restarted daemon, or a replacement node that took over
+    the lost one's name and address) is the same member and may rejoin. One at another address is not: it
+    would overwrite the other's record, both would count as one node, and the peers, which read the roster
+    once, would never find it there.
+    """
+    if theirs.address != me.address:
+        raise ConfigError(
+            f"job {job}'s rendezvous: node {me.node} at {me.address} cannot join: a daemon of node {me.node} at"
+            f" {theirs.address} {when}. Two daemons cannot share a node name (the default is the short"
+            f" host name): give each a unique --node. A node that joins again must come back at the address its"
+            f" peers know ({theirs.address})")
 
 
 def _claim_slot(store, job: str, node: str, nodes: int) -> int:

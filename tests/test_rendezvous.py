@@ -4,8 +4,8 @@ The store is a real TCPStore on loopback, hosted by the test (or by a daemon wit
 --rendezvous-host); daemons are real processes, or threads calling `join` the way a daemon does.
 Checked: every daemon gets the same roster and computes the same groups, no group holds two nodes of
 one failure domain, a rendezvous that never completes says who is missing, a node that joins again
-counts once, nothing in the store is trusted (and nothing is unpickled), conflicting flags are
-refused, and a simulated cluster configured only through the rendezvous survives losing a node
+counts once (at another address, or as a second daemon of one node name, it is refused), nothing in
+the store is trusted (and nothing is unpickled), conflicting flags are refused, and a simulated cluster configured only through the rendezvous survives losing a node
 bit-identically.
 """
 
@@ -104,20 +104,64 @@ def test_a_rendezvous_that_never_completes_names_who_joined_and_how_many_are_mis
         assert "waited 1 s for 3 daemons of job job to join the rendezvous: 2 of 3 joined (n0, n1), 1 still missing" in str(e)
 
 
-def test_a_node_that_joins_again_counts_once_and_its_new_record_wins(store):
+def test_a_node_that_joins_again_at_its_address_counts_once(store):
     address, s = store
     assert "1 of 3 joined (n0)" in str(join_one(address, "job", member(0), 3, timeout_s=0.3))
     errors = join_all(address, "job", [member(0), member(1)], 3, timeout_s=0.5)
     assert all("2 of 3 joined (n0, n1), 1 still missing" in str(e) for e in errors), errors
-    moved = member(0, port=7200)
-    rosters = join_all(address, "job", [moved, member(1), member(2)], 3)
-    assert all(r == (moved, member(1), member(2)) for r in rosters), rosters
-    # after a node loss: the replacement daemon of n1, at a new address, joins alone and gets the roster at once
-    replacement, connection = member(1, port=7300), open_store(address, CONNECT_S)
+    rosters = join_all(address, "job", [member(0), member(1), member(2)], 3)
+    assert all(r == (member(0), member(1), member(2)) for r in rosters), rosters
+    # after a node loss: the replacement daemon of n1, at the address its peers know, joins alone and gets the
+    # roster at once
+    connection = open_store(address, CONNECT_S)
     t0 = time.monotonic()
-    assert join_one(address, "job", replacement, 3, timeout_s=5.0, store=connection) == (moved, replacement, member(2))
+    assert join_one(address, "job", member(1), 3, timeout_s=5.0, store=connection) == (member(0), member(1), member(2))
     assert time.monotonic() - t0 < 2
     assert s.get(key("job", "joins", "n0")) == b"3" and s.get(key("job", "joins", "n1")) == b"3"
+
+
+def test_two_daemons_of_one_node_name_at_different_addresses_are_refused(store):
+    """gpu1.rackA and gpu1.rackB both default to node gpu1: the second must not take over the first's record."""
+    address, s = store
+    first, second = member(1, port=7101), member(1, port=7109)
+    assert "1 of 2 joined (n1)" in str(join_one(address, "job", first, 2, timeout_s=0.3))
+    e = join_one(address, "job", second, 2, timeout_s=5.0)
+    assert isinstance(e, ConfigError), e
+    assert "node n1 at tcp://127.0.0.1:7109 cannot join: a daemon of node n1 at tcp://127.0.0.1:7101 has joined" \
+           " already" in str(e) and "--node" in str(e), e
+    assert Member.from_wire(s.get(key("job", "member", "n1")), "") == first, "the refused daemon wrote its record"
+    assert s.get(key("job", "joins", "n1")) == b"1"
+    # the job completes with the first daemon's address, and it may still rejoin there
+    rosters = join_all(address, "job", [member(0), first], 2)
+    assert all(r == (member(0), first) for r in rosters), rosters
+    assert isinstance(join_one(address, "job", second, 2), ConfigError), "a complete job refuses it too"
+
+
+def test_a_daemon_whose_record_is_overwritten_while_it_joins_is_refused(store):
+    """Both daemons of one name passed the check before either wrote: the one whose record lost sees it in
+    the roster it reads back and is refused, naming the other's address."""
+    address, s = store
+    other = member(1, port=7109)
+
+    class Racing:
+        """The store as the first daemon sees it: the other daemon's record lands just after its own."""
+
+        def __init__(self, store):
+            self.store = store
+
+        def __getattr__(self, name):
+            return getattr(self.store, name)
+
+        def set(self, k, v):
+            self.store.set(k, v)
+            if k == key("job", "member", "n1"):
+                self.store.set(k, other.to_wire())
+
+    e = join_one(address, "job", member(1), 1, store=Racing(open_store(address, CONNECT_S)))
+    assert isinstance(e, ConfigError), e
+    assert "node n1 at tcp://127.0.0.1:7101 cannot join: a daemon of node n1 at tcp://127.0.0.1:7109 joined while" \
+           " this one was joining" in str(e), e
+    assert join_one(address, "job", other, 1) == (other,), "the daemon whose record is in the store joins"
 
 
 def test_daemons_that_disagree_on_the_job_size_or_a_full_rendezvous_are_refused(store):
@@ -289,6 +333,29 @@ def test_real_daemons_meet_in_a_store_one_of_them_hosts_and_a_restarted_daemon_r
     b.start(flags(b))  # the roster is complete: the replacement gets it at once
     assert b.status().peers == ["a", "c"]
     assert "rejoined (join 2 of this node)" in b.log()
+
+
+def test_a_second_daemon_of_one_node_name_exits_at_once_naming_both_addresses(nodes):
+    a, b, b2 = nodes("a"), nodes("b"), nodes("b")  # b2: another host whose short name is also b
+    address = f"127.0.0.1:{free_port()}"
+    ports = [free_port() for _ in range(3)]
+
+    def flags(port: int, host: bool = False) -> list[str]:
+        return ["--peer-bind", f"tcp://127.0.0.1:{port}", "--rendezvous", address, "--nodes", "2",
+                "--rendezvous-timeout", "60", *(["--rendezvous-host"] if host else [])]
+
+    a.start(flags(ports[0], host=True), wait_s=None)
+    b.start(flags(ports[1]), wait_s=None)
+    for n in (a, b):
+        wait_ready(n, 60)
+    t0 = time.monotonic()
+    with pytest.raises(SnapGuardError) as e:
+        b2.start(flags(ports[2]), wait_s=60)
+    assert time.monotonic() - t0 < 30, "spawn_daemon waited although the daemon had exited"
+    assert "exited with code 2 before it answered" in str(e.value), e.value
+    assert f"node b at tcp://127.0.0.1:{ports[2]} cannot join: a daemon of node b at tcp://127.0.0.1:{ports[1]}" \
+           " has joined already" in str(e.value), e.value
+    assert b.status().peers == ["a"] and a.status().peers == ["b"], "the daemons that met are unaffected"
 
 
 def test_a_daemon_whose_rendezvous_never_completes_exits_naming_what_it_waited_for(nodes):
