@@ -78,9 +78,8 @@ class Endpoint:
 
     @property
     def stem(self) -> str:
-        """The daemon's socket, lock and log are named <job>@<node>.*: '@' is in neither id's alphabet, so no two
-        (job, node) pairs share them (with '.', job 'a.b' on node 'c' and job 'a' on node 'b.c' did)."""
-        return f"{check_name('job', self.job)}@{check_name('node', self.node)}"
+        """The daemon's socket, lock and log are named <job>@<node>.* (see `job_at_node`)."""
+        return job_at_node(self.job, self.node)
 
     @property
     def socket_path(self) -> str:
@@ -103,10 +102,15 @@ class Endpoint:
 _MAX_SOCKET_PATH = 107  # sun_path is 108 bytes, NUL included
 
 
+def job_at_node(job: str, node: str) -> str:
+    """'<job>@<node>', the part of every file name of one job's daemon on one node. '@' is in neither id's alphabet,
+    so no two (job, node) pairs share it; with '.' or '-' they did (job 'a-b' on node 'c', job 'a' on node 'b-c')."""
+    return f"{check_name('job', job)}@{check_name('node', node)}"
+
+
 def slot_dir_name(job: str, node: str) -> str:
-    """The directory, inside the shm dir, of one job's slots on one node. '@' is in neither id's alphabet, so no
-    two (job, node) pairs share it; with '-' they did (job 'a-b' on node 'c', job 'a' on node 'b-c')."""
-    return f"snapguard-{check_name('job', job)}@{check_name('node', node)}"
+    """The directory, inside the shm dir, of one job's slots on one node."""
+    return f"snapguard-{job_at_node(job, node)}"
 
 
 def ensure_private_dir(path: str) -> str:
