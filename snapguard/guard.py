@@ -50,6 +50,10 @@ _MAX_INVENTORY = 16  # steps one rank reports at restore; more than slots_per_ra
 _RESTORE_THREADS = 4  # threads that verify and copy a shard on restore (memory bandwidth, not compute, bounds it)
 _CORRUPT = -2  # what a rank that found a corrupt chunk reports instead of the step it restored
 _FAILED = -3  # what a rank whose restore raised reports, so that the others stop too instead of waiting for it
+# Why a rank stops before it lists its sealed steps; it still joins the first gather, and the others say so.
+_UNLISTED, _UNFINISHED = 1, 2
+_STOPPED_BEFORE_INVENTORY = {_UNLISTED: "could not list their snapshots",
+                             _UNFINISHED: "stopped on a failure of their last snapshot"}
 _MAX_RESTORE_ROUNDS = 8  # each round after the first two rules out a step, or ends the restore
 
 
@@ -433,27 +437,35 @@ class Guard:
         peers with bytes that match their checksums, every rank plans again, after the daemons have checked every
         sealed slot and dropped the corrupt ones (and the steps whose rebuild failed): with an older step if need
         be. A step that fails after that check is not tried again."""
-        self.wait()
+        try:
+            self.wait()  # the copy thread must be done with the tensors before they are written
+            unfinished = None
+        except SnapGuardError as e:  # raised after the first gather, so that the others stop at once too
+            unfinished = e
         t0 = time.monotonic()
         dropped: list[str] = []
         loaded = None  # the step some of whose chunks this rank copied into its state
         failed: set[int] = set()  # steps that failed after the daemons checked their slots again
         recheck = False
         for rnd in range(1, _MAX_RESTORE_ROUNDS + 1):
-            try:
-                inv, error = self.client.request(P.Inventory(self.endpoint.job, self.rank, recheck=recheck)), None
-            except SnapGuardError as e:  # still gathered with the others, who would otherwise wait out _agree_s
-                inv, error = P.Steps([], []), e
+            inv, error, why_not = P.Steps([], []), unfinished, _UNFINISHED
+            if error is None:
+                try:
+                    inv = self.client.request(P.Inventory(self.endpoint.job, self.rank, recheck=recheck))
+                except SnapGuardError as e:  # still gathered with the others, who would otherwise wait out _agree_s
+                    error, why_not = e, _UNLISTED
             for why in inv.dropped:
                 log.warning("%s a sealed snapshot failed verification and is not used: %s", self.who, why)
             dropped += inv.dropped
             # Every decision below is taken from gathered data, so that every rank takes the same branch.
-            inventories, epoch, touched, unlisted = self._gather_inventories(inv.steps, loaded, rnd, error is not None)
+            inventories, epoch, touched, stopped = self._gather_inventories(inv.steps, loaded, rnd,
+                                                                            why_not if error else 0)
             if error is not None:
                 raise error
-            if unlisted:
-                raise RestoreError(f"{self.who} cannot restore: ranks {unlisted} could not list their snapshots (their"
-                                   " errors say why)" + self._touched(loaded, touched))
+            if stopped:
+                raise RestoreError(f"{self.who} cannot restore: " + "; ".join(
+                    f"ranks {ranks} {_STOPPED_BEFORE_INVENTORY[why]} (their errors say why)"
+                    for why, ranks in sorted(stopped.items())) + self._touched(loaded, touched))
             plan = plan_restore(inventories, self.world_size)
             if plan.step is None and (any(inventories.values()) or touched):
                 # Some ranks hold snapshots, but no step is common: starting afresh would silently lose the
@@ -592,21 +604,25 @@ class Guard:
         return state, man.nbytes
 
     def _gather_inventories(self, steps: list[int], loaded: int | None, rnd: int,
-                            unlisted: bool) -> tuple[dict[int, list[int]], int, dict[int, int], list[int]]:
+                            stopped: int) -> tuple[dict[int, list[int]], int, dict[int, int], dict[int, list[int]]]:
         """Every rank's sealed steps; the epoch of what this restore starts: a random number rank 0 draws, which
         every daemon stamps on the new timeline's chunks (`Protector.rewind`); the ranks whose state holds chunks
-        of an earlier round's step (rank -> step); and the ranks that could not list their steps (`unlisted`)."""
+        of an earlier round's step (rank -> step); and the ranks that stop before listing their steps, by why
+        (`stopped`, this rank's: 0, or a key of _STOPPED_BEFORE_INVENTORY)."""
         epoch = secrets.randbits(62) + 1
         t = torch.full((_MAX_INVENTORY + 3,), -1, dtype=torch.int64)
         t[0] = epoch
         t[1] = -1 if loaded is None else loaded
-        t[2] = int(unlisted)
+        t[2] = stopped
         mine = steps[-_MAX_INVENTORY:]
         t[3:3 + len(mine)] = torch.tensor(mine, dtype=torch.int64)
         out = self._all_gather(t, f"every rank's inventory of sealed steps (restore round {rnd})")
         inventories = {r: [s for s in o[3:] if s >= 0] for r, o in out.items()}
-        return (inventories, out[min(out)][0], {r: o[1] for r, o in out.items() if o[1] >= 0},
-                sorted(r for r, o in out.items() if o[2] == 1))
+        why: dict[int, list[int]] = {}
+        for r, o in sorted(out.items()):
+            if o[2] in _STOPPED_BEFORE_INVENTORY:
+                why.setdefault(o[2], []).append(r)
+        return inventories, out[min(out)][0], {r: o[1] for r, o in out.items() if o[1] >= 0}, why
 
     def _gather_restored(self, step: int | None, world_size: int,
                          what: str) -> tuple[dict[int, int | None], dict[int, int]]:
