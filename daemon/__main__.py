@@ -8,9 +8,9 @@ import sys
 
 import zmq
 
-from snapguard.config import check_name, default_job, default_node, default_run_dir, default_shm_dir
+from snapguard.config import Endpoint, check_name, default_job, default_node, default_run_dir, default_shm_dir
 from snapguard.daemon.peers import ENV_SECRET, load_secret
-from snapguard.daemon.server import AlreadyRunning, Daemon, DaemonConfig
+from snapguard.daemon.server import AlreadyRunning, Daemon, DaemonConfig, NodeLock
 from snapguard.errors import ConfigError, SnapGuardError
 
 log = logging.getLogger("snapguard.daemon")
@@ -177,19 +177,23 @@ def main(argv: list[str] | None = None) -> int:
         if a.hash_threads is not None and a.hash_threads < 1:
             raise ConfigError(f"--hash-threads must be at least 1, got {a.hash_threads}")
         secret = load_secret(a.secret_file) if a.peer_bind else b""  # before a rendezvous: fail alone, not the job
-        peers, group, store = resolve_peers(a, job, node)  # noqa: F841 (a hosted store lives with the daemon)
-        cfg = DaemonConfig(job, node, default_run_dir(a.run_dir),
-                           default_shm_dir(a.shm_dir), a.shm_limit, a.slots_per_rank, not a.keep_on_exit,
-                           hash_threads=a.hash_threads,
-                           peer_bind=a.peer_bind, peers=peers, ec_group=group, ec_m=a.ec_m,
-                           secret=secret, peer_timeout_s=a.peer_timeout)
-        d = Daemon(cfg)
+        # The node's lock before the rendezvous: a second daemon of this job and node stops here, without joining.
+        lock = NodeLock(Endpoint(job, node, default_run_dir(a.run_dir)), f"[{job}/{node} daemon]")
         try:
-            d.start()
-        except AlreadyRunning:
-            raise  # nothing of ours to undo: the socket, lock and slots are the running daemon's
+            peers, group, store = resolve_peers(a, job, node)  # noqa: F841 (a hosted store lives with the daemon)
+            cfg = DaemonConfig(job, node, default_run_dir(a.run_dir),
+                               default_shm_dir(a.shm_dir), a.shm_limit, a.slots_per_rank, not a.keep_on_exit,
+                               hash_threads=a.hash_threads,
+                               peer_bind=a.peer_bind, peers=peers, ec_group=group, ec_m=a.ec_m,
+                               secret=secret, peer_timeout_s=a.peer_timeout)
+            d = Daemon(cfg)
         except BaseException:
-            d.abandon()
+            lock.release()
+            raise
+        try:
+            d.start(lock)
+        except BaseException:
+            d.abandon()  # releases the lock too
             raise
     except AlreadyRunning as e:
         print(e, file=sys.stderr)

@@ -132,6 +132,47 @@ class AlreadyRunning(SnapGuardError):
     pass
 
 
+class NodeLock:
+    """The lock file that allows one daemon per job and node, held until the daemon exits. snapguard-daemon takes
+    it before it meets the job's other daemons, so a second daemon of the node never joins the rendezvous."""
+
+    def __init__(self, ep: Endpoint, who: str):
+        ensure_private_dir(ep.run_dir)
+        self.path = ep.lock_path
+        for _ in range(10):  # bounded: each retry means a daemon of this job and node exited just then
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno in (errno.EAGAIN, errno.EACCES):
+                    other = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                    os.close(fd)
+                    raise AlreadyRunning(f"{who} another daemon (pid {other or '?'}) already serves {ep.socket_path}")
+                os.close(fd)
+                raise
+            # A daemon unlinks its lock file as it exits, still holding the lock: if we opened that file just
+            # before, our lock is on a file the next starter never sees. Keep it only if it is still at the path.
+            try:
+                if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        else:
+            raise SnapGuardError(f"{who} could not lock {self.path}: it was replaced 10 times in a row")
+        self.fd: int | None = fd
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # still holding the lock: no other daemon owns this file
+        os.close(self.fd)
+        self.fd = None
+
+
 class Daemon:
     def __init__(self, cfg: DaemonConfig):
         self.cfg = cfg
@@ -140,7 +181,7 @@ class Daemon:
                                cfg.hash_threads or default_hash_threads())
         self._stop = False
         self._remove = cfg.remove_on_exit
-        self._lock_fd = None
+        self._lock: NodeLock | None = None
         self._sock = None
         self.started = time.time()
         self.net: PeerNet | None = None
@@ -160,33 +201,10 @@ class Daemon:
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
-    def start(self) -> None:
-        ensure_private_dir(self.cfg.run_dir)
+    def start(self, lock: NodeLock | None = None) -> None:
+        """Take the node's lock (or the one given: taken before a rendezvous), re-adopt the sealed slots, bind."""
         ep = self.cfg.endpoint
-        for _ in range(10):  # bounded: each retry means a daemon of this job and node exited just then
-            fd = os.open(ep.lock_path, os.O_CREAT | os.O_RDWR, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                if e.errno in (errno.EAGAIN, errno.EACCES):
-                    other = os.pread(fd, 32, 0).decode(errors="replace").strip()
-                    os.close(fd)
-                    raise AlreadyRunning(f"{self.who} another daemon (pid {other or '?'}) already serves {ep.socket_path}")
-                os.close(fd)
-                raise
-            # A daemon unlinks its lock file as it exits, still holding the lock: if we opened that file just
-            # before, our lock is on a file the next starter never sees. Keep it only if it is still at the path.
-            try:
-                if os.path.samestat(os.fstat(fd), os.stat(ep.lock_path)):
-                    break
-            except FileNotFoundError:
-                pass
-            os.close(fd)
-        else:
-            raise SnapGuardError(f"{self.who} could not lock {ep.lock_path}: it was replaced 10 times in a row")
-        self._lock_fd = fd
-        os.ftruncate(self._lock_fd, 0)
-        os.pwrite(self._lock_fd, str(os.getpid()).encode(), 0)
+        self._lock = lock or NodeLock(ep, self.who)
         self.table.adopt()
         ctx = zmq.Context.instance()
         self._sock = ctx.socket(zmq.ROUTER)
@@ -271,18 +289,16 @@ class Daemon:
         if self._remove:
             self.table.remove_all()
             log.info("%s removed its shared memory", self.who)
-        if self._lock_fd is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.cfg.endpoint.lock_path)  # still holding the lock: no other daemon owns this file
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def abandon(self) -> None:
         """Undo a start() that failed after taking the lock: close the sockets, remove the socket and lock files.
         The slots stay (sealed ones are an earlier daemon's, for the next one to re-adopt); an empty slot
         directory goes."""
         self._remove = False
-        held = self._lock_fd is not None
+        held = self._lock is not None
         self.close()
         if held:
             with contextlib.suppress(OSError):

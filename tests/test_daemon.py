@@ -885,7 +885,7 @@ def test_a_starter_that_locked_an_unlinked_lock_file_locks_the_new_one(node, mon
         d.start()
         monkeypatch.undo()
         assert raced and os.path.exists(node.ep.lock_path)
-        assert os.path.samestat(os.fstat(d._lock_fd), os.stat(node.ep.lock_path))
+        assert os.path.samestat(os.fstat(d._lock.fd), os.stat(node.ep.lock_path))
         r = subprocess.run(daemon_command(node.ep, node.shm_dir), capture_output=True, text=True, timeout=30)
         assert r.returncode == 3 and f"another daemon (pid {os.getpid()}) already serves" in r.stderr, r.stderr
     finally:

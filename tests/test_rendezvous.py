@@ -12,8 +12,10 @@ bit-identically.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,6 +27,7 @@ from snapguard.client import DaemonClient
 from snapguard.daemon.__main__ import main as daemon_main
 from snapguard.demo import compare
 from snapguard.errors import ConfigError, ProtocolError, SnapGuardError
+from snapguard.procs import daemon_command
 from snapguard.rendezvous import (Member, RendezvousError, join, key, open_store, plan_peers, static_roster)
 from test_cluster import _assert_restores_from_memory, _reference, _run_with_losses
 
@@ -356,6 +359,28 @@ def test_a_second_daemon_of_one_node_name_exits_at_once_naming_both_addresses(no
     assert f"node b at tcp://127.0.0.1:{ports[2]} cannot join: a daemon of node b at tcp://127.0.0.1:{ports[1]}" \
            " has joined already" in str(e.value), e.value
     assert b.status().peers == ["a"] and a.status().peers == ["b"], "the daemons that met are unaffected"
+
+
+def test_a_second_daemon_of_a_running_node_stops_before_it_joins_the_rendezvous(nodes):
+    a, b = nodes("a"), nodes("b")
+    address = f"127.0.0.1:{free_port()}"
+    ports = [free_port() for _ in range(2)]
+
+    def flags(port: int, host: bool = False) -> list[str]:
+        return ["--peer-bind", f"tcp://127.0.0.1:{port}", "--rendezvous", address, "--nodes", "2",
+                "--rendezvous-timeout", "60", *(["--rendezvous-host"] if host else [])]
+
+    a.start(flags(ports[0], host=True), wait_s=None)
+    b.start(flags(ports[1]), wait_s=None)
+    for n in (a, b):
+        wait_ready(n, 60)
+    # The same node on the same host, at the same address: the rendezvous would count it as b rejoining.
+    r = subprocess.run(daemon_command(b.ep, b.shm_dir, flags(ports[1])), capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "SNAPGUARD_SECRET": SECRET})
+    assert r.returncode == 3 and f"another daemon (pid {b.proc.pid}) already serves" in r.stderr, r.stderr
+    assert "rendezvous" not in r.stderr, r.stderr
+    assert "join 2" not in a.log() + b.log()
+    assert b.status().peers == ["a"] and a.status().peers == ["b"]
 
 
 def test_a_daemon_whose_rendezvous_never_completes_exits_naming_what_it_waited_for(nodes):
