@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import pytest
 
@@ -338,30 +339,8 @@ def test_real_daemons_meet_in_a_store_one_of_them_hosts_and_a_restarted_daemon_r
     assert "rejoined (join 2 of this node)" in b.log()
 
 
-def test_a_second_daemon_of_one_node_name_exits_at_once_naming_both_addresses(nodes):
-    a, b, b2 = nodes("a"), nodes("b"), nodes("b")  # b2: another host whose short name is also b
-    address = f"127.0.0.1:{free_port()}"
-    ports = [free_port() for _ in range(3)]
-
-    def flags(port: int, host: bool = False) -> list[str]:
-        return ["--peer-bind", f"tcp://127.0.0.1:{port}", "--rendezvous", address, "--nodes", "2",
-                "--rendezvous-timeout", "60", *(["--rendezvous-host"] if host else [])]
-
-    a.start(flags(ports[0], host=True), wait_s=None)
-    b.start(flags(ports[1]), wait_s=None)
-    for n in (a, b):
-        wait_ready(n, 60)
-    t0 = time.monotonic()
-    with pytest.raises(SnapGuardError) as e:
-        b2.start(flags(ports[2]), wait_s=60)
-    assert time.monotonic() - t0 < 30, "spawn_daemon waited although the daemon had exited"
-    assert "exited with code 2 before it answered" in str(e.value), e.value
-    assert f"node b at tcp://127.0.0.1:{ports[2]} cannot join: a daemon of node b at tcp://127.0.0.1:{ports[1]}" \
-           " has joined already" in str(e.value), e.value
-    assert b.status().peers == ["a"] and a.status().peers == ["b"], "the daemons that met are unaffected"
-
-
-def test_a_second_daemon_of_a_running_node_stops_before_it_joins_the_rendezvous(nodes):
+def _a_and_b_met(nodes) -> tuple[Node, Node, Callable[[int], list[str]], int]:
+    """Daemons a and b of one job, met at a rendezvous that a hosts; the flags for another daemon, b's port."""
     a, b = nodes("a"), nodes("b")
     address = f"127.0.0.1:{free_port()}"
     ports = [free_port() for _ in range(2)]
@@ -374,8 +353,26 @@ def test_a_second_daemon_of_a_running_node_stops_before_it_joins_the_rendezvous(
     b.start(flags(ports[1]), wait_s=None)
     for n in (a, b):
         wait_ready(n, 60)
+    return a, b, flags, ports[1]
+
+
+def test_a_second_daemon_of_one_node_name_exits_at_once_naming_both_addresses(nodes):
+    a, b, flags, b_port = _a_and_b_met(nodes)
+    b2, port = nodes("b"), free_port()  # b2: another host whose short name is also b
+    t0 = time.monotonic()
+    with pytest.raises(SnapGuardError) as e:
+        b2.start(flags(port), wait_s=60)
+    assert time.monotonic() - t0 < 30, "spawn_daemon waited although the daemon had exited"
+    assert "exited with code 2 before it answered" in str(e.value), e.value
+    assert f"node b at tcp://127.0.0.1:{port} cannot join: a daemon of node b at tcp://127.0.0.1:{b_port}" \
+           " has joined already" in str(e.value), e.value
+    assert b.status().peers == ["a"] and a.status().peers == ["b"], "the daemons that met are unaffected"
+
+
+def test_a_second_daemon_of_a_running_node_stops_before_it_joins_the_rendezvous(nodes):
+    a, b, flags, b_port = _a_and_b_met(nodes)
     # The same node on the same host, at the same address: the rendezvous would count it as b rejoining.
-    r = subprocess.run(daemon_command(b.ep, b.shm_dir, flags(ports[1])), capture_output=True, text=True, timeout=60,
+    r = subprocess.run(daemon_command(b.ep, b.shm_dir, flags(b_port)), capture_output=True, text=True, timeout=60,
                        env={**os.environ, "SNAPGUARD_SECRET": SECRET})
     assert r.returncode == 3 and f"another daemon (pid {b.proc.pid}) already serves" in r.stderr, r.stderr
     assert "rendezvous" not in r.stderr, r.stderr
