@@ -125,7 +125,8 @@ class Run:
             workdir=workdir, nodes=c.nodes, ranks_per_node=c.ranks_per_node, m=c.m, steps=c.steps, width=c.width,
             layers=c.layers, step_sleep=c.step_sleep, job=job, slots_per_rank=c.slots_per_rank,
             worker_args=list(c.worker_args), env={"SNAPGUARD_TIMEOUT_S": WORKER_TIMEOUT_S}))
-        self.proxy = PeerProxy(self.cluster.names, self.cluster.peer_address, seed=self.rnd.randrange(1 << 30))
+        self.proxy = PeerProxy(self.cluster.names, self.cluster.peer_address, job, self.cluster.secret.encode(),
+                               seed=self.rnd.randrange(1 << 30))
         self.cluster.peer_routes.update(self.proxy.routes())
         self.losses = LossLog(self.cluster.out, self.cluster.world)
         self.next = 0

@@ -4,7 +4,8 @@ Each directed link src->dst gets a ROUTER on a port of its own; src's daemon is 
 there (`--peer dst=tcp://127.0.0.1:PORT`), and a DEALER forwards to dst's real address. Whole ZeroMQ
 multipart messages are forwarded, both ways (requests and replies), so the proxy never splits or
 alters a message: what it does is what a lossy, slow or duplicating network does to whole messages.
-A delayed link keeps its order (a FIFO per direction), as TCP does.
+A delayed link keeps its order (a FIFO per direction), as TCP does. Like a daemon, the proxy accepts
+only connections that present the job's credentials, and presents them to the daemon it forwards to.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 import zmq
 
+from snapguard.daemon.peers import ConnectionGate, present_credentials, require_credentials
 from snapguard.errors import SnapGuardError
 
 log = logging.getLogger(__name__)
@@ -34,13 +36,15 @@ class Policy:
 
 
 class _Link:
-    def __init__(self, ctx: zmq.Context, src: str, dst: str, target: str):
+    def __init__(self, ctx: zmq.Context, src: str, dst: str, target: str, job: str, secret: bytes):
         self.src, self.dst, self.name = src, dst, f"{src}->{dst}"
         self.front = ctx.socket(zmq.ROUTER)
         self.front.setsockopt(zmq.LINGER, 0)
+        require_credentials(self.front)
         self.port = self.front.bind_to_random_port("tcp://127.0.0.1")
         self.back = ctx.socket(zmq.DEALER)
         self.back.setsockopt(zmq.LINGER, 0)
+        present_credentials(self.back, job, secret)
         self.back.connect(target)
         # src's DEALERs (a control link and a chunk link, new ones after src restarts): a reply goes to the one
         # that sent the request with its request id
@@ -57,10 +61,11 @@ class _Link:
 class PeerProxy:
     """All links of a cluster, served by one background thread. Start with `start()`, stop with `close()`."""
 
-    def __init__(self, names: list[str], address_of, seed: int = 0):
+    def __init__(self, names: list[str], address_of, job: str, secret: bytes, seed: int = 0):
         self._ctx = zmq.Context()
+        self._gate = ConnectionGate(self._ctx, job, secret, f"[{job} chaos proxy]")
         self._rnd = random.Random(seed)
-        self.links = {(s, d): _Link(self._ctx, s, d, address_of(d)) for s in names for d in names if s != d}
+        self.links = {(s, d): _Link(self._ctx, s, d, address_of(d), job, secret) for s in names for d in names if s != d}
         self._counts = collections.Counter()
         self._windows: dict[int, collections.Counter] = {}
         self._lock = threading.Lock()
@@ -102,6 +107,8 @@ class PeerProxy:
         self._thread.join(10)
         if self._thread.is_alive():
             raise SnapGuardError("the peer proxy thread did not stop within 10 s")
+        if not self._gate.close():
+            raise SnapGuardError("the peer proxy's connection gate did not stop within 5 s")
         self._ctx.term()
         if self._error is not None:
             raise SnapGuardError(f"the peer proxy failed: {self._error!r}") from self._error

@@ -11,6 +11,14 @@ later is refused. Replies are bound to their request by the request id inside th
 Chunks travel on a link of their own to each peer (a second connection, with its own sequence), so
 that the small messages the group's bookkeeping depends on (which steps every rank holds) never
 wait behind hundreds of MiB of chunks.
+
+The MAC is checked only once ZeroMQ has read a whole message, and ZeroMQ limits the size of a frame,
+not the number of frames: anyone who reached the peer port could make a daemon buffer any amount of
+memory. So connections are authenticated first (`ConnectionGate`): ZeroMQ's PLAIN mechanism, with
+the job id as user name and a password derived from the job's secret, checked by a ZAP handler of our
+own. A connection without them is closed at its handshake, before any of its messages is read. PLAIN
+sends the password in the clear: it only decides who may connect, and an eavesdropper who learns it
+still cannot forge a MAC (its key is derived from the secret for another purpose).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import hmac
 import itertools
 import logging
 import os
+import threading
 import time
 from typing import Callable
 
@@ -92,6 +101,78 @@ def open_frames(secret: bytes, frames: list) -> tuple[bytes, P.Message, list]:
     return bytes(body[0]), P.decode(bytes(body[1])), list(body[2:])
 
 
+@functools.lru_cache(maxsize=4)
+def connection_password(secret: bytes) -> bytes:
+    """What a daemon presents to connect to its peers (PLAIN): derived from the secret, never the MAC key."""
+    return blake3.blake3(secret, derive_key_context=_PASSWORD_CONTEXT).hexdigest().encode()
+
+
+_PASSWORD_CONTEXT = "snapguard 2026-11 daemon-to-daemon connection password"
+_ZAP_DOMAIN = b"snapguard-peers"
+_ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # where libzmq asks a context's ZAP handler (RFC 27)
+
+
+def require_credentials(sock: zmq.Socket) -> None:
+    """Make a listening socket accept only connections whose PLAIN credentials a ConnectionGate allows."""
+    sock.setsockopt(zmq.PLAIN_SERVER, 1)
+    sock.setsockopt(zmq.ZAP_DOMAIN, _ZAP_DOMAIN)
+
+
+def present_credentials(sock: zmq.Socket, job: str, secret: bytes) -> None:
+    """Make a connecting socket present the job's PLAIN credentials."""
+    sock.setsockopt(zmq.PLAIN_USERNAME, job.encode())
+    sock.setsockopt(zmq.PLAIN_PASSWORD, connection_password(secret))
+
+
+class ConnectionGate:
+    """The ZAP handler of one ZeroMQ context: allows a connection to a `require_credentials` socket only with the
+    job's PLAIN credentials. Runs in a thread of its own, so a handshake never waits for the daemon's loop."""
+
+    def __init__(self, ctx: zmq.Context, job: str, secret: bytes, who: str):
+        self.who = who
+        self._allowed = (job.encode(), connection_password(secret))
+        self._sock = ctx.socket(zmq.REP)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.bind(_ZAP_ENDPOINT)  # before any socket that needs it binds
+        self.denied = 0
+        self._logged: dict[bytes, float] = {}  # address -> when its last denial was logged
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="snapguard-peer-gate", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if self._sock.poll(100):
+                    self._answer(self._sock.recv_multipart())
+        finally:
+            self._sock.close(0)
+
+    def _answer(self, frames: list[bytes]) -> None:
+        if len(frames) < 6:  # not a ZAP request: nothing to answer it with
+            self._sock.send_multipart([b"1.0", b"", b"500", b"malformed ZAP request", b"", b""])
+            return
+        version, request_id, domain, address, _, mechanism, *credentials = frames
+        ok = (version == b"1.0" and domain == _ZAP_DOMAIN and mechanism == b"PLAIN" and len(credentials) == 2
+              and credentials[0] == self._allowed[0] and hmac.compare_digest(credentials[1], self._allowed[1]))
+        self._sock.send_multipart([b"1.0", request_id, b"200" if ok else b"400",
+                                   b"OK" if ok else b"not this job's credentials", b"", b""])
+        if not ok:
+            self.denied += 1
+            now = time.monotonic()
+            if now - self._logged.get(address, -60.0) >= 60.0:  # a client retries every 100 ms: once a minute
+                self._logged[address] = now
+                log.warning("%s refused a peer connection from %s: it did not present job %s's credentials (%d"
+                            " refused so far)", self.who, address.decode(errors="replace"),
+                            self._allowed[0].decode(), self.denied)
+
+    def close(self) -> bool:
+        """Stop the handler; False if its thread did not stop within 5 s (its socket is then still open)."""
+        self._stop.set()
+        self._thread.join(5)
+        return not self._thread.is_alive()
+
+
 _ZERO_COPY = 1 << 16
 RECV_HWM = 4  # messages ZeroMQ reads ahead per peer
 # The largest frame a peer sends this daemon's ROUTER: a piece of a chunk, or a header (a chunk's carries its node's
@@ -118,9 +199,12 @@ class PeerNet:
         self._bulk_seq = itertools.count(1)
         self._rid = itertools.count(1)
         self._seen: dict[tuple[str, bool], tuple[int, int]] = {}  # (node, bulk link) -> newest (boot, seq)
-        ctx = zmq.Context.instance()
-        self.router = ctx.socket(zmq.ROUTER)
+        # A context of its own: its ZAP handler (there is one per context) decides who may connect.
+        self._ctx = zmq.Context()
+        self.gate = ConnectionGate(self._ctx, job, secret, f"[{job}/{node} daemon]")
+        self.router = self._ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
+        require_credentials(self.router)
         self.router.setsockopt(zmq.MAXMSGSIZE, MAX_PEER_FRAME)
         # A message can be a chunk of a shard (hundreds of MiB). ZeroMQ reads ahead of this daemon up to the high
         # water mark per peer; a low one leaves chunks of a holder that falls behind in its senders' queues (whose
@@ -140,8 +224,9 @@ class PeerNet:
         if s is None:
             if node not in self.peers:
                 raise SnapGuardError(f"node {node!r} is not a configured peer (peers: {sorted(self.peers)})")
-            s = zmq.Context.instance().socket(zmq.DEALER)
+            s = self._ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
+            present_credentials(s, self.job, self.secret)
             s.setsockopt(zmq.SNDHWM, 64)
             s.setsockopt(zmq.RCVHWM, 64)
             s.connect(self.peers[node])
@@ -241,3 +326,7 @@ class PeerNet:
         for n, bulk in list(self._dealers):
             self._drop(n, bulk)
         self.router.close(0)
+        if self.gate.close():
+            self._ctx.term()  # every socket is closed: returns at once
+        else:
+            log.warning("[%s/%s daemon] the peer connection gate did not stop within 5 s", self.job, self.node)

@@ -17,6 +17,7 @@ import threading
 import time
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import xxhash
@@ -27,7 +28,8 @@ from snapguard import protocol as P
 from snapguard.client import DaemonClient
 from snapguard.cluster import free_port
 from snapguard.config import Endpoint
-from snapguard.daemon.peers import AuthError as PeerAuthError, PeerNet, recv_frames, seal_frames
+from snapguard.daemon.peers import (AuthError as PeerAuthError, PeerNet, present_credentials, recv_frames,
+                                    seal_frames)
 from snapguard.daemon.protect import PIECE
 from snapguard.errors import SnapGuardError
 from snapguard.guard import Guard
@@ -269,12 +271,46 @@ def test_a_bug_handling_a_peer_message_or_a_heartbeat_is_logged_and_the_daemon_s
             a.close()
 
 
+def test_a_sender_without_the_jobs_credentials_is_closed_at_its_handshake_and_never_buffered(pair):
+    """ZeroMQ reads a whole message before its MAC can be checked, and limits only each frame's size: a sender
+    that reached the peer port could make the daemon hold any amount of memory in one message of many frames."""
+    ep, net, client, log = pair
+    with open(ep.lock_path) as f:
+        daemon = psutil.Process(int(f.read()))
+    rss0 = daemon.memory_info().rss
+    ctx = zmq.Context()
+    piece_of_zeros = bytes(PIECE)  # one buffer, sent 48 times without a copy: 768 MiB per message
+    senders = [ctx.socket(zmq.DEALER) for _ in range(2)]
+    present_credentials(senders[1], ep.job, b"not the job secret!")
+    try:
+        for sock in senders:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(net.peers["a"])
+            sock.send_multipart([bytes(8), *[zmq.Frame(piece_of_zeros) for _ in range(48)]], copy=False)
+        peak, t0 = 0, time.monotonic()
+        while time.monotonic() - t0 < 4.0:  # loopback carries 768 MiB in well under a second
+            peak = max(peak, daemon.memory_info().rss - rss0)
+            time.sleep(0.05)
+    finally:
+        for sock in senders:
+            sock.close(0)
+        ctx.term()
+    assert peak < 64 << 20, f"the daemon's memory grew by {peak >> 20} MiB"
+    assert client.request(P.Status()).rejected == 0, "no message of theirs was read"
+    wait_until(lambda: "refused a peer connection from 127.0.0.1: it did not present job" in log.read_text(), 10,
+               "the daemon to log the connection it refused")
+    data = np.random.default_rng(8).integers(0, 256, 4096, dtype=np.uint8).tobytes()  # b, with them, still gets in
+    net._dealer("a").send_multipart(seal_frames(net.secret, bytes(8), chunk(net, 1, data), [data]))
+    assert wait_parity(client, [[0, 1, 1]]).parity == [[0, 1, 1]]
+
+
 def test_a_frame_over_the_peer_limit_closes_that_connection_unread(pair):
-    """ZeroMQ holds a whole frame before its MAC can be checked: anyone reaching the peer port could make the daemon
-    buffer 16 GiB. A frame larger than any a peer sends (a piece of a chunk, or a header) closes the connection."""
+    """A frame larger than any a peer sends (a piece of a chunk, or a header) closes the connection before it is
+    read whole, even one that presented the job's credentials."""
     ep, net, client, _ = pair
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    present_credentials(sock, ep.job, SECRET.encode())
     monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
     try:
         sock.connect(net.peers["a"])
