@@ -28,6 +28,7 @@ import hmac
 import itertools
 import logging
 import os
+import secrets
 import threading
 import time
 from typing import Callable
@@ -197,7 +198,6 @@ class PeerNet:
         self.boot = time.time_ns()
         self._seq = itertools.count(1)
         self._bulk_seq = itertools.count(1)
-        self._rid = itertools.count(1)
         self._seen: dict[tuple[str, bool], tuple[int, int]] = {}  # (node, bulk link) -> newest (boot, seq)
         # A context of its own: its ZAP handler (there is one per context) decides who may connect.
         self._ctx = zmq.Context()
@@ -262,10 +262,14 @@ class PeerNet:
         """Close the chunk link to `node`, discarding what is queued on it; the next chunk opens a new one."""
         self._drop(node, bulk=True)
 
-    def request(self, node: str, msg: P.Message, timeout_s: float,
+    def request(self, node: str, msg: P.Message, expect: type, timeout_s: float,
                 serve: Callable[[list[bytes]], None] | None = None) -> tuple[P.Message, list[bytes]]:
-        """Send `msg` to `node` and wait for its authenticated reply, serving our own peers meanwhile."""
-        rid = next(self._rid).to_bytes(8, "little")
+        """Send `msg` to `node` and wait for its authenticated reply, of type `expect`, serving our own peers
+        meanwhile. The request id is random: a reply captured from an earlier run of this daemon, whose
+        requests counted from the same start, can never pass for the reply to this one."""
+        rid = secrets.token_bytes(8)
+        while rid == bytes(8):  # bytes(8) marks a message that expects no reply
+            rid = secrets.token_bytes(8)
         sock = self._dealer(node)
         try:
             sock.send_multipart(seal_frames(self.secret, rid, msg), flags=zmq.NOBLOCK)
@@ -296,6 +300,8 @@ class PeerNet:
                     continue  # a late reply to an earlier request
                 if isinstance(reply, P.Error):
                     raise SnapGuardError(f"peer {node} refused {msg.TYPE}: [{reply.code}] {reply.message}")
+                if not isinstance(reply, expect):
+                    raise ProtocolError(f"peer {node} answered {msg.TYPE} with {reply.TYPE}, not {expect.TYPE}")
                 return reply, bulk
 
     def receive(self, frames: list[bytes]) -> tuple[bytes, bytes, P.PeerMessage, list[bytes]]:

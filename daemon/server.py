@@ -22,7 +22,7 @@ import zmq
 
 from snapguard import protocol as P
 from snapguard.config import Endpoint, ensure_private_dir
-from snapguard.errors import ProtocolError, RestoreError, SnapGuardError, UnrecoverableError
+from snapguard.errors import ChecksumError, ProtocolError, RestoreError, SnapGuardError, UnrecoverableError
 from snapguard.layout import Manifest, default_hash_threads
 from snapguard.shm import free_bytes
 
@@ -547,7 +547,7 @@ class Daemon:
             if node == self.cfg.node:
                 continue
             try:
-                reply, _ = self.net.request(node, P.PeerInventory(**self._header(), asker=self.cfg.node),
+                reply, _ = self.net.request(node, P.PeerInventory(**self._header(), asker=self.cfg.node), P.PeerStock,
                                             self.cfg.peer_timeout_s, serve=self._take_peer_frames)
                 stocks[node] = reply
             except SnapGuardError as e:
@@ -585,7 +585,11 @@ class Daemon:
 
         def fetch(node: str, s: int, c: int, pos: int):
             reply, bulk = self.net.request(node, P.PeerFetch(**self._header(), step=s, codeword=c, position=pos),
-                                           self.cfg.peer_timeout_s, serve=self._take_peer_frames)
+                                           P.PeerData, self.cfg.peer_timeout_s, serve=self._take_peer_frames)
+            if (reply.step, reply.codeword, reply.position) != (s, c, pos) or len(bulk) != 1:
+                raise ChecksumError(f"{self.who} peer {node} answered the fetch of chunk {pos} of codeword {c} of step"
+                                    f" {s} with chunk {reply.position} of codeword {reply.codeword} of step"
+                                    f" {reply.step} in {len(bulk)} frame(s)")
             return reply, bulk[0]
 
         self.protector.rebuild(step, blob, stocks, fetch)

@@ -28,10 +28,10 @@ from snapguard import protocol as P
 from snapguard.client import DaemonClient
 from snapguard.cluster import free_port
 from snapguard.config import Endpoint
-from snapguard.daemon.peers import (AuthError as PeerAuthError, PeerNet, present_credentials, recv_frames,
-                                    seal_frames)
+from snapguard.daemon.peers import (AuthError as PeerAuthError, ConnectionGate, PeerNet, open_frames,
+                                    present_credentials, recv_frames, require_credentials, seal_frames)
 from snapguard.daemon.protect import PIECE
-from snapguard.errors import SnapGuardError
+from snapguard.errors import DaemonUnavailable, SnapGuardError
 from snapguard.guard import Guard
 from snapguard.procs import spawn_daemon
 
@@ -163,7 +163,8 @@ def test_parity_equals_the_codec_of_the_data(pair):
     data = np.random.default_rng(1).integers(0, 256, 8192, dtype=np.uint8).tobytes()
     net._dealer("a").send_multipart(seal_frames(net.secret, bytes(8), chunk(net, 1, data), [data]))
     wait_parity(client, [[0, 1, 1]])
-    reply, bulk = net.request("a", P.PeerFetch(**net.header(), step=1, codeword=0, position=1), timeout_s=10)
+    reply, bulk = net.request("a", P.PeerFetch(**net.header(), step=1, codeword=0, position=1), P.PeerData,
+                              timeout_s=10)
     assert bulk[0] == data and reply.checksum == xxhash.xxh3_64_intdigest(data)
 
 
@@ -181,7 +182,8 @@ def test_a_chunk_in_pieces_completes_parity_once_every_piece_is_in(pair):
     assert wait_parity(client, [[0, 1, 1]]).parity == [[0, 1, 1]]
     dealer.send_multipart(piece(net, 1, data, PIECE))  # the same piece again
     assert status_after(client, 2).rejected == 2
-    reply, bulk = net.request("a", P.PeerFetch(**net.header(), step=1, codeword=0, position=1), timeout_s=10)
+    reply, bulk = net.request("a", P.PeerFetch(**net.header(), step=1, codeword=0, position=1), P.PeerData,
+                              timeout_s=10)
     assert bulk[0] == data, "parity of k=1 is the chunk itself"
     text = log.read_text()
     assert "does not fit a chunk" in text and "duplicate chunk of step 1" in text
@@ -302,6 +304,50 @@ def test_a_sender_without_the_jobs_credentials_is_closed_at_its_handshake_and_ne
     data = np.random.default_rng(8).integers(0, 256, 4096, dtype=np.uint8).tobytes()  # b, with them, still gets in
     net._dealer("a").send_multipart(seal_frames(net.secret, bytes(8), chunk(net, 1, data), [data]))
     assert wait_parity(client, [[0, 1, 1]]).parity == [[0, 1, 1]]
+
+
+def test_a_reply_captured_from_an_earlier_run_never_answers_a_later_request():
+    """Node a is played by a bare socket. It answers b's first run, then replays that authentic reply to the
+    first request of b's next run (a restarted daemon): b must not take it."""
+    job, secret = f"rid{os.getpid()}", SECRET.encode()
+    ctx = zmq.Context()
+    gate = ConnectionGate(ctx, job, secret, "[test: node a]")
+    a = ctx.socket(zmq.ROUTER)
+    a.setsockopt(zmq.LINGER, 0)
+    require_credentials(a)
+    port = a.bind_to_random_port("tcp://127.0.0.1")
+    rids, captured = [], []
+
+    def play_a() -> None:
+        if not a.poll(10_000):
+            return
+        ident, *frames = a.recv_multipart()
+        rid, msg, _ = open_frames(secret, frames)
+        rids.append(rid)
+        if not captured:
+            captured.extend(seal_frames(secret, rid, P.PeerStock("a", [3], [], {})))
+        a.send_multipart([ident, *captured])
+
+    try:
+        for run in range(2):
+            b = PeerNet(job, "b", secret, f"tcp://127.0.0.1:{free_port()}", {"a": f"tcp://127.0.0.1:{port}"})
+            t = threading.Thread(target=play_a)
+            t.start()
+            try:
+                if run == 0:
+                    reply, _ = b.request("a", P.PeerInventory(**b.header(), asker="b"), P.PeerStock, 10.0)
+                    assert reply.sealed == [3]
+                else:
+                    with pytest.raises(DaemonUnavailable, match="did not answer PeerInventory"):
+                        b.request("a", P.PeerInventory(**b.header(), asker="b"), P.PeerStock, 2.0)
+            finally:
+                t.join(15)
+                b.close()
+        assert len(rids) == 2 and rids[0] != rids[1] and bytes(8) not in rids
+    finally:
+        a.close(0)
+        gate.close()
+        ctx.term()
 
 
 def test_a_frame_over_the_peer_limit_closes_that_connection_unread(pair):
@@ -447,7 +493,7 @@ def test_after_a_restore_no_parity_mixes_the_timeline_left_with_the_new_one(tmp_
                     dealer.send_multipart(piece(net, step, sent_by_b[step], off, epoch=guard.epoch))
             st = wait_parity(client, [[0, 1, 1], [0, 1, 2], [0, 1, 3]])
             for _, _, step in st.parity:
-                reply, bulk = net.request("a", P.PeerFetch(**net.header(), step=step, codeword=0, position=1),
+                reply, bulk = net.request("a", P.PeerFetch(**net.header(), step=step, codeword=0, position=1), P.PeerData,
                                           timeout_s=10)
                 assert bulk[0] == sent_by_b[step], f"a's parity of step {step} is not b's chunk of that step"
             assert st.parity == [[0, 1, 1], [0, 1, 2], [0, 1, 3]]
@@ -473,6 +519,7 @@ class _Holder:
 
     def __init__(self, net: PeerNet):
         self.net, self.chunks, self.blobs, self.rot, self.fetched = net, {}, {}, set(), []
+        self.answer_with: dict[int, int] = {}  # asked step -> the step whose chunk b sends (a buggy peer)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -492,19 +539,24 @@ class _Holder:
                 parity = [[1, 1, s] for s in sorted(self.chunks)]
                 self.net.reply(ident, rid, P.PeerStock("b", [], parity, {str(s): b for s, b in self.blobs.items()}))
             elif isinstance(msg, P.PeerFetch):
-                data = bytearray(self.chunks[msg.step])
+                step = self.answer_with.get(msg.step, msg.step)
+                data = bytearray(self.chunks[step])
                 if msg.step in self.rot:
                     data[len(data) // 2] ^= 0xFF
                 self.fetched.append(msg.step)
-                reply = P.PeerData(msg.step, msg.codeword, msg.position, xxhash.xxh3_64_intdigest(bytes(data)))
+                reply = P.PeerData(step, msg.codeword, msg.position, xxhash.xxh3_64_intdigest(bytes(data)))
                 self.net.reply(ident, rid, reply, [bytes(data)])
 
-    def rot_both(self, client: DaemonClient, rank: int, step: int) -> None:
-        """Flip a byte of `rank`'s sealed slot of `step` on a, and of b's parity of that step."""
+    def rot_a(self, client: DaemonClient, rank: int, step: int) -> None:
+        """Flip a byte of `rank`'s sealed slot of `step` on a."""
         st = client.request(P.Status())
         slot = next(s["slot"] for r in st.ranks if r["rank"] == rank
                     for s in r["slots"] if s["state"] == "sealed" and s["step"] == step)
         flip_bits(os.path.join(st.shm_dir, f"r{rank:05d}.s{slot}.data"), 100, 0xFF)
+
+    def rot_both(self, client: DaemonClient, rank: int, step: int) -> None:
+        """Flip a byte of `rank`'s sealed slot of `step` on a, and of b's parity of that step."""
+        self.rot_a(client, rank, step)
         self.rot.add(step)
 
     def close(self) -> None:
@@ -512,11 +564,13 @@ class _Holder:
         self._thread.join(10)
 
 
-def test_a_rebuild_whose_bytes_fail_their_checksums_makes_restore_use_an_older_step(tmp_path):
+@pytest.mark.parametrize("peer", ["rots", "answers with another chunk"])
+def test_a_rebuild_whose_bytes_fail_their_checksums_makes_restore_use_an_older_step(tmp_path, peer):
     """a's rank sealed steps 1 and 2, and b holds the parity of both. a's slot of step 2 rots, and so does b's
-    parity of it. The restore finds the slot corrupt; a rebuilds step 2 from b; the rebuilt bytes fail the
-    checksums the trainer recorded, so they are never loaded: a stops offering step 2, and the ranks restore
-    step 1, which a still holds, instead of failing the same way on every restart."""
+    parity of it, or b answers the fetch of it with its parity of step 1. The restore finds the slot corrupt; a
+    rebuilds step 2 from b; the rebuilt bytes fail the checksums the trainer recorded (or b's answer is not
+    the chunk asked for), so they are never loaded: a stops offering step 2, and the ranks restore step 1,
+    which a still holds, instead of failing the same way on every restart."""
     with _pair(tmp_path) as (ep, net, client, log):
         holder = _Holder(net)
         try:
@@ -531,7 +585,11 @@ def test_a_rebuild_whose_bytes_fail_their_checksums_makes_restore_use_an_older_s
             wait_until(lambda: {1, 2} <= set(holder.chunks), 10, "a's chunks of steps 1 and 2 to reach b")
             guard.close()
 
-            holder.rot_both(client, rank=0, step=2)
+            if peer == "rots":
+                holder.rot_both(client, rank=0, step=2)
+            else:
+                holder.rot_a(client, rank=0, step=2)
+                holder.answer_with[2] = 1
 
             state = {"w": torch.zeros(4096, dtype=torch.float32)}
             guard = _guard(ep, state)
@@ -544,6 +602,9 @@ def test_a_rebuild_whose_bytes_fail_their_checksums_makes_restore_use_an_older_s
             text = log.read_text()
             assert "dropping it, restore will use an older step" in text
             assert "step 2 cannot be rebuilt" in text and "it is not offered again" in text
+            if peer != "rots":
+                assert "peer b answered the fetch of chunk 1 of codeword 1 of step 2 with chunk 1 of codeword 1 of" \
+                       " step 1 in 1 frame(s)" in text, text
         finally:
             holder.close()
 
