@@ -69,10 +69,11 @@ def _assert_restores_from_memory(out: str, world: int, attempts: int) -> None:
 
 
 @pytest.mark.timeout(600)
-def test_g4_m2_survives_the_loss_of_each_node_and_of_two_at_once(tmp_path_factory):
-    """Each node, and three of the six pairs (each node in one at least): every erasure pattern is rebuilt
-    byte for byte in tests/test_codec.py; all six pairs on real daemons are the slow test below."""
-    _g4_m2_survives(tmp_path_factory, [(i,) for i in range(4)] + [(0, 1), (2, 3), (1, 2)])
+def test_g4_m2_survives_the_loss_of_one_node_and_of_two_at_once(tmp_path_factory):
+    """Two single nodes and three of the six pairs (every node lost twice at least, in one pair at least): every
+    erasure pattern is rebuilt byte for byte in tests/test_codec.py, each single loss on real daemons in the g3 test
+    below; every node and all six pairs on real daemons are the slow test after this one."""
+    _g4_m2_survives(tmp_path_factory, [(0,), (3,), (0, 1), (2, 3), (1, 2)])
 
 
 @pytest.mark.slow
