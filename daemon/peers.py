@@ -162,6 +162,8 @@ class ConnectionGate:
             self.denied += 1
             now = time.monotonic()
             if now - self._logged.get(address, -60.0) >= 60.0:  # a client retries every 100 ms: once a minute
+                if len(self._logged) >= 1024:  # senders from many addresses: bounded, at worst logged more often
+                    self._logged.clear()
                 self._logged[address] = now
                 log.warning("%s refused a peer connection from %s: it did not present job %s's credentials (%d"
                             " refused so far)", self.who, address.decode(errors="replace"),
