@@ -274,6 +274,11 @@ def protect(model: Any, optimizer: Any, *, opt_param_scheduler: Any = None, extr
     def guarded():
         for o in torch_optimizers:
             yield from optimizer_tensors(o)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            # Megatron's optimizers write the model's (bf16) weights from their fp32 main params only after the inner
+            # torch optimizer has stepped, so after its step pre-hook waited for the copy: the weights are copied in
+            # place too, not cloned on the device at every snapshot (a transient allocation the size of the shard).
+            yield from names
 
     guard = MegatronGuard(states=named, guarded=guarded, layout=lambda: describe_layout(parallel_layout()),
                           **guard_options)

@@ -261,3 +261,27 @@ def layout_error(log: str) -> str:
     found = re.findall(r"LayoutError: (.*)", log)
     assert found, f"no LayoutError in the log:\n{log[-4000:]}"
     return found[-1]
+
+
+def check_step_waits_for_the_copy(monkeypatch, guard, step, model, at: int) -> None:
+    """With the background copy slowed down, `step()` right after `guard.snapshot(at)` must wait for it, and the
+    restore must give `model` back its state from before that step (the copy read the weights in place)."""
+    import threading
+
+    import torch
+
+    import snapguard.guard
+
+    slow = threading.Event()
+    monkeypatch.setattr(snapguard.guard, "fault_point",
+                        lambda point, step=None: time.sleep(0.5) if point == "trainer.copy.mid" and slow.is_set() else None)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    slow.set()
+    guard.snapshot(at)
+    t0 = time.monotonic()
+    step()
+    waited = time.monotonic() - t0
+    slow.clear()
+    assert waited > 0.3, f"the optimizer step did not wait for the copy ({waited:.3f} s)"
+    assert guard.restore() == at
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -95,6 +95,46 @@ def test_megatron_optimizer_state_keeps_main_params_and_grad_scaler_by_name():
     assert part.grad_scaler.growth == 7 and part.grad_scaler.scale.item() == 8.0
 
 
+def test_megatron_bf16_weights_are_copied_in_place_and_the_step_waits_for_them(monkeypatch):
+    """With a Megatron optimizer (the stand-in above: bf16 model weights, fp32 main params in the torch optimizer),
+    the model's weights are read in place by the background copy, not cloned at every snapshot (on a GPU, a
+    transient device allocation the size of the shard). That is safe because the optimizer writes them only
+    after its torch optimizer's step pre-hook has waited for the copy: a step right after snapshot() must wait,
+    and the snapshot must hold the weights from before that step."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from integration_helpers import check_step_waits_for_the_copy, private_daemon
+    from snapguard.integrations.megatron import protect
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)).to(torch.bfloat16)
+    for p in model.parameters():
+        p.main_param = p.detach().float().clone().requires_grad_()
+    inner = torch.optim.Adam([p.main_param for p in model.parameters()], lr=0.1)
+    optimizer = SimpleNamespace(chained_optimizers=[SimpleNamespace(optimizer=inner, grad_scaler=None)])
+
+    def step():  # as Float16OptimizerWithFloat16Params.step: the inner step, then main params into the model's
+        for p in model.parameters():
+            p.main_param.grad = torch.randn_like(p.main_param)
+        inner.step()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.main_param)
+
+    with private_daemon("mbf16") as d:
+        guard = protect(model, optimizer, job=d.job, node="n0", run_dir=d.run_dir, rank=0, world_size=1, rng=False,
+                        timeout_s=10)
+        try:
+            step()
+            weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+            assert weights <= guard._guarded_storages(), "the bf16 weights would be cloned at every snapshot"
+            check_step_waits_for_the_copy(monkeypatch, guard, step, model, at=1)
+        finally:
+            guard.close()
+
+
 def test_megatron_optimizer_state_refuses_a_grad_scaler_on_one_side_only():
     """A snapshot with a grad scaler's state restored into an optimizer without one (or the other way round)
     would resume with another loss scale: refused, naming the part, never skipped."""

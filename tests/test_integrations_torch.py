@@ -55,18 +55,11 @@ def test_optimizer_step_waits_for_the_copy_and_the_snapshot_holds_the_state_befo
     """In one process: slow the background copy down, step right after snapshot(); the step must wait
     (the copy reads the parameters in place, without cloning them) and the snapshot must hold the
     parameters as they were before that step."""
-    import threading
-    import time
-
     import torch
 
-    import snapguard.guard
-    from integration_helpers import private_daemon
+    from integration_helpers import check_step_waits_for_the_copy, private_daemon
     from snapguard.integrations.torch import protect
 
-    slow = threading.Event()
-    monkeypatch.setattr(snapguard.guard, "fault_point",
-                        lambda point, step=None: time.sleep(0.5) if point == "trainer.copy.mid" and slow.is_set() else None)
     with private_daemon("gate") as d:
         torch.manual_seed(0)
         model = torch.nn.Linear(8, 8)
@@ -79,16 +72,7 @@ def test_optimizer_step_waits_for_the_copy_and_the_snapshot_holds_the_state_befo
             opt.zero_grad()
 
         step()
-        before = {k: v.clone() for k, v in model.state_dict().items()}
-        slow.set()
-        guard.snapshot(0)
-        t0 = time.monotonic()
-        step()
-        waited = time.monotonic() - t0
-        slow.clear()
-        assert waited > 0.3, f"optimizer.step() did not wait for the copy ({waited:.3f} s)"
-        assert guard.restore() == 0
-        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        check_step_waits_for_the_copy(monkeypatch, guard, step, model, at=0)
         guard.close()
         assert not opt._optimizer_step_pre_hooks, "close() left the step pre-hook installed"
 
