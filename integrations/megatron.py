@@ -103,13 +103,17 @@ def _inner_optimizers(optimizer: Any) -> list[Any]:
 class MegatronOptimizerState:
     """The local state of a Megatron optimizer: per inner optimizer, its torch optimizer's state keyed
     by model parameter names, its fp32 main parameters (this rank's shard with the distributed
-    optimizer) and its grad scaler."""
+    optimizer) and its grad scaler. A stub part (no parameters of it on this rank, e.g. the expert
+    optimizer of a pipeline stage without expert layers) keeps only its grad scaler."""
 
     def __init__(self, optimizer: Any, names: dict[torch.Tensor, str]):
         self.parts = []
         model_params = {id(p) for p in names}
         for i, opt in enumerate(_inner_optimizers(optimizer)):
             inner = getattr(opt, "optimizer", None)
+            if inner is None and getattr(opt, "is_stub_optimizer", False):
+                self.parts.append((opt, None, None, {}))
+                continue
             if not isinstance(inner, torch.optim.Optimizer):
                 raise ConfigError(f"optimizer part {i} ({type(opt).__name__}) has no inner torch optimizer")
             main_names = dict(names)
@@ -125,12 +129,12 @@ class MegatronOptimizerState:
             self.parts.append((opt, inner, named, mains))
 
     def torch_optimizers(self) -> list[torch.optim.Optimizer]:
-        return [inner for _, inner, _, _ in self.parts]
+        return [inner for _, inner, _, _ in self.parts if inner is not None]
 
     def state_dict(self) -> dict[str, Any]:
         out = {}
         for i, (opt, _, named, mains) in enumerate(self.parts):
-            part = {"optimizer": named.state_dict(), "main_params": dict(mains)}
+            part = {"stub": True} if named is None else {"optimizer": named.state_dict(), "main_params": dict(mains)}
             scaler = getattr(opt, "grad_scaler", None)
             if scaler is not None:
                 part["grad_scaler"] = scaler.state_dict()
@@ -141,8 +145,13 @@ class MegatronOptimizerState:
         if sorted(sd) != sorted(str(i) for i in range(len(self.parts))):
             raise LayoutError(f"optimizer: the snapshot holds {len(sd)} optimizer part(s), this optimizer has"
                               f" {len(self.parts)}")
-        for i, (opt, _, _, mains) in enumerate(self.parts):  # check every part before changing any
+        for i, (opt, _, named, mains) in enumerate(self.parts):  # check every part before changing any
             part = sd[str(i)]
+            if ("stub" in part) != (named is None):
+                raise LayoutError(f"optimizer part {i} ({type(opt).__name__}): " + (
+                    "when the snapshot was taken this rank held no parameters of it (a stub optimizer); now it"
+                    " holds some" if "stub" in part else "when the snapshot was taken this rank held parameters of"
+                    " it; now it is a stub optimizer without any"))
             # A grad scaler on one side only would resume with another loss scale, or none.
             scaler = getattr(opt, "grad_scaler", None)
             if (scaler is None) != ("grad_scaler" not in part):
@@ -150,14 +159,15 @@ class MegatronOptimizerState:
                                   + ("the snapshot holds a grad scaler's state, this optimizer has no grad scaler"
                                      if scaler is None else "the snapshot holds no grad scaler state, this optimizer"
                                      f" has a {type(scaler).__name__}"))
-            differ = sorted(set(part["main_params"]) ^ set(mains))
+            differ = sorted(set(part.get("main_params", {})) ^ set(mains))  # a stub's: none
             if differ:
                 raise LayoutError(f"optimizer part {i}: fp32 main parameter {differ[0]!r} is in "
                                   + ("the snapshot, not in this optimizer" if differ[0] in part["main_params"]
                                      else "this optimizer, not in the snapshot"))
         for i, (opt, _, named, mains) in enumerate(self.parts):
             part = sd[str(i)]
-            named.load_state_dict(part["optimizer"])
+            if named is not None:
+                named.load_state_dict(part["optimizer"])
             with torch.no_grad():
                 for k, p in mains.items():
                     p.copy_(part["main_params"][k])

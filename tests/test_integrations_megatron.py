@@ -52,11 +52,14 @@ def test_missing_megatron_names_the_extra(monkeypatch):
 def test_megatron_optimizer_state_keeps_main_params_and_grad_scaler_by_name():
     """The route for get_megatron_optimizer's optimizers, which need CUDA to build: a stand-in with their
     shape (a chained optimizer of one mixed-precision part whose torch optimizer steps fp32 main
-    params that the model params point to as `main_param`, and a grad scaler) round-trips by name."""
+    params that the model params point to as `main_param`, and a grad scaler; then a stub part, as a
+    pipeline stage without expert layers has for the expert optimizer, with a grad scaler of its own)
+    round-trips by name."""
     from types import SimpleNamespace
 
     import torch
 
+    from snapguard.errors import LayoutError
     from snapguard.integrations.megatron import MegatronOptimizerState, _param_names
 
     class Scaler:
@@ -74,11 +77,13 @@ def test_megatron_optimizer_state_keeps_main_params_and_grad_scaler_by_name():
         p.main_param = p.detach().float().clone().requires_grad_()
     inner = torch.optim.Adam([p.main_param for p in model.parameters()], lr=0.1)
     part = SimpleNamespace(optimizer=inner, grad_scaler=Scaler())
-    state = MegatronOptimizerState(SimpleNamespace(chained_optimizers=[part]), _param_names([model]))
+    stub = SimpleNamespace(optimizer=None, is_stub_optimizer=True, grad_scaler=Scaler())
+    state = MegatronOptimizerState(SimpleNamespace(chained_optimizers=[part, stub]), _param_names([model]))
+    assert state.torch_optimizers() == [inner]
     for p in inner.param_groups[0]["params"]:
         p.grad = torch.ones_like(p)
     inner.step()
-    part.grad_scaler.growth = 7
+    part.grad_scaler.growth, stub.grad_scaler.growth = 7, 3
 
     sd = state.state_dict()
     assert sorted(sd["0"]["main_params"]) == ["0.bias", "0.weight", "1.bias", "1.weight"]
@@ -88,15 +93,28 @@ def test_megatron_optimizer_state_keeps_main_params_and_grad_scaler_by_name():
     saved = sd["0"]["main_params"]
     moments = {k: v["exp_avg"] for k, v in sd["0"]["optimizer"]["state"].items()}
     inner.step()  # move everything on, then restore
-    part.grad_scaler.growth = 0
+    part.grad_scaler.growth = stub.grad_scaler.growth = 0
     state.load_state_dict(sd)
     for n, p in zip(["0.weight", "0.bias", "1.weight", "1.bias"], inner.param_groups[0]["params"]):
         assert torch.equal(p, saved[n]) and torch.equal(inner.state[p]["exp_avg"], moments[n])
     assert part.grad_scaler.growth == 7 and part.grad_scaler.scale.item() == 8.0
+    assert stub.grad_scaler.growth == 3
+
+    # the same optimizer with the parts' roles swapped on this rank: refused, naming the part, nothing changed
+    swapped = MegatronOptimizerState(SimpleNamespace(chained_optimizers=[stub, part]), _param_names([model]))
+    with pytest.raises(LayoutError, match=r"optimizer part 0 \(SimpleNamespace\): when the snapshot was taken this"
+                                          " rank held parameters of it; now it is a stub optimizer without any"):
+        swapped.load_state_dict(_clone(sd))
+    swapped = MegatronOptimizerState(SimpleNamespace(chained_optimizers=[part, part]), _param_names([model]))
+    with pytest.raises(LayoutError, match="optimizer part 1 .*held no parameters of it .a stub optimizer.; now it"
+                                          " holds some"):
+        swapped.load_state_dict(_clone(sd))
+    assert stub.grad_scaler.growth == 3 and part.grad_scaler.growth == 7
 
 
 def test_megatron_bf16_weights_are_copied_in_place_and_the_step_waits_for_them(monkeypatch):
-    """With a Megatron optimizer (the stand-in above: bf16 model weights, fp32 main params in the torch optimizer),
+    """With a Megatron optimizer (the stand-in above: bf16 model weights, fp32 main params in the torch optimizer,
+    and a stub part),
     the model's weights are read in place by the background copy, not cloned at every snapshot (on a GPU, a
     transient device allocation the size of the shard). That is safe because the optimizer writes them only
     after its torch optimizer's step pre-hook has waited for the copy: a step right after snapshot() must wait,
@@ -113,7 +131,8 @@ def test_megatron_bf16_weights_are_copied_in_place_and_the_step_waits_for_them(m
     for p in model.parameters():
         p.main_param = p.detach().float().clone().requires_grad_()
     inner = torch.optim.Adam([p.main_param for p in model.parameters()], lr=0.1)
-    optimizer = SimpleNamespace(chained_optimizers=[SimpleNamespace(optimizer=inner, grad_scaler=None)])
+    stub = SimpleNamespace(optimizer=None, is_stub_optimizer=True, grad_scaler=None)  # no expert layers here
+    optimizer = SimpleNamespace(chained_optimizers=[SimpleNamespace(optimizer=inner, grad_scaler=None), stub])
 
     def step():  # as Float16OptimizerWithFloat16Params.step: the inner step, then main params into the model's
         for p in model.parameters():
