@@ -146,6 +146,10 @@ class ConnectionGate:
             while not self._stop.is_set():
                 if self._sock.poll(100):
                     self._answer(self._sock.recv_multipart())
+        except BaseException:  # without this thread no peer can connect: say so loudly
+            log.critical("%s the peer connection gate failed: no peer can connect to this daemon any more", self.who,
+                         exc_info=True)
+            raise
         finally:
             self._sock.close(0)
 
