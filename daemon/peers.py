@@ -8,6 +8,12 @@ wrong is rejected before its header is even decoded. Requests carry the sender's
 is the sender's start time in ns and seq grows with every message, so a captured message replayed
 later is refused. Replies are bound to their request by the request id inside the tag.
 
+Every message also carries the receiver's boot as the sender last heard it (`to_boot`, 0 before it
+heard from it): a daemon refuses a PeerHeld or PeerChunk sent to an earlier run of itself, which its
+replay check, reset at every start, would otherwise take once more. Until a peer hears of the new
+run (from its first heartbeat or request, within a second) its messages are refused, and sent again.
+A message sent before its sender heard from the receiver at all carries 0 and is not covered.
+
 Chunks travel on a link of their own to each peer (a second connection, with its own sequence), so
 that the small messages the group's bookkeeping depends on (which steps every rank holds) never
 wait behind hundreds of MiB of chunks.
@@ -205,6 +211,7 @@ class PeerNet:
         self._seq = itertools.count(1)
         self._bulk_seq = itertools.count(1)
         self._seen: dict[tuple[str, bool], tuple[int, int]] = {}  # (node, bulk link) -> newest (boot, seq)
+        self.boots: dict[str, int] = {}  # node -> the newest boot its authenticated messages carried
         # A context of its own: its ZAP handler (there is one per context) decides who may connect.
         self._ctx = zmq.Context()
         self.gate = ConnectionGate(self._ctx, job, secret, f"[{job}/{node} daemon]")
@@ -220,10 +227,10 @@ class PeerNet:
         self._dealers: dict[tuple[str, bool], zmq.Socket] = {}  # (node, bulk link) -> DEALER
         self.rejected = 0
 
-    def header(self, bulk: bool = False) -> dict:
-        """The sender fields of a message; `bulk` for a PeerChunk, which goes out on the chunk link."""
+    def header(self, to: str | None = None, bulk: bool = False) -> dict:
+        """The sender fields of a message to `to`; `bulk` for a PeerChunk, which goes out on the chunk link."""
         return {"job": self.job, "node": self.node, "boot": self.boot,
-                "seq": next(self._bulk_seq if bulk else self._seq)}
+                "seq": next(self._bulk_seq if bulk else self._seq), "to_boot": self.boots.get(to, 0)}
 
     def _dealer(self, node: str, bulk: bool = False) -> zmq.Socket:
         s = self._dealers.get((node, bulk))
@@ -320,12 +327,18 @@ class PeerNet:
             raise AuthError(f"message for job {msg.job!r}, this daemon serves {self.job!r}")
         if msg.node not in self.peers:
             raise AuthError(f"message from unknown node {msg.node!r}")
+        if isinstance(msg, (P.PeerHeld, P.PeerChunk)) and msg.to_boot not in (0, self.boot):
+            # `_seen` starts empty in every run: without this, a message captured during an earlier run would be
+            # taken once more. Requests change nothing here and are answered.
+            raise AuthError(f"{msg.TYPE} from {msg.node} was sent to an earlier run of this daemon (boot"
+                            f" {msg.to_boot}, this run's is {self.boot})")
         link = (msg.node, isinstance(msg, P.PeerChunk))
         last = self._seen.get(link, (0, 0))
         if (msg.boot, msg.seq) <= last:
             raise AuthError(f"replayed message from {msg.node} (boot {msg.boot}, seq {msg.seq}; already saw"
                             f" boot {last[0]}, seq {last[1]})")
         self._seen[link] = (msg.boot, msg.seq)
+        self.boots[msg.node] = max(self.boots.get(msg.node, 0), msg.boot)
         return ident, rid, msg, bulk
 
     def reply(self, ident: bytes, rid: bytes, msg: P.Message, bulk: list[bytes] = ()) -> None:

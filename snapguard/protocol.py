@@ -320,11 +320,14 @@ def _check(v: Any, t: Any, where: str) -> Any:
 
 @dataclass(frozen=True)
 class PeerMessage(Message):
-    """Base of daemon-to-daemon requests: who sends, and a (boot, seq) pair that only ever grows."""
+    """Base of daemon-to-daemon requests: who sends, and a (boot, seq) pair that only ever grows; `to_boot`: the
+    receiver's boot as the sender last heard it (0: not yet), so a receiver can tell a message sent to an earlier
+    run of itself."""
     job: str
     node: str
     boot: int
     seq: int
+    to_boot: int = field(default=0, kw_only=True)
 
 
 @dataclass(frozen=True)

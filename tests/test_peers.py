@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Callable
 
 import numpy as np
 import psutil
@@ -41,6 +42,12 @@ from test_daemon import seal_raw, spawn_failing_daemon
 SECRET = secrets.token_hex(16)
 
 
+class _Pair(tuple):
+    """(endpoint, b's PeerNet, a client of a, a's log) from `_pair`; `restart()` SIGKILLs daemon a and starts it
+    again with the same flags and slots."""
+    restart: Callable[[], None]
+
+
 @contextlib.contextmanager
 def _pair(tmp_path, extra: tuple[str, ...] = (), failing: tuple[str, list[str]] | None = None):
     """Daemon a, and node b played by this test; `failing`: (trigger, methods) as for `spawn_failing_daemon`."""
@@ -52,18 +59,27 @@ def _pair(tmp_path, extra: tuple[str, ...] = (), failing: tuple[str, list[str]] 
     args = ["--peer-bind", f"tcp://127.0.0.1:{pa}", "--peer", f"b=tcp://127.0.0.1:{pb}", "--ec-group", "a,b",
             "--ec-m", "1", *extra]
     if failing is None:
-        proc = spawn_daemon(ep, shm, args, log_path=str(tmp_path / "daemon.log"))
+        procs = [spawn_daemon(ep, shm, args, log_path=str(tmp_path / "daemon.log"))]
     else:
-        proc = spawn_failing_daemon(ep, shm, args, *failing, log_path=str(tmp_path / "daemon.log"))
+        procs = [spawn_failing_daemon(ep, shm, args, *failing, log_path=str(tmp_path / "daemon.log"))]
     net = PeerNet(ep.job, "b", SECRET.encode(), f"tcp://127.0.0.1:{pb}", {"a": f"tcp://127.0.0.1:{pa}"})
     client = DaemonClient(ep.address, timeout_s=10)
+
+    def restart() -> None:
+        procs[-1].kill()
+        procs[-1].wait(10)
+        procs.append(spawn_daemon(ep, shm, args, log_path=str(tmp_path / "daemon.log")))
+
+    pair = _Pair((ep, net, client, tmp_path / "daemon.log"))
+    pair.restart = restart
     try:
-        yield ep, net, client, tmp_path / "daemon.log"
+        yield pair
     finally:
         client.close()
         net.close()
-        proc.kill()
-        proc.wait(10)
+        for proc in procs:
+            proc.kill()
+            proc.wait(10)
         shutil.rmtree(shm, ignore_errors=True)
 
 
@@ -79,9 +95,9 @@ def _guard(ep: Endpoint, state: dict) -> Guard:
                  timeout_s=10, gate_timeout_s=3.0)
 
 
-def chunk(net: PeerNet, step: int, data: bytes, checksum: int | None = None) -> P.PeerChunk:
+def chunk(net: PeerNet, step: int, data: bytes, checksum: int | None = None, to: str | None = None) -> P.PeerChunk:
     blob = {"nbytes": len(data), "ranks": []}
-    return P.PeerChunk(**net.header(), step=step, codeword=0, position=0, chunk_len=len(data),
+    return P.PeerChunk(**net.header(to), step=step, codeword=0, position=0, chunk_len=len(data),
                        checksum=xxhash.xxh3_64_intdigest(data) if checksum is None else checksum, blob=blob)
 
 
@@ -271,6 +287,39 @@ def test_a_bug_handling_a_peer_message_or_a_heartbeat_is_logged_and_the_daemon_s
             assert a.held() == {0: [0]}
         finally:
             a.close()
+
+
+def _boot_of_a(net: PeerNet) -> int:
+    """a's boot as b (this test) has heard it, after reading what a sent b for up to 0.1 s; 0 if not yet."""
+    while net.router.poll(100):
+        try:
+            net.receive(recv_frames(net.router))
+        except PeerAuthError:
+            pass
+    return net.boots.get("a", 0)
+
+
+def test_a_chunk_sent_to_an_earlier_run_of_a_daemon_is_refused_after_it_restarts(pair):
+    """A restarted daemon's replay check starts empty. A chunk captured (or held up) while a ran before must not
+    complete a's parity once a runs again: it names the run it was sent to."""
+    ep, net, client, log = pair
+    first = wait_until(lambda: _boot_of_a(net), 10, "a's first heartbeat to b")
+    rng = np.random.default_rng(9)
+    data = {s: rng.integers(0, 256, 4096, dtype=np.uint8).tobytes() for s in (3, 4, 5)}
+    dealer = net._dealer("a")
+    dealer.send_multipart(seal_frames(net.secret, bytes(8), chunk(net, 3, data[3], to="a"), [data[3]]))
+    assert wait_parity(client, [[0, 1, 3]]).parity == [[0, 1, 3]]
+    captured = seal_frames(net.secret, bytes(8), chunk(net, 4, data[4], to="a"), [data[4]])
+
+    pair.restart()
+    dealer.send_multipart(captured)
+    st = status_after(client, 1)
+    assert st.rejected == 1 and [0, 1, 4] not in st.parity, st
+    assert f"PeerChunk from b was sent to an earlier run of this daemon (boot {first}, this run's is" in log.read_text()
+    # once b hears from a's new run, its chunks are taken again
+    wait_until(lambda: _boot_of_a(net) > first, 10, "a heartbeat of a's new run")
+    dealer.send_multipart(seal_frames(net.secret, bytes(8), chunk(net, 5, data[5], to="a"), [data[5]]))
+    wait_until(lambda: [0, 1, 5] in client.request(P.Status()).parity, 10, "parity of step 5")
 
 
 def test_a_sender_without_the_jobs_credentials_is_closed_at_its_handshake_and_never_buffered(pair):
