@@ -322,6 +322,50 @@ def test_a_chunk_sent_to_an_earlier_run_of_a_daemon_is_refused_after_it_restarts
     wait_until(lambda: [0, 1, 5] in client.request(P.Status()).parity, 10, "parity of step 5")
 
 
+def test_chunk_pieces_that_arrive_while_the_daemon_waits_for_a_reply_keep_their_turn(pair):
+    """b sends a burst of pieces of one chunk; a reads some of them ahead (queued, not handled yet) and then,
+    asked for an Inventory, asks b what it holds. b sends the last pieces before it answers. Handled as they
+    arrive, those would overtake the queued ones, and the replay check would refuse the queued ones: the
+    parity would stay incomplete until b sent the chunk again."""
+    ep, net, client, log = pair
+    n = 24  # 384 MiB: a reads and folds them a few at a time for a few tenths of a second
+    data = np.random.default_rng(10).integers(0, 1 << 63, n * PIECE // 8, dtype=np.uint64).tobytes()
+    burst, asked = threading.Event(), threading.Event()
+
+    def play_b() -> None:
+        dealer = net._dealer("a")
+        for off in range(0, (n - 2) * PIECE, PIECE):
+            dealer.send_multipart(piece(net, 1, data, off))
+        burst.set()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if not net.router.poll(50):
+                continue
+            try:
+                ident, rid, msg, _ = net.receive(recv_frames(net.router))
+            except PeerAuthError:
+                continue
+            if isinstance(msg, P.PeerInventory):
+                for off in range((n - 2) * PIECE, n * PIECE, PIECE):  # the last pieces, before the reply
+                    dealer.send_multipart(piece(net, 1, data, off))
+                net.reply(ident, rid, P.PeerStock("b", [], [], {}))
+                asked.set()
+                return
+
+    t = threading.Thread(target=play_b)
+    t.start()
+    try:
+        assert burst.wait(20)
+        time.sleep(0.1)  # a is reading the burst now
+        client.request(P.Inventory(ep.job, 0, recheck=False))  # a asks b what it holds, pieces still queued
+        assert asked.wait(20), "a never asked b for its inventory"
+    finally:
+        t.join(30)
+    st = wait_parity(client, [[0, 1, 1]])
+    assert st.parity == [[0, 1, 1]] and st.rejected == 0, (st, [l for l in log.read_text().splitlines()
+                                                               if "refused" in l or "replayed" in l][:5])
+
+
 def test_a_sender_without_the_jobs_credentials_is_closed_at_its_handshake_and_never_buffered(pair):
     """ZeroMQ reads a whole message before its MAC can be checked, and limits only each frame's size: a sender
     that reached the peer port could make the daemon hold any amount of memory in one message of many frames."""
