@@ -8,7 +8,8 @@ import sys
 
 import zmq
 
-from snapguard.config import Endpoint, check_name, default_job, default_node, default_run_dir, default_shm_dir
+from snapguard.config import (Endpoint, check_name, daemon_who, default_job, default_node, default_run_dir,
+                              default_shm_dir)
 from snapguard.daemon.peers import ENV_SECRET, load_secret
 from snapguard.daemon.server import AlreadyRunning, Daemon, DaemonConfig, NodeLock
 from snapguard.errors import ConfigError, SnapGuardError
@@ -127,7 +128,7 @@ def resolve_peers(a: argparse.Namespace, job: str, node: str):
         plan = plan_peers(roster, node, a.ec_g, a.ec_m)
         store = None
         how = f"{len(roster)} nodes from --peer and --failure-domain"
-    log.info("[%s/%s daemon] %s; EC group %s (g=%d, m=%d), all groups %s; peers %s", job, node, how,
+    log.info("%s %s; EC group %s (g=%d, m=%d), all groups %s; peers %s", daemon_who(job, node), how,
              ",".join(plan.ec_group), len(plan.ec_group), a.ec_m, " ".join(",".join(g) for g in plan.groups),
              ", ".join(f"{n}={addr}" for n, addr in plan.peers))
     return plan.peers, plan.ec_group, store
@@ -177,11 +178,12 @@ def main(argv: list[str] | None = None) -> int:
         if a.hash_threads is not None and a.hash_threads < 1:
             raise ConfigError(f"--hash-threads must be at least 1, got {a.hash_threads}")
         secret = load_secret(a.secret_file) if a.peer_bind else b""  # before a rendezvous: fail alone, not the job
+        run_dir = default_run_dir(a.run_dir)
         # The node's lock before the rendezvous: a second daemon of this job and node stops here, without joining.
-        lock = NodeLock(Endpoint(job, node, default_run_dir(a.run_dir)), f"[{job}/{node} daemon]")
+        lock = NodeLock(Endpoint(job, node, run_dir))
         try:
             peers, group, store = resolve_peers(a, job, node)  # noqa: F841 (a hosted store lives with the daemon)
-            cfg = DaemonConfig(job, node, default_run_dir(a.run_dir),
+            cfg = DaemonConfig(job, node, run_dir,
                                default_shm_dir(a.shm_dir), a.shm_limit, a.slots_per_rank, not a.keep_on_exit,
                                hash_threads=a.hash_threads,
                                peer_bind=a.peer_bind, peers=peers, ec_group=group, ec_m=a.ec_m,

@@ -43,6 +43,7 @@ import blake3
 import zmq
 
 from snapguard import protocol as P
+from snapguard.config import daemon_who
 from snapguard.errors import DaemonUnavailable, ProtocolError, SnapGuardError
 
 from snapguard.daemon.protect import PIECE
@@ -206,6 +207,7 @@ class PeerNet:
 
     def __init__(self, job: str, node: str, secret: bytes, bind: str, peers: dict[str, str]):
         self.job, self.node, self.secret = job, node, secret
+        self.who = daemon_who(job, node)
         self.peers = dict(peers)
         self.boot = time.time_ns()
         self._seq = itertools.count(1)
@@ -214,7 +216,7 @@ class PeerNet:
         self.boots: dict[str, int] = {}  # node -> the newest boot its authenticated messages carried
         # A context of its own: its ZAP handler (there is one per context) decides who may connect.
         self._ctx = zmq.Context()
-        self.gate = ConnectionGate(self._ctx, job, secret, f"[{job}/{node} daemon]")
+        self.gate = ConnectionGate(self._ctx, job, secret, self.who)
         self.router = self._ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         require_credentials(self.router)
@@ -257,7 +259,7 @@ class PeerNet:
             self._dealer(node).send_multipart(seal_frames(self.secret, bytes(8), msg, list(bulk)), flags=zmq.NOBLOCK)
             return True
         except zmq.Again:
-            log.warning("[%s/%s daemon] peer %s is not keeping up; dropped %s", self.job, self.node, node, msg.TYPE)
+            log.warning("%s peer %s is not keeping up; dropped %s", self.who, node, msg.TYPE)
             return False
 
     def send_tracked(self, node: str, msg: P.Message, data) -> zmq.MessageTracker | None:
@@ -307,7 +309,7 @@ class PeerNet:
                     got_rid, reply, bulk = open_frames(self.secret, frames)
                 except (AuthError, ProtocolError) as e:
                     self.rejected += 1
-                    log.warning("[%s/%s daemon] rejected a reply from %s: %s", self.job, self.node, node, e)
+                    log.warning("%s rejected a reply from %s: %s", self.who, node, e)
                     continue
                 if got_rid != rid:
                     continue  # a late reply to an earlier request
@@ -345,7 +347,7 @@ class PeerNet:
         try:
             self.router.send_multipart([ident, *seal_frames(self.secret, rid, msg, list(bulk))], flags=zmq.NOBLOCK)
         except zmq.Again:
-            log.warning("[%s/%s daemon] could not reply %s to a peer: its queue is full", self.job, self.node, msg.TYPE)
+            log.warning("%s could not reply %s to a peer: its queue is full", self.who, msg.TYPE)
 
     def close(self) -> None:
         for n, bulk in list(self._dealers):
@@ -354,4 +356,4 @@ class PeerNet:
         if self.gate.close():
             self._ctx.term()  # every socket is closed: returns at once
         else:
-            log.warning("[%s/%s daemon] the peer connection gate did not stop within 5 s", self.job, self.node)
+            log.warning("%s the peer connection gate did not stop within 5 s", self.who)

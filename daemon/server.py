@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import zmq
 
 from snapguard import protocol as P
-from snapguard.config import Endpoint, ensure_private_dir
+from snapguard.config import Endpoint, daemon_who, ensure_private_dir
 from snapguard.errors import ChecksumError, ProtocolError, RestoreError, SnapGuardError, UnrecoverableError
 from snapguard.layout import Manifest, default_hash_threads
 from snapguard.shm import free_bytes
@@ -136,7 +136,8 @@ class NodeLock:
     """The lock file that allows one daemon per job and node, held until the daemon exits. snapguard-daemon takes
     it before it meets the job's other daemons, so a second daemon of the node never joins the rendezvous."""
 
-    def __init__(self, ep: Endpoint, who: str):
+    def __init__(self, ep: Endpoint):
+        who = daemon_who(ep.job, ep.node)
         ensure_private_dir(ep.run_dir)
         self.path = ep.lock_path
         for _ in range(10):  # bounded: each retry means a daemon of this job and node exited just then
@@ -176,7 +177,7 @@ class NodeLock:
 class Daemon:
     def __init__(self, cfg: DaemonConfig):
         self.cfg = cfg
-        self.who = f"[{cfg.job}/{cfg.node} daemon]"
+        self.who = daemon_who(cfg.job, cfg.node)
         self.table = SlotTable(cfg.job, cfg.node, cfg.shm_dir, cfg.shm_limit, slots_for(cfg),
                                cfg.hash_threads or default_hash_threads())
         self._stop = False
@@ -204,7 +205,7 @@ class Daemon:
     def start(self, lock: NodeLock | None = None) -> None:
         """Take the node's lock (or the one given: taken before a rendezvous), re-adopt the sealed slots, bind."""
         ep = self.cfg.endpoint
-        self._lock = lock or NodeLock(ep, self.who)
+        self._lock = lock or NodeLock(ep)
         self.table.adopt()
         ctx = zmq.Context.instance()
         self._sock = ctx.socket(zmq.ROUTER)

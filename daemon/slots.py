@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 
 import msgpack
 
-from snapguard.config import ensure_private_dir, slot_dir_name
+from snapguard.config import daemon_who, ensure_private_dir, slot_dir_name
 from snapguard.errors import ChecksumError, LayoutError, ShmSpaceError, SnapGuardError
 from snapguard.faults import fault_point
 from snapguard.layout import Manifest, verify_checksums
@@ -125,7 +125,7 @@ class SlotTable:
         self.remote: dict[int, set[int]] = {}  # sealed steps of ranks served by other daemons
         self.protected = -1  # with erasure coding: the newest step protected across the EC group
         self.epoch = 0  # the job's timeline since its last restore (`Open.epoch`), kept across daemon restarts
-        self.who = f"[{job}/{node} daemon]"
+        self.who = daemon_who(job, node)
 
     # ---- adoption after a restart --------------------------------------------------------------
 

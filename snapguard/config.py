@@ -108,6 +108,11 @@ def job_at_node(job: str, node: str) -> str:
     return f"{check_name('job', job)}@{check_name('node', node)}"
 
 
+def daemon_who(job: str, node: str) -> str:
+    """How the daemon of `job` on `node` names itself in its messages and logs."""
+    return f"[{job}/{node} daemon]"
+
+
 def slot_dir_name(job: str, node: str) -> str:
     """The directory, inside the shm dir, of one job's slots on one node."""
     return f"snapguard-{job_at_node(job, node)}"

@@ -459,7 +459,7 @@ class Guard:
             dropped += inv.dropped
             # Every decision below is taken from gathered data, so that every rank takes the same branch.
             inventories, epoch, touched, stopped = self._gather_inventories(inv.steps, loaded, rnd,
-                                                                            why_not if error else 0)
+                                                                            0 if error is None else why_not)
             if error is not None:
                 raise error
             if stopped:
