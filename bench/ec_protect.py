@@ -33,7 +33,7 @@ import torch
 
 from snapguard import protocol as P
 from snapguard.client import DaemonClient
-from snapguard.cluster import free_port
+from snapguard.procs import free_port
 from snapguard.config import Endpoint
 from snapguard.guard import Guard
 from snapguard.procs import spawn_daemon

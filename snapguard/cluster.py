@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,23 +24,7 @@ from snapguard import protocol as P
 from snapguard.client import DaemonClient
 from snapguard.config import Endpoint
 from snapguard.errors import SnapGuardError
-from snapguard.procs import spawn_daemon
-
-
-_HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now and that this process has not handed out before. Each probe
-    socket closes before the port is used, so ports picked one after another could repeat (two daemons of one
-    cluster given the same port) without the record."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
+from snapguard.procs import free_port, spawn_daemon
 
 
 @dataclass

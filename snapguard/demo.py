@@ -192,7 +192,7 @@ class JobSpec:
 
 def launch(spec: JobSpec, log_path: str | None = None) -> subprocess.Popen:
     """Start the worker on `nproc` ranks under torch's elastic launcher, which restarts all ranks when one dies."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={spec.nproc}",
+    cmd = [sys.executable, "-m", "snapguard.torchrun", "--standalone", f"--nproc-per-node={spec.nproc}",
            f"--max-restarts={spec.max_restarts}", "--monitor-interval=0.1", "-m", "snapguard.demo", "worker",
            "--out", spec.out, "--steps", str(spec.steps), "--width", str(spec.width), "--layers", str(spec.layers),
            "--step-sleep", str(spec.step_sleep), "--device", spec.device]

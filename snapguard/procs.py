@@ -1,10 +1,13 @@
 """Starting daemons as real processes: shared by Guard's auto-start, the demo, the tests and the chaos harness;
-and leaving a torch.distributed job so that its process exits cleanly."""
+choosing the TCP ports they and the demo's workers listen on; and leaving a torch.distributed job so that its
+process exits cleanly."""
 
 from __future__ import annotations
 
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +15,48 @@ import time
 from snapguard.client import DaemonClient
 from snapguard.config import Endpoint, ensure_private_dir
 from snapguard.errors import DaemonUnavailable, SnapGuardError
+
+_HANDED_OUT: set[int] = set()
+_PORT_PICKS = random.Random()  # its own generator: a job's seeded `random` is left alone
+
+
+def free_port() -> int:
+    """A TCP port that is free now, that this process has not handed out before, and that lies outside the
+    kernel's ephemeral range where it can. Each probe socket closes before the port is used, seconds later
+    (a daemon, a worker's store after it has imported torch). Without the record, ports picked one after
+    another could repeat (two daemons of one cluster given one port); in the ephemeral range, any outgoing
+    connection on the machine (gloo's, ZeroMQ's) could take the port in between. Outside it, only an
+    explicit bind can."""
+    low, high = _ephemeral_range()
+    spans = [r for r in (range(max(1024, low - 16384), low), range(high + 1, 65536)) if len(r)]
+    for _ in range(100_000 if spans else 0):
+        span = _PORT_PICKS.choices(spans, weights=[len(r) for r in spans])[0]
+        port = _PORT_PICKS.choice(span)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    while True:  # no room outside the ephemeral range: let the kernel pick, as before
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
 def daemon_command(ep: Endpoint, shm_dir: str | None = None, extra: tuple[str, ...] | list[str] = ()) -> list[str]:

@@ -124,7 +124,7 @@ class Run:
 
     def start(self) -> "Run":
         os.makedirs(self.out, exist_ok=True)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={self.nproc}",
+        cmd = [sys.executable, "-m", "snapguard.torchrun", "--standalone", f"--nproc-per-node={self.nproc}",
                f"--max-restarts={self.max_restarts}", "--monitor-interval=0.1",
                os.path.join(EXAMPLES, self.script), "--out", self.out, *self.args]
         pythonpath = os.pathsep.join(p for p in (SHIMS, os.environ.get("PYTHONPATH")) if p)

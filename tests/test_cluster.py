@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
+import sys
 
 import pytest
 
-from snapguard.cluster import Cluster, ClusterSpec, free_port
+from snapguard.cluster import Cluster, ClusterSpec
 from snapguard.demo import compare, progress, read_losses
 from snapguard.errors import SnapGuardError
+from snapguard.procs import _ephemeral_range, free_port
 
 STEPS_BETWEEN_LOSSES = 3
 
@@ -138,3 +141,34 @@ def test_free_port_never_hands_out_a_port_twice():
     # among this many picks it does, and two daemons of one cluster then fight over one address.
     ports = [free_port() for _ in range(3000)]
     assert len(set(ports)) == len(ports)
+
+
+def test_free_ports_lie_outside_the_ephemeral_range():
+    # Between the probe and the bind, the kernel may give a port of that range to any outgoing connection.
+    low, high = _ephemeral_range()
+    ports = [free_port() for _ in range(200)]
+    assert not [p for p in ports if low <= p <= high]
+
+
+WORKER = """
+import os, sys
+import torch.distributed as dist
+dist.init_process_group("gloo")
+dist.barrier()
+with open(os.path.join(sys.argv[1], f"port.r{dist.get_rank()}"), "w") as f:
+    f.write(os.environ["MASTER_PORT"])
+dist.destroy_process_group()
+"""
+
+
+def test_torchrun_gives_the_workers_a_store_port_outside_the_ephemeral_range(tmp_path):
+    # The demo's and the tests' launcher: without it, rank 0's store binds, seconds after torchrun probed it,
+    # a port that a gloo or ZeroMQ connection of a job beside it may have taken (EADDRINUSE).
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = dict(os.environ, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "snapguard.torchrun", "--standalone", "--nproc-per-node=2",
+                    str(script), str(tmp_path)], env=env, check=True, timeout=120, capture_output=True)
+    ports = {int((tmp_path / f"port.r{r}").read_text()) for r in range(2)}
+    low, high = _ephemeral_range()
+    assert len(ports) == 1 and not low <= ports.pop() <= high

@@ -908,7 +908,7 @@ def test_spawn_daemon_kills_a_daemon_that_does_not_answer_in_time(node, monkeypa
     leave it running in its own session with no handle for the caller."""
     import re
 
-    from snapguard.cluster import free_port
+    from snapguard.procs import free_port
 
     monkeypatch.setenv("SNAPGUARD_SECRET", "0123456789abcdef0123456789abcdef")
     with pytest.raises(DaemonUnavailable) as e:

@@ -27,7 +27,7 @@ import zmq.utils.monitor
 
 from snapguard import protocol as P
 from snapguard.client import DaemonClient
-from snapguard.cluster import free_port
+from snapguard.procs import free_port
 from snapguard.config import Endpoint
 from snapguard.daemon.peers import (AuthError as PeerAuthError, ConnectionGate, PeerNet, open_frames,
                                     present_credentials, recv_frames, require_credentials, seal_frames)

@@ -23,7 +23,7 @@ from typing import Callable
 import pytest
 
 from conftest import Node, make_dirs, unique_id
-from snapguard.cluster import free_port
+from snapguard.procs import free_port
 from snapguard.client import DaemonClient
 from snapguard.daemon.__main__ import main as daemon_main
 from snapguard.demo import compare

@@ -1,6 +1,6 @@
 """The acceptance tests of issue #2: 4 ranks under torchrun, snapshot every step, SIGKILL, restore, compare.
 
-Every run here is a real job: `python -m torch.distributed.run` starts 4 workers of `snapguard.demo`
+Every run here is a real job: torchrun (`python -m snapguard.torchrun`) starts 4 workers of `snapguard.demo`
 (DDP over gloo, a small transformer with dropout, Adam), a real daemon holds their snapshots in
 shared memory, and trainers die by SIGKILL: sent by the test at random moments or at moments it
 sees on the daemon, or by the trainers themselves at named fault points. torchrun restarts all
