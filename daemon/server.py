@@ -411,9 +411,6 @@ class Daemon:
 
     # ---- erasure coding -------------------------------------------------------------------------
 
-    def _header(self, to: str) -> dict:
-        return self.net.header(to)
-
     def _protect(self) -> None:
         """Called on every turn of the loop: send the chunks of the step to protect next to their parity holders.
 
@@ -471,7 +468,7 @@ class Daemon:
             held = [[r, *steps] for r, steps in self.table.held().items() if r in self.table.ranks]
             msg_fields = {"held": held, "parity": self.protector.complete_parity(), "sending": self.protector.sent_step}
             for node in self.net.peers:
-                self.net.send(node, P.PeerHeld(**self._header(node), **msg_fields))
+                self.net.send(node, P.PeerHeld(**self.net.header(node), **msg_fields))
             self.table.protected = self.protector.protected_step()
         except Exception:  # a bug must not take the daemon, and this node's snapshots, down: the next beat tries again
             log.exception("%s internal error sending PeerHeld (heartbeat) to the peers", self.who)
@@ -548,7 +545,7 @@ class Daemon:
             if node == self.cfg.node:
                 continue
             try:
-                reply, _ = self.net.request(node, P.PeerInventory(**self._header(node), asker=self.cfg.node), P.PeerStock,
+                reply, _ = self.net.request(node, P.PeerInventory(**self.net.header(node), asker=self.cfg.node), P.PeerStock,
                                             self.cfg.peer_timeout_s, serve=self._take_peer_frames)
                 stocks[node] = reply
             except SnapGuardError as e:
@@ -585,7 +582,7 @@ class Daemon:
                                      f" that answered ({sorted(stocks)})")
 
         def fetch(node: str, s: int, c: int, pos: int):
-            reply, bulk = self.net.request(node, P.PeerFetch(**self._header(node), step=s, codeword=c, position=pos),
+            reply, bulk = self.net.request(node, P.PeerFetch(**self.net.header(node), step=s, codeword=c, position=pos),
                                            P.PeerData, self.cfg.peer_timeout_s, serve=self._take_peer_frames)
             if (reply.step, reply.codeword, reply.position) != (s, c, pos) or len(bulk) != 1:
                 raise ChecksumError(f"{self.who} peer {node} answered the fetch of chunk {pos} of codeword {c} of step"
