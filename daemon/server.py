@@ -24,6 +24,7 @@ from snapguard import protocol as P
 from snapguard.config import Endpoint, daemon_who, ensure_private_dir
 from snapguard.errors import ChecksumError, ProtocolError, RestoreError, SnapGuardError, UnrecoverableError
 from snapguard.layout import Manifest, default_hash_threads
+from snapguard.procs import trainer_runs
 from snapguard.shm import free_bytes
 
 from snapguard.daemon.peers import AuthError as PeerAuthError
@@ -115,19 +116,6 @@ class _SendJob:
         return sorted(set(self.todo) | {d for d, t in self.trackers if not t.done})
 
 
-def _alive(pid: int) -> bool:
-    """Whether process `pid` runs; trainers share the daemon's node (in another PID namespace they look gone)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class AlreadyRunning(SnapGuardError):
     pass
 
@@ -198,7 +186,7 @@ class Daemon:
         self.rejected: list[str] = []
         self._rejected_count = 0
         self._warned_alone = False
-        self._trainers: dict[int, tuple[int, int]] = {}  # rank -> (pid, world_size) of its trainer, from its Hello
+        self._trainers: dict[int, tuple[int, int, str]] = {}  # rank -> (pid, world_size, lock) of its trainer's Hello
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -598,16 +586,21 @@ class Daemon:
         """Take the job's world size from a trainer's request. A job changes it only by restarting every rank, so a
         world size other than the one a running trainer of the job said Hello with is refused: ranks beyond a smaller
         world would drop out of `common()`, and a rank could reuse a slot of a step they still need. A Hello replaces
-        its rank's earlier trainer; once no trainer of the old size runs, the job may restart with another."""
+        its rank's earlier trainer; once no trainer of the old size runs, the job may restart with another. Whether a
+        trainer runs is whether it holds its lock file (`procs.TrainerLock`)."""
         hello = isinstance(msg, P.Hello)
-        for rank, (pid, world) in sorted(self._trainers.items()):
-            if world != msg.world_size and not (hello and rank == msg.rank) and _alive(pid):
+        ep = self.cfg.endpoint
+        for rank, (pid, world, lock) in sorted(self._trainers.items()):
+            if world != msg.world_size and not (hello and rank == msg.rank) and trainer_runs(ep.trainer_lock_path(lock)):
                 raise ProtocolError(f"rank {msg.rank} says world_size {msg.world_size}, but rank {rank} of this job (pid"
                                     f" {pid}, still running) said {world}: a job changes its world size only by"
                                     " restarting every rank")
+        replaced = self._trainers.get(msg.rank) if hello else None
+        if replaced is not None and replaced[2] != msg.lock:
+            trainer_runs(ep.trainer_lock_path(replaced[2]))  # removes the file of a trainer that died holding it
         self._trainers = {r: v for r, v in self._trainers.items() if v[1] == msg.world_size}  # the others are gone
         if hello:
-            self._trainers[msg.rank] = (msg.pid, msg.world_size)
+            self._trainers[msg.rank] = (msg.pid, msg.world_size, msg.lock)
         self.table.note_world(msg.world_size)
 
     def _check_job(self, job: str) -> None:

@@ -94,6 +94,10 @@ class Endpoint:
     def lock_path(self) -> str:
         return os.path.join(self.run_dir, f"{self.stem}.lock")
 
+    def trainer_lock_path(self, token: str) -> str:
+        """The file a trainer of this job on this node holds locked while it runs (`procs.TrainerLock`)."""
+        return os.path.join(self.run_dir, f"{self.stem}.trainer-{token}.lock")
+
     @property
     def address(self) -> str:
         return f"ipc://{self.socket_path}"

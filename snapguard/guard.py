@@ -38,7 +38,7 @@ from snapguard.errors import (ChecksumError, ConfigError, DaemonError, DaemonUna
 from snapguard.faults import fault_point
 from snapguard.layout import (DEFAULT_CHUNK, MANIFEST_VERSION, ChunkHasher, Layout, Manifest, checksum_mismatch,
                               chunk_checksums, default_hash_threads, in_threads, plan_layout, verify_checksums)
-from snapguard.procs import spawn_daemon
+from snapguard.procs import TrainerLock, spawn_daemon
 from snapguard.plan import check_agreement, plan_restore
 from snapguard.shm import MiB, map_file
 from snapguard.state import RNGState, TORCH_DTYPES, as_stateful, check_compatible, flatten, pack_tree, tensor_spec, unflatten, unpack_tree
@@ -141,11 +141,14 @@ class Guard:
         # knob for "how long ranks wait for each other" on the save path too.
         self._agree_s = self.timeout_s + cfg.gate_timeout_s
         self.client = DaemonClient(self.endpoint.address, self.timeout_s, self.who)
+        self._life: TrainerLock | None = None  # held while this Guard lives: the daemon's sign that the trainer runs
         try:
             self._connect()
             self._pg = self._agreement_group()
         except BaseException:
             self.client.close()
+            if self._life is not None:
+                self._life.release()
             raise
 
         self._layout: Layout | None = None
@@ -181,7 +184,8 @@ class Guard:
                     f" `snapguard-daemon --job {self.endpoint.job}` on this node, or pass start_daemon=True") from None
             self._spawn_daemon()
             self.client.wait_ready(self.timeout_s)
-        self.client.request(P.Hello(self.endpoint.job, self.rank, self.world_size, os.getpid()))
+        self._life = TrainerLock(self.endpoint)
+        self.client.request(P.Hello(self.endpoint.job, self.rank, self.world_size, os.getpid(), self._life.token))
 
     def _agreement_group(self) -> Any:
         """A gloo group of its own for restore's agreement, whose timeout is _agree_s: the default group's may be
@@ -672,6 +676,7 @@ class Guard:
                     self.client.request(P.Shutdown(remove=True))
             finally:
                 self.client.close()
+                self._life.release()
 
     def __enter__(self) -> "Guard":
         return self

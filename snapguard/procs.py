@@ -1,11 +1,14 @@
 """Starting daemons as real processes: shared by Guard's auto-start, the demo, the tests and the chaos harness;
-choosing the TCP ports they and the demo's workers listen on; and leaving a torch.distributed job so that its
-process exits cleanly."""
+choosing the TCP ports they and the demo's workers listen on; telling a daemon whether a trainer still runs;
+and leaving a torch.distributed job so that its process exits cleanly."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import random
+import secrets
 import signal
 import socket
 import subprocess
@@ -57,6 +60,70 @@ def _ephemeral_range() -> tuple[int, int]:
         return low, high
     except (OSError, ValueError):
         return 32768, 60999  # Linux's default
+
+
+class TrainerLock:
+    """A file that a trainer holds locked for as long as it runs, named by a token it sends in its Hello: how its
+    node's daemon tells whether it still runs. Not by its pid: a daemon in a container of its own (a sidecar)
+    sees another PID namespace, where the trainer's pid is missing or belongs to another process. Both see the
+    run dir (the socket is there), the lock works across namespaces, and the kernel drops it however the
+    trainer dies."""
+
+    def __init__(self, ep: Endpoint):
+        ensure_private_dir(ep.run_dir)
+        self.token = secrets.token_hex(8)
+        self.path = ep.trainer_lock_path(self.token)
+        self.fd: int | None = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else can hold it
+        self.pid = os.getpid()
+        os.pwrite(self.fd, str(self.pid).encode(), 0)
+        _TRAINER_LOCK_FDS.add(self.fd)
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        if os.getpid() != self.pid:  # a forked child's copy: its fd was closed at the fork, the lock is the parent's
+            self.fd = None
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        _TRAINER_LOCK_FDS.discard(self.fd)
+        os.close(self.fd)
+        self.fd = None
+
+
+_TRAINER_LOCK_FDS: set[int] = set()
+
+
+def _drop_trainer_locks_in_child() -> None:
+    """A forked child (a DataLoader worker, say) shares its parent's locked file: closing its copy leaves the lock
+    with the parent alone, so the lock goes when the trainer dies, not when its last child does."""
+    for fd in _TRAINER_LOCK_FDS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _TRAINER_LOCK_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_trainer_locks_in_child)
+
+
+def trainer_runs(path: str) -> bool:
+    """Whether the trainer whose `TrainerLock` is at `path` still runs. The file of one that died without
+    releasing it is removed."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return False
+    finally:
+        os.close(fd)
 
 
 def daemon_command(ep: Endpoint, shm_dir: str | None = None, extra: tuple[str, ...] | list[str] = ()) -> list[str]:

@@ -9,6 +9,7 @@ object exists, so a handler only ever sees well-formed values. Nothing is ever u
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ MAX_FRAMES = 16
 MAX_WORLD_SIZE = 1 << 24  # ranks in one job: far beyond any real one, small enough to loop over
 
 _REGISTRY: dict[str, type["Message"]] = {}
+_LOCK_TOKEN = re.compile(r"[0-9a-f]{16}")
 
 
 @dataclass(frozen=True)
@@ -68,14 +70,19 @@ class Ping(Message):
 
 @dataclass(frozen=True)
 class Hello(Message):
+    """A trainer starts. `lock` names the file it holds locked while it runs (`procs.TrainerLock`); `pid` is for
+    messages only (the daemon may see another PID namespace)."""
     job: str
     rank: int
     world_size: int
     pid: int
+    lock: str
 
     def check(self):
         _nonneg(self, "pid")
         _in_world(self)
+        if not _LOCK_TOKEN.fullmatch(self.lock):
+            raise ProtocolError(f"Hello.lock must be 16 lowercase hex digits, got {self.lock!r}")
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,12 @@ import stat
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 
 import msgpack
+import psutil
 import pytest
 import torch
 import zmq
@@ -35,7 +37,7 @@ from snapguard.config import Endpoint, default_timeout
 from snapguard.demo import state_digest
 from snapguard.errors import ConfigError, DaemonError, DaemonUnavailable, RestoreError, SnapGuardError
 from snapguard.layout import MANIFEST_VERSION, Manifest, TensorEntry, align, chunk_checksums
-from snapguard.procs import daemon_command
+from snapguard.procs import TrainerLock, daemon_command
 
 from conftest import Node, flip_bits, make_dirs, unique_id
 
@@ -184,14 +186,16 @@ def busy():
     run_dir, shm_dir = make_dirs("wire")
     n = Node(unique_id("wire"), "n0", run_dir, shm_dir)
     n.start()
+    life = TrainerLock(n.ep)
     try:
-        assert isinstance(n.request(P.Hello(n.job, 0, 2, os.getpid())), P.Welcome)
+        assert isinstance(n.request(P.Hello(n.job, 0, 2, os.getpid(), life.token)), P.Welcome)
         for step in (0, 1):
             seal_raw(n, 0, 2, step)
         seal_raw(n, 1, 2, 0)
         seal_raw(n, 1, 2, 1, seal=False)
         yield n
     finally:
+        life.release()
         n.close()
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.rmtree(shm_dir, ignore_errors=True)
@@ -273,7 +277,8 @@ def bad_requests(node: Node) -> dict[str, tuple[bytes, str, str]]:
                                   "rank 0 says world_size 1, but rank 0 of this job"),
         "begin-larger-world": (P.encode(P.Begin(job, 1, 3, 2, 8192)), "ProtocolError",
                                "rank 1 says world_size 3, but rank 0 of this job"),
-        "hello-other-world": (P.encode(P.Hello(job, 1, 4, os.getpid())), "ProtocolError", "still running) said 2"),
+        "hello-other-world": (P.encode(P.Hello(job, 1, 4, os.getpid(), "0123456789abcdef")), "ProtocolError",
+                              "still running) said 2"),
         "world-of-4e7": (enc({**begin, "world_size": 40_000_000}), "ProtocolError", "Begin.world_size must be in 1.."),
         "seal-manifest-other-world": (P.encode(P.Seal(job, 1, 1, 1, good_manifest(node, 1, 1, over={"world_size": 3}))),
                                       "ProtocolError", "says world_size 3, the job's is 2"),
@@ -783,24 +788,27 @@ def test_a_job_restarts_with_another_world_size_once_its_old_trainers_are_gone(d
     drop out of the common step, and rank 0 could overwrite a step rank 1 still needs). An elastic restart with one
     rank, after the old trainers have exited, is served (Hello, train on), but the two-rank job's snapshot is not
     opened for it: Open refuses it before forgetting anything."""
-    old = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]) for _ in range(2)]
+    old = [hold_trainer_lock(daemon)[:2] for _ in range(2)]
     try:
-        for rank, p in enumerate(old):
-            assert isinstance(daemon.request(P.Hello(daemon.job, rank, 2, p.pid)), P.Welcome)
+        for rank, (p, token) in enumerate(old):
+            assert isinstance(daemon.request(P.Hello(daemon.job, rank, 2, p.pid, token)), P.Welcome)
         for step in (0, 1):
             for rank in (0, 1):
                 seal_raw(daemon, rank, 2, step)
+        life = TrainerLock(daemon.ep)
         with pytest.raises(DaemonError, match=r"rank 0 says world_size 1, but rank 1 of this job \(pid \d+, still"
                                               r" running\) said 2"):
-            daemon.request(P.Hello(daemon.job, 0, 1, os.getpid()))
+            daemon.request(P.Hello(daemon.job, 0, 1, os.getpid(), life.token))
         with pytest.raises(DaemonError, match="rank 0 says world_size 1, but rank 0 of this job"):
             daemon.request(P.Begin(daemon.job, 0, 1, 2, 8192))
         assert daemon.status().common == 1 and daemon.held() == {0: [0, 1], 1: [0, 1]}
     finally:
-        for p in old:
+        for p, _ in old:
             p.kill()
             p.wait(10)
-    assert isinstance(daemon.request(P.Hello(daemon.job, 0, 1, os.getpid())), P.Welcome)
+    assert isinstance(daemon.request(P.Hello(daemon.job, 0, 1, os.getpid(), life.token)), P.Welcome)
+    assert [daemon.ep.trainer_lock_path(t) for _, t in old if os.path.exists(daemon.ep.trainer_lock_path(t))] == [], \
+        "the daemon removes the lock files of trainers that died holding them"
     assert daemon.request(P.Inventory(daemon.job, 0)).steps == [0, 1]
     with pytest.raises(DaemonError, match="step 1 was taken by a job of 2 ranks, this job has 1"):
         daemon.request(P.Open(daemon.job, 0, 1, epoch=5))
@@ -809,6 +817,96 @@ def test_a_job_restarts_with_another_world_size_once_its_old_trainers_are_gone(d
     assert daemon.held() == {0: [0, 1], 1: [0, 1]}, "a refused Open forgets no step"
     seal_raw(daemon, 0, 1, 2)
     assert daemon.status().common == 2
+    life.release()
+
+
+HOLDER = """
+import os, sys, time
+from snapguard.config import Endpoint
+from snapguard.procs import TrainerLock
+life = TrainerLock(Endpoint(*sys.argv[1:4]))
+child = os.fork() if sys.argv[4] == "fork" else 0
+if sys.argv[4] == "fork" and child == 0:
+    time.sleep(120)
+    os._exit(0)
+print(life.token, child, flush=True)
+time.sleep(120)
+"""
+
+
+def hold_trainer_lock(node: Node, fork: bool = False) -> tuple[subprocess.Popen, str, int]:
+    """A process that holds a trainer's lock file, as a running trainer does; its token; and with `fork`, the pid
+    of a child it forked after taking the lock (as a DataLoader's workers are)."""
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, node.job, node.node, node.run_dir, "fork" if fork else "-"],
+                         stdout=subprocess.PIPE, text=True)
+    token, child = p.stdout.readline().split()
+    return p, token, int(child)
+
+
+def test_a_trainer_is_gone_once_it_dies_though_a_child_it_forked_lives_on(daemon):
+    """A forked child shares the trainer's locked file; the lock must still go with the trainer."""
+    p, token, child = hold_trainer_lock(daemon, fork=True)
+    life = TrainerLock(daemon.ep)
+    try:
+        assert isinstance(daemon.request(P.Hello(daemon.job, 1, 2, p.pid, token)), P.Welcome)
+        with pytest.raises(DaemonError, match=r"rank 0 says world_size 1, but rank 1 of this job \(pid \d+, still"):
+            daemon.request(P.Hello(daemon.job, 0, 1, os.getpid(), life.token))
+        p.kill()
+        p.wait(10)
+        assert psutil.pid_exists(child)
+        assert isinstance(daemon.request(P.Hello(daemon.job, 0, 1, os.getpid(), life.token)), P.Welcome)
+    finally:
+        p.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+        life.release()
+
+
+def _pid_namespaces() -> bool:
+    try:
+        return subprocess.run(["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc", "true"],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not _pid_namespaces(), reason="this machine gives an unprivileged user no PID namespace")
+def test_the_daemon_tells_whether_trainers_in_another_pid_namespace_run(daemon):
+    """Trainers in a container of their own, beside a daemon in another (a sidecar): their pids mean nothing to it.
+    Each trainer here is a real Guard in a PID namespace of its own, where it is pid 1, and pid 1 also runs in the
+    daemon's. While they run, a restart with another world size is refused; once they are SIGKILLed, it is served."""
+    script = textwrap.dedent(f"""
+        import os, sys, time, torch
+        from snapguard.guard import Guard
+        g = Guard(model=torch.nn.Linear(8, 8), job={daemon.job!r}, node={daemon.node!r}, run_dir={daemon.run_dir!r},
+                  rank=int(sys.argv[1]), world_size=2)
+        g.snapshot(0)
+        g.wait()
+        print(os.getpid(), flush=True)
+        time.sleep(120)
+        """)
+    cmd = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc", sys.executable, "-c", script]
+    err = tempfile.TemporaryFile("w+")
+    trainers = [subprocess.Popen([*cmd, str(r)], stdout=subprocess.PIPE, stderr=err, text=True) for r in range(2)]
+    try:
+        pids = [p.stdout.readline().strip() for p in trainers]
+        err.seek(0)
+        assert pids == ["1", "1"], err.read()
+        assert daemon.held() == {0: [0], 1: [0]}
+        life = TrainerLock(daemon.ep)
+        with pytest.raises(DaemonError, match=r"rank 0 says world_size 1, but rank 1 of this job \(pid 1, still running"):
+            daemon.request(P.Hello(daemon.job, 0, 1, os.getpid(), life.token))
+    finally:
+        for p in trainers:
+            children = psutil.Process(p.pid).children(recursive=True)  # the trainer, unshare's child
+            for child in children:
+                child.kill()
+            psutil.wait_procs(children, timeout=10)
+            p.kill()
+            p.wait(10)
+        err.close()
+    assert isinstance(daemon.request(P.Hello(daemon.job, 0, 1, os.getpid(), life.token)), P.Welcome)
+    life.release()
 
 
 def test_a_rank_of_the_largest_world_waits_without_the_daemon_listing_every_rank(daemon):

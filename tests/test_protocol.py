@@ -14,7 +14,7 @@ from snapguard.errors import ProtocolError
 # One well-formed instance of every trainer<->daemon message.
 SAMPLES = [
     P.Ping(),
-    P.Hello("job", 1, 4, 1234),
+    P.Hello("job", 1, 4, 1234, "0123456789abcdef"),
     P.Reserve("job", 3, 4, 1 << 20),
     P.Begin("job", 0, 4, 17, 4096),
     P.Seal("job", 2, 17, 1, {"version": 1, "nested": [1, 2, b"\x00"]}),
@@ -90,7 +90,10 @@ BEGIN = fields_of(P.Begin("job", 0, 4, 17, 4096))
     (raw({**BEGIN, "nbytes": None}), "Begin.nbytes has type NoneType"),
     (raw({**BEGIN, "step": -1}), "Begin.step must be >= 0, got -1"),
     (raw({**BEGIN, "rank": 4}), "Begin.rank 4 is outside world_size 4"),
-    (raw({**fields_of(P.Hello("job", 0, 2, 1)), "rank": 2}), "Hello.rank 2 is outside world_size 2"),
+    (raw({**fields_of(P.Hello("job", 0, 2, 1, "0123456789abcdef")), "rank": 2}), "Hello.rank 2 is outside world_size 2"),
+    # the daemon builds a file name of it: a path, or anything but the token a trainer makes, is refused
+    (raw({**fields_of(P.Hello("job", 0, 2, 1, "0123456789abcdef")), "lock": "../../x/0123456789"}),
+     "Hello.lock must be 16 lowercase hex digits"),
     (raw({**fields_of(P.Seal("job", 0, 1, 0, {})), "manifest": [1]}), "Seal.manifest has type list, expected dict"),
     (raw({**fields_of(P.Seal("job", 0, 1, 0, {})), "slot": -2}), "Seal.slot must be >= 0"),
     (raw({**fields_of(P.Steps([1], [])), "steps": [1, "2"]}), r"Steps.steps\[1\] has type str, expected int"),
@@ -143,7 +146,7 @@ HELD = fields_of(P.PeerHeld("job", "b", 1, 1, held=[[0, 3, 4]], parity=[[1, 1, 3
     pytest.param(raw({**BEGIN, "world_size": 40_000_000}), "Begin.world_size must be in 1..16777216, got 40000000",
                  id="world-4e7"),
     pytest.param(raw({**BEGIN, "world_size": -3}), "Begin.world_size must be in 1", id="world-negative"),
-    pytest.param(raw({**fields_of(P.Hello("job", 0, 2, 1)), "world_size": (1 << 24) + 1}),
+    pytest.param(raw({**fields_of(P.Hello("job", 0, 2, 1, "0123456789abcdef")), "world_size": (1 << 24) + 1}),
                  "Hello.world_size must be in 1", id="hello-world-over-max"),
     pytest.param(raw({**fields_of(P.Seal("job", 0, 1, 0, {})), "rank": 1 << 40}), "Seal.rank must be in 0..16777215",
                  id="seal-rank-huge"),
