@@ -898,10 +898,11 @@ def test_the_daemon_tells_whether_trainers_in_another_pid_namespace_run(daemon):
             daemon.request(P.Hello(daemon.job, 0, 1, os.getpid(), life.token))
     finally:
         for p in trainers:
-            children = psutil.Process(p.pid).children(recursive=True)  # the trainer, unshare's child
-            for child in children:
-                child.kill()
-            psutil.wait_procs(children, timeout=10)
+            with contextlib.suppress(psutil.NoSuchProcess):  # the trainer, unshare's child, unless it exited
+                children = psutil.Process(p.pid).children(recursive=True)
+                for child in children:
+                    child.kill()
+                psutil.wait_procs(children, timeout=10)
             p.kill()
             p.wait(10)
         err.close()
