@@ -275,6 +275,8 @@ class Daemon:
             ep = self.cfg.endpoint
             if os.path.exists(ep.socket_path):
                 os.unlink(ep.socket_path)
+            for trainer in self._trainers.values():
+                trainer_runs(ep.trainer_lock_path(trainer[2]))  # removes the files of trainers that died holding them
         if self._remove:
             self.table.remove_all()
             log.info("%s removed its shared memory", self.who)

@@ -519,17 +519,29 @@ def test_a_restarted_daemon_readopts_sealed_slots_after_verifying_them(node, cap
 
 @pytest.mark.parametrize("how", ["Shutdown", "SIGTERM"])
 def test_a_clean_shutdown_removes_its_files(daemon, how):
-    seal_raw(daemon, 0, 1, 0)
-    assert os.listdir(daemon.table_dir)
-    if how == "Shutdown":
-        assert isinstance(daemon.request(P.Shutdown(remove=True)), P.Ok)
-    else:
-        daemon.proc.terminate()
-    assert daemon.proc.wait(15) == 0
-    assert not os.path.exists(daemon.table_dir)
-    assert not os.path.exists(daemon.ep.socket_path)
-    assert not os.path.exists(daemon.ep.lock_path)
-    assert os.listdir(daemon.shm_dir) == []
+    """Its own files, and the lock files of trainers that died holding them; a running trainer keeps its own."""
+    (dead, dead_token, _), (live, live_token, _) = hold_trainer_lock(daemon), hold_trainer_lock(daemon)
+    try:
+        for rank, (p, token) in enumerate(((dead, dead_token), (live, live_token))):
+            assert isinstance(daemon.request(P.Hello(daemon.job, rank, 2, p.pid, token)), P.Welcome)
+        seal_raw(daemon, 0, 2, 0)
+        assert os.listdir(daemon.table_dir)
+        dead.kill()
+        dead.wait(10)
+        if how == "Shutdown":
+            assert isinstance(daemon.request(P.Shutdown(remove=True)), P.Ok)
+        else:
+            daemon.proc.terminate()
+        assert daemon.proc.wait(15) == 0
+        assert not os.path.exists(daemon.table_dir)
+        assert not os.path.exists(daemon.ep.socket_path)
+        assert not os.path.exists(daemon.ep.lock_path)
+        assert os.listdir(daemon.shm_dir) == []
+        assert sorted(os.listdir(daemon.run_dir)) == sorted([os.path.basename(daemon.ep.trainer_lock_path(live_token)),
+                                                             os.path.basename(daemon.log_path)])
+    finally:
+        live.kill()
+        live.wait(10)
 
 
 def test_the_reply_to_shutdown_is_never_lost(node):
