@@ -17,6 +17,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import zmq
 
@@ -116,6 +117,13 @@ class _SendJob:
         return sorted(set(self.todo) | {d for d, t in self.trackers if not t.done})
 
 
+class _Trainer(NamedTuple):
+    """A trainer as its Hello described it: `lock` names the file it holds while it runs (`procs.TrainerLock`)."""
+    pid: int
+    world_size: int
+    lock: str
+
+
 class AlreadyRunning(SnapGuardError):
     pass
 
@@ -186,7 +194,7 @@ class Daemon:
         self.rejected: list[str] = []
         self._rejected_count = 0
         self._warned_alone = False
-        self._trainers: dict[int, tuple[int, int, str]] = {}  # rank -> (pid, world_size, lock) of its trainer's Hello
+        self._trainers: dict[int, _Trainer] = {}  # rank -> its trainer, from its Hello
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -276,7 +284,7 @@ class Daemon:
             if os.path.exists(ep.socket_path):
                 os.unlink(ep.socket_path)
             for trainer in self._trainers.values():
-                trainer_runs(ep.trainer_lock_path(trainer[2]))  # removes the files of trainers that died holding them
+                trainer_runs(ep.trainer_lock_path(trainer.lock))  # removes the files of trainers that died holding them
         if self._remove:
             self.table.remove_all()
             log.info("%s removed its shared memory", self.who)
@@ -598,11 +606,11 @@ class Daemon:
                                     f" {pid}, still running) said {world}: a job changes its world size only by"
                                     " restarting every rank")
         replaced = self._trainers.get(msg.rank) if hello else None
-        if replaced is not None and replaced[2] != msg.lock:
-            trainer_runs(ep.trainer_lock_path(replaced[2]))  # removes the file of a trainer that died holding it
-        self._trainers = {r: v for r, v in self._trainers.items() if v[1] == msg.world_size}  # the others are gone
+        if replaced is not None and replaced.lock != msg.lock:
+            trainer_runs(ep.trainer_lock_path(replaced.lock))  # removes the file of a trainer that died holding it
+        self._trainers = {r: t for r, t in self._trainers.items() if t.world_size == msg.world_size}  # others are gone
         if hello:
-            self._trainers[msg.rank] = (msg.pid, msg.world_size, msg.lock)
+            self._trainers[msg.rank] = _Trainer(msg.pid, msg.world_size, msg.lock)
         self.table.note_world(msg.world_size)
 
     def _check_job(self, job: str) -> None:
