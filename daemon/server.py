@@ -203,6 +203,7 @@ class Daemon:
         ep = self.cfg.endpoint
         self._lock = lock or NodeLock(ep)
         self.table.adopt()
+        self._sweep_trainer_locks()  # of trainers an earlier daemon heard from, which died since
         ctx = zmq.Context.instance()
         self._sock = ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -231,6 +232,11 @@ class Daemon:
                             " 3 slots (the default with erasure coding) never make training wait for it", self.who,
                             self.table.slots_per_rank)
         log.info("%s serving on %s (shm %s, pid %d)", self.who, ep.socket_path, self.table.dir, os.getpid())
+
+    def _sweep_trainer_locks(self) -> None:
+        """Remove the lock files of this job's trainers on this node that died holding them (`procs.TrainerLock`)."""
+        for path in self.cfg.endpoint.trainer_lock_paths():
+            trainer_runs(path)
 
     def serve_forever(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self.stop())
@@ -283,8 +289,7 @@ class Daemon:
             ep = self.cfg.endpoint
             if os.path.exists(ep.socket_path):
                 os.unlink(ep.socket_path)
-            for trainer in self._trainers.values():
-                trainer_runs(ep.trainer_lock_path(trainer.lock))  # removes the files of trainers that died holding them
+            self._sweep_trainer_locks()
         if self._remove:
             self.table.remove_all()
             log.info("%s removed its shared memory", self.who)

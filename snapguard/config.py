@@ -98,6 +98,12 @@ class Endpoint:
         """The file a trainer of this job on this node holds locked while it runs (`procs.TrainerLock`)."""
         return os.path.join(self.run_dir, f"{self.stem}.trainer-{token}.lock")
 
+    def trainer_lock_paths(self) -> list[str]:
+        """Every such file in the run dir, of running trainers and of dead ones."""
+        head, tail = f"{self.stem}.trainer-", ".lock"
+        return [os.path.join(self.run_dir, name) for name in os.listdir(self.run_dir)
+                if name.startswith(head) and name.endswith(tail)]
+
     @property
     def address(self) -> str:
         return f"ipc://{self.socket_path}"

@@ -73,10 +73,13 @@ class TrainerLock:
         ensure_private_dir(ep.run_dir)
         self.token = secrets.token_hex(8)
         self.path = ep.trainer_lock_path(self.token)
-        self.fd: int | None = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+        # Locked before it is at its path: a daemon that finds it there unlocked removes it as a dead trainer's.
+        fresh = f"{self.path}.new"
+        self.fd: int | None = os.open(fresh, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else can hold it
         self.pid = os.getpid()
         os.pwrite(self.fd, str(self.pid).encode(), 0)
+        os.rename(fresh, self.path)
         _TRAINER_LOCK_FDS.add(self.fd)
 
     def release(self) -> None:

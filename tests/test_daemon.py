@@ -874,6 +874,24 @@ def test_a_trainer_is_gone_once_it_dies_though_a_child_it_forked_lives_on(daemon
         life.release()
 
 
+def test_a_restarted_daemon_removes_the_lock_files_of_trainers_that_died_while_it_was_down(daemon):
+    """The daemon that heard their Hellos is gone, and no trainer of their ranks has said Hello since."""
+    (dead, dead_token, _), (live, live_token, _) = hold_trainer_lock(daemon), hold_trainer_lock(daemon)
+    try:
+        for rank, (p, token) in enumerate(((dead, dead_token), (live, live_token))):
+            assert isinstance(daemon.request(P.Hello(daemon.job, rank, 2, p.pid, token)), P.Welcome)
+        daemon.kill()
+        dead.kill()
+        dead.wait(10)
+        assert sorted(daemon.ep.trainer_lock_paths()) == sorted(daemon.ep.trainer_lock_path(t)
+                                                                for t in (dead_token, live_token))
+        daemon.start()
+        assert daemon.ep.trainer_lock_paths() == [daemon.ep.trainer_lock_path(live_token)]
+    finally:
+        live.kill()
+        live.wait(10)
+
+
 def _pid_namespaces() -> bool:
     try:
         return subprocess.run(["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc", "true"],
