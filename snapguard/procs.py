@@ -32,25 +32,21 @@ def free_port() -> int:
     explicit bind can."""
     low, high = _ephemeral_range()
     spans = [r for r in (range(max(1024, low - 16384), low), range(high + 1, 65536)) if len(r)]
-    for _ in range(100_000 if spans else 0):
-        span = _PORT_PICKS.choices(spans, weights=[len(r) for r in spans])[0]
-        port = _PORT_PICKS.choice(span)
-        if port in _HANDED_OUT:
-            continue
+    for _ in range(100_000):
+        if spans:
+            port = _PORT_PICKS.choice(_PORT_PICKS.choices(spans, weights=[len(r) for r in spans])[0])
+        else:
+            port = 0  # no room outside the ephemeral range: the kernel picks
         with socket.socket() as s:
             try:
                 s.bind(("", port))
             except OSError:
                 continue
-        _HANDED_OUT.add(port)
-        return port
-    while True:  # no room outside the ephemeral range: let the kernel pick, as before
-        with socket.socket() as s:
-            s.bind(("", 0))
             port = s.getsockname()[1]
         if port not in _HANDED_OUT:
             _HANDED_OUT.add(port)
             return port
+    raise SnapGuardError(f"no free TCP port in 100000 tries (ephemeral range {low}-{high})")
 
 
 def _ephemeral_range() -> tuple[int, int]:

@@ -19,6 +19,7 @@ import pytest
 from snapguard.cluster import Cluster, ClusterSpec
 from snapguard.demo import compare, progress, read_losses
 from snapguard.errors import SnapGuardError
+from snapguard import procs
 from snapguard.procs import _ephemeral_range, free_port
 
 STEPS_BETWEEN_LOSSES = 3
@@ -148,6 +149,12 @@ def test_free_ports_lie_outside_the_ephemeral_range():
     low, high = _ephemeral_range()
     ports = [free_port() for _ in range(200)]
     assert not [p for p in ports if low <= p <= high]
+
+
+def test_free_port_lets_the_kernel_pick_where_the_ephemeral_range_leaves_no_room(monkeypatch):
+    monkeypatch.setattr(procs, "_ephemeral_range", lambda: (1024, 65535))
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == len(ports) and all(1024 <= p <= 65535 for p in ports)
 
 
 WORKER = """
