@@ -33,7 +33,7 @@ from snapguard.errors import ChecksumError, LayoutError, ProtocolError, Unrecove
 from snapguard.layout import Manifest, align
 from snapguard.stripes import plan_stripes, recoverable
 
-from snapguard.daemon.slots import SEALED, Slot, SlotTable
+from snapguard.daemon.slots import Slot, SlotTable
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,7 @@ class Protector:
                     self.parity[(c.index, ref.position)] = {}
         self.remote_parity: dict[str, set[tuple[int, int, int]]] = {}
         self.remote_sealed: dict[str, set[int]] = {}
+        self.remote_ranks: dict[str, set[int]] = {}  # node -> the ranks whose steps it reported last
         self.remote_sending: dict[str, tuple[int, float]] = {}  # node -> (newest step it sent chunks of, when heard)
         self._send_buf = np.empty(0, np.uint8)  # this node's chunks of the step being sent, reused step after step
         self._spare: np.ndarray | None = None  # the parity buffer of the last dropped step, for a next step's parity
@@ -138,18 +139,17 @@ class Protector:
     # ---- what this node holds ------------------------------------------------------------------
 
     def full_steps(self) -> list[int]:
-        """Steps for which every local rank holds a sealed shard."""
-        ranks = [slots for slots in self.table.ranks.values() if any(s.capacity for s in slots)]
+        """Steps for which every local rank of the job as it is now holds a sealed shard."""
+        ranks = self.table.local_ranks()
         if not ranks:
             return []
-        common = set.intersection(*({s.step for s in slots if s.state == SEALED} for slots in ranks))
-        return sorted(common)
+        return sorted(set.intersection(*(set(self.table.sealed_steps(r)) for r in ranks)))
 
     def blob_layout(self, step: int) -> tuple[dict, list[tuple[int, Slot, int]]]:
         """This node's blob at `step`: its layout (sent with its chunks), and its parts for `read_parts`."""
         parts, ranks, offset = [], [], 0
-        for rank in sorted(self.table.ranks):
-            slot = next((s for s in self.table.ranks[rank] if s.state == SEALED and s.step == step), None)
+        for rank in self.table.local_ranks():
+            slot = next((s for s in self.table.ranks.get(rank, []) if self.table.current(s) and s.step == step), None)
             if slot is None:
                 raise LayoutError(f"rank {rank} holds no sealed step {step}")
             parts.append((offset, slot, slot.manifest.nbytes))
@@ -338,6 +338,9 @@ class Protector:
                                     f" group {self.group} with m={self.m}: are the daemons of the group started alike?")
         self.remote_parity[msg.node] = {(c, p, s) for c, p, s in msg.parity} if member else set()
         self.remote_sending[msg.node] = (msg.sending, now)
+        for rank in self.remote_ranks.get(msg.node, set()) - {row[0] for row in msg.held}:
+            self.table.remote.pop(rank, None)  # a rank it no longer serves (the job restarted with other ranks)
+        self.remote_ranks[msg.node] = {row[0] for row in msg.held}
         self.table.remote.update({row[0]: set(row[1:]) for row in msg.held})
         ranks = [set(row[1:]) for row in msg.held]
         self.remote_sealed[msg.node] = set.intersection(*ranks) if ranks else set()
@@ -456,7 +459,7 @@ class Protector:
                 whole[ref.index * sc.chunk_len:(ref.index + 1) * sc.chunk_len] = out[ref.position][:sc.chunk_len]
         for rank, offset, wire in blob["ranks"]:
             man = Manifest.from_wire(wire)
-            if any(s.state == SEALED and s.step == man.step for s in self.table.ranks.get(rank, [])):
+            if man.step in self.table.sealed_steps(rank):
                 continue  # only another local rank's shard was lost (e.g. found corrupt): this one is intact
             self.table.install(rank, man, memoryview(whole)[offset:offset + man.nbytes])
         log.warning("%s rebuilt step %d of ranks %s from %d peers", self.who, step,

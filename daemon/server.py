@@ -376,6 +376,7 @@ class Daemon:
                 raise ProtocolError(f"rank {msg.rank}: the manifest of step {msg.step} says world_size {man.world_size},"
                                     f" the job's is {t.world_size}")
             t.seal(msg.rank, msg.step, msg.slot, man)
+            self._retire_old_world()
             self._held_due = True  # told to the peers after the reply: a seal never waits for that
             return P.Sealed(msg.step, t.common())
         if isinstance(msg, P.Inventory):
@@ -386,12 +387,13 @@ class Daemon:
             if self.protector is not None:
                 stocks = self._stocks()
                 rebuild = self.protector.rebuildable(stocks)
-                steps = sorted(set(steps) | {s for s, blob in rebuild.items() if msg.rank in [r[0] for r in blob["ranks"]]})
+                steps = sorted(set(steps) | {s for s, blob in rebuild.items()
+                                             if [msg.rank, t.world_size] in [[r[0], r[2].get("world_size")] for r in blob["ranks"]]})
                 if not steps:
                     why = self.protector.explain_loss(stocks)
                     if why:
                         dropped = [*dropped, why]
-            return P.Steps(steps, dropped)
+            return P.Steps(steps, dropped, list(t.old_world() or ()))
         if isinstance(msg, P.Open):
             if self.protector is not None and msg.step not in t.sealed_steps(msg.rank):
                 self._rebuild(msg.step)
@@ -468,7 +470,7 @@ class Daemon:
         self._last_beat = time.monotonic()
         try:
             self.protector.prune()
-            held = [[r, *steps] for r, steps in self.table.held().items() if r in self.table.ranks]
+            held = [[r, *steps] for r, steps in self.table.local_held().items()]
             msg_fields = {"held": held, "parity": self.protector.complete_parity(), "sending": self.protector.sent_step}
             for node in self.net.peers:
                 self.net.send(node, P.PeerHeld(**self.net.header(node), **msg_fields))
@@ -508,6 +510,7 @@ class Daemon:
                 self.protector.note_peer(msg, time.monotonic())
                 self.protector.prune()
                 self.table.protected = self.protector.protected_step()
+                self._retire_old_world()
             elif isinstance(msg, P.PeerChunk):
                 if len(bulk) != 1:
                     raise ProtocolError(f"PeerChunk carries {len(bulk)} data frames, expected 1")
@@ -616,7 +619,13 @@ class Daemon:
         self._trainers = {r: t for r, t in self._trainers.items() if t.world_size == msg.world_size}  # others are gone
         if hello:
             self._trainers[msg.rank] = _Trainer(msg.pid, msg.world_size, msg.lock)
-        self.table.note_world(msg.world_size)
+        self.table.note_world(msg.world_size, msg.rank)
+
+    def _retire_old_world(self) -> None:
+        """Free the slots of a job of another world size once every rank of this one holds a step (`SlotTable`)."""
+        if self.table.retirable():
+            self._read_out()  # chunks on their way may still need bytes of a slot about to go
+            self.table.retire_old_world()
 
     def _check_job(self, job: str) -> None:
         if job != self.cfg.job:
@@ -630,6 +639,7 @@ class Daemon:
                 "rank": r,
                 "slots": [{"slot": s.index, "state": s.state, "step": s.step, "capacity": s.capacity,
                            "nbytes": s.manifest.nbytes if s.manifest else 0,
+                           "world_size": s.manifest.world_size if s.manifest else 0,
                            "age_s": round(now - s.sealed_at, 3) if s.state == SEALED else -1.0}
                           for s in slots],
             })

@@ -5,10 +5,16 @@ them out on files. A slot is FREE, WRITING (granted to a trainer, manifest remov
 (verified, manifest written beside it). The manifest file is the commit marker: it is deleted
 before a slot is handed out for writing and written last when a shard is sealed, so a crash at any
 moment leaves either the old sealed shard or no claim at all, never a torn one.
+
+A job that restarts with another number of ranks under the same job id cannot restore what the job before
+it sealed (snapguard restores only into the world size that took a snapshot). Such slots are of an old
+world: kept, but neither offered nor counted as what the job's ranks hold, until every rank of the new
+world holds a sealed step; then they are freed (`SlotTable.retire_old_world`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -29,6 +35,7 @@ from snapguard.shm import MiB, create_slot, free_bytes, map_file, write_private
 log = logging.getLogger(__name__)
 
 FREE, WRITING, SEALED = "free", "writing", "sealed"
+OLD_WORLD = "old-world"  # as `plan_begin` sees a sealed slot of a job of another world size: taken when none is free
 _DATA = re.compile(r"^r(\d+)\.s(\d+)\.data$")
 _EPOCH = "epoch"
 _OURS = re.compile(r"^(r\d+\.s\d+\.(data|manifest)|epoch)(\.new)?$")  # every name a table writes in its directory
@@ -44,7 +51,7 @@ class Decision:
 
 def plan_begin(slots: tuple[tuple[str, int], ...], step: int, common: int, protected: int = -1) -> Decision:
     """Pick the slot a rank writes `step` into, given its slots as (state, step), the job's common step and,
-    with erasure coding, the newest protected step.
+    with erasure coding, the newest protected step. A slot of an OLD_WORLD is taken when none is free.
 
     A sealed slot is reused only when it is older than `common` (the newest step every rank holds sealed),
     so the rank keeps that step; and never when it holds `protected`, the step a lost node would be rebuilt
@@ -54,7 +61,7 @@ def plan_begin(slots: tuple[tuple[str, int], ...], step: int, common: int, prote
     if sealed and step <= sealed[-1]:
         return Decision("error", reason=f"step {step} is not newer than step {sealed[-1]}, which is already sealed;"
                                         " call restore() after a restart, or use a new job id")
-    for state in (WRITING, FREE):
+    for state in (WRITING, FREE, OLD_WORLD):
         for i, (st, _) in enumerate(slots):
             if st == state:
                 return Decision("grant", slot=i)
@@ -122,6 +129,8 @@ class SlotTable:
         self.dir = os.path.join(shm_dir, slot_dir_name(job, node))
         self.ranks: dict[int, list[Slot]] = {}
         self.world_size = 0
+        self.world_told = False  # said by a trainer, not taken from adopted shards
+        self.members: set[int] = set()  # ranks whose trainers spoke to this daemon with the current world size
         self.remote: dict[int, set[int]] = {}  # sealed steps of ranks served by other daemons
         self.protected = -1  # with erasure coding: the newest step protected across the EC group
         self.epoch = 0  # the job's timeline since its last restore (`Open.epoch`), kept across daemon restarts
@@ -142,6 +151,7 @@ class SlotTable:
             pass
         except (ValueError, OSError) as e:
             log.warning("%s cannot read the job's epoch (%s): taking 0 until the next restore sets it", self.who, e)
+        newest = -1.0  # the world size is that of the shard sealed last: a job may have restarted with another
         for path in sorted(glob.glob(os.path.join(self.dir, "r*.s*.data"))):
             m = _DATA.match(os.path.basename(path))
             if not m:
@@ -167,7 +177,8 @@ class SlotTable:
                     continue
                 slot.state, slot.step, slot.manifest = SEALED, man.step, man
                 slot.sealed_at = os.path.getmtime(slot.manifest_path)
-                self.world_size = max(self.world_size, man.world_size)
+                if slot.sealed_at > newest:
+                    newest, self.world_size = slot.sealed_at, man.world_size
                 log.info("%s re-adopted rank %d step %d (slot %d, %d bytes)", self.who, rank, man.step, index, man.nbytes)
         for rank, slots in self.ranks.items():
             for i, s in enumerate(slots):
@@ -184,19 +195,41 @@ class SlotTable:
 
     # ---- queries -------------------------------------------------------------------------------
 
+    def current(self, slot: Slot) -> bool:
+        """Whether `slot` holds a sealed step of the job as it is now, not of an old world."""
+        return slot.state == SEALED and slot.manifest.world_size == self.world_size
+
+    def local_ranks(self) -> list[int]:
+        """The ranks of the job as it is now that this node serves: those whose trainers spoke to it with the
+        current world size, and those it holds a sealed step of that world for."""
+        return sorted(self.members | {r for r, slots in self.ranks.items() if any(self.current(s) for s in slots)})
+
+    def local_held(self) -> dict[int, list[int]]:
+        return {r: self.sealed_steps(r) for r in self.local_ranks()}
+
     def held(self) -> dict[int, list[int]]:
-        out = {r: sorted(s.step for s in slots if s.state == SEALED) for r, slots in self.ranks.items()}
+        out = self.local_held()
         for r, steps in self.remote.items():
             out.setdefault(r, sorted(steps))
         return out
 
     def sealed_steps(self, rank: int) -> list[int]:
         """The steps this node holds sealed for `rank`, as verified when they were sealed or adopted."""
-        return sorted(s.step for s in self.ranks.get(rank, []) if s.state == SEALED)
+        return sorted(s.step for s in self.ranks.get(rank, []) if self.current(s))
 
     def sealed_manifest(self, rank: int, step: int) -> Manifest | None:
-        """The manifest of `rank`'s sealed `step`, None if this node does not hold it."""
-        return next((s.manifest for s in self.ranks.get(rank, []) if s.state == SEALED and s.step == step), None)
+        """The manifest of `rank`'s sealed `step` (of the current world if one is), None if this node does not hold it."""
+        found = sorted((s for s in self.ranks.get(rank, []) if s.state == SEALED and s.step == step),
+                       key=lambda s: not self.current(s))
+        return found[0].manifest if found else None
+
+    def old_world(self) -> tuple[int, int] | None:
+        """(world size, step) of the step of an old world that this node sealed last, None if it holds none."""
+        old = [s for slots in self.ranks.values() for s in slots if s.state == SEALED and not self.current(s)]
+        if not old:
+            return None
+        last = max(old, key=lambda s: s.sealed_at)
+        return last.manifest.world_size, last.step
 
     def common(self) -> int:
         return common_step(self.held(), self.world_size)
@@ -206,8 +239,59 @@ class SlotTable:
 
     # ---- actions -------------------------------------------------------------------------------
 
-    def note_world(self, world_size: int) -> None:
-        self.world_size = world_size
+    def note_world(self, world_size: int, rank: int) -> None:
+        """A trainer of `rank` says the job has `world_size` ranks."""
+        if world_size != self.world_size or not self.world_told:
+            self.members = set()
+        self.world_size, self.world_told = world_size, True
+        self.members.add(rank)
+
+    def retirable(self) -> bool:
+        """Whether `retire_old_world` would free anything: every rank of the job as a trainer last said it is holds a
+        sealed step, and this node holds steps of an old world."""
+        return self.world_told and self.old_world() is not None and self.common() >= 0
+
+    def retire_old_world(self) -> None:
+        """Free the slots of an old world once `retirable`: the job trained on in its new world, and restoring them
+        would undo that. A rank this node no longer serves loses its files; the others' slots are reused."""
+        if not self.retirable():
+            return
+        local = self.local_ranks()
+        for rank in list(self.ranks):
+            slots = self.ranks[rank]
+            old = [s for s in slots if s.state == SEALED and not self.current(s)]
+            if not old:
+                continue
+            log.info("%s every rank of the job of %d ranks holds step %d: freeing rank %d's steps %s of a job of %s"
+                     " ranks", self.who, self.world_size, self.common(), rank, sorted(s.step for s in old),
+                     sorted({s.manifest.world_size for s in old}))
+            if rank in local:
+                for s in old:
+                    self._forget(s)
+            else:
+                self._remove_rank(rank)
+
+    def _reclaim_old_world(self, rank: int) -> bool:
+        """Remove the slots of an old world's ranks that this node no longer serves, for `rank` of the job as it is
+        now, which needs their room before every rank of the job holds a step (`retire_old_world`). Whether any went."""
+        if not self.world_told:
+            return False
+        keep = set(self.local_ranks()) | {rank}
+        gone = [r for r, slots in self.ranks.items()
+                if r not in keep and any(s.state == SEALED and not self.current(s) for s in slots)]
+        for r in gone:
+            log.warning("%s rank %d of the job of %d ranks needs room: removing the slots of rank %d, which hold steps"
+                        " %s of a job of another size", self.who, rank, self.world_size, r,
+                        sorted(s.step for s in self.ranks[r] if s.state == SEALED))
+            self._remove_rank(r)
+        return bool(gone)
+
+    def _remove_rank(self, rank: int) -> None:
+        for s in self.ranks.pop(rank):
+            s.unmap()
+            for path in (s.manifest_path, s.path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
 
     def reserve(self, rank: int, nbytes: int) -> list[Slot]:
         """Give `rank` its slots, each able to hold `nbytes`; free slots that are too small grow."""
@@ -222,7 +306,8 @@ class SlotTable:
         """What `begin` would decide, and the slot it would hand out, without changing anything."""
         self._ensure_rank(rank)
         slots = self.ranks[rank]
-        d = plan_begin(tuple((s.state, s.step) for s in slots), step, self.common(), self.protected)
+        view = tuple((OLD_WORLD if s.state == SEALED and not self.current(s) else s.state, s.step) for s in slots)
+        d = plan_begin(view, step, self.common(), self.protected)
         return d, slots[d.slot] if d.action == "grant" else None
 
     def begin(self, rank: int, step: int, nbytes: int) -> Decision:
@@ -270,7 +355,8 @@ class SlotTable:
     def install(self, rank: int, manifest: Manifest, data: memoryview) -> Slot:
         """Write a shard rebuilt from peers into a free slot of `rank` and seal it, as a trainer would."""
         self._ensure_rank(rank)
-        self.world_size = max(self.world_size, manifest.world_size)
+        if not self.world_told:
+            self.world_size = max(self.world_size, manifest.world_size)
         d = self.begin(rank, manifest.step, manifest.nbytes)
         if d.action != "grant":
             raise LayoutError(f"rank {rank}: no slot for rebuilt step {manifest.step}: {d.reason or 'slots busy'}")
@@ -283,7 +369,7 @@ class SlotTable:
         """Check every sealed slot of `rank` again; drop (and report) those whose bytes changed."""
         steps, dropped = [], []
         for slot in self.ranks.get(rank, []):
-            if slot.state != SEALED:
+            if not self.current(slot):
                 continue
             try:
                 verify_checksums(slot.buffer(), slot.manifest, f"rank {rank}", self.hash_threads)
@@ -299,7 +385,7 @@ class SlotTable:
         """The sealed slot of `step`; newer steps of this rank are forgotten (a restore rewinds the rank)."""
         found = None
         for slot in self.ranks.get(rank, []):
-            if slot.state == SEALED and slot.step == step:
+            if self.current(slot) and slot.step == step:
                 found = slot
         if found is None:
             raise LayoutError(f"rank {rank} holds no sealed step {step} (it holds {self.held().get(rank, [])})")
@@ -307,8 +393,9 @@ class SlotTable:
         return found
 
     def drop(self, rank: int, keep_upto: int) -> None:
+        """Forget `rank`'s steps newer than `keep_upto`, and what it was writing; an old world's stay until retired."""
         for slot in self.ranks.get(rank, []):
-            if slot.state == WRITING or (slot.state == SEALED and slot.step > keep_upto):
+            if slot.state == WRITING or (self.current(slot) and slot.step > keep_upto):
                 self._forget(slot)
 
     def remove_all(self) -> None:
@@ -365,6 +452,9 @@ class SlotTable:
         free = free_bytes(self.shm_dir)
         limit_free = None if self.shm_limit is None else self.shm_limit - self.used_bytes()
         avail = free if limit_free is None else min(free, limit_free)
+        if extra > avail and self._reclaim_old_world(rank):
+            self._check_space(rank, extra, count, each)
+            return
         if extra > avail:
             where = f"{self.shm_dir} has {free / MiB:.1f} MiB free"
             if limit_free is not None:

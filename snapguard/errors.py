@@ -46,6 +46,17 @@ class RestoreError(SnapGuardError):
     """Ranks cannot agree on a step to restore, or the agreed step cannot be restored."""
 
 
+class WorldSizeChanged(RestoreError):
+    """The job restarted with another number of ranks than the job whose snapshots the daemons hold: those cannot be
+    restored into it. Nothing was restored and the Guard is ready to snapshot: load the state from a checkpoint and
+    train on, or restart with the old number of ranks to restore them. `world_size` and `step`: the old job's size
+    and the step it sealed last."""
+
+    def __init__(self, message: str, world_size: int, step: int):
+        super().__init__(message)
+        self.world_size, self.step = world_size, step
+
+
 class CodecError(SnapGuardError):
     """Erasure coding got inputs it cannot work with, or more erasures than it can rebuild."""
 

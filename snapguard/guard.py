@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -33,8 +33,8 @@ import xxhash
 from snapguard import protocol as P
 from snapguard.client import DaemonClient
 from snapguard.config import Endpoint, default_shm_dir, default_timeout
-from snapguard.errors import (ChecksumError, ConfigError, DaemonError, DaemonUnavailable, RestoreError,
-                              SnapGuardError, UnrecoverableError)
+from snapguard.errors import (ChecksumError, ConfigError, DaemonError, DaemonUnavailable, RestoreError, SnapGuardError,
+                              UnrecoverableError, WorldSizeChanged)
 from snapguard.faults import fault_point
 from snapguard.layout import (DEFAULT_CHUNK, MANIFEST_VERSION, ChunkHasher, Layout, Manifest, checksum_mismatch,
                               chunk_checksums, default_hash_threads, in_threads, plan_layout, verify_checksums)
@@ -55,6 +55,15 @@ _UNLISTED, _UNFINISHED = 1, 2
 _STOPPED_BEFORE_INVENTORY = {_UNLISTED: "could not list their snapshots",
                              _UNFINISHED: "stopped on a failure of their last snapshot"}
 _MAX_RESTORE_ROUNDS = 8  # each round after the first two rules out a step, or ends the restore
+
+
+class _Inventories(NamedTuple):
+    """What every rank gathers at the start of a restore round."""
+    steps: dict[int, list[int]]  # rank -> the steps it can restore
+    epoch: int  # of the timeline this restore starts: rank 0's random draw, stamped on its chunks (`Protector.rewind`)
+    touched: dict[int, int]  # rank -> the step of an earlier round some of whose chunks its state holds
+    stopped: dict[int, list[int]]  # why (a key of _STOPPED_BEFORE_INVENTORY) -> the ranks that stop before listing
+    old_world: dict[int, tuple[int, int]]  # rank -> (world size, step) its daemon holds of a job of another size
 
 
 @dataclass(frozen=True)
@@ -462,8 +471,8 @@ class Guard:
                 log.warning("%s a sealed snapshot failed verification and is not used: %s", self.who, why)
             dropped += inv.dropped
             # Every decision below is taken from gathered data, so that every rank takes the same branch.
-            inventories, epoch, touched, stopped = self._gather_inventories(inv.steps, loaded, rnd,
-                                                                            0 if error is None else why_not)
+            inventories, epoch, touched, stopped, old_world = self._gather_inventories(inv, loaded, rnd,
+                                                                                       0 if error is None else why_not)
             if error is not None:
                 raise error
             if stopped:
@@ -480,9 +489,17 @@ class Guard:
                                    + self._touched(loaded, touched))
             if plan.step is None:
                 log.info("%s nothing to restore: %s", self.who, plan.reason)
-                self.client.request(P.Drop(self.endpoint.job, self.rank, -1, epoch))
+                self.client.request(P.Drop(self.endpoint.job, self.rank, -1, epoch))  # keeps an old world's steps
                 self.epoch = epoch
                 check_agreement(self._gather_restored(None, self.world_size, "starting afresh")[0])
+                if old_world:
+                    rank, (world, step) = max(old_world.items(), key=lambda kv: kv[1][1])
+                    raise WorldSizeChanged(
+                        f"{self.who} cannot restore: the daemons hold snapshots of a job of {world} ranks (up to step"
+                        f" {step}, rank {rank}'s node), this job has {self.world_size}, and snapguard restores only into"
+                        " the world size that took a snapshot. Nothing was restored, and snapshots can go on: load the"
+                        " state from a checkpoint and train on (the old snapshots are freed once every rank has sealed"
+                        f" a step), or restart with {world} ranks to restore them", world, step)
                 return None
             if plan.step in failed:
                 break
@@ -607,26 +624,26 @@ class Guard:
                 dst.copy_(verified)  # exact: the conjugate and negative bits are sign flips
         return state, man.nbytes
 
-    def _gather_inventories(self, steps: list[int], loaded: int | None, rnd: int,
-                            stopped: int) -> tuple[dict[int, list[int]], int, dict[int, int], dict[int, list[int]]]:
-        """Every rank's sealed steps; the epoch of what this restore starts: a random number rank 0 draws, which
-        every daemon stamps on the new timeline's chunks (`Protector.rewind`); the ranks whose state holds chunks
-        of an earlier round's step (rank -> step); and the ranks that stop before listing their steps, by why
-        (`stopped`, this rank's: 0, or a key of _STOPPED_BEFORE_INVENTORY)."""
+    def _gather_inventories(self, inv: P.Steps, loaded: int | None, rnd: int, stopped: int) -> _Inventories:
+        """Every rank's sealed steps, and what `_Inventories` says beside them. `stopped`: this rank's reason to
+        stop before listing its steps, 0 or a key of _STOPPED_BEFORE_INVENTORY."""
         epoch = secrets.randbits(62) + 1
-        t = torch.full((_MAX_INVENTORY + 3,), -1, dtype=torch.int64)
+        t = torch.full((_MAX_INVENTORY + 5,), -1, dtype=torch.int64)
         t[0] = epoch
         t[1] = -1 if loaded is None else loaded
         t[2] = stopped
-        mine = steps[-_MAX_INVENTORY:]
-        t[3:3 + len(mine)] = torch.tensor(mine, dtype=torch.int64)
+        if len(inv.old_world) == 2:
+            t[3], t[4] = inv.old_world
+        mine = inv.steps[-_MAX_INVENTORY:]
+        t[5:5 + len(mine)] = torch.tensor(mine, dtype=torch.int64)
         out = self._all_gather(t, f"every rank's inventory of sealed steps (restore round {rnd})")
-        inventories = {r: [s for s in o[3:] if s >= 0] for r, o in out.items()}
         why: dict[int, list[int]] = {}
         for r, o in sorted(out.items()):
             if o[2] in _STOPPED_BEFORE_INVENTORY:
                 why.setdefault(o[2], []).append(r)
-        return inventories, out[min(out)][0], {r: o[1] for r, o in out.items() if o[1] >= 0}, why
+        return _Inventories({r: [s for s in o[5:] if s >= 0] for r, o in out.items()}, out[min(out)][0],
+                            {r: o[1] for r, o in out.items() if o[1] >= 0}, why,
+                            {r: (o[3], o[4]) for r, o in out.items() if o[3] > 0})
 
     def _gather_restored(self, step: int | None, world_size: int,
                          what: str) -> tuple[dict[int, int | None], dict[int, int]]:

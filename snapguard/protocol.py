@@ -223,6 +223,8 @@ class Sealed(Message):
 class Steps(Message):
     steps: list[int]
     dropped: list[str]  # why sealed steps were refused (checksum mismatch), for the trainer to report
+    old_world: list[int] = field(default_factory=list)  # [world size, step]: what the node last sealed of a job of
+    # another world size (one that restarted with another number of ranks), which it keeps but cannot restore; [] if none
 
 
 @dataclass(frozen=True)

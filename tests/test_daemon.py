@@ -35,7 +35,7 @@ from snapguard import protocol as P
 from snapguard.client import DaemonClient
 from snapguard.config import Endpoint, default_timeout
 from snapguard.demo import state_digest
-from snapguard.errors import ConfigError, DaemonError, DaemonUnavailable, RestoreError, SnapGuardError
+from snapguard.errors import ConfigError, DaemonError, DaemonUnavailable, RestoreError, SnapGuardError, WorldSizeChanged
 from snapguard.layout import MANIFEST_VERSION, Manifest, TensorEntry, align, chunk_checksums
 from snapguard.procs import TrainerLock, daemon_command
 
@@ -799,7 +799,8 @@ def test_a_job_restarts_with_another_world_size_once_its_old_trainers_are_gone(d
     """While a trainer of the two-rank job runs, a request that says the job has one rank is refused (rank 1 would
     drop out of the common step, and rank 0 could overwrite a step rank 1 still needs). An elastic restart with one
     rank, after the old trainers have exited, is served (Hello, train on), but the two-rank job's snapshot is not
-    opened for it: Open refuses it before forgetting anything."""
+    offered to it, and Open refuses it before forgetting anything. Once the one-rank job holds a step, the old
+    job's slots are freed, and rank 1's files removed."""
     old = [hold_trainer_lock(daemon)[:2] for _ in range(2)]
     try:
         for rank, (p, token) in enumerate(old):
@@ -821,7 +822,8 @@ def test_a_job_restarts_with_another_world_size_once_its_old_trainers_are_gone(d
     assert isinstance(daemon.request(P.Hello(daemon.job, 0, 1, os.getpid(), life.token)), P.Welcome)
     assert [daemon.ep.trainer_lock_path(t) for _, t in old if os.path.exists(daemon.ep.trainer_lock_path(t))] == [], \
         "the daemon removes the lock files of trainers that died holding them"
-    assert daemon.request(P.Inventory(daemon.job, 0)).steps == [0, 1]
+    inv = daemon.request(P.Inventory(daemon.job, 0))
+    assert inv.steps == [] and inv.old_world == [2, 1]
     with pytest.raises(DaemonError, match="step 1 was taken by a job of 2 ranks, this job has 1"):
         daemon.request(P.Open(daemon.job, 0, 1, epoch=5))
     with pytest.raises(DaemonError, match="step 0 was taken by a job of 2 ranks"):
@@ -829,7 +831,59 @@ def test_a_job_restarts_with_another_world_size_once_its_old_trainers_are_gone(d
     assert daemon.held() == {0: [0, 1], 1: [0, 1]}, "a refused Open forgets no step"
     seal_raw(daemon, 0, 1, 2)
     assert daemon.status().common == 2
+    assert daemon.held() == {0: [2]}, "the two-rank job's slots are freed once the one-rank job holds a step"
+    assert sorted(os.listdir(daemon.table_dir)) == ["r00000.s0.data", "r00000.s0.manifest", "r00000.s1.data"]
     life.release()
+
+
+def test_a_job_restarted_with_another_world_size_is_told_so_and_trains_on_from_its_own_checkpoint(daemon):
+    """A one-rank job restarts where a two-rank job of the same id left snapshots. `restore()` raises
+    `WorldSizeChanged`, naming the old job's size and step, and restores nothing. The job loads its own
+    checkpoint (here: a model trained to step 2 beside the snapshots), snapshots from step 3 on, at steps the old
+    job had sealed too, and its next restart restores its own newest step bit-exactly."""
+    for step in (3, 4):  # the two-rank job's trainers are gone
+        for rank in (0, 1):
+            seal_raw(daemon, rank, 2, step)
+    model, opt = make_model()
+    loop = {"step": -1}
+    for step in range(3):  # what the job's checkpoint on disk holds
+        train_step(model, opt, step)
+    loop["step"] = 2
+    g = daemon.guard(model, opt, loop, rng=False)
+    try:
+        with pytest.raises(WorldSizeChanged, match=r"snapshots of a job of 2 ranks \(up to step 4, rank 0's node\),"
+                                                   r" this job has 1.* restart with 2 ranks") as e:
+            g.restore()
+        assert (e.value.world_size, e.value.step) == (2, 4)
+        assert daemon.held() == {0: [3, 4], 1: [3, 4]}, "nothing of the old job is forgotten by a refused restore"
+        digests = train_and_snapshot(g, model, opt, loop, range(3, 6))
+        assert daemon.held() == {0: [4, 5]}, "the old job's slots go once the new one holds a step"
+    finally:
+        g.close()
+    model, opt = make_model(seed=1)
+    loop = {"step": -1}
+    g = daemon.guard(model, opt, loop, rng=False)
+    try:
+        assert g.restore() == 5 and loop["step"] == 5
+        assert state_digest(model, opt) == digests[5]
+    finally:
+        g.close()
+
+
+
+def test_a_rank_of_a_new_world_gets_the_room_of_old_ranks_its_node_no_longer_serves(node):
+    """The daemon's memory holds one job's slots. The job restarts with 3 ranks, and this node now serves rank 2:
+    ranks 0 and 1, which it served before, moved to other nodes. The old slots are freed once every rank of the new
+    job holds a step, but rank 2 needs their room before that: it gets it, and the old ranks' files go, saying so."""
+    node.start(["--shm-limit", "64K"])
+    for step in (0, 1):
+        for rank in (0, 1):
+            seal_raw(node, rank, 2, step, nbytes=16 << 10)  # 4 slots of 16 KiB: the limit
+    for step in (0, 1):
+        seal_raw(node, 2, 3, step, nbytes=16 << 10)
+    assert node.held() == {2: [0, 1]}
+    assert sorted(os.listdir(node.table_dir)) == [f"r00002.s{i}.{ext}" for i in (0, 1) for ext in ("data", "manifest")]
+    assert "rank 2 of the job of 3 ranks needs room: removing the slots of rank 0, which hold steps [0, 1]" in node.log()
 
 
 HOLDER = """

@@ -34,7 +34,7 @@ from snapguard.daemon.peers import (AuthError as PeerAuthError, ConnectionGate, 
 from snapguard.daemon.protect import PIECE
 from snapguard.errors import DaemonUnavailable, SnapGuardError
 from snapguard.guard import Guard
-from snapguard.procs import spawn_daemon
+from snapguard.procs import TrainerLock, spawn_daemon
 
 from conftest import Node, flip_bits, wait_until
 from test_daemon import seal_raw, spawn_failing_daemon
@@ -494,6 +494,19 @@ def _chunks_received(net: PeerNet, until_step: int, timeout_s: float = 10.0) -> 
     return got
 
 
+def _held_reported(net: PeerNet, until: Callable[[list], bool], timeout_s: float = 10.0) -> list:
+    """The `held` rows of the first authenticated PeerHeld that reaches this (test-played) node and satisfies `until`."""
+    deadline = time.monotonic() + timeout_s
+    while net.router.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+        try:
+            _, _, msg, _ = net.receive(recv_frames(net.router))
+        except PeerAuthError:
+            continue
+        if isinstance(msg, P.PeerHeld) and until(msg.held):
+            return msg.held
+    raise AssertionError(f"no PeerHeld as awaited within {timeout_s} s")
+
+
 @pytest.mark.parametrize("slots", [None, 2])
 def test_training_never_waits_for_a_parity_holder_that_falls_behind(tmp_path, slots):
     """Node b, the holder of a's parity, stops confirming it after step 0. With the default slots under erasure
@@ -797,3 +810,47 @@ def test_a_secret_file_that_is_missing_short_or_readable_by_others_stops_the_dae
     proc = daemon_with(str(path))
     assert proc.returncode == 2 and "at least 16 bytes" in proc.stderr, proc.stderr[-2000:]
     assert not os.path.exists(tmp_path / "shm") or not os.listdir(tmp_path / "shm")
+
+
+def test_a_job_that_restarts_with_fewer_ranks_under_its_job_id_is_served_and_protected(tmp_path):
+    """An elastic job of 4 ranks (a holds 0 and 1, b 2 and 3) restarts with 2 after losing a node: a now serves
+    rank 0, b rank 1. a's slots of the 4-rank job cannot be restored into 2 ranks. They must neither count as what
+    the new job's ranks hold (a's rank 1 would keep the common step at -1, so rank 0 could reuse no slot) nor
+    block a new job that restarts from a checkpoint at an earlier step, nor stop a's chunks from going out (a's
+    blob would need a step rank 1 never seals here). They are kept until every rank of the new job has sealed a
+    step, and then freed."""
+    with _pair(tmp_path, ("--peer-timeout", "1")) as pair:
+        ep, net, client, _ = pair
+        restart = pair.restart
+        a = Node(ep.job, "a", ep.run_dir, "")
+        dealer = net._dealer("a")
+        for step in (5, 6):  # the 4-rank job, whose trainers are gone
+            for rank in (0, 1):
+                seal_raw(a, rank, 4, step)
+        dealer.send_multipart(held_frames(net, held=[[2, 5, 6], [3, 5, 6]]))
+        wait_until(lambda: a.status().common == 6, 10, "a to count b's ranks 2 and 3")
+        life = TrainerLock(ep)
+        try:
+            assert isinstance(a.request(P.Hello(ep.job, 0, 2, os.getpid(), life.token)), P.Welcome)
+            steps = a.request(P.Inventory(ep.job, 0))
+            assert steps.steps == [] and steps.old_world == [4, 6], "the 4-rank job's steps are not offered to 2 ranks"
+            a.request(P.Drop(ep.job, 0, -1, epoch=7))  # what a Guard does on a fresh start
+            assert a.held() == {0: [5, 6], 1: [5, 6]}, "a fresh start of the new job forgets none of the old one"
+            for step in (0, 1, 2):  # from a checkpoint on disk, at lower steps than the old job's
+                seal_raw(a, 0, 2, step)
+            assert a.status().common == -1, "b has not said that rank 1 holds anything yet"
+            got = _chunks_received(net, until_step=2)
+            assert 2 in got, f"a sent chunks of steps {sorted(got)}, not of its newest step 2"
+            assert _held_reported(net, lambda held: [0, 0, 1, 2] in held) == [[0, 0, 1, 2]], \
+                "a tells its peers of the ranks it serves now, not of rank 1's slots of the old job"
+            restart()  # a daemon that re-adopts both jobs' slots takes the world size of the newest
+            assert a.status().sealed == 2 and a.request(P.Inventory(ep.job, 0)).steps == [0, 1, 2]
+            assert isinstance(a.request(P.Hello(ep.job, 0, 2, os.getpid(), life.token)), P.Welcome)
+            dealer.send_multipart(held_frames(net, held=[[1, 1, 2]]))
+            wait_until(lambda: a.status().common == 2, 10, "the common step of the new job")
+            wait_until(lambda: a.held() == {0: [0, 1, 2]}, 10, "the old job's slots to go")
+            assert [r["rank"] for r in a.status().ranks] == [0], "a's rank 1 lives on b now: its slots are removed"
+            seal_raw(a, 0, 2, 3)  # reuses the slot of step 0: every rank holds step 2
+            assert a.held() == {0: [1, 2, 3]}
+        finally:
+            life.release()

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from snapguard.config import Endpoint
-from snapguard.errors import DaemonError, LayoutError, RestoreError
+from snapguard.errors import DaemonError, LayoutError, WorldSizeChanged
 
 from conftest import flip_bits
 
@@ -72,9 +72,8 @@ def test_a_snapshot_of_another_world_size_is_refused_and_nothing_is_written(daem
     g.close()
     live = {"w": torch.zeros(4), "pos": 0}
     g2 = daemon.guard(None, None, live, rng=False, world_size=1)
-    # the daemon refuses to open it (before it forgets anything); the guard checks the manifests too
-    with pytest.raises(RestoreError, match=r"step 5 was taken by a job of 2 ranks, this job has 1; snapguard restores"
-                                           r" only into the world size"):
+    with pytest.raises(WorldSizeChanged, match=r"snapshots of a job of 2 ranks \(up to step 5, rank 0's node\), this"
+                                               r" job has 1, and snapguard restores only into the world size"):
         g2.restore()
     g2.close()
     assert live["pos"] == 0 and torch.equal(live["w"], torch.zeros(4))

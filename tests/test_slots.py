@@ -246,7 +246,7 @@ def test_open_rewinds_the_rank_and_drop_forgets(table):
     assert table.open(0, 0).step == 0
     assert table.held() == {0: [0]}
     table.drop(0, -1)
-    assert table.held() == {0: []}
+    assert table.sealed_steps(0) == [] and table.common() == -1
     assert not any(os.path.exists(s.manifest_path) for s in table.ranks[0])
 
 
@@ -276,7 +276,7 @@ def test_a_new_table_readopts_sealed_slots_and_nothing_else(table, shm_dir, capl
     third = SlotTable(table.job, table.node, shm_dir)
     with caplog.at_level(logging.WARNING, logger="snapguard.daemon.slots"):
         third.adopt()
-    assert third.held() == {0: [0], 1: []}
+    assert third.held() == {0: [0]} and third.sealed_steps(1) == []
     assert "not re-adopting rank 0 slot" in caplog.text and "not re-adopting rank 1 slot" in caplog.text
 
 
@@ -357,7 +357,7 @@ def test_a_restore_forgets_what_the_peers_held_of_the_timeline_left_behind(table
     from snapguard import protocol as P
     from snapguard.daemon.protect import Protector
 
-    table.note_world(2)
+    table.note_world(2, 0)
     for step in (2, 3):
         write_and_seal(table, 0, step, world=2)
     p = Protector(table, ["n0", "n1"], "n0", 1)
@@ -473,6 +473,6 @@ def test_adopt_refuses_a_manifest_of_another_job_or_rank(table, shm_dir, caplog)
     again = SlotTable(table.job, table.node, shm_dir)
     with caplog.at_level(logging.WARNING, logger="snapguard.daemon.slots"):
         again.adopt()
-    assert again.held() == {0: [], 1: []}
+    assert again.held() == {} and again.sealed_steps(0) == again.sealed_steps(1) == []
     assert f"its manifest names job 'other' rank 0, the file is job {table.job!r} rank 0's" in caplog.text
     assert f"its manifest names job {table.job!r} rank 0, the file is job {table.job!r} rank 1's" in caplog.text
