@@ -631,7 +631,7 @@ def test_status_cli_shows_ranks_steps_sizes_and_ages(daemon):
     rows = [line.split() for line in out.splitlines()[2:]]
     assert [row[:4] for row in rows] == [["0", "0", "sealed", "0"], ["0", "1", "sealed", "1"],
                                          ["1", "0", "sealed", "0"], ["1", "1", "free", "-"]]
-    assert all(row[4:6] == ["8.0", "KiB"] for row in rows[:3]) and rows[0][-1] == "s"
+    assert all(row[4:6] == ["8.0", "KiB"] and row[7:] == ["s", "2"] for row in rows[:3]) and rows[3][-1] == "-"
 
 
 def test_jobs_and_nodes_whose_ids_run_together_get_daemons_of_their_own(node):
