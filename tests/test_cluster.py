@@ -10,6 +10,7 @@ of the final state equals an unbroken run, and no restart went back further than
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -21,6 +22,8 @@ from snapguard.demo import compare, progress, read_losses
 from snapguard.errors import SnapGuardError
 from snapguard import procs
 from snapguard.procs import _ephemeral_range, free_port
+
+from conftest import wait_until
 
 STEPS_BETWEEN_LOSSES = 3
 
@@ -179,3 +182,100 @@ def test_torchrun_gives_the_workers_a_store_port_outside_the_ephemeral_range(tmp
     ports = {int((tmp_path / f"port.r{r}").read_text()) for r in range(2)}
     low, high = _ephemeral_range()
     assert len(ports) == 1 and not low <= ports.pop() <= high
+
+
+SHRINK_WORKER = r'''
+import datetime, hashlib, json, os, sys
+import torch, torch.distributed as dist
+from snapguard.errors import WorldSizeChanged
+from snapguard.guard import Guard
+
+rank, world, node, port, out, steps = (int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5],
+                                       int(sys.argv[6]))
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                        timeout=datetime.timedelta(seconds=60))
+torch.manual_seed(rank)
+model = torch.nn.Linear(64, 64)
+opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+loop = {"step": -1}
+g = Guard(model, opt, loop, rng=False, node=node, timeout_s=10.0)
+result = {"digests": {}}
+try:
+    result["restored"] = g.restore()
+except WorldSizeChanged as e:
+    result["world_changed"] = [e.world_size, e.step]
+digest = lambda: hashlib.sha256(b"".join(t.detach().numpy().tobytes() for t in
+                                         [*model.parameters(), *[v for s in opt.state.values() for v in s.values()]])).hexdigest()
+if result.get("restored") is not None:
+    result["restored_digest"] = digest()
+for step in range(loop["step"] + 1, steps):
+    loss = model(torch.randn(8, 64, generator=torch.Generator().manual_seed(step))).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    loop["step"] = step
+    g.snapshot(step)
+    g.wait()
+    result["digests"][step] = digest()
+g.close()
+with open(os.path.join(out, f"r{rank}.json"), "w") as f:
+    json.dump(result, f)
+os._exit(0)
+'''
+
+
+def _run_ranks(c: Cluster, script: str, nodes: list[str], steps: int, tag: str) -> dict[int, dict]:
+    """One rank per entry of `nodes` (rank r on nodes[r]), a gloo job of that size, run to its end."""
+    out = os.path.join(c.spec.workdir, tag)
+    os.makedirs(out)
+    port = free_port()
+    ps = []
+    for r, node in enumerate(nodes):
+        ep = c.endpoint(node)
+        env = dict(os.environ, SNAPGUARD_JOB=ep.job, SNAPGUARD_RUN_DIR=ep.run_dir, OMP_NUM_THREADS="1")
+        with open(os.path.join(out, f"log.r{r}"), "w") as log:
+            ps.append(subprocess.Popen([sys.executable, script, str(r), str(len(nodes)), node, str(port), out,
+                                        str(steps)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    try:
+        for p in ps:
+            p.wait(120)
+    finally:
+        for p in ps:
+            p.kill()
+    got = {}
+    for r in range(len(nodes)):
+        path = os.path.join(out, f"r{r}.json")
+        assert os.path.exists(path), f"rank {r} wrote no result: {open(os.path.join(out, f'log.r{r}')).read()[-3000:]}"
+        with open(path) as f:
+            got[r] = json.load(f)
+    return got
+
+
+def test_an_elastic_job_that_shrinks_is_protected_again_and_rebuilt_after_a_node_loss(tmp_path):
+    """A job of 4 ranks on 2 nodes (m=1) restarts with 2 ranks, one per node, under the same job id, as an elastic
+    job does after losing capacity. Its ranks are told the old snapshots cannot be restored into 2 ranks, and
+    start from their own checkpoint (here: fresh). The daemons then protect the new job's steps: each node's
+    parity covers its one new rank, not the old slots, which go once both new ranks hold a step. Losing node1
+    after that costs nothing: its rank's shard is rebuilt from node0's parity, bit-exactly."""
+    script = str(tmp_path / "worker.py")
+    with open(script, "w") as f:
+        f.write(SHRINK_WORKER)
+    c = Cluster(ClusterSpec(workdir=str(tmp_path), nodes=2, m=1, job="shrink"))
+    try:
+        c.start_daemons(c.names)
+        old = _run_ranks(c, script, ["node0", "node0", "node1", "node1"], 4, "old")
+        assert all(r["restored"] is None for r in old.values())
+        new = _run_ranks(c, script, ["node0", "node1"], 6, "new")
+        assert all(r["world_changed"] == [4, 3] for r in new.values()), new
+        for node, rank in (("node0", 0), ("node1", 1)):
+            st = wait_until(lambda: (lambda s: s.protected == 5 and s)(c.status(node)), 30,
+                            f"{node} to hold step 5 protected")
+            assert [r["rank"] for r in st.ranks] == [rank], f"{node} keeps only the rank it serves now"
+        c.lose_node("node1")
+        c.start_daemon("node1")
+        again = _run_ranks(c, script, ["node0", "node1"], 6, "again")
+        for r in (0, 1):
+            assert again[r]["restored"] == 5 and again[r]["restored_digest"] == new[r]["digests"]["5"], r
+        assert "rebuilt step 5 of ranks [1]" in open(c.daemon_log("node1")).read()
+    finally:
+        c.close()
