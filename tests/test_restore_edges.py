@@ -8,7 +8,6 @@ import glob
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -18,6 +17,7 @@ import torch
 
 from snapguard.config import Endpoint
 from snapguard.errors import DaemonError, LayoutError, WorldSizeChanged
+from snapguard.procs import free_port
 
 from conftest import flip_bits
 
@@ -176,9 +176,7 @@ def pair(daemon, tmp_path):
     procs: list[subprocess.Popen] = []
 
     def run(phase: str, timeout_s: float = 90.0) -> dict[int, dict]:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()  # outside the ephemeral range: no outgoing connection takes it before rank 0 binds it
         out = tmp_path / phase
         out.mkdir()
         ps = []
