@@ -25,7 +25,7 @@ from snapguard import protocol as P
 from snapguard.config import Endpoint, daemon_who, ensure_private_dir
 from snapguard.errors import ChecksumError, ProtocolError, RestoreError, SnapGuardError, UnrecoverableError
 from snapguard.layout import Manifest, default_hash_threads
-from snapguard.procs import trainer_runs
+from snapguard.procs import trainer_of, trainer_runs
 from snapguard.shm import free_bytes
 
 from snapguard.daemon.peers import AuthError as PeerAuthError
@@ -203,7 +203,7 @@ class Daemon:
         ep = self.cfg.endpoint
         self._lock = lock or NodeLock(ep)
         self.table.adopt()
-        self._sweep_trainer_locks()  # of trainers an earlier daemon heard from, which died since
+        self._recall_trainers()
         ctx = zmq.Context.instance()
         self._sock = ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -235,8 +235,24 @@ class Daemon:
 
     def _sweep_trainer_locks(self) -> None:
         """Remove the lock files of this job's trainers on this node that died holding them (`procs.TrainerLock`)."""
-        for path in self.cfg.endpoint.trainer_lock_paths():
+        for path in self.cfg.endpoint.trainer_locks().values():
             trainer_runs(path)
+
+    def _recall_trainers(self) -> None:
+        """Take the trainers of this job on this node that run as this daemon starts (an earlier one served them) as
+        if they had said Hello, from their lock files, so that the job's world size stays guarded; remove the files
+        of those that died."""
+        found = []
+        for token, path in self.cfg.endpoint.trainer_locks().items():
+            t = trainer_of(path) if P.LOCK_TOKEN.fullmatch(token) else None
+            if t is not None:
+                with contextlib.suppress(FileNotFoundError):  # gone if the trainer exited since
+                    found.append((os.stat(path).st_mtime_ns, token, t))
+        for _, token, (pid, rank, world) in sorted(found):
+            self._trainers[rank] = _Trainer(pid, world, token)
+            self.table.note_world(world, rank)
+            log.info("%s rank %d's trainer (pid %d, world size %d) runs: it holds its lock file", self.who, rank, pid,
+                     world)
 
     def serve_forever(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self.stop())

@@ -98,11 +98,11 @@ class Endpoint:
         """The file a trainer of this job on this node holds locked while it runs (`procs.TrainerLock`)."""
         return os.path.join(self.run_dir, f"{self.stem}.trainer-{token}.lock")
 
-    def trainer_lock_paths(self) -> list[str]:
-        """Every such file in the run dir, of running trainers and of dead ones."""
+    def trainer_locks(self) -> dict[str, str]:
+        """Every such file in the run dir, of running trainers and of dead ones: token -> path."""
         head, tail = f"{self.stem}.trainer-", ".lock"
-        return [os.path.join(self.run_dir, name) for name in os.listdir(self.run_dir)
-                if name.startswith(head) and name.endswith(tail)]
+        return {name[len(head):-len(tail)]: os.path.join(self.run_dir, name) for name in os.listdir(self.run_dir)
+                if name.startswith(head) and name.endswith(tail)}
 
     @property
     def address(self) -> str:

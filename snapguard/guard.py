@@ -193,7 +193,7 @@ class Guard:
                     f" `snapguard-daemon --job {self.endpoint.job}` on this node, or pass start_daemon=True") from None
             self._spawn_daemon()
             self.client.wait_ready(self.timeout_s)
-        self._life = TrainerLock(self.endpoint)
+        self._life = TrainerLock(self.endpoint, self.rank, self.world_size)
         self.client.request(P.Hello(self.endpoint.job, self.rank, self.world_size, os.getpid(), self._life.token))
 
     def _agreement_group(self) -> Any:

@@ -8,6 +8,7 @@ import contextlib
 import fcntl
 import os
 import random
+import re
 import secrets
 import signal
 import socket
@@ -18,6 +19,7 @@ import time
 from snapguard.client import DaemonClient
 from snapguard.config import Endpoint, ensure_private_dir
 from snapguard.errors import DaemonUnavailable, SnapGuardError
+from snapguard.protocol import MAX_WORLD_SIZE
 
 _HANDED_OUT: set[int] = set()
 _PORT_PICKS = random.Random()  # its own generator: a job's seeded `random` is left alone
@@ -63,9 +65,10 @@ class TrainerLock:
     node's daemon tells whether it still runs. Not by its pid: a daemon in a container of its own (a sidecar)
     sees another PID namespace, where the trainer's pid is missing or belongs to another process. Both see the
     run dir (the socket is there), the lock works across namespaces, and the kernel drops it however the
-    trainer dies."""
+    trainer dies. The file says the trainer's pid, rank and world size, for a daemon that starts while it runs
+    (`trainer_of`)."""
 
-    def __init__(self, ep: Endpoint):
+    def __init__(self, ep: Endpoint, rank: int, world_size: int):
         ensure_private_dir(ep.run_dir)
         self.token = secrets.token_hex(8)
         self.path = ep.trainer_lock_path(self.token)
@@ -74,7 +77,7 @@ class TrainerLock:
         self.fd: int | None = os.open(fresh, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else can hold it
         self.pid = os.getpid()
-        os.pwrite(self.fd, str(self.pid).encode(), 0)
+        os.pwrite(self.fd, f"{self.pid} {rank} {world_size}".encode(), 0)
         os.rename(fresh, self.path)
         _TRAINER_LOCK_FDS.add(self.fd)
 
@@ -123,6 +126,28 @@ def trainer_runs(path: str) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+_TRAINER_TEXT = re.compile(rb"(\d{1,10}) (\d{1,8}) (\d{1,8})")
+
+
+def trainer_of(path: str) -> tuple[int, int, int] | None:
+    """(pid, rank, world size) of the running trainer whose `TrainerLock` is at `path`; None if it does not run (its
+    file is then removed) or its file does not say them."""
+    if not trainer_runs(path):
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        m = _TRAINER_TEXT.fullmatch(os.read(fd, 64))
+    finally:
+        os.close(fd)
+    if m is None:
+        return None
+    pid, rank, world = map(int, m.groups())
+    return (pid, rank, world) if 0 <= rank < world <= MAX_WORLD_SIZE else None
 
 
 def daemon_command(ep: Endpoint, shm_dir: str | None = None, extra: tuple[str, ...] | list[str] = ()) -> list[str]:

@@ -25,7 +25,7 @@ MAX_FRAMES = 16
 MAX_WORLD_SIZE = 1 << 24  # ranks in one job: far beyond any real one, small enough to loop over
 
 _REGISTRY: dict[str, type["Message"]] = {}
-_LOCK_TOKEN = re.compile(r"[0-9a-f]{16}")
+LOCK_TOKEN = re.compile(r"[0-9a-f]{16}")  # names a trainer's lock file (`procs.TrainerLock`)
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class Hello(Message):
     def check(self):
         _nonneg(self, "pid")
         _in_world(self)
-        if not _LOCK_TOKEN.fullmatch(self.lock):
+        if not LOCK_TOKEN.fullmatch(self.lock):
             raise ProtocolError(f"Hello.lock must be 16 lowercase hex digits, got {self.lock!r}")
 
 

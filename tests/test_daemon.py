@@ -186,7 +186,7 @@ def busy():
     run_dir, shm_dir = make_dirs("wire")
     n = Node(unique_id("wire"), "n0", run_dir, shm_dir)
     n.start()
-    life = TrainerLock(n.ep)
+    life = TrainerLock(n.ep, 0, 2)
     try:
         assert isinstance(n.request(P.Hello(n.job, 0, 2, os.getpid(), life.token)), P.Welcome)
         for step in (0, 1):
@@ -520,7 +520,7 @@ def test_a_restarted_daemon_readopts_sealed_slots_after_verifying_them(node, cap
 @pytest.mark.parametrize("how", ["Shutdown", "SIGTERM"])
 def test_a_clean_shutdown_removes_its_files(daemon, how):
     """Its own files, and the lock files of trainers that died holding them; a running trainer keeps its own."""
-    (dead, dead_token, _), (live, live_token, _) = hold_trainer_lock(daemon), hold_trainer_lock(daemon)
+    (dead, dead_token, _), (live, live_token, _) = hold_trainer_lock(daemon, 0), hold_trainer_lock(daemon, 1)
     try:
         for rank, (p, token) in enumerate(((dead, dead_token), (live, live_token))):
             assert isinstance(daemon.request(P.Hello(daemon.job, rank, 2, p.pid, token)), P.Welcome)
@@ -801,14 +801,14 @@ def test_a_job_restarts_with_another_world_size_once_its_old_trainers_are_gone(d
     rank, after the old trainers have exited, is served (Hello, train on), but the two-rank job's snapshot is not
     offered to it, and Open refuses it before forgetting anything. Once the one-rank job holds a step, the old
     job's slots are freed, and rank 1's files removed."""
-    old = [hold_trainer_lock(daemon)[:2] for _ in range(2)]
+    old = [hold_trainer_lock(daemon, rank)[:2] for rank in range(2)]
     try:
         for rank, (p, token) in enumerate(old):
             assert isinstance(daemon.request(P.Hello(daemon.job, rank, 2, p.pid, token)), P.Welcome)
         for step in (0, 1):
             for rank in (0, 1):
                 seal_raw(daemon, rank, 2, step)
-        life = TrainerLock(daemon.ep)
+        life = TrainerLock(daemon.ep, 0, 1)
         with pytest.raises(DaemonError, match=r"rank 0 says world_size 1, but rank 1 of this job \(pid \d+, still"
                                               r" running\) said 2"):
             daemon.request(P.Hello(daemon.job, 0, 1, os.getpid(), life.token))
@@ -890,7 +890,7 @@ HOLDER = """
 import os, sys, time
 from snapguard.config import Endpoint
 from snapguard.procs import TrainerLock
-life = TrainerLock(Endpoint(*sys.argv[1:4]))
+life = TrainerLock(Endpoint(*sys.argv[1:4]), int(sys.argv[5]), int(sys.argv[6]))
 child = os.fork() if sys.argv[4] == "fork" else 0
 if sys.argv[4] == "fork" and child == 0:
     time.sleep(120)
@@ -900,19 +900,19 @@ time.sleep(120)
 """
 
 
-def hold_trainer_lock(node: Node, fork: bool = False) -> tuple[subprocess.Popen, str, int]:
-    """A process that holds a trainer's lock file, as a running trainer does; its token; and with `fork`, the pid
-    of a child it forked after taking the lock (as a DataLoader's workers are)."""
-    p = subprocess.Popen([sys.executable, "-c", HOLDER, node.job, node.node, node.run_dir, "fork" if fork else "-"],
-                         stdout=subprocess.PIPE, text=True)
+def hold_trainer_lock(node: Node, rank: int, world: int = 2, fork: bool = False) -> tuple[subprocess.Popen, str, int]:
+    """A process that holds the lock file of a trainer of `rank` of `world`, as a running trainer does; its token;
+    and with `fork`, the pid of a child it forked after taking the lock (as a DataLoader's workers are)."""
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, node.job, node.node, node.run_dir, "fork" if fork else "-",
+                          str(rank), str(world)], stdout=subprocess.PIPE, text=True)
     token, child = p.stdout.readline().split()
     return p, token, int(child)
 
 
 def test_a_trainer_is_gone_once_it_dies_though_a_child_it_forked_lives_on(daemon):
     """A forked child shares the trainer's locked file; the lock must still go with the trainer."""
-    p, token, child = hold_trainer_lock(daemon, fork=True)
-    life = TrainerLock(daemon.ep)
+    p, token, child = hold_trainer_lock(daemon, 1, fork=True)
+    life = TrainerLock(daemon.ep, 0, 1)
     try:
         assert isinstance(daemon.request(P.Hello(daemon.job, 1, 2, p.pid, token)), P.Welcome)
         with pytest.raises(DaemonError, match=r"rank 0 says world_size 1, but rank 1 of this job \(pid \d+, still"):
@@ -928,22 +928,27 @@ def test_a_trainer_is_gone_once_it_dies_though_a_child_it_forked_lives_on(daemon
         life.release()
 
 
-def test_a_restarted_daemon_removes_the_lock_files_of_trainers_that_died_while_it_was_down(daemon):
-    """The daemon that heard their Hellos is gone, and no trainer of their ranks has said Hello since."""
-    (dead, dead_token, _), (live, live_token, _) = hold_trainer_lock(daemon), hold_trainer_lock(daemon)
+def test_a_restarted_daemon_knows_the_trainers_that_run_and_removes_the_files_of_those_that_died(daemon):
+    """The daemon that heard their Hellos is gone, and no trainer of their ranks has said Hello since. The one that
+    still runs keeps the job's world size guarded: its lock file says its rank and world size."""
+    (dead, dead_token, _), (live, live_token, _) = hold_trainer_lock(daemon, 0), hold_trainer_lock(daemon, 1)
     try:
         for rank, (p, token) in enumerate(((dead, dead_token), (live, live_token))):
             assert isinstance(daemon.request(P.Hello(daemon.job, rank, 2, p.pid, token)), P.Welcome)
         daemon.kill()
         dead.kill()
         dead.wait(10)
-        assert sorted(daemon.ep.trainer_lock_paths()) == sorted(daemon.ep.trainer_lock_path(t)
-                                                                for t in (dead_token, live_token))
+        assert sorted(daemon.ep.trainer_locks()) == sorted([dead_token, live_token])
         daemon.start()
-        assert daemon.ep.trainer_lock_paths() == [daemon.ep.trainer_lock_path(live_token)]
+        assert list(daemon.ep.trainer_locks().values()) == [daemon.ep.trainer_lock_path(live_token)]
+        life = TrainerLock(daemon.ep, 0, 1)
+        with pytest.raises(DaemonError, match=rf"rank 0 says world_size 1, but rank 1 of this job \(pid {live.pid}, still"):
+            daemon.request(P.Hello(daemon.job, 0, 1, os.getpid(), life.token))
     finally:
         live.kill()
         live.wait(10)
+    assert isinstance(daemon.request(P.Hello(daemon.job, 0, 1, os.getpid(), life.token)), P.Welcome)
+    life.release()
 
 
 def _pid_namespaces() -> bool:
@@ -977,7 +982,7 @@ def test_the_daemon_tells_whether_trainers_in_another_pid_namespace_run(daemon):
         err.seek(0)
         assert pids == ["1", "1"], err.read()
         assert daemon.held() == {0: [0], 1: [0]}
-        life = TrainerLock(daemon.ep)
+        life = TrainerLock(daemon.ep, 0, 1)
         with pytest.raises(DaemonError, match=r"rank 0 says world_size 1, but rank 1 of this job \(pid 1, still running"):
             daemon.request(P.Hello(daemon.job, 0, 1, os.getpid(), life.token))
     finally:

@@ -829,7 +829,7 @@ def test_a_job_that_restarts_with_fewer_ranks_under_its_job_id_is_served_and_pro
                 seal_raw(a, rank, 4, step)
         dealer.send_multipart(held_frames(net, held=[[2, 5, 6], [3, 5, 6]]))
         wait_until(lambda: a.status().common == 6, 10, "a to count b's ranks 2 and 3")
-        life = TrainerLock(ep)
+        life = TrainerLock(ep, 0, 2)
         try:
             assert isinstance(a.request(P.Hello(ep.job, 0, 2, os.getpid(), life.token)), P.Welcome)
             steps = a.request(P.Inventory(ep.job, 0))
