@@ -12,7 +12,12 @@ Every message also carries the receiver's boot as the sender last heard it (`to_
 heard from it): a daemon refuses a PeerHeld or PeerChunk sent to an earlier run of itself, which its
 replay check, reset at every start, would otherwise take once more. Until a peer hears of the new
 run (from its first heartbeat or request, within a second) its messages are refused, and sent again.
-A message sent before its sender heard from the receiver at all carries 0 and is not covered.
+A message sent before its sender heard from the receiver at all carries 0, and is taken only if its
+sender started after the receiver (boots are start times): a message captured before a run started
+was sent by an older sender. Of two daemons, the older one's first messages to the newer are refused
+until it hears from the newer one, whose messages it takes. Boots come from each node's clock: a
+sender whose clock runs ahead of the receiver's by more than the time between the capture and the
+receiver's restart could still have a captured message taken once.
 
 Chunks travel on a link of their own to each peer (a second connection, with its own sequence), so
 that the small messages the group's bookkeeping depends on (which steps every rank holds) never
@@ -329,11 +334,15 @@ class PeerNet:
             raise AuthError(f"message for job {msg.job!r}, this daemon serves {self.job!r}")
         if msg.node not in self.peers:
             raise AuthError(f"message from unknown node {msg.node!r}")
-        if isinstance(msg, (P.PeerHeld, P.PeerChunk)) and msg.to_boot not in (0, self.boot):
-            # `_seen` starts empty in every run: without this, a message captured during an earlier run would be
-            # taken once more. Requests change nothing here and are answered.
-            raise AuthError(f"{msg.TYPE} from {msg.node} was sent to an earlier run of this daemon (boot"
-                            f" {msg.to_boot}, this run's is {self.boot})")
+        if isinstance(msg, (P.PeerHeld, P.PeerChunk)):
+            # `_seen` starts empty in every run: without these two checks, a message captured during an earlier run
+            # would be taken once more. Requests change nothing here and are answered.
+            if msg.to_boot not in (0, self.boot):
+                raise AuthError(f"{msg.TYPE} from {msg.node} was sent to an earlier run of this daemon (boot"
+                                f" {msg.to_boot}, this run's is {self.boot})")
+            if msg.to_boot == 0 and msg.boot < self.boot:
+                raise AuthError(f"{msg.TYPE} from {msg.node} may predate this run of this daemon: its sender (boot"
+                                f" {msg.boot}) started before this run (boot {self.boot}) and had not heard from it")
         link = (msg.node, isinstance(msg, P.PeerChunk))
         last = self._seen.get(link, (0, 0))
         if (msg.boot, msg.seq) <= last:

@@ -63,6 +63,9 @@ def _pair(tmp_path, extra: tuple[str, ...] = (), failing: tuple[str, list[str]] 
     else:
         procs = [spawn_failing_daemon(ep, shm, args, *failing, log_path=str(tmp_path / "daemon.log"))]
     net = PeerNet(ep.job, "b", SECRET.encode(), f"tcp://127.0.0.1:{pb}", {"a": f"tcp://127.0.0.1:{pa}"})
+    # b's first heartbeat, as a peer's daemon sends when it starts: b started after a, and refuses what a sends it
+    # before a has heard from b
+    net.send("a", P.PeerHeld(**net.header("a"), held=[], parity=[]))
     client = DaemonClient(ep.address, timeout_s=10)
 
     def restart() -> None:
@@ -205,9 +208,10 @@ def test_a_chunk_in_pieces_completes_parity_once_every_piece_is_in(pair):
     assert "does not fit a chunk" in text and "duplicate chunk of step 1" in text
 
 
-def held_frames(net: PeerNet, **fields) -> list:
-    """The frames of a PeerHeld from b, authenticated, whatever its fields hold."""
-    return seal_frames(net.secret, bytes(8), P.PeerHeld(**net.header(), **{"held": [], "parity": [], **fields}))
+def held_frames(net: PeerNet, to: str | None = None, **fields) -> list:
+    """The frames of a PeerHeld from b (to `to`: naming its run as b heard it), authenticated, whatever its fields
+    hold."""
+    return seal_frames(net.secret, bytes(8), P.PeerHeld(**net.header(to), **{"held": [], "parity": [], **fields}))
 
 
 def chunk_frames(net: PeerNet, data: bytes, **fields) -> list:
@@ -318,6 +322,29 @@ def test_a_chunk_sent_to_an_earlier_run_of_a_daemon_is_refused_after_it_restarts
     assert f"PeerChunk from b was sent to an earlier run of this daemon (boot {first}, this run's is" in log.read_text()
     # once b hears from a's new run, its chunks are taken again
     wait_until(lambda: _boot_of_a(net) > first, 10, "a heartbeat of a's new run")
+    dealer.send_multipart(seal_frames(net.secret, bytes(8), chunk(net, 5, data[5], to="a"), [data[5]]))
+    wait_until(lambda: [0, 1, 5] in client.request(P.Status()).parity, 10, "parity of step 5")
+
+
+def test_a_chunk_sent_before_its_sender_heard_from_a_daemon_is_refused_after_the_daemon_restarts(pair):
+    """A chunk that names no run of a (b had not heard from a when it sent it) is taken while b is the newer of the
+    two. Captured (or held up) and sent once a runs again, it must be refused: a's new run started after b, so b
+    could only have sent it to an earlier run."""
+    ep, net, client, log = pair
+    rng = np.random.default_rng(11)
+    data = {s: rng.integers(0, 256, 4096, dtype=np.uint8).tobytes() for s in (3, 4, 5)}
+    dealer = net._dealer("a")
+    dealer.send_multipart(seal_frames(net.secret, bytes(8), chunk(net, 3, data[3]), [data[3]]))
+    assert wait_parity(client, [[0, 1, 3]]).parity == [[0, 1, 3]], "b started after a: what it sends before it hears"
+    captured = seal_frames(net.secret, bytes(8), chunk(net, 4, data[4]), [data[4]])
+
+    pair.restart()
+    dealer.send_multipart(captured)
+    st = status_after(client, 1)
+    assert st.rejected == 1 and [0, 1, 4] not in st.parity, st
+    assert "PeerChunk from b may predate this run of this daemon: its sender (boot" in log.read_text()
+    # once b hears from a's new run, its chunks are taken again
+    wait_until(lambda: _boot_of_a(net), 10, "a heartbeat of a's new run")
     dealer.send_multipart(seal_frames(net.secret, bytes(8), chunk(net, 5, data[5], to="a"), [data[5]]))
     wait_until(lambda: [0, 1, 5] in client.request(P.Status()).parity, 10, "parity of step 5")
 
@@ -843,10 +870,12 @@ def test_a_job_that_restarts_with_fewer_ranks_under_its_job_id_is_served_and_pro
             assert 2 in got, f"a sent chunks of steps {sorted(got)}, not of its newest step 2"
             assert _held_reported(net, lambda held: [0, 0, 1, 2] in held) == [[0, 0, 1, 2]], \
                 "a tells its peers of the ranks it serves now, not of rank 1's slots of the old job"
+            before = _boot_of_a(net)
             restart()  # a daemon that re-adopts both jobs' slots takes the world size of the newest
             assert a.status().sealed == 2 and a.request(P.Inventory(ep.job, 0)).steps == [0, 1, 2]
             assert isinstance(a.request(P.Hello(ep.job, 0, 2, os.getpid(), life.token)), P.Welcome)
-            dealer.send_multipart(held_frames(net, held=[[1, 1, 2]]))
+            wait_until(lambda: _boot_of_a(net) > before, 10, "a heartbeat of a's new run")  # b started before it
+            dealer.send_multipart(held_frames(net, "a", held=[[1, 1, 2]]))
             wait_until(lambda: a.status().common == 2, 10, "the common step of the new job")
             wait_until(lambda: a.held() == {0: [0, 1, 2]}, 10, "the old job's slots to go")
             assert [r["rank"] for r in a.status().ranks] == [0], "a's rank 1 lives on b now: its slots are removed"
