@@ -26,7 +26,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 VPY="$VENV/bin/python"
 stamp="$VENV/.snapguard-setup"
-want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+want=$(cat pyproject.toml scripts/setup.sh snapguard/_stream.c | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
         echo "[setup] no torch found: installing torch==2.13.0 (CPU build)"

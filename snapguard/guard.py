@@ -14,7 +14,6 @@ buffers, RNG states, loop state) are cloned when `snapshot()` is called, so they
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import logging
 import os
@@ -38,6 +37,7 @@ from snapguard.errors import (ChecksumError, ConfigError, DaemonError, DaemonUna
 from snapguard.faults import fault_point
 from snapguard.layout import (DEFAULT_CHUNK, MANIFEST_VERSION, ChunkHasher, Layout, Manifest, checksum_mismatch,
                               chunk_checksums, default_hash_threads, in_threads, plan_layout, verify_checksums)
+from snapguard.memcopy import STREAM_KIND, address_view, native, stream_copy
 from snapguard.procs import TrainerLock, spawn_daemon
 from snapguard.plan import check_agreement, plan_restore
 from snapguard.shm import MiB, map_file
@@ -121,6 +121,9 @@ class Guard:
             self.rank = int(os.environ.get("RANK", 0)) if cfg.rank is None else cfg.rank
             self.world_size = int(os.environ.get("WORLD_SIZE", 1)) if cfg.world_size is None else cfg.world_size
         self.who = f"[{self.endpoint.job}/rank {self.rank}]"
+        if not native():
+            log.warning("%s snapshots and restores copy with %s, which reads every byte it writes first",
+                        self.who, STREAM_KIND)
 
         named: dict[str, Any] = {}
         if isinstance(optimizer, (list, tuple)):
@@ -351,15 +354,16 @@ class Guard:
                 if not e.nbytes:
                     pass
                 elif t.device.type == "cpu" and t.is_contiguous() and not (t.is_conj() or t.is_neg()):
-                    # memmove in one thread, without the GIL: torch's copy_ would start an OpenMP team in this
-                    # thread, whose spinning workers take the cores from the training threads' own team.
-                    # Each piece is hashed right after it is copied, while it is still in the cache.
+                    # One thread, without the GIL: torch's copy_ would start an OpenMP team in this thread, whose
+                    # spinning workers take the cores from the training threads' own team. Each piece of the
+                    # source is hashed right after it is copied, while it is still in the cache.
                     src = t.data_ptr()
+                    source = address_view(src, e.nbytes) if hasher is not None else None
                     for off in range(0, e.nbytes, _PIECE):
                         n = min(_PIECE, e.nbytes - off)
-                        ctypes.memmove(base + e.offset + off, src + off, n)
+                        stream_copy(base + e.offset + off, src + off, n)
                         if hasher is not None:
-                            hasher.advance(e.offset + off + n)
+                            hasher.advance(e.offset + off + n, source[off:off + n])
                 else:
                     dst = buf[e.offset:e.offset + e.nbytes].view(TORCH_DTYPES[e.dtype]).view(e.shape)
                     if t.is_cuda:
@@ -720,8 +724,9 @@ def copy_verified(buf: torch.Tensor, man: Manifest, targets: list[torch.Tensor],
     """Copy a sealed shard (`buf`: the slot's bytes, uint8, on the CPU) into `targets`, one per manifest entry.
 
     Each chunk is hashed first, which brings it into the CPU cache, and its bytes are copied only once the
-    checksum matches: one pass over the shard's memory, and no corrupt byte ever reaches a target. Threads
-    take contiguous runs of chunks. Raise ChecksumError naming the first corrupt chunk found.
+    checksum matches, with streaming stores (`memcopy.stream_copy`): one pass over the shard's memory and one
+    over the targets', and no corrupt byte ever reaches a target. Threads take contiguous runs of chunks.
+    Raise ChecksumError naming the first corrupt chunk found.
 
     With GPU targets the whole shard is verified first (the device's copies do not read the CPU cache), then
     each tensor is copied in one asynchronous call from the page-locked slot, instead of one call per chunk."""
@@ -735,7 +740,7 @@ def copy_verified(buf: torch.Tensor, man: Manifest, targets: list[torch.Tensor],
         fault_point("trainer.restore.mid", man.step)
         for off, n, t in spans:
             if t.device.type == "cpu":
-                ctypes.memmove(t.data_ptr(), base + off, n)
+                stream_copy(t.data_ptr(), base + off, n)
             else:
                 t.view(-1).view(torch.uint8).copy_(buf[off:off + n], non_blocking=True)
         for d in devices:
@@ -760,7 +765,7 @@ def copy_verified(buf: torch.Tensor, man: Manifest, targets: list[torch.Tensor],
                 while j < len(spans) and spans[j][0] < b:
                     off, n, t = spans[j]
                     x, y = max(off, a), min(off + n, b)
-                    ctypes.memmove(t.data_ptr() + (x - off), base + x, y - x)
+                    stream_copy(t.data_ptr() + (x - off), base + x, y - x)
                     j += 1
                 if c == mid:
                     fault_point("trainer.restore.mid", man.step)

@@ -210,9 +210,10 @@ def chunk_checksums(buf: memoryview, nbytes: int, chunk_size: int = DEFAULT_CHUN
 class ChunkHasher:
     """The checksums of `chunk_checksums`, computed while the buffer is being filled front to back.
 
-    `advance(end)` hashes buf[hashed:end] once those bytes are final. Called right after each piece of
-    a copy, it reads the piece while it is still in the CPU cache, which costs a third of a separate
-    pass over memory.
+    `advance(end)` hashes buf[hashed:end] once those bytes are final. `advance(end, source)` hashes the last
+    len(source) of them from `source` instead: the bytes a copy into the buffer just read, which are still in
+    the CPU cache (a copy with streaming stores leaves the buffer's copy of them out of it). Called right after
+    each piece of a copy, it costs a third of a separate pass over memory.
     """
 
     def __init__(self, buf: memoryview, nbytes: int, chunk_size: int = DEFAULT_CHUNK):
@@ -222,12 +223,17 @@ class ChunkHasher:
         self.state = xxhash.xxh3_64()
         self.sums: list[int] = []
 
-    def advance(self, end: int) -> None:
+    def advance(self, end: int, source: memoryview | None = None) -> None:
+        start = end - len(source) if source is not None else end  # buf[start:end] is in `source`
         end = min(end, self.nbytes)
         while self.pos < end:
             chunk_end = min((self.pos // self.chunk_size + 1) * self.chunk_size, self.nbytes)
             stop = min(end, chunk_end)
-            self.state.update(self.view[self.pos:stop])
+            if self.pos < start:
+                stop = min(stop, start)
+                self.state.update(self.view[self.pos:stop])
+            else:
+                self.state.update(source[self.pos - start:stop - start])
             self.pos = stop
             if stop == chunk_end:
                 self.sums.append(self.state.intdigest())

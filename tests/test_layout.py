@@ -155,6 +155,27 @@ def test_hashing_while_copying_gives_the_checksums_of_the_finished_buffer(nbytes
     assert h.finish() == chunk_checksums(memoryview(final), nbytes, chunk)
 
 
+@settings(max_examples=200, deadline=None)
+@given(nbytes=st.integers(0, 3000), chunk=st.sampled_from([1, 7, 64, 512, 4096]),
+       pieces=st.lists(st.tuples(st.integers(0, 200), st.integers(0, 900)), max_size=8), seed=st.integers(0, 255))
+def test_hashing_the_source_of_each_piece_gives_the_checksums_of_the_finished_buffer(nbytes, chunk, pieces, seed):
+    # The trainer hashes each tensor's piece from the tensor, right after copying it, and the alignment gaps between
+    # tensors from the slot. The slot here never gets the pieces' bytes (it holds others): only the gaps' bytes
+    # may be read from it.
+    final = bytes((seed + i * 31) % 256 for i in range(nbytes + 10))
+    buf = bytearray(b"\xa5" * len(final))
+    h = ChunkHasher(memoryview(buf), nbytes, chunk)
+    at = 0
+    for gap, size in pieces:
+        buf[at:at + gap] = final[at:at + gap]  # padding, as the slot holds it
+        start = min(at + gap, nbytes)
+        end = min(start + size, nbytes)
+        h.advance(end, memoryview(final)[start:end])
+        at = end
+    buf[at:] = final[at:]
+    assert h.finish() == chunk_checksums(memoryview(final), nbytes, chunk)
+
+
 @pytest.mark.parametrize("nbytes", [0, 511, 512, 513, 40 * 512, 40 * 512 + 7])
 @pytest.mark.parametrize("threads", [2, 3, 8])
 def test_chunk_checksums_in_threads_equal_one_pass(nbytes, threads):
