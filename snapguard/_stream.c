@@ -86,7 +86,7 @@ static PyObject *py_copy(PyObject *self, PyObject *args) {
         return NULL;
     }
     /* Overlapping ranges (never the case for a slot and a tensor) and short copies take memmove. */
-    int overlap = d < s + n && s < d + n;
+    int overlap = dst < src + (unsigned long long)n && src < dst + (unsigned long long)n;
     Py_BEGIN_ALLOW_THREADS
     if (overlap || (size_t)n < STREAM_MIN)
         memmove(d, s, (size_t)n);
