@@ -10,6 +10,7 @@
  *
  * copy(dst, src, n) takes addresses as ints, releases the GIL, and returns nothing; kind() names the
  * instructions chosen for this CPU: "avx2", "sse2", or "memcpy" where there are no streaming stores.
+ * kinds() lists every kind this CPU runs, and copy(dst, src, n, kind) uses one of them (for the tests).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -70,11 +71,36 @@ static void copy_sse2(char *dst, const char *src, size_t n) {
 static copy_fn stream_copy = copy_plain;
 static const char *stream_kind = "memcpy";
 
+/* The copy of each kind this CPU runs, the chosen one first. */
+struct kind {
+    const char *name;
+    copy_fn fn;
+};
+static struct kind kinds[3];
+static int nkinds;
+
+static void add_kind(const char *name, copy_fn fn) {
+    kinds[nkinds].name = name;
+    kinds[nkinds++].fn = fn;
+}
+
 static PyObject *py_copy(PyObject *self, PyObject *args) {
     unsigned long long dst, src;
     Py_ssize_t n;
-    if (!PyArg_ParseTuple(args, "KKn:copy", &dst, &src, &n))
+    const char *kind = NULL;
+    copy_fn fn = stream_copy;
+    if (!PyArg_ParseTuple(args, "KKn|s:copy", &dst, &src, &n, &kind))
         return NULL;
+    if (kind) {
+        int k;
+        for (k = 0; k < nkinds && strcmp(kinds[k].name, kind); k++)
+            ;
+        if (k == nkinds) {
+            PyErr_Format(PyExc_ValueError, "copy: kind %s is not one this CPU runs", kind);
+            return NULL;
+        }
+        fn = kinds[k].fn;
+    }
     if (n < 0) {
         PyErr_Format(PyExc_ValueError, "copy: negative length %zd", n);
         return NULL;
@@ -91,17 +117,31 @@ static PyObject *py_copy(PyObject *self, PyObject *args) {
     if (overlap || (size_t)n < STREAM_MIN)
         memmove(d, s, (size_t)n);
     else
-        stream_copy(d, s, (size_t)n);
+        fn(d, s, (size_t)n);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
 static PyObject *py_kind(PyObject *self, PyObject *unused) { return PyUnicode_FromString(stream_kind); }
 
+static PyObject *py_kinds(PyObject *self, PyObject *unused) {
+    PyObject *list = PyList_New(nkinds);
+    for (int k = 0; list && k < nkinds; k++) {
+        PyObject *name = PyUnicode_FromString(kinds[k].name);
+        if (!name) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, k, name);
+    }
+    return list;
+}
+
 static PyMethodDef methods[] = {
-    {"copy", py_copy, METH_VARARGS, "copy(dst, src, n): copy n bytes from address src to address dst with"
-                                    " streaming stores, without the GIL"},
+    {"copy", py_copy, METH_VARARGS, "copy(dst, src, n[, kind]): copy n bytes from address src to address dst with"
+                                    " streaming stores (of `kind`, one of kinds(); default kind()), without the GIL"},
     {"kind", py_kind, METH_NOARGS, "kind(): the instructions copy() uses on this CPU"},
+    {"kinds", py_kinds, METH_NOARGS, "kinds(): every kind of copy this CPU runs, kind() first"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -109,15 +149,15 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "snapguard._stream",
                                     "Bulk copies with non-temporal stores.", -1, methods};
 
 PyMODINIT_FUNC PyInit__stream(void) {
+    nkinds = 0;
 #ifdef SNAPGUARD_X86
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2")) {
-        stream_copy = copy_avx2;
-        stream_kind = "avx2";
-    } else {
-        stream_copy = copy_sse2;
-        stream_kind = "sse2";
-    }
+    if (__builtin_cpu_supports("avx2"))
+        add_kind("avx2", copy_avx2);
+    add_kind("sse2", copy_sse2);
 #endif
+    add_kind("memcpy", copy_plain);
+    stream_copy = kinds[0].fn;
+    stream_kind = kinds[0].name;
     return PyModule_Create(&module);
 }

@@ -4,6 +4,7 @@ give the same bytes, whatever the sizes and alignments of a slot's pieces and a 
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import sys
 
@@ -14,7 +15,11 @@ from snapguard import memcopy
 
 COPIES = {"memmove": ctypes.memmove}
 if memcopy.native():
-    COPIES["streaming"] = memcopy.stream_copy
+    from snapguard import _stream
+
+    COPIES["default"] = memcopy.stream_copy
+    COPIES.update({kind: functools.partial(lambda d, s, n, kind: _stream.copy(d, s, n, kind), kind=kind)
+                   for kind in _stream.kinds()})
 
 
 def test_the_streaming_copy_is_built_where_snapguard_was_installed_with_a_c_compiler():
@@ -23,6 +28,7 @@ def test_the_streaming_copy_is_built_where_snapguard_was_installed_with_a_c_comp
     assert memcopy.native(), memcopy.STREAM_KIND
     if sys.platform == "linux" and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         assert memcopy.STREAM_KIND == "streaming stores (avx2)"
+        assert _stream.kinds() == ["avx2", "sse2", "memcpy"]
 
 
 @pytest.mark.parametrize("copy", COPIES.values(), ids=COPIES.keys())
@@ -52,6 +58,8 @@ def test_the_streaming_copy_refuses_a_negative_length_and_null_addresses_and_cop
         memcopy.stream_copy(buf.data_ptr(), buf.data_ptr(), -1)
     with pytest.raises(ValueError, match="null address"):
         memcopy.stream_copy(0, buf.data_ptr(), 16)
+    with pytest.raises(ValueError, match="kind avx1024 is not one this CPU runs"):
+        memcopy.stream_copy(buf.data_ptr(), buf.data_ptr() + 8192, 16, "avx1024")
     memcopy.stream_copy(0, 0, 0)  # nothing to copy: nothing read
 
 
