@@ -68,10 +68,7 @@ static void copy_sse2(char *dst, const char *src, size_t n) {
 }
 #endif
 
-static copy_fn stream_copy = copy_plain;
-static const char *stream_kind = "memcpy";
-
-/* The copy of each kind this CPU runs, the chosen one first. */
+/* The copy of each kind this CPU runs, the chosen one (copy()'s default) first. */
 struct kind {
     const char *name;
     copy_fn fn;
@@ -88,7 +85,7 @@ static PyObject *py_copy(PyObject *self, PyObject *args) {
     unsigned long long dst, src;
     Py_ssize_t n;
     const char *kind = NULL;
-    copy_fn fn = stream_copy;
+    copy_fn fn = kinds[0].fn;
     if (!PyArg_ParseTuple(args, "KKn|s:copy", &dst, &src, &n, &kind))
         return NULL;
     if (kind) {
@@ -122,7 +119,7 @@ static PyObject *py_copy(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyObject *py_kind(PyObject *self, PyObject *unused) { return PyUnicode_FromString(stream_kind); }
+static PyObject *py_kind(PyObject *self, PyObject *unused) { return PyUnicode_FromString(kinds[0].name); }
 
 static PyObject *py_kinds(PyObject *self, PyObject *unused) {
     PyObject *list = PyList_New(nkinds);
@@ -157,7 +154,5 @@ PyMODINIT_FUNC PyInit__stream(void) {
     add_kind("sse2", copy_sse2);
 #endif
     add_kind("memcpy", copy_plain);
-    stream_copy = kinds[0].fn;
-    stream_kind = kinds[0].name;
     return PyModule_Create(&module);
 }
