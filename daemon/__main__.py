@@ -147,6 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hash-threads", type=int, help="threads that verify a sealed shard's checksums (default:"
                     " half the cores, 1 to 8)")
     ap.add_argument("--keep-on-exit", action="store_true", help="leave the slots in shared memory when stopping")
+    ap.add_argument("--persist-dir", help="also write sealed steps to this directory, in the background, and restore"
+                    " from it when memory holds no step that every rank can restore (a shared file system serves a"
+                    " job of several nodes)")
+    ap.add_argument("--persist-every", type=int, default=100, metavar="N", help="with --persist-dir: write one step"
+                    " in every N of each rank (default: 100)")
+    ap.add_argument("--persist-keep", type=int, default=2, metavar="K", help="with --persist-dir: keep the newest K"
+                    " persisted steps of each rank (default: 2)")
     ap.add_argument("--peer-bind", help="TCP address peers reach this daemon at, e.g. tcp://10.0.0.5:7100")
     ap.add_argument("--peer", action="append", default=[], metavar="NODE=ADDRESS",
                     help="another daemon of the job (repeat for each)")
@@ -177,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         job, node = default_job(a.job), default_node(a.node)
         if a.hash_threads is not None and a.hash_threads < 1:
             raise ConfigError(f"--hash-threads must be at least 1, got {a.hash_threads}")
+        for flag, value in (("--persist-every", a.persist_every), ("--persist-keep", a.persist_keep)):
+            if value < 1:
+                raise ConfigError(f"{flag} must be at least 1 step, got {value}")
         secret = load_secret(a.secret_file) if a.peer_bind else b""  # before a rendezvous: fail alone, not the job
         run_dir = default_run_dir(a.run_dir)
         # The node's lock before the rendezvous: a second daemon of this job and node stops here, without joining.
@@ -187,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                                default_shm_dir(a.shm_dir), a.shm_limit, a.slots_per_rank, not a.keep_on_exit,
                                hash_threads=a.hash_threads,
                                peer_bind=a.peer_bind, peers=peers, ec_group=group, ec_m=a.ec_m,
-                               secret=secret, peer_timeout_s=a.peer_timeout)
+                               secret=secret, peer_timeout_s=a.peer_timeout, persist_dir=a.persist_dir,
+                               persist_every=a.persist_every, persist_keep=a.persist_keep)
             d = Daemon(cfg)
         except BaseException:
             lock.release()

@@ -30,6 +30,7 @@ from snapguard.shm import free_bytes
 
 from snapguard.daemon.peers import AuthError as PeerAuthError
 from snapguard.daemon.peers import PeerNet, recv_frames
+from snapguard.daemon.persist import Persister
 from snapguard.daemon.protect import OutgoingStep, Protector
 from snapguard.daemon.slots import SEALED, SlotTable
 
@@ -58,6 +59,10 @@ class DaemonConfig:
     secret: bytes = b""
     peer_timeout_s: float = 10.0
     heartbeat_s: float = 1.0
+    # background persistence to disk (`daemon.persist`): off without a directory
+    persist_dir: str | None = None
+    persist_every: int = 100  # steps: the first step each rank seals in every interval of this many is written
+    persist_keep: int = 2  # persisted steps kept per rank
 
     @property
     def endpoint(self) -> Endpoint:
@@ -195,6 +200,7 @@ class Daemon:
         self._rejected_count = 0
         self._warned_alone = False
         self._trainers: dict[int, _Trainer] = {}  # rank -> its trainer, from its Hello
+        self.persister: Persister | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -204,6 +210,12 @@ class Daemon:
         self._lock = lock or NodeLock(ep)
         self.table.adopt()
         self._recall_trainers()
+        if self.cfg.persist_dir:
+            self.persister = Persister(self.cfg.persist_dir, self.cfg.job, self.cfg.persist_every,
+                                       self.cfg.persist_keep, self.who)
+            self.table.pinned = self.persister.pending  # a slot being written to disk is not reused meanwhile
+            log.info("%s persists one step in every %d of each rank to %s (keeping %d)", self.who,
+                     self.cfg.persist_every, self.persister.dir, self.cfg.persist_keep)
         ctx = zmq.Context.instance()
         self._sock = ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -263,7 +275,9 @@ class Daemon:
             if self.net is not None:
                 poller.register(self.net.router, zmq.POLLIN)
             while not self._stop:
-                events = dict(poller.poll(0 if self._chunks else 10 if self._job else 200))
+                events = dict(poller.poll(0 if self._chunks else 10 if self._job or self._persisting() else 200))
+                if self.persister is not None:
+                    self.persister.drain()  # unpins the slots written to disk
                 if self._sock in events:
                     self._handle(self._sock.recv_multipart())
                 if self.net is not None:
@@ -296,6 +310,9 @@ class Daemon:
         self._stop = True
 
     def close(self) -> None:
+        if self.persister is not None:
+            self.persister.close()
+            self.persister = None
         if self.net is not None:
             self.net.close()
             self.net = None
@@ -384,14 +401,16 @@ class Daemon:
                                     unknown[:8], "..." if len(unknown) > 8 else "", d.need)
                 log.debug("%s rank %d waits to write step %d: slots %s, all ranks hold %d, protected %d", self.who,
                           msg.rank, msg.step, [(x.state, x.step) for x in t.ranks[msg.rank]], t.common(), t.protected)
-                return P.Wait(d.need, t.common())
+                return P.Wait(d.need, t.common(), d.disk)
             return P.Error("BadStep", f"rank {msg.rank}: {d.reason}")
         if isinstance(msg, P.Seal):
             man = Manifest.from_wire(msg.manifest)
             if man.world_size != t.world_size:  # the table would take it as the job's
                 raise ProtocolError(f"rank {msg.rank}: the manifest of step {msg.step} says world_size {man.world_size},"
                                     f" the job's is {t.world_size}")
-            t.seal(msg.rank, msg.step, msg.slot, man)
+            slot = t.seal(msg.rank, msg.step, msg.slot, man)
+            if self.persister is not None and self.persister.due(msg.rank, msg.step):
+                self.persister.submit(msg.rank, msg.step, slot.path, man)
             self._retire_old_world()
             self._held_due = True  # told to the peers after the reply: a seal never waits for that
             return P.Sealed(msg.step, t.common())
@@ -400,19 +419,25 @@ class Daemon:
                 steps, dropped = t.verified_steps(msg.rank)
             else:
                 steps, dropped = t.sealed_steps(msg.rank), []
+            on_disk = self.persister.steps(msg.rank, t.world_size) if self.persister is not None else []
             if self.protector is not None:
                 stocks = self._stocks()
                 rebuild = self.protector.rebuildable(stocks)
                 steps = sorted(set(steps) | {s for s, blob in rebuild.items()
                                              if [msg.rank, t.world_size] in [[r[0], r[2].get("world_size")] for r in blob["ranks"]]})
-                if not steps:
+                if not steps and not on_disk:
                     why = self.protector.explain_loss(stocks)
                     if why:
                         dropped = [*dropped, why]
-            return P.Steps(steps, dropped, list(t.old_world() or ()))
+            persisted = sorted(set(on_disk) - set(steps))
+            return P.Steps(sorted({*steps, *persisted}), dropped, list(t.old_world() or ()), persisted)
         if isinstance(msg, P.Open):
-            if self.protector is not None and msg.step not in t.sealed_steps(msg.rank):
-                self._rebuild(msg.step)
+            if msg.step not in t.sealed_steps(msg.rank):
+                on_disk = self.persister is not None and msg.step in self.persister.steps(msg.rank, t.world_size)
+                if self.protector is not None and (not on_disk or msg.step in self.protector.rebuildable(self._stocks())):
+                    self._rebuild(msg.step)
+                elif on_disk:
+                    self._load_persisted(msg.rank, msg.step)
             man = t.sealed_manifest(msg.rank, msg.step)
             if man is not None and man.world_size != t.world_size:
                 # Refused before anything changes: opening forgets the rank's newer steps and rewinds the parity.
@@ -420,11 +445,15 @@ class Daemon:
                                     f" this job has {t.world_size}; snapguard restores only into the world size"
                                     " that took the snapshot")
             s = t.open(msg.rank, msg.step)
+            if self.persister is not None:
+                self.persister.rewind(msg.rank, msg.step, t.world_size)
             self._rewind(msg.step, msg.epoch)
             self._broadcast_held()
             return P.Shard(s.path, s.manifest.to_wire())
         if isinstance(msg, P.Drop):
             t.drop(msg.rank, msg.keep_upto)
+            if self.persister is not None:
+                self.persister.rewind(msg.rank, msg.keep_upto, t.world_size)
             self._rewind(msg.keep_upto, msg.epoch)
             self._broadcast_held()
             return P.Ok()
@@ -580,6 +609,29 @@ class Daemon:
         if self._job is not None:
             self._job.out.read_all()
 
+    def _persisting(self) -> bool:
+        return self.persister is not None and any(self.persister.pending.values())
+
+    def _load_persisted(self, rank: int, step: int) -> None:
+        """Read `rank`'s persisted `step` from disk into one of its slots and seal it there, verifying it: the
+        ranks restore `step`, and no memory here or at the peers holds it. A shard whose bytes fail their
+        checksums is not offered again."""
+        t0 = time.monotonic()
+        man, fill = self.persister.load(rank, step)
+        t = self.table
+        t.drop(rank, step)  # the rank rewinds to `step`: what it holds newer goes, as on every restore
+        if t.plan(rank, step)[0].action != "grant":
+            t.drop(rank, -1)  # every slot holds an older step: none is restored once this one is
+        self._read_out()  # the slot may be one whose chunks are on their way to parity holders
+        try:
+            t.install(rank, man, fill)
+        except ChecksumError as e:
+            self.persister.condemn(rank, step, str(e))
+            raise
+        log.warning("%s rank %d restores step %d from disk (%s, %.1f MiB in %.2f s): shared memory holds no good"
+                    " copy of it", self.who, rank, step, self.persister.dir, man.nbytes / (1 << 20),
+                    time.monotonic() - t0)
+
     def _rewind(self, step: int, epoch: int) -> None:
         """A rank restored `step` (or started afresh: -1) as the start of timeline `epoch`; every rank of the job
         does so with the same step and epoch (`Protector.rewind`)."""
@@ -658,6 +710,7 @@ class Daemon:
                            "world_size": s.manifest.world_size if s.manifest else 0,
                            "age_s": round(now - s.sealed_at, 3) if s.state == SEALED else -1.0}
                           for s in slots],
+                "persisted": self.persister.steps(r, self.table.world_size) if self.persister else [],
             })
         p = self.protector
         return P.StatusReport(self.cfg.node, self.cfg.job, os.getpid(), self.table.dir, self.table.used_bytes(),
@@ -666,4 +719,5 @@ class Daemon:
                               protected=p.protected_step() if p else -1,
                               peers=sorted(self.net.peers) if self.net else [],
                               parity=p.complete_parity() if p else [], rejected=self._rejected_count,
-                              parity_bytes=p.parity_bytes() if p else 0, sent_bytes=p.sent_bytes if p else 0)
+                              parity_bytes=p.parity_bytes() if p else 0, sent_bytes=p.sent_bytes if p else 0,
+                              persist_dir=self.persister.dir if self.persister else "")

@@ -47,15 +47,18 @@ class Decision:
     slot: int = -1
     need: int = -1
     reason: str = ""
+    disk: int = -1  # with "wait": the step whose slot it would take, were that step not being written to disk
 
 
-def plan_begin(slots: tuple[tuple[str, int], ...], step: int, common: int, protected: int = -1) -> Decision:
+def plan_begin(slots: tuple[tuple[str, int], ...], step: int, common: int, protected: int = -1,
+               pinned: frozenset[int] = frozenset()) -> Decision:
     """Pick the slot a rank writes `step` into, given its slots as (state, step), the job's common step and,
     with erasure coding, the newest protected step. A slot of an OLD_WORLD is taken when none is free.
 
     A sealed slot is reused only when it is older than `common` (the newest step every rank holds sealed),
     so the rank keeps that step; and never when it holds `protected`, the step a lost node would be rebuilt
-    to. Otherwise a crash could leave ranks without a shared, restorable step: the rank waits.
+    to. Otherwise a crash could leave ranks without a shared, restorable step: the rank waits. It waits too
+    while the slot it would take holds a `pinned` step (one being written to disk).
     """
     sealed = sorted(s for state, s in slots if state == SEALED)
     if sealed and step <= sealed[-1]:
@@ -67,11 +70,14 @@ def plan_begin(slots: tuple[tuple[str, int], ...], step: int, common: int, prote
                 return Decision("grant", slot=i)
     if not slots:
         return Decision("error", reason="no slots are reserved")
+    disk = -1
     if common in sealed:
         for candidate in sealed:
             if candidate < common and candidate != protected:
-                return Decision("grant", slot=[s for _, s in slots].index(candidate))
-    return Decision("wait", need=sealed[1] if len(sealed) > 1 else sealed[0])
+                if candidate not in pinned:
+                    return Decision("grant", slot=[s for _, s in slots].index(candidate))
+                disk = candidate if disk < 0 else disk
+    return Decision("wait", need=sealed[1] if len(sealed) > 1 else sealed[0], disk=disk)
 
 
 def common_step(held: dict[int, Iterable[int]], world_size: int) -> int:
@@ -133,6 +139,7 @@ class SlotTable:
         self.members: set[int] = set()  # ranks whose trainers spoke to this daemon with the current world size
         self.remote: dict[int, set[int]] = {}  # sealed steps of ranks served by other daemons
         self.protected = -1  # with erasure coding: the newest step protected across the EC group
+        self.pinned: dict[int, set[int]] = {}  # rank -> sealed steps not to reuse yet (being written to disk)
         self.epoch = 0  # the job's timeline since its last restore (`Open.epoch`), kept across daemon restarts
         self.who = daemon_who(job, node)
 
@@ -307,7 +314,7 @@ class SlotTable:
         self._ensure_rank(rank)
         slots = self.ranks[rank]
         view = tuple((OLD_WORLD if s.state == SEALED and not self.current(s) else s.state, s.step) for s in slots)
-        d = plan_begin(view, step, self.common(), self.protected)
+        d = plan_begin(view, step, self.common(), self.protected, frozenset(self.pinned.get(rank, ())))
         return d, slots[d.slot] if d.action == "grant" else None
 
     def begin(self, rank: int, step: int, nbytes: int) -> Decision:
@@ -352,17 +359,25 @@ class SlotTable:
                   manifest.nbytes, time.monotonic() - t0)
         return slot
 
-    def install(self, rank: int, manifest: Manifest, data: memoryview) -> Slot:
-        """Write a shard rebuilt from peers into a free slot of `rank` and seal it, as a trainer would."""
+    def install(self, rank: int, manifest: Manifest, data: memoryview | Callable[[memoryview], None]) -> Slot:
+        """Write a shard rebuilt from peers or read from disk into a free slot of `rank` and seal it, as a trainer
+        would. `data` is the shard's bytes, or a function that writes them into the buffer it is given."""
         self._ensure_rank(rank)
         if not self.world_told:
             self.world_size = max(self.world_size, manifest.world_size)
         d = self.begin(rank, manifest.step, manifest.nbytes)
         if d.action != "grant":
-            raise LayoutError(f"rank {rank}: no slot for rebuilt step {manifest.step}: {d.reason or 'slots busy'}")
+            raise LayoutError(f"rank {rank}: no slot for step {manifest.step}: {d.reason or 'slots busy'}")
         slot = self.ranks[rank][d.slot]
         if manifest.nbytes:
-            slot.buffer()[:manifest.nbytes] = data
+            try:
+                if callable(data):
+                    data(slot.buffer()[:manifest.nbytes])
+                else:
+                    slot.buffer()[:manifest.nbytes] = data
+            except BaseException:
+                slot.state, slot.step = FREE, -1
+                raise
         return self.seal(rank, manifest.step, d.slot, manifest)
 
     def verified_steps(self, rank: int) -> tuple[list[int], list[str]]:

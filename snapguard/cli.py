@@ -33,6 +33,9 @@ def status_table(reports: list[P.StatusReport]) -> str:
             lines.append(f"  erasure coding with {', '.join(r.peers)}: newest sealed here {_step(r.sealed)},"
                          f" newest protected {_step(r.protected)}, parity held {_fmt_bytes(r.parity_bytes)},"
                          f" peer messages refused {r.rejected}")
+        if r.persist_dir:
+            disk = "; ".join(f"rank {x['rank']}: {', '.join(map(str, x.get('persisted', []))) or '-'}" for x in r.ranks)
+            lines.append(f"  persisted to {r.persist_dir}: {disk or '(no ranks yet)'}")
         lines.append(f"  {'rank':>5}  {'slot':>4}  {'state':<8} {'step':>7}  {'size':>10}  {'age':>8}  {'of ranks':>8}")
         for rank in r.ranks:
             for s in rank["slots"]:

@@ -10,6 +10,7 @@ again; with `/rN`, only the process whose RANK is N dies. Points in the code:
 - trainer.copy.done      all bytes are in the slot, before the seal is sent
 - trainer.restore.mid    half of the tensors are restored
 - daemon.seal.verified   the daemon checked the shard but has not written its manifest
+- daemon.persist.mid     half of a step's chunks are written to disk (`--persist-dir`), its manifest is not
 """
 
 from __future__ import annotations

@@ -174,6 +174,7 @@ class Guard:
         self._mixed: str | None = None  # set when a failed restore left chunks of a snapshot in the state
         self.common_step = -1  # newest step every rank holds sealed, as the daemon last reported
         self.last_sealed = -1
+        self.restored_from: str | None = None  # where restore() found this rank's shard: "memory" or "disk"
         self.epoch = 0  # the timeline the last restore() started (0: none); the daemons' chunks carry it
         self._worker = threading.Thread(target=self._run, name=f"snapguard-copy-r{self.rank}", daemon=True)
         self._worker.start()
@@ -412,6 +413,11 @@ class Guard:
             if isinstance(reply, P.Granted):
                 return reply
             if time.monotonic() > deadline:
+                if reply.disk >= 0:
+                    raise SnapGuardError(
+                        f"{self.who} step {step}: waited {self.config.gate_timeout_s:.0f} s for the daemon to finish"
+                        f" writing step {reply.disk} to disk (--persist-dir), whose slot this step would take; the"
+                        " disk is too slow for --persist-every (the daemon's log says how long a write takes)")
                 raise SnapGuardError(
                     f"{self.who} step {step}: waited {self.config.gate_timeout_s:.0f} s for every rank to seal step"
                     f" {reply.need} before reusing the slot of an older step (newest step all ranks hold: {reply.common})."
@@ -546,10 +552,15 @@ class Guard:
                 st.load_state_dict(state[name])
             check_agreement(restored)
             self.last_sealed = self.common_step = plan.step
+            self.restored_from = "disk" if plan.step in inv.persisted else "memory"
             if shard_nbytes > self._reserved:
                 self._reserve(shard_nbytes)  # larger than at construction (optimizer state): pre-fault for it
-            log.info("%s restored step %d in %.2f s (%s)%s", self.who, plan.step, time.monotonic() - t0, plan.reason,
-                     "; newer snapshots were corrupt and skipped" if dropped or failed else "")
+            if self.restored_from == "disk":
+                log.warning("%s restored step %d from disk in %.2f s: shared memory held no good copy of the newest step"
+                            " that every rank can restore (%s)", self.who, plan.step, time.monotonic() - t0, plan.reason)
+            else:
+                log.info("%s restored step %d in %.2f s (%s)%s", self.who, plan.step, time.monotonic() - t0,
+                         plan.reason, "; newer snapshots were corrupt and skipped" if dropped or failed else "")
             self._mixed = None  # every tensor holds the step now
             return plan.step
         raise RestoreError(f"{self.who} steps {sorted(failed)} failed verification on some ranks even after the"

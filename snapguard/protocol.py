@@ -208,9 +208,11 @@ class Granted(Message):
 
 @dataclass(frozen=True)
 class Wait(Message):
-    """Reuse of the oldest slot must wait until every rank has sealed `need`."""
+    """Reuse of the oldest slot must wait until every rank has sealed `need`, or (`disk`) until the step it holds
+    is written to disk."""
     need: int
     common: int
+    disk: int = -1  # the step whose slot would be taken, were it not being written to disk; -1: none
 
 
 @dataclass(frozen=True)
@@ -225,6 +227,8 @@ class Steps(Message):
     dropped: list[str]  # why sealed steps were refused (checksum mismatch), for the trainer to report
     old_world: list[int] = field(default_factory=list)  # [world size, step]: what the node last sealed of a job of
     # another world size (one that restarted with another number of ranks), which it keeps but cannot restore; [] if none
+    persisted: list[int] = field(default_factory=list)  # of `steps`, those only on disk (`--persist-dir`): restored
+    # from there when memory holds no step that every rank can restore
 
 
 @dataclass(frozen=True)
@@ -250,6 +254,7 @@ class StatusReport(Message):
     rejected: int = 0  # peer messages refused (authentication, replay, checksum, stale step)
     parity_bytes: int = 0  # memory held for parity, complete and under construction
     sent_bytes: int = 0  # chunk bytes sent to parity holders since start
+    persist_dir: str = ""  # where sealed steps are persisted (`--persist-dir`); each rank's "persisted" lists them
 
 
 # ---- encoding ----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import signal
 import time
 
@@ -282,3 +283,37 @@ def test_a_restore_without_rng_state_is_caught(node, jobs, reference, tmp_path):
     assert any("(attempt 1)" in p for p in problems)
     assert any("final state differs from the reference" in p for p in problems)
     assert restart_problems(spec.out) == []
+
+
+def test_a_node_that_loses_its_memory_restores_from_disk_and_trains_on_bit_identically(node, jobs, reference,
+                                                                                        tmp_path):
+    """Every rank and the daemon die at once, and the node's shared memory with them (a machine that rebooted).
+    The new daemon holds nothing in memory; the ranks restore the newest step persisted to disk (`--persist-dir`)
+    and train on exactly as the run without failures did."""
+    ref = reference()
+    disk = str(tmp_path / "persist")
+    flags = ["--log-level", "INFO", "--persist-dir", disk, "--persist-every", "10"]
+    node.start(flags)
+    spec = JobSpec(out=str(tmp_path / "run"), nproc=NPROC, steps=STEPS, max_restarts=1, step_sleep=0.2, env=node.env)
+    proc = jobs.launch(spec)
+    persisted = os.path.join(disk, f"snapguard-{node.job}")
+    wait_until(lambda: all(os.path.exists(os.path.join(persisted, f"r{r}.s20.manifest")) for r in range(NPROC)), 120,
+               "step 20 of every rank on disk")
+    wait_for_progress(spec.out, 0, 21, proc)
+    os.kill(proc.pid, signal.SIGSTOP)  # the launcher restarts the workers once the node is back, not before
+    try:
+        for pid, _ in worker_pids(spec.out, NPROC).values():
+            os.kill(pid, signal.SIGKILL)
+        node.kill()
+        shutil.rmtree(node.table_dir)
+        assert progress_in(spec.out, 0) < STEPS - 1, "the job finished before the node was lost"
+        node.start(flags)
+        assert node.held() == {}
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    assert jobs.finish(proc, spec.out, RUN_TIMEOUT_S) == 0, f"see {spec.out}/launcher.log"
+    assert compare(ref, spec.out, NPROC) == []
+    assert first_steps(spec.out)[1] == 21
+    with open(os.path.join(spec.out, "launcher.log"), errors="replace") as f:
+        assert len(re.findall(r"\] restored step 20 from disk in ", f.read())) == NPROC
+    assert sorted(re.findall(r"rank (\d) restores step 20 from disk", node.log())) == [str(r) for r in range(NPROC)]

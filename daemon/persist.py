@@ -1,0 +1,329 @@
+"""Background persistence of sealed shards to disk, and the fallback restore from it.
+
+Memory holds a job's newest steps; it does not survive the loss of more nodes than erasure coding covers, or
+of the whole job's machines. With `--persist-dir`, the daemon also writes one sealed step in every
+`--persist-every` of each of its ranks to disk, in a thread, off the training path. When memory cannot give
+every rank a common step, the daemons offer the persisted steps too, and the ranks restore the newest step
+that every one of them can restore from memory or disk (DESIGN.md, Fallback).
+
+On disk, `<dir>/snapguard-<job>/r<rank>.s<step>.data` holds a shard's bytes and `.manifest` beside it its
+manifest, as in shared memory; one directory serves a job's daemons on a shared file system. The manifest is
+written last, after the data is on disk (fsync), and is the commit marker: a crash mid-write leaves no claim.
+The newest `keep` persisted steps of each rank stay.
+
+Which steps: the first step a rank seals in each interval `[k * every, (k + 1) * every)`. Ranks snapshot the
+same steps, so they persist the same ones. While a write runs, its slot is pinned (`SlotTable.pinned`): a disk
+slower than training makes the trainer wait at its next snapshot rather than lose the step. Each chunk is
+checked against the manifest's checksum in a bounce buffer, and those very bytes are written: what reaches
+the disk is what was sealed. A shard read back is verified again when the daemon seals it into a slot.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import glob
+import logging
+import mmap
+import os
+import re
+import threading
+import time
+
+import msgpack
+import xxhash
+
+from snapguard.config import ensure_private_dir
+from snapguard.errors import ChecksumError, ConfigError, LayoutError, SnapGuardError
+from snapguard.faults import fault_point
+from snapguard.layout import Manifest, checksum_mismatch
+
+log = logging.getLogger(__name__)
+
+_MANIFEST = re.compile(r"^r(\d+)\.s(\d+)\.manifest$")
+_STRAY = re.compile(r"^r(\d+)\.s(\d+)\.(data|manifest)\.new$")
+_BLOCK = 4096  # O_DIRECT's alignment of buffers, offsets and lengths: a page, a multiple of every block size
+
+
+class Persister:
+    """Writes sealed shards of one job to `<root>/snapguard-<job>/` in a thread, and reads them back.
+
+    The daemon's loop calls every method but `_run`: it `submit`s a write (after pinning the slot), `drain`s the
+    finished ones (to unpin their slots), lists `steps` and `load`s a shard for a restore."""
+
+    def __init__(self, root: str, job: str, every: int, keep: int = 2, who: str = "snapguard"):
+        if every < 1:
+            raise ConfigError(f"--persist-every must be at least 1 step, got {every}")
+        if keep < 1:
+            raise ConfigError(f"--persist-keep must be at least 1 step, got {keep}")
+        self.job, self.every, self.keep, self.who = job, every, keep, who
+        self.dir = ensure_private_dir(os.path.join(os.path.abspath(root), f"snapguard-{job}"))
+        self._last: dict[int, int] = {}  # rank -> newest step persisted or being written
+        self.pending: dict[int, set[int]] = collections.defaultdict(set)  # rank -> steps being written
+        self._queue: collections.deque = collections.deque()
+        self._wake = threading.Condition()
+        self._done: collections.deque = collections.deque()  # (rank, step, error or "") from the thread
+        self._timeline: dict[int, int] = collections.defaultdict(int)  # rank -> bumped when a restore rewinds it
+        self._claim = threading.Lock()  # held to write a manifest, and to rewind
+        self.direct: bool | None = None  # whether the last write went around the page cache (O_DIRECT)
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="snapguard-persist", daemon=True)
+        self._thread.start()
+
+    # ---- the daemon's loop ----------------------------------------------------------------------
+
+    def due(self, rank: int, step: int) -> bool:
+        """Whether `rank`'s newly sealed `step` is the first of its interval, so to be persisted."""
+        if rank not in self._last:
+            self._last[rank] = max(self._complete(rank), default=-1)
+        last = self._last[rank]
+        return step > last and step // self.every > last // self.every
+
+    def submit(self, rank: int, step: int, path: str, manifest: Manifest) -> None:
+        """Write `manifest`'s shard from the slot file at `path`; the caller keeps the slot from being reused until
+        `drain` reports the write finished."""
+        self._last[rank] = step
+        self.pending[rank].add(step)
+        with self._wake:
+            self._queue.append((rank, step, path, manifest, self._timeline[rank]))
+            self._wake.notify()
+
+    def drain(self) -> list[tuple[int, int, str]]:
+        """The writes finished since the last call, as (rank, step, error or "")."""
+        out = []
+        while self._done:
+            rank, step, error = self._done.popleft()
+            self.pending[rank].discard(step)
+            if error:
+                self._last[rank] = max(self._complete(rank), default=-1)  # the next seal of the interval tries again
+            out.append((rank, step, error))
+        return out
+
+    def steps(self, rank: int, world_size: int) -> list[int]:
+        """The steps persisted whole for `rank` by a job of `world_size` ranks, oldest first."""
+        out = []
+        for step in self._complete(rank):
+            try:
+                man = self._manifest(rank, step)
+            except (SnapGuardError, ValueError, OSError, msgpack.UnpackException) as e:
+                log.warning("%s persisted step %d of rank %d is unusable: %s", self.who, step, rank, e)
+                continue
+            if man.world_size == world_size:
+                out.append(step)
+        return out
+
+    def load(self, rank: int, step: int) -> tuple[Manifest, object]:
+        """The manifest of `rank`'s persisted `step`, and a function that reads its bytes into a buffer (the slot
+        it is restored into). Its checksums are verified when that slot is sealed (`condemn` it if they fail)."""
+        man = self._manifest(rank, step)
+        path = self._base(rank, step) + ".data"
+
+        def fill(buf: memoryview) -> None:
+            with open(path, "rb", buffering=0) as f:
+                got, n = 0, man.nbytes
+                while got < n:
+                    k = f.readinto(buf[got:n])
+                    if not k:
+                        raise ChecksumError(f"{self.who} persisted shard {path} ends at byte {got}, its manifest says"
+                                            f" {n}")
+                    got += k
+
+        return man, fill
+
+    def rewind(self, rank: int, step: int, world_size: int) -> None:
+        """`rank` restored `step` (or started afresh: -1): its persisted steps of this world size newer than that
+        belong to a timeline left behind, and go; so does any write of them still running."""
+        with self._claim:
+            self._timeline[rank] += 1
+            gone = []
+            for s in self._complete(rank):
+                if s <= step:
+                    continue
+                try:
+                    if self._manifest(rank, s).world_size != world_size:
+                        continue  # another job's: not this timeline's to drop
+                except (SnapGuardError, ValueError, OSError, msgpack.UnpackException):
+                    pass  # unusable anyway
+                for ext in (".manifest", ".data"):
+                    try:
+                        os.unlink(self._base(rank, s) + ext)
+                    except FileNotFoundError:
+                        pass
+                gone.append(s)
+        if gone:
+            log.info("%s rank %d restored step %d: removed its persisted steps %s of the timeline left behind",
+                     self.who, rank, step, gone)
+        self._last[rank] = max(self._complete(rank), default=-1)  # writes under way fail: their timeline is gone
+
+    def condemn(self, rank: int, step: int, why: str) -> None:
+        """Stop offering a persisted step whose bytes failed their checksums; its files stay, renamed, to look at."""
+        base = self._base(rank, step)
+        log.error("%s persisted step %d of rank %d is corrupt (%s): it is no longer offered; its files are kept as"
+                  " %s.*.corrupt", self.who, step, rank, why, base)
+        for ext in (".manifest", ".data"):  # the manifest first: it is the claim
+            try:
+                os.replace(base + ext, base + ext + ".corrupt")
+            except FileNotFoundError:
+                pass
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the thread; a write in progress stops at its next chunk and leaves nothing behind but `.new`
+        files, which the next write of that rank removes."""
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            log.warning("%s the disk write still runs %.0f s after the daemon asked it to stop", self.who, timeout_s)
+
+    # ---- files ----------------------------------------------------------------------------------
+
+    def _base(self, rank: int, step: int) -> str:
+        return os.path.join(self.dir, f"r{rank}.s{step}")
+
+    def _complete(self, rank: int) -> list[int]:
+        """The steps of `rank` with a manifest on disk, oldest first."""
+        steps = []
+        for path in glob.glob(os.path.join(self.dir, f"r{rank}.s*.manifest")):
+            m = _MANIFEST.match(os.path.basename(path))
+            if m and int(m.group(1)) == rank:
+                steps.append(int(m.group(2)))
+        return sorted(steps)
+
+    def _manifest(self, rank: int, step: int) -> Manifest:
+        base = self._base(rank, step)
+        with open(base + ".manifest", "rb") as f:
+            raw = f.read(1 << 26)
+        man = Manifest.from_wire(msgpack.unpackb(raw, raw=False, strict_map_key=False))
+        if (man.job, man.rank, man.step) != (self.job, rank, step):
+            raise LayoutError(f"its manifest names job {man.job!r} rank {man.rank} step {man.step}")
+        man.validate(os.path.getsize(base + ".data"))
+        return man
+
+    # ---- the thread -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._queue and not self._stop:
+                    self._wake.wait()
+                if self._stop:
+                    return
+                rank, step, path, man, timeline = self._queue.popleft()
+            error = ""
+            try:
+                t0 = time.monotonic()
+                self._write(rank, step, path, man, timeline)
+                log.info("%s persisted rank %d step %d to %s (%.1f MiB in %.2f s, %s)", self.who, rank, step, self.dir,
+                         man.nbytes / (1 << 20), time.monotonic() - t0,
+                         "O_DIRECT" if self.direct else "through the page cache")
+                self._prune(rank)
+            except Exception as e:  # reported, never fatal: memory still holds the step
+                error = f"{type(e).__name__}: {e}"
+                log.warning("%s could not persist rank %d step %d: %s", self.who, rank, step, error)
+            self._done.append((rank, step, error))
+
+    def _write(self, rank: int, step: int, path: str, man: Manifest, timeline: int) -> None:
+        base = self._base(rank, step)
+        self._remove_strays(rank)
+        data, cs = base + ".data.new", man.chunk_size
+        bounce = mmap.mmap(-1, -(-cs // _BLOCK) * _BLOCK)  # page-aligned, as O_DIRECT needs
+        dst, self.direct = _open_for_write(data, direct=cs % _BLOCK == 0)
+        try:
+            with open(path, "rb", buffering=0) as src, memoryview(bounce) as whole:
+                for c, want in enumerate(man.checksums):
+                    if self._stop:
+                        raise SnapGuardError("the daemon stops")
+                    n = min(cs, man.nbytes - c * cs)
+                    piece = whole[:n]
+                    if os.preadv(src.fileno(), [piece], c * cs) != n:
+                        raise ChecksumError(f"slot file {path} was cut short while it was written to disk")
+                    have = xxhash.xxh3_64_intdigest(piece)
+                    if have != want:  # the slot changed under the write: it was forgotten and handed out again
+                        raise checksum_mismatch(man, c, have, f"{self.who} rank {rank} slot being written to disk")
+                    if self.direct and n % _BLOCK:  # the last chunk: whole blocks, cut back to size below
+                        m = -(-n // _BLOCK) * _BLOCK
+                        whole[n:m] = bytes(m - n)
+                        piece = whole[:m]
+                    _write_all(dst, piece)
+                    if c == len(man.checksums) // 2:
+                        fault_point("daemon.persist.mid", step)
+            os.ftruncate(dst, man.nbytes)
+            os.fsync(dst)
+        finally:
+            os.close(dst)  # the bounce buffer goes with the last view of it, when this returns
+        manifest = base + ".manifest.new"
+        with open(_private(manifest), "wb") as f:
+            f.write(msgpack.packb(man.to_wire(), use_bin_type=True))
+            f.flush()
+            os.fsync(f.fileno())
+        with self._claim:
+            if timeline != self._timeline[rank]:
+                raise SnapGuardError("the rank restored an older step meanwhile: this step is of the timeline it left")
+            os.replace(data, base + ".data")
+            os.replace(manifest, base + ".manifest")
+        _fsync_dir(self.dir)
+
+    def _prune(self, rank: int) -> None:
+        """Keep the newest `keep` persisted steps of `rank`; remove older ones, and data left without a manifest."""
+        complete = self._complete(rank)
+        for step in complete[:-self.keep]:
+            base = self._base(rank, step)
+            for ext in (".manifest", ".data"):  # the claim first
+                try:
+                    os.unlink(base + ext)
+                except FileNotFoundError:
+                    pass
+        keep = set(complete[-self.keep:])
+        for path in glob.glob(os.path.join(self.dir, f"r{rank}.s*.data")):
+            m = re.match(r"^r(\d+)\.s(\d+)\.data$", os.path.basename(path))
+            if m and int(m.group(1)) == rank and int(m.group(2)) not in keep:
+                os.unlink(path)  # a write that died between its data and its manifest
+
+    def _remove_strays(self, rank: int) -> None:
+        """Remove `rank`'s `.new` files: only this daemon writes this rank's, and it writes one at a time."""
+        for path in glob.glob(os.path.join(self.dir, f"r{rank}.s*.new")):
+            m = _STRAY.match(os.path.basename(path))
+            if m and int(m.group(1)) == rank:
+                os.unlink(path)
+
+
+def _open_for_write(path: str, direct: bool) -> tuple[int, bool]:
+    """A new file at `path` (0600) opened for writing, with O_DIRECT where asked for and the file system takes it
+    (tmpfs does not); and whether it is. Direct writes go from our buffer to the device: the kernel neither
+    copies a shard into fresh page cache (which, on a VM, costs more CPU than the write) nor keeps gigabytes of it
+    cached, evicting what training reads."""
+    flags = os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    if direct and hasattr(os, "O_DIRECT"):
+        try:
+            fd = os.open(path, flags | os.O_DIRECT, 0o600)
+            os.fchmod(fd, 0o600)
+            return fd, True
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+    fd = os.open(path, flags, 0o600)
+    os.fchmod(fd, 0o600)
+    return fd, False
+
+
+def _private(path: str) -> str:
+    """Create `path` empty, mode 0600 whatever the umask, and return it."""
+    fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)
+    os.close(fd)
+    return path
+
+
+def _write_all(fd: int, piece: memoryview) -> None:
+    done = 0
+    while done < len(piece):
+        done += os.write(fd, piece[done:])
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

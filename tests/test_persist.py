@@ -1,0 +1,253 @@
+"""Background persistence to disk (`snapguard-daemon --persist-dir`) and the fallback restore from it: a real
+daemon writes sealed shards to a real directory, and a later daemon, whose shared memory is gone, restores
+from there. The multi-rank case (a torchrun job that loses its node's memory) is in test_training.py."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+from snapguard import protocol as P
+from snapguard.daemon.persist import Persister
+from snapguard.daemon.slots import SEALED, plan_begin
+from snapguard.demo import state_digest
+from snapguard.errors import SnapGuardError
+
+from conftest import flip_bits, wait_until
+from test_daemon import make_model, mode, train_and_snapshot, train_step
+
+
+def persisted(root: str, job: str) -> dict[str, list[int]]:
+    """{"manifest": steps, "data": steps, "other": file names} of rank 0 in the job's persist directory."""
+    d = os.path.join(root, f"snapguard-{job}")
+    names = sorted(os.listdir(d))
+    out = {"manifest": [], "data": [], "other": []}
+    for n in names:
+        parts = n.split(".")
+        if len(parts) == 3 and parts[0] == "r0" and parts[2] in ("manifest", "data"):
+            out[parts[2]].append(int(parts[1][1:]))
+        else:
+            out["other"].append(n)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def on_disk(root: str, job: str, step: int) -> bool:
+    return os.path.exists(os.path.join(root, f"snapguard-{job}", f"r0.s{step}.manifest"))
+
+
+@pytest.fixture
+def disk(tmp_path):
+    return str(tmp_path / "persist")
+
+
+def start(node, disk: str, every: int = 3, keep: int = 2, faults: str | None = None):
+    node.start(["--persist-dir", disk, "--persist-every", str(every), "--persist-keep", str(keep)], faults=faults)
+
+
+def train(node, disk: str, steps, on_disk_at: int | None, **kw) -> dict[int, dict]:
+    """Train and snapshot `steps` in a Guard of rank 0, wait until step `on_disk_at` is persisted, close the Guard;
+    return each step's state digest."""
+    model, opt = make_model()
+    loop = {"step": -1}
+    g = node.guard(model, opt, loop, rng=False, **{"chunk_size": 4096, **kw})
+    try:
+        digests = train_and_snapshot(g, model, opt, loop, steps)
+        if on_disk_at is not None:
+            wait_until(lambda: on_disk(disk, node.job, on_disk_at), 30, f"step {on_disk_at} on disk")
+    finally:
+        g.close()
+    return digests
+
+
+def fresh(node, seed: int = 99, **kw):
+    """A new model, optimizer and loop state (other values than the trained ones), and a Guard over them."""
+    model, opt = make_model(seed=seed)
+    loop: dict = {"step": -1}
+    return model, opt, loop, node.guard(model, opt, loop, rng=False, **kw)
+
+
+@pytest.mark.parametrize("chunk", [4096, 4160])
+def test_the_first_step_of_every_interval_goes_to_disk_privately_and_the_newest_k_stay(node, disk, chunk):
+    # chunks of whole 4 KiB blocks are written with O_DIRECT, around the page cache; others through it
+    start(node, disk, every=3, keep=2)
+    train(node, disk, range(7), 6, chunk_size=chunk)  # steps 0..6: 0, 3 and 6 open an interval of 3
+    slot6 = open(node.slot_file(0, 6), "rb").read()
+    nbytes = [s["nbytes"] for s in node.status().ranks[0]["slots"] if s["step"] == 6][0]
+    want = {"manifest": [3, 6], "data": [3, 6], "other": []}
+    wait_until(lambda: persisted(disk, node.job) == want, 30, f"step 0 to be pruned, leaving {want}")
+    d = os.path.join(disk, f"snapguard-{node.job}")
+    assert mode(d) == 0o700 and all(mode(p) == 0o600 for p in glob.glob(os.path.join(d, "*")))
+    data = open(os.path.join(d, "r0.s6.data"), "rb").read()
+    assert len(data) == nbytes and data == slot6[:nbytes], "the bytes on disk are the sealed slot's"
+    assert nbytes % 4096 and nbytes > 4 * 4096, "several chunks, the last one not whole blocks (O_DIRECT pads it)"
+    assert [r["persisted"] for r in node.status().ranks] == [[3, 6]]
+    out = subprocess.run([sys.executable, "-m", "snapguard.cli", "status", "--job", node.job,
+                          "--run-dir", node.run_dir],
+                         capture_output=True, text=True, timeout=60)
+    assert f"persisted to {d}: rank 0: 3, 6" in out.stdout, out.stdout + out.stderr
+    assert "persisted rank 0 step 6" in node.log()
+    assert ("O_DIRECT" if chunk == 4096 else "through the page cache") in node.log()
+
+
+def test_restore_takes_memory_first_and_disk_once_memory_is_gone(node, disk, caplog):
+    start(node, disk, every=3)
+    digests = train(node, disk, range(8), 6)
+
+    model2, opt2, _, g2 = fresh(node)
+    assert g2.restore() == 7 and g2.restored_from == "memory"  # memory holds 6 and 7, the disk 3 and 6
+    assert state_digest(model2, opt2) == digests[7]
+    g2.close(shutdown_daemon=True)  # a clean shutdown removes the shared memory: as if the node had rebooted
+    node.proc.wait(30)
+    assert not os.path.exists(node.table_dir) or not os.listdir(node.table_dir)
+
+    start(node, disk, every=3)
+    model3, opt3, loop3, g3 = fresh(node, seed=98)
+    with caplog.at_level("INFO", logger="snapguard.guard"):
+        assert g3.restore() == 6
+    assert g3.restored_from == "disk" and loop3 == {"step": 6}
+    assert state_digest(model3, opt3) == digests[6], "bit-exact from disk"
+    assert "restored step 6 from disk" in caplog.text
+    assert "rank 0 restores step 6 from disk" in node.log()
+    # training goes on from there exactly as before the loss, and the next snapshots go to memory
+    train_step(model3, opt3, 7)
+    loop3["step"] = 7
+    assert state_digest(model3, opt3) == digests[7]
+    g3.snapshot(7)
+    g3.wait()
+    assert node.held() == {0: [6, 7]}
+    g3.close()
+
+
+def test_a_corrupt_persisted_step_is_set_aside_and_restore_takes_the_one_before(node, disk, caplog):
+    start(node, disk, every=3)
+    digests = train(node, disk, range(7), 6)
+    node.request(P.Shutdown(remove=True))  # the node's memory is gone
+    node.proc.wait(30)
+    d = os.path.join(disk, f"snapguard-{node.job}")
+    flip_bits(os.path.join(d, "r0.s6.data"), 100, 0x01)
+
+    start(node, disk, every=3)
+    model2, opt2, _, g2 = fresh(node)
+    with caplog.at_level("INFO", logger="snapguard.guard"):
+        assert g2.restore() == 3
+    assert g2.restored_from == "disk" and state_digest(model2, opt2) == digests[3]
+    assert "persisted step 6 of rank 0 is corrupt" in node.log() and "shard for step 6 has checksum" in node.log()
+    assert persisted(disk, node.job) == {"manifest": [3], "data": [3],
+                                         "other": ["r0.s6.data.corrupt", "r0.s6.manifest.corrupt"]}
+    g2.close()
+
+
+def test_a_daemon_killed_mid_write_leaves_no_claim_and_the_next_one_persists_on(node, disk):
+    start(node, disk, every=3, faults="daemon.persist.mid@3")
+    with pytest.raises(SnapGuardError):  # the daemon dies writing step 3 to disk, after sealing it in memory
+        train(node, disk, range(20), None, timeout_s=3.0)
+    assert node.proc.wait(10) == -9
+    got = persisted(disk, node.job)
+    assert got["manifest"] == [0] and got["data"] == [0], got
+    assert got["other"] == ["r0.s3.data.new"], "half of step 3, which nothing claims"
+
+    start(node, disk, every=3)
+    model2, opt2, loop2, g2 = fresh(node, chunk_size=4096)
+    step = g2.restore()
+    assert step in (3, 4) and g2.restored_from == "memory", "the daemon re-adopted its sealed slots"
+    train_and_snapshot(g2, model2, opt2, loop2, range(step + 1, 8))
+    wait_until(lambda: on_disk(disk, node.job, 6), 30, "step 6 on disk")
+    g2.close()
+    # the interval [3, 6) is persisted by its next seal: 4 (after restoring 3), or 5 (the old daemon sealed 4,
+    # but counted the interval as taken by 3); step 0 is pruned, and the stray half-write of step 3 removed
+    wait_until(lambda: persisted(disk, node.job) in [{"manifest": s, "data": s, "other": []} for s in ([4, 6], [5, 6])],
+               30, "steps 4 or 5, and 6, alone on disk")
+
+
+def test_a_daemon_that_a_guard_starts_persists_with_the_flags_it_is_given(node, disk):
+    try:
+        train(node, disk, range(3), 2, start_daemon=True, shm_dir=node.shm_dir,
+              daemon_args=("--persist-dir", disk, "--persist-every", "2"))
+        assert persisted(disk, node.job)["manifest"] == [0, 2]
+    finally:
+        node.request(P.Shutdown(remove=True))
+
+
+def test_a_slot_being_written_to_disk_is_not_handed_out():
+    S = lambda step: (SEALED, step)  # noqa: E731
+    assert plan_begin((S(4), S(5)), 6, 5).slot == 0
+    d = plan_begin((S(4), S(5)), 6, 5, pinned=frozenset({4}))
+    assert (d.action, d.need, d.disk) == ("wait", 5, 4)
+    d = plan_begin((S(3), S(4), S(5)), 6, 5, pinned=frozenset({3}))
+    assert (d.action, d.slot) == ("grant", 1), "another sealed slot older than the shared step may go"
+
+
+@pytest.mark.parametrize(("every", "keep", "message"), [
+    (0, 2, "--persist-every must be at least 1 step, got 0"),
+    (3, 0, "--persist-keep must be at least 1 step, got 0"),
+])
+def test_bad_persist_settings_stop_the_daemon_with_a_clear_error(node, disk, every, keep, message):
+    with pytest.raises(SnapGuardError, match="exited with code 2"):
+        start(node, disk, every=every, keep=keep)
+    assert message in node.log()
+    assert not os.path.exists(os.path.join(disk, f"snapguard-{node.job}"))
+
+
+def test_persisted_steps_of_another_world_size_or_unreadable_are_not_offered(tmp_path):
+    from test_slots import manifest_for, payload
+
+    import msgpack
+
+    p = Persister(str(tmp_path), "job-a", every=1)
+    try:
+        assert mode(p.dir) == 0o700 and p.steps(0, 1) == []
+        data = payload(5, 0)
+        man = manifest_for(p, 0, 2, 5, data)  # a job of 2 ranks took it
+        with open(os.path.join(p.dir, "r0.s5.data"), "wb") as f:
+            f.write(data)
+        with open(os.path.join(p.dir, "r0.s5.manifest"), "wb") as f:
+            f.write(msgpack.packb(man.to_wire(), use_bin_type=True))
+        assert p.steps(0, 2) == [5] and p.steps(0, 1) == [] and p.steps(1, 2) == []
+        with open(os.path.join(p.dir, "r0.s7.manifest"), "wb") as f:
+            f.write(b"\x93not a manifest")
+        open(os.path.join(p.dir, "r0.s7.data"), "wb").close()
+        assert p.steps(0, 2) == [5], "an unreadable manifest is skipped"
+        os.truncate(os.path.join(p.dir, "r0.s5.data"), len(data) - 1)
+        assert p.steps(0, 2) == [], "a data file shorter than its manifest says is skipped"
+    finally:
+        p.close()
+
+
+def test_a_rewound_rank_drops_the_persisted_steps_of_the_timeline_it_left(tmp_path):
+    from test_slots import manifest_for, payload
+
+    p = Persister(str(tmp_path / "disk"), "job-a", every=1, keep=5)
+    try:
+        finished = []
+        for step in (1, 2, 3):
+            data = payload(step, 0)
+            slot = tmp_path / f"slot{step}"
+            slot.write_bytes(data)
+            assert p.due(0, step)
+            p.submit(0, step, str(slot), manifest_for(p, 0, 1, step, data))
+            wait_until(lambda: finished.extend(p.drain()) or len(finished) == step, 30, f"step {step} written")
+        assert finished == [(0, 1, ""), (0, 2, ""), (0, 3, "")] and p.steps(0, 1) == [1, 2, 3]
+        assert open(os.path.join(p.dir, "r0.s2.data"), "rb").read() == payload(2, 0)
+        p.rewind(0, 1, world_size=1)  # the job restored step 1: steps 2 and 3 are a future that did not happen
+        assert p.steps(0, 1) == [1] and sorted(os.listdir(p.dir)) == ["r0.s1.data", "r0.s1.manifest"]
+        assert not p.due(0, 1) and p.due(0, 2), "the next seal of step 2 is persisted again"
+    finally:
+        p.close()
+
+
+def test_a_corrupt_slot_in_memory_is_restored_from_the_disk_copy_of_the_same_step(node, disk, caplog):
+    start(node, disk, every=1, keep=2)
+    digests = train(node, disk, range(4), 3)
+    flip_bits(node.slot_file(0, 3), 0, 0x10)
+
+    model2, opt2, _, g2 = fresh(node)
+    with caplog.at_level("INFO", logger="snapguard.guard"):
+        assert g2.restore() == 3
+    assert g2.restored_from == "disk" and state_digest(model2, opt2) == digests[3]
+    assert "a sealed snapshot failed verification and is not used: rank 0: shard for step 3 has checksum" in caplog.text
+    g2.close()
+
