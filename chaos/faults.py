@@ -394,11 +394,29 @@ class FillShm(Fault):
 class LoseMoreThanM(Fault):
     """Lose m+1 nodes (or the named ones) at once: more than the code can rebuild. A correct system
     stops with a clear RestoreError naming the lost nodes; it never trains on from a wrong state or
-    from scratch."""
+    from scratch. With persistence to disk (`persist_every`), it restores the newest step every rank
+    persisted, and trains on."""
 
     kind = "lose_more_than_m"
     params = {"nodes": list}
-    expect_failure = True
+    persisting = False
+
+    def arm(self, run: "Run", index: int) -> None:
+        self.persisting = run.conf.persist_every is not None
+
+    @property
+    def expect_failure(self) -> bool:  # type: ignore[override]
+        return not self.persisting
+
+    def evidence_needed(self, run: "Run", rec: "FaultRecord") -> str | None:
+        return "restore" if self.persisting else None
+
+    def max_steps_lost(self, run: "Run") -> int | None:
+        # The newest persisted step is at most an interval old, or two while the newest one is being written.
+        return 2 * run.conf.persist_every + MAX_STEPS_LOST if self.persisting else None
+
+    def remark(self, run: "Run", rec: "FaultRecord") -> str:
+        return "restored from disk" if self.persisting else ""
 
     def inject(self, run: "Run", rnd: random.Random) -> Injected:
         c = run.cluster
@@ -408,6 +426,8 @@ class LoseMoreThanM(Fault):
         return Injected(f"lost {len(nodes)} nodes at once ({', '.join(nodes)}), m={c.spec.m}", node=",".join(nodes))
 
     def detect(self, run: "Run", since: dict[str, int]) -> list[str]:
+        if self.persisting:
+            return [f"restore: {h}" for h in _grep(run, since, "daemon", "from disk")][:2]
         hits = [h for h in _grep(run, since, "worker", "cannot restore") if "RestoreError" in h and "cannot be rebuilt" in h]
         return [f"restore: RestoreError: cannot restore, shards cannot be rebuilt ({hits[0].split(': ', 1)[0]})"] if hits else []
 

@@ -124,7 +124,8 @@ class Run:
         self.cluster = Cluster(ClusterSpec(
             workdir=workdir, nodes=c.nodes, ranks_per_node=c.ranks_per_node, m=c.m, steps=c.steps, width=c.width,
             layers=c.layers, step_sleep=c.step_sleep, job=job, slots_per_rank=c.slots_per_rank,
-            worker_args=list(c.worker_args), env={"SNAPGUARD_TIMEOUT_S": WORKER_TIMEOUT_S}))
+            worker_args=list(c.worker_args), env={"SNAPGUARD_TIMEOUT_S": WORKER_TIMEOUT_S},
+            persist_every=c.persist_every))
         self.proxy = PeerProxy(self.cluster.names, self.cluster.peer_address, job, self.cluster.secret.encode(),
                                seed=self.rnd.randrange(1 << 30))
         self.cluster.peer_routes.update(self.proxy.routes())

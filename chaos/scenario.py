@@ -43,6 +43,7 @@ class ClusterConf:
     timeout_s: float = 1200.0  # the whole protected run
     max_restarts: int | None = None  # default: 2 x the number of faults + 3
     worker_args: tuple[str, ...] = ()  # e.g. ("--no-rng",): a deliberately broken restore
+    persist_every: int | None = None  # daemons also persist one step in every N to disk (`--persist-every`)
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class Scenario:
 _CLUSTER_TYPES: dict[str, type | tuple[type, ...]] = {
     "nodes": int, "ranks_per_node": int, "m": int, "steps": int, "width": int, "layers": int,
     "step_sleep": (int, float), "slots_per_rank": int, "hang_timeout_s": (int, float), "timeout_s": (int, float),
-    "max_restarts": int, "worker_args": list,
+    "max_restarts": int, "worker_args": list, "persist_every": int,
 }
 
 
@@ -96,6 +97,8 @@ def _cluster_conf(d: dict, where: str) -> ClusterConf:
     conf = ClusterConf(**d)
     if conf.nodes < 2 or conf.ranks_per_node < 1 or not 1 <= conf.m < conf.nodes or conf.steps < 2:
         raise ConfigError(f"{where}: need nodes >= 2, ranks_per_node >= 1, 1 <= m < nodes, steps >= 2; got {conf}")
+    if conf.persist_every is not None and conf.persist_every < 1:
+        raise ConfigError(f"{where}: [cluster] persist_every must be at least 1, got {conf.persist_every}")
     return conf
 
 

@@ -48,6 +48,9 @@ class ClusterSpec:
     rendezvous: bool = False
     ec_g: int | None = None
     domains: dict[str, str] = field(default_factory=dict)
+    # Opt-in: every daemon also persists one step in every `persist_every` to <workdir>/persist, one directory
+    # for all nodes (a shared file system), so that the job survives losing more nodes than erasure coding covers.
+    persist_every: int | None = None
 
 
 class Cluster:
@@ -68,6 +71,7 @@ class Cluster:
         self.daemon_env: dict[str, str] = {}
         self.out = os.path.join(spec.workdir, "out")
         os.makedirs(self.out, exist_ok=True)
+        self.persist_dir = os.path.join(spec.workdir, "persist")  # with `persist_every`: shared by every node
         self.store = None
         if spec.rendezvous:
             from snapguard.rendezvous import open_store
@@ -119,6 +123,8 @@ class Cluster:
                  *self._peer_flags(node)]
         if self.spec.slots_per_rank is not None:
             extra += ["--slots-per-rank", str(self.spec.slots_per_rank)]
+        if self.spec.persist_every is not None:
+            extra += ["--persist-dir", self.persist_dir, "--persist-every", str(self.spec.persist_every)]
         extra += self.daemon_args.get(node, [])
         os.environ["SNAPGUARD_SECRET"] = self.secret
         saved = {k: os.environ.get(k) for k in self.daemon_env}

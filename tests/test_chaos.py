@@ -171,6 +171,22 @@ def test_losing_more_than_m_nodes_is_judged_an_expected_failure(tmp_path, refere
 
 
 @pytest.mark.timeout(400)
+def test_losing_more_than_m_nodes_with_persistence_restores_from_disk_and_loses_nothing(tmp_path, reference):
+    rep = _run(tmp_path, reference, [
+        {"kind": "kill_rank", "at_step": 3, "rank": 2},
+        {"kind": "lose_more_than_m", "at_step": 13},
+    ], persist_every=5)
+    assert rep["verdict"] == "PASS", rep["problems"]
+    assert rep["completed"] and not rep["expected_failure"]
+    last = rep["faults"][-1]
+    assert last["outcome"] == "recovered; restored from disk", last
+    assert any(d.startswith("restore: ") and "from disk" in d for d in last["detected_by"]), last
+    # the newest step every rank persisted: one in every 5, older than the loss at step 13 (or 14, 15: the
+    # fault comes once every rank has logged step 13, and a rank may be ahead)
+    assert last["restored_step"] in (5, 10, 15) and last["restored_step"] <= last["at_step"] + 2, last
+
+
+@pytest.mark.timeout(400)
 def test_a_restore_without_rng_state_makes_the_verdict_fail(tmp_path, reference):
     """The harness must catch a restore that is wrong but does not crash: the CLI exits 1, naming losses."""
     scenario = {"name": "broken-restore", "cluster": {**CLUSTER, "steps": 16, "worker_args": ["--no-rng"]},
