@@ -277,6 +277,8 @@ def test_a_bug_handling_a_peer_message_or_a_heartbeat_is_logged_and_the_daemon_s
         a = Node(ep.job, "a", ep.run_dir, "")
         try:
             seal_raw(a, 0, 1, 0)
+            # b's first heartbeat must be handled before handling fails: else it is refused too
+            wait_until(lambda: _heard_from_b(net), 10, "a to hear b's first heartbeat")
             trigger.touch()
             dealer = net._dealer("a")
             dealer.send_multipart(held_frames(net, parity=[[1, 1, 0]]))
@@ -291,6 +293,17 @@ def test_a_bug_handling_a_peer_message_or_a_heartbeat_is_logged_and_the_daemon_s
             assert a.held() == {0: [0]}
         finally:
             a.close()
+
+
+def _heard_from_b(net: PeerNet) -> bool:
+    """Whether what a sent b (this test) in the next 0.1 s names b's run: a has taken a message of b's."""
+    heard = False
+    while net.router.poll(100):
+        try:
+            heard = net.receive(recv_frames(net.router))[2].to_boot == net.boot or heard
+        except PeerAuthError:
+            pass
+    return heard
 
 
 def _boot_of_a(net: PeerNet) -> int:
