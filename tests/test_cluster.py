@@ -77,10 +77,10 @@ def _assert_restores_from_memory(out: str, world: int, attempts: int) -> None:
 
 @pytest.mark.timeout(600)
 def test_g4_m2_survives_the_loss_of_one_node_and_of_two_at_once(tmp_path_factory):
-    """Two single nodes and three of the six pairs (every node lost twice at least, in one pair at least): every
-    erasure pattern is rebuilt byte for byte in tests/test_codec.py, each single loss on real daemons in the g3 test
-    below; every node and all six pairs on real daemons are the slow test after this one."""
-    _g4_m2_survives(tmp_path_factory, [(0,), (3,), (0, 1), (2, 3), (1, 2)])
+    """A single node and three of the six pairs (every node lost, in one pair at least): every erasure pattern is
+    rebuilt byte for byte in tests/test_codec.py, single losses on real daemons in the g3 test below; every node and
+    all six pairs on real daemons are the slow test after this one."""
+    _g4_m2_survives(tmp_path_factory, [(0,), (0, 1), (2, 3), (1, 2)])
 
 
 @pytest.mark.slow
@@ -105,8 +105,9 @@ def _g4_m2_survives(tmp_path_factory, losses: list[tuple[int, ...]]) -> None:
         c.close()
 
 
-def test_g3_m1_xor_survives_the_loss_of_each_node(tmp_path_factory):
-    losses = [(0,), (1,), (2,)]
+def test_g3_m1_xor_survives_the_loss_of_one_node_and_then_of_another(tmp_path_factory):
+    # Nodes are alike (each holds data of two codewords and the parity of the third), so two losses cover the roles.
+    losses = [(0,), (2,)]
     steps = STEPS_BETWEEN_LOSSES * (len(losses) + 2)
     ref = _reference(tmp_path_factory, 3, steps)
     c = _run_with_losses(str(tmp_path_factory.mktemp("g3m1")), 3, 1, steps, losses)
