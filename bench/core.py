@@ -619,13 +619,32 @@ def print_targets(s1: dict) -> None:
     print(line)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """The model's and batch's shape: a GPT-style model of `--scale` x 12 layers (default: ~1.06 GB of state)."""
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of the 12 transformer layers (default 1.0)")
     ap.add_argument("--width", type=int, default=768)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=2)
+
+
+def build_trainer(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.optim.Optimizer, Trainer, int]:
+    """The model of `add_model_args`, its Adam optimizer, a Trainer with a fixed batch, and the number of layers;
+    prints the machine it runs on."""
+    layers = max(1, round(12 * args.scale))
+    model = U.build_gpt(args.width, layers, args.vocab, args.seq)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    batch = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(1))
+    print(f"# bench/{os.path.basename(sys.argv[0])}: {' '.join(sys.argv[1:]) or '(defaults)'}")
+    print(f"# {U.cpu_model()}, {os.cpu_count()} CPUs, {U.mem_total_gib():.1f} GiB RAM, Linux {platform.release()};"
+          f" python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} intra-op threads")
+    print(f"# load average at start: {U.loadavg()}")
+    return model, optimizer, Trainer(model, optimizer, batch, args.vocab), layers
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_args(ap)
     ap.add_argument("--rounds", type=int, default=3, help="rounds of interleaved blocks (default 3)")
     ap.add_argument("--block", type=int, default=4, help="steps per mode per round, warm-up included (default 4)")
     ap.add_argument("--warmup", type=int, default=1, help="steps discarded at the start of each block (default 1)")
@@ -657,17 +676,8 @@ def main() -> None:
     daemons: list[DaemonHandle] = []
     guards: list[Guard] = []
     try:
-        layers = max(1, round(12 * args.scale))
-        model = U.build_gpt(args.width, layers, args.vocab, args.seq)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-        batch = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(1))
-        trainer = Trainer(model, optimizer, batch, args.vocab)
+        model, optimizer, trainer, layers = build_trainer(args)
         nparams = sum(p.numel() for p in model.parameters())
-
-        print(f"# bench/core.py: {' '.join(sys.argv[1:]) or '(defaults)'}")
-        print(f"# {U.cpu_model()}, {os.cpu_count()} CPUs, {U.mem_total_gib():.1f} GiB RAM, Linux {platform.release()};"
-              f" python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} intra-op threads")
-        print(f"# load average at start: {U.loadavg()}")
         progress("memcpy bandwidth")
         bw = U.memcpy_bandwidth(256 * U.MIB)
         print("# memcpy bandwidth (256 MiB, best of 4): " + ", ".join(f"{k} {v:.2f} GB/s" for k, v in bw.items()))
