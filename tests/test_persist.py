@@ -4,6 +4,7 @@ from there. The multi-rank case (a torchrun job that loses its node's memory) is
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import subprocess
@@ -251,3 +252,31 @@ def test_a_corrupt_slot_in_memory_is_restored_from_the_disk_copy_of_the_same_ste
     assert "a sealed snapshot failed verification and is not used: rank 0: shard for step 3 has checksum" in caplog.text
     g2.close()
 
+
+
+def test_a_file_system_that_refuses_o_direct_gets_the_shard_through_the_page_cache(tmp_path, monkeypatch):
+    from test_slots import manifest_for, payload
+
+    real_open = os.open
+
+    def refuse_direct(path, flags, *a, **kw):  # as a file system without O_DIRECT answers
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument", path)
+        return real_open(path, flags, *a, **kw)
+
+    p = Persister(str(tmp_path / "disk"), "job-a", every=1)
+    try:
+        for step, how in ((1, refuse_direct), (2, real_open)):
+            monkeypatch.setattr(os, "open", how)
+            data = payload(step, 0, n=3 * 4096 + 100)
+            slot = tmp_path / f"slot{step}"
+            slot.write_bytes(data)
+            p.submit(0, step, str(slot), manifest_for(p, 0, 1, step, data, chunk=4096))
+            assert wait_until(lambda: p.drain(), 30, f"step {step} written") == [(0, step, "")]
+            assert p.direct is (how is real_open)
+            assert open(os.path.join(p.dir, f"r0.s{step}.data"), "rb").read() == data
+            assert mode(os.path.join(p.dir, f"r0.s{step}.data")) == 0o600
+        assert p.steps(0, 1) == [1, 2]
+    finally:
+        monkeypatch.setattr(os, "open", real_open)
+        p.close()
