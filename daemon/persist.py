@@ -58,7 +58,7 @@ class Persister:
             raise ConfigError(f"--persist-keep must be at least 1 step, got {keep}")
         self.job, self.every, self.keep, self.who = job, every, keep, who
         self.dir = ensure_private_dir(os.path.join(os.path.abspath(root), f"snapguard-{job}"))
-        self._last: dict[int, int] = {}  # rank -> newest step persisted or being written
+        self._last: dict[tuple[int, int], int] = {}  # (rank, world size) -> newest step persisted or being written
         self.pending: dict[int, set[int]] = collections.defaultdict(set)  # rank -> steps being written
         self._queue: collections.deque = collections.deque()
         self._wake = threading.Condition()
@@ -72,17 +72,18 @@ class Persister:
 
     # ---- the daemon's loop ----------------------------------------------------------------------
 
-    def due(self, rank: int, step: int) -> bool:
-        """Whether `rank`'s newly sealed `step` is the first of its interval, so to be persisted."""
-        if rank not in self._last:
-            self._last[rank] = max(self._complete(rank), default=-1)
-        last = self._last[rank]
+    def due(self, rank: int, step: int, world_size: int) -> bool:
+        """Whether `rank`'s newly sealed `step` (of a job of `world_size` ranks) is the first of its interval, so to
+        be persisted. A job restarted with another number of ranks counts its own steps only."""
+        if (rank, world_size) not in self._last:
+            self._last[rank, world_size] = max(self.steps(rank, world_size), default=-1)
+        last = self._last[rank, world_size]
         return step > last and step // self.every > last // self.every
 
     def submit(self, rank: int, step: int, path: str, manifest: Manifest) -> None:
         """Write `manifest`'s shard from the slot file at `path`; the caller keeps the slot from being reused until
         `drain` reports the write finished."""
-        self._last[rank] = step
+        self._last[rank, manifest.world_size] = step
         self.pending[rank].add(step)
         with self._wake:
             self._queue.append((rank, step, path, manifest, self._timeline[rank]))
@@ -92,10 +93,10 @@ class Persister:
         """The writes finished since the last call, as (rank, step, error or "")."""
         out = []
         while self._done:
-            rank, step, error = self._done.popleft()
+            rank, step, world_size, error = self._done.popleft()
             self.pending[rank].discard(step)
-            if error:
-                self._last[rank] = max(self._complete(rank), default=-1)  # the next seal of the interval tries again
+            if error:  # the next seal of the interval tries again
+                self._last[rank, world_size] = max(self.steps(rank, world_size), default=-1)
             out.append((rank, step, error))
         return out
 
@@ -111,6 +112,18 @@ class Persister:
             if man.world_size == world_size:
                 out.append(step)
         return out
+
+    def other_world(self, rank: int, world_size: int) -> tuple[int, int] | None:
+        """(world size, step) of the newest step persisted for `rank` by a job of another size, None if none."""
+        found = None
+        for step in self._complete(rank):
+            try:
+                man = self._manifest(rank, step)
+            except (SnapGuardError, ValueError, OSError, msgpack.UnpackException):
+                continue
+            if man.world_size != world_size:
+                found = (man.world_size, step)
+        return found
 
     def load(self, rank: int, step: int) -> tuple[Manifest, object]:
         """The manifest of `rank`'s persisted `step`, and a function that reads its bytes into a buffer (the slot
@@ -153,7 +166,7 @@ class Persister:
         if gone:
             log.info("%s rank %d restored step %d: removed its persisted steps %s of the timeline left behind",
                      self.who, rank, step, gone)
-        self._last[rank] = max(self._complete(rank), default=-1)  # writes under way fail: their timeline is gone
+        self._last[rank, world_size] = max(self.steps(rank, world_size), default=-1)  # writes under way fail
 
     def condemn(self, rank: int, step: int, why: str) -> None:
         """Stop offering a persisted step whose bytes failed their checksums; its files stay, renamed, to look at."""
@@ -217,11 +230,11 @@ class Persister:
                 log.info("%s persisted rank %d step %d to %s (%.1f MiB in %.2f s, %s)", self.who, rank, step, self.dir,
                          man.nbytes / (1 << 20), time.monotonic() - t0,
                          "O_DIRECT" if self.direct else "through the page cache")
-                self._prune(rank)
+                self._prune(rank, man.world_size)
             except Exception as e:  # reported, never fatal: memory still holds the step
                 error = f"{type(e).__name__}: {e}"
                 log.warning("%s could not persist rank %d step %d: %s", self.who, rank, step, error)
-            self._done.append((rank, step, error))
+            self._done.append((rank, step, man.world_size, error))
 
     def _write(self, rank: int, step: int, path: str, man: Manifest, timeline: int) -> None:
         base = self._base(rank, step)
@@ -264,20 +277,29 @@ class Persister:
             os.replace(manifest, base + ".manifest")
         _fsync_dir(self.dir)
 
-    def _prune(self, rank: int) -> None:
-        """Keep the newest `keep` persisted steps of `rank`; remove older ones, and data left without a manifest."""
-        complete = self._complete(rank)
-        for step in complete[:-self.keep]:
+    def _prune(self, rank: int, world_size: int) -> None:
+        """Keep the newest `keep` persisted steps of `rank` of a job of `world_size` ranks; remove older ones, those of
+        a job of another size once this one has `keep` (a job restarted with another number of ranks cannot restore
+        them), and data left without a manifest."""
+        ours = self.steps(rank, world_size)
+        gone = ours[:-self.keep]
+        if len(ours) >= self.keep:
+            others = sorted(set(self._complete(rank)) - set(ours))
+            if others:
+                log.info("%s removing rank %d's persisted steps %s, of a job of another world size or unreadable: this"
+                         " job of %d ranks has persisted %d of its own", self.who, rank, others, world_size, len(ours))
+            gone += others
+        for step in gone:
             base = self._base(rank, step)
             for ext in (".manifest", ".data"):  # the claim first
                 try:
                     os.unlink(base + ext)
                 except FileNotFoundError:
                     pass
-        keep = set(complete[-self.keep:])
+        claimed = set(self._complete(rank))
         for path in glob.glob(os.path.join(self.dir, f"r{rank}.s*.data")):
             m = re.match(r"^r(\d+)\.s(\d+)\.data$", os.path.basename(path))
-            if m and int(m.group(1)) == rank and int(m.group(2)) not in keep:
+            if m and int(m.group(1)) == rank and int(m.group(2)) not in claimed:
                 os.unlink(path)  # a write that died between its data and its manifest
 
     def _remove_strays(self, rank: int) -> None:

@@ -409,7 +409,7 @@ class Daemon:
                 raise ProtocolError(f"rank {msg.rank}: the manifest of step {msg.step} says world_size {man.world_size},"
                                     f" the job's is {t.world_size}")
             slot = t.seal(msg.rank, msg.step, msg.slot, man)
-            if self.persister is not None and self.persister.due(msg.rank, msg.step):
+            if self.persister is not None and self.persister.due(msg.rank, msg.step, man.world_size):
                 self.persister.submit(msg.rank, msg.step, slot.path, man)
             self._retire_old_world()
             self._held_due = True  # told to the peers after the reply: a seal never waits for that
@@ -430,7 +430,8 @@ class Daemon:
                     if why:
                         dropped = [*dropped, why]
             persisted = sorted(set(on_disk) - set(steps))
-            return P.Steps(sorted({*steps, *persisted}), dropped, list(t.old_world() or ()), persisted)
+            old = t.old_world() or (self.persister.other_world(msg.rank, t.world_size) if self.persister else None)
+            return P.Steps(sorted({*steps, *persisted}), dropped, list(old or ()), persisted)
         if isinstance(msg, P.Open):
             if msg.step not in t.sealed_steps(msg.rank):
                 on_disk = self.persister is not None and msg.step in self.persister.steps(msg.rank, t.world_size)

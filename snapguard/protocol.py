@@ -226,7 +226,8 @@ class Steps(Message):
     steps: list[int]
     dropped: list[str]  # why sealed steps were refused (checksum mismatch), for the trainer to report
     old_world: list[int] = field(default_factory=list)  # [world size, step]: what the node last sealed of a job of
-    # another world size (one that restarted with another number of ranks), which it keeps but cannot restore; [] if none
+    # another world size (one that restarted with another number of ranks), which it keeps but cannot restore, in
+    # memory or else on disk; [] if none
     persisted: list[int] = field(default_factory=list)  # of `steps`, those only on disk (`--persist-dir`): restored
     # from there when memory holds no step that every rank can restore
 

@@ -11,12 +11,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from snapguard import protocol as P
 from snapguard.daemon.persist import Persister
 from snapguard.daemon.slots import SEALED, plan_begin
 from snapguard.demo import state_digest
-from snapguard.errors import SnapGuardError
+from snapguard.errors import SnapGuardError, WorldSizeChanged
 
 from conftest import flip_bits, wait_until
 from test_daemon import make_model, mode, train_and_snapshot, train_step
@@ -173,6 +174,33 @@ def test_a_daemon_that_a_guard_starts_persists_with_the_flags_it_is_given(node, 
         node.request(P.Shutdown(remove=True))
 
 
+def test_a_job_restarted_with_another_world_size_is_told_of_its_steps_on_disk_and_persists_its_own(node, disk):
+    start(node, disk, every=1)
+    g = node.guard(None, None, {"w": torch.ones(4), "pos": 123}, rng=False, world_size=2)
+    for step in (5, 6):
+        g.snapshot(step)
+        g.wait()
+    wait_until(lambda: on_disk(disk, node.job, 6), 30, "step 6 on disk")
+    g.close(shutdown_daemon=True)  # the node's memory goes: only the disk holds the job of 2 ranks
+    node.proc.wait(30)
+
+    start(node, disk, every=1)
+    live = {"w": torch.zeros(4), "pos": 0}
+    g2 = node.guard(None, None, live, rng=False, world_size=1)
+    with pytest.raises(WorldSizeChanged, match=r"a job of 2 ranks \(up to step 6, rank 0's node\), this job has 1"):
+        g2.restore()
+    assert live["pos"] == 0 and torch.equal(live["w"], torch.zeros(4)), "nothing restored"
+    assert persisted(disk, node.job)["manifest"] == [5, 6], "nothing removed either"
+    for step in (0, 1):  # the new job's own steps are persisted from its first, and replace the old job's
+        live["pos"] = step
+        g2.snapshot(step)
+        g2.wait()
+    want = {"manifest": [0, 1], "data": [0, 1], "other": []}
+    wait_until(lambda: persisted(disk, node.job) == want, 30, f"the new job's steps alone on disk: {want}")
+    assert "persisted steps [5, 6], of a job of another world size" in node.log()
+    g2.close()
+
+
 def test_a_slot_being_written_to_disk_is_not_handed_out():
     S = lambda step: (SEALED, step)  # noqa: E731
     assert plan_begin((S(4), S(5)), 6, 5).slot == 0
@@ -228,14 +256,14 @@ def test_a_rewound_rank_drops_the_persisted_steps_of_the_timeline_it_left(tmp_pa
             data = payload(step, 0)
             slot = tmp_path / f"slot{step}"
             slot.write_bytes(data)
-            assert p.due(0, step)
+            assert p.due(0, step, 1)
             p.submit(0, step, str(slot), manifest_for(p, 0, 1, step, data))
             wait_until(lambda: finished.extend(p.drain()) or len(finished) == step, 30, f"step {step} written")
         assert finished == [(0, 1, ""), (0, 2, ""), (0, 3, "")] and p.steps(0, 1) == [1, 2, 3]
         assert open(os.path.join(p.dir, "r0.s2.data"), "rb").read() == payload(2, 0)
         p.rewind(0, 1, world_size=1)  # the job restored step 1: steps 2 and 3 are a future that did not happen
         assert p.steps(0, 1) == [1] and sorted(os.listdir(p.dir)) == ["r0.s1.data", "r0.s1.manifest"]
-        assert not p.due(0, 1) and p.due(0, 2), "the next seal of step 2 is persisted again"
+        assert not p.due(0, 1, 1) and p.due(0, 2, 1), "the next seal of step 2 is persisted again"
     finally:
         p.close()
 
