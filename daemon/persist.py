@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 _MANIFEST = re.compile(r"^r(\d+)\.s(\d+)\.manifest$")
 _STRAY = re.compile(r"^r(\d+)\.s(\d+)\.(data|manifest)\.new$")
 _BLOCK = 4096  # O_DIRECT's alignment of buffers, offsets and lengths: a page, a multiple of every block size
+_READ = 64 << 20  # bytes per read of a persisted shard
 
 
 class Persister:
@@ -126,20 +127,34 @@ class Persister:
         return found
 
     def load(self, rank: int, step: int) -> tuple[Manifest, object]:
-        """The manifest of `rank`'s persisted `step`, and a function that reads its bytes into a buffer (the slot
-        it is restored into). Its checksums are verified when that slot is sealed (`condemn` it if they fail)."""
+        """The manifest of `rank`'s persisted `step`, and a function that reads its bytes into the start of a
+        page-aligned buffer (the slot it is restored into, mapped whole). Its checksums are verified when that slot
+        is sealed (`condemn` it if they fail)."""
         man = self._manifest(rank, step)
         path = self._base(rank, step) + ".data"
 
         def fill(buf: memoryview) -> None:
-            with open(path, "rb", buffering=0) as f:
-                got, n = 0, man.nbytes
-                while got < n:
-                    k = f.readinto(buf[got:n])
+            n = man.nbytes
+            fd, direct = _open_for_read(path, direct=len(buf) >= n)
+            try:
+                # With O_DIRECT, whole blocks go straight into the slot, and the last part of one through a bounce
+                # buffer: neither fresh page cache (slow to touch the first time on a VM) nor a copy out of it.
+                body = n - n % _BLOCK if direct else n
+                got = 0
+                while got < body:
+                    k = os.readv(fd, [buf[got:min(body, got + _READ)]])
                     if not k:
-                        raise ChecksumError(f"{self.who} persisted shard {path} ends at byte {got}, its manifest says"
-                                            f" {n}")
+                        break
                     got += k
+                if direct and got == body < n:
+                    bounce = mmap.mmap(-1, _BLOCK)
+                    with memoryview(bounce) as tail:
+                        got += os.preadv(fd, [tail], got)
+                        buf[body:min(got, n)] = tail[:min(got, n) - body]
+                if got < n:
+                    raise ChecksumError(f"{self.who} persisted shard {path} ends at byte {got}, its manifest says {n}")
+            finally:
+                os.close(fd)
 
         return man, fill
 
@@ -327,6 +342,17 @@ def _open_for_write(path: str, direct: bool) -> tuple[int, bool]:
     fd = os.open(path, flags, 0o600)
     os.fchmod(fd, 0o600)
     return fd, False
+
+
+def _open_for_read(path: str, direct: bool) -> tuple[int, bool]:
+    """`path` opened for reading, with O_DIRECT where asked for and the file system takes it; and whether it is."""
+    if direct and hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT), True
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC), False
 
 
 def _private(path: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import mmap
 import os
 import subprocess
 import sys
@@ -282,7 +283,7 @@ def test_a_corrupt_slot_in_memory_is_restored_from_the_disk_copy_of_the_same_ste
 
 
 
-def test_a_file_system_that_refuses_o_direct_gets_the_shard_through_the_page_cache(tmp_path, monkeypatch):
+def test_a_file_system_that_refuses_o_direct_reads_and_writes_through_the_page_cache(tmp_path, monkeypatch):
     from test_slots import manifest_for, payload
 
     real_open = os.open
@@ -305,6 +306,13 @@ def test_a_file_system_that_refuses_o_direct_gets_the_shard_through_the_page_cac
             assert open(os.path.join(p.dir, f"r0.s{step}.data"), "rb").read() == data
             assert mode(os.path.join(p.dir, f"r0.s{step}.data")) == 0o600
         assert p.steps(0, 1) == [1, 2]
+        for step, how in ((1, real_open), (2, refuse_direct)):  # and read back, into a slot-like mapping
+            monkeypatch.setattr(os, "open", how)
+            man, fill = p.load(0, step)
+            slot = mmap.mmap(-1, 4 * 4096)
+            with memoryview(slot) as buf:
+                fill(buf)
+                assert bytes(buf[:man.nbytes]) == payload(step, 0, n=3 * 4096 + 100)
     finally:
         monkeypatch.setattr(os, "open", real_open)
         p.close()
