@@ -40,8 +40,7 @@ from snapguard.layout import Manifest, checksum_mismatch
 
 log = logging.getLogger(__name__)
 
-_MANIFEST = re.compile(r"^r(\d+)\.s(\d+)\.manifest$")
-_STRAY = re.compile(r"^r(\d+)\.s(\d+)\.(data|manifest)\.new$")
+_FILE = re.compile(r"^r(\d+)\.s(\d+)\.((?:data|manifest)(?:\.new)?)$")  # every name a Persister writes
 _BLOCK = 4096  # O_DIRECT's alignment of buffers, offsets and lengths: a page, a multiple of every block size
 _READ = 64 << 20  # bytes per read of a persisted shard
 
@@ -104,38 +103,29 @@ class Persister:
     def steps(self, rank: int, world_size: int) -> list[int]:
         """The steps persisted whole for `rank` by a job of `world_size` ranks, oldest first."""
         out = []
-        for step in self._complete(rank):
-            try:
-                man = self._manifest(rank, step)
-            except (SnapGuardError, ValueError, OSError, msgpack.UnpackException) as e:
-                log.warning("%s persisted step %d of rank %d is unusable: %s", self.who, step, rank, e)
-                continue
-            if man.world_size == world_size:
+        for step, man in self._listing(rank):
+            if isinstance(man, Exception):
+                log.warning("%s persisted step %d of rank %d is unusable: %s", self.who, step, rank, man)
+            elif man.world_size == world_size:
                 out.append(step)
         return out
 
     def other_world(self, rank: int, world_size: int) -> tuple[int, int] | None:
         """(world size, step) of the newest step persisted for `rank` by a job of another size, None if none."""
-        found = None
-        for step in self._complete(rank):
-            try:
-                man = self._manifest(rank, step)
-            except (SnapGuardError, ValueError, OSError, msgpack.UnpackException):
-                continue
-            if man.world_size != world_size:
-                found = (man.world_size, step)
-        return found
+        others = [(man.world_size, step) for step, man in self._listing(rank)
+                  if not isinstance(man, Exception) and man.world_size != world_size]
+        return others[-1] if others else None
 
     def load(self, rank: int, step: int) -> tuple[Manifest, object]:
-        """The manifest of `rank`'s persisted `step`, and a function that reads its bytes into the start of a
-        page-aligned buffer (the slot it is restored into, mapped whole). Its checksums are verified when that slot
-        is sealed (`condemn` it if they fail)."""
+        """The manifest of `rank`'s persisted `step`, and a function that reads its bytes into a page-aligned
+        buffer of their size (the slot it is restored into). Its checksums are verified when that slot is sealed
+        (`condemn` it if they fail)."""
         man = self._manifest(rank, step)
         path = self._base(rank, step) + ".data"
 
         def fill(buf: memoryview) -> None:
             n = man.nbytes
-            fd, direct = _open_for_read(path, direct=len(buf) >= n)
+            fd, direct = _open(path, os.O_RDONLY, direct=True)
             try:
                 # With O_DIRECT, whole blocks go straight into the slot, and the last part of one through a bounce
                 # buffer: neither fresh page cache (slow to touch the first time on a VM) nor a copy out of it.
@@ -163,21 +153,11 @@ class Persister:
         belong to a timeline left behind, and go; so does any write of them still running."""
         with self._claim:
             self._timeline[rank] += 1
-            gone = []
-            for s in self._complete(rank):
-                if s <= step:
-                    continue
-                try:
-                    if self._manifest(rank, s).world_size != world_size:
-                        continue  # another job's: not this timeline's to drop
-                except (SnapGuardError, ValueError, OSError, msgpack.UnpackException):
-                    pass  # unusable anyway
-                for ext in (".manifest", ".data"):
-                    try:
-                        os.unlink(self._base(rank, s) + ext)
-                    except FileNotFoundError:
-                        pass
-                gone.append(s)
+            # newer steps of this job, and unusable ones; another job's are not this timeline's to drop
+            gone = [s for s, man in self._listing(rank)
+                    if s > step and (isinstance(man, Exception) or man.world_size == world_size)]
+            for s in gone:
+                self._remove(rank, s)
         if gone:
             log.info("%s rank %d restored step %d: removed its persisted steps %s of the timeline left behind",
                      self.who, rank, step, gone)
@@ -209,14 +189,36 @@ class Persister:
     def _base(self, rank: int, step: int) -> str:
         return os.path.join(self.dir, f"r{rank}.s{step}")
 
+    def _files(self, rank: int) -> list[tuple[int, str, str]]:
+        """`rank`'s files here as (step, kind: "data", "manifest", "data.new" or "manifest.new", path)."""
+        out = []
+        for path in glob.glob(os.path.join(self.dir, f"r{rank}.s*")):
+            m = _FILE.match(os.path.basename(path))
+            if m and int(m.group(1)) == rank:
+                out.append((int(m.group(2)), m.group(3), path))
+        return out
+
     def _complete(self, rank: int) -> list[int]:
         """The steps of `rank` with a manifest on disk, oldest first."""
-        steps = []
-        for path in glob.glob(os.path.join(self.dir, f"r{rank}.s*.manifest")):
-            m = _MANIFEST.match(os.path.basename(path))
-            if m and int(m.group(1)) == rank:
-                steps.append(int(m.group(2)))
-        return sorted(steps)
+        return sorted(step for step, kind, _ in self._files(rank) if kind == "manifest")
+
+    def _listing(self, rank: int) -> list[tuple[int, Manifest | Exception]]:
+        """Each step of `rank` with a manifest on disk, oldest first, with its manifest or why it is unusable."""
+        out: list[tuple[int, Manifest | Exception]] = []
+        for step in self._complete(rank):
+            try:
+                out.append((step, self._manifest(rank, step)))
+            except (SnapGuardError, ValueError, OSError, msgpack.UnpackException) as e:
+                out.append((step, e))
+        return out
+
+    def _remove(self, rank: int, step: int) -> None:
+        base = self._base(rank, step)
+        for ext in (".manifest", ".data"):  # the claim first
+            try:
+                os.unlink(base + ext)
+            except FileNotFoundError:
+                pass
 
     def _manifest(self, rank: int, step: int) -> Manifest:
         base = self._base(rank, step)
@@ -256,7 +258,7 @@ class Persister:
         self._remove_strays(rank)
         data, cs = base + ".data.new", man.chunk_size
         bounce = mmap.mmap(-1, -(-cs // _BLOCK) * _BLOCK)  # page-aligned, as O_DIRECT needs
-        dst, self.direct = _open_for_write(data, direct=cs % _BLOCK == 0)
+        dst, self.direct = _open(data, _CREATE, direct=cs % _BLOCK == 0)
         try:
             with open(path, "rb", buffering=0) as src, memoryview(bounce) as whole:
                 for c, want in enumerate(man.checksums):
@@ -281,7 +283,7 @@ class Persister:
         finally:
             os.close(dst)  # the bounce buffer goes with the last view of it, when this returns
         manifest = base + ".manifest.new"
-        with open(_private(manifest), "wb") as f:
+        with os.fdopen(_open(manifest, _CREATE, direct=False)[0], "wb") as f:
             f.write(msgpack.packb(man.to_wire(), use_bin_type=True))
             f.flush()
             os.fsync(f.fileno())
@@ -305,62 +307,41 @@ class Persister:
                          " job of %d ranks has persisted %d of its own", self.who, rank, others, world_size, len(ours))
             gone += others
         for step in gone:
-            base = self._base(rank, step)
-            for ext in (".manifest", ".data"):  # the claim first
-                try:
-                    os.unlink(base + ext)
-                except FileNotFoundError:
-                    pass
+            self._remove(rank, step)
         claimed = set(self._complete(rank))
-        for path in glob.glob(os.path.join(self.dir, f"r{rank}.s*.data")):
-            m = re.match(r"^r(\d+)\.s(\d+)\.data$", os.path.basename(path))
-            if m and int(m.group(1)) == rank and int(m.group(2)) not in claimed:
+        for step, kind, path in self._files(rank):
+            if kind == "data" and step not in claimed:
                 os.unlink(path)  # a write that died between its data and its manifest
 
     def _remove_strays(self, rank: int) -> None:
         """Remove `rank`'s `.new` files: only this daemon writes this rank's, and it writes one at a time."""
-        for path in glob.glob(os.path.join(self.dir, f"r{rank}.s*.new")):
-            m = _STRAY.match(os.path.basename(path))
-            if m and int(m.group(1)) == rank:
+        for _, kind, path in self._files(rank):
+            if kind.endswith(".new"):
                 os.unlink(path)
 
 
-def _open_for_write(path: str, direct: bool) -> tuple[int, bool]:
-    """A new file at `path` (0600) opened for writing, with O_DIRECT where asked for and the file system takes it
-    (tmpfs does not); and whether it is. Direct writes go from our buffer to the device: the kernel neither
-    copies a shard into fresh page cache (which, on a VM, costs more CPU than the write) nor keeps gigabytes of it
-    cached, evicting what training reads."""
-    flags = os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_CREATE = os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_NOFOLLOW  # a new file, mode 0600 (`_open`)
+
+
+def _open(path: str, flags: int, direct: bool) -> tuple[int, bool]:
+    """`path` opened with `flags`, and with O_DIRECT where asked for and the file system takes it (EINVAL where it
+    does not); and whether it is. A file created is 0600, whatever the umask. Direct I/O goes between our buffer
+    and the device: the kernel neither copies a shard through fresh page cache (which, on a VM, costs more CPU
+    than the transfer) nor keeps gigabytes of it cached, evicting what training reads."""
+    flags |= os.O_CLOEXEC
+    fd = None
     if direct and hasattr(os, "O_DIRECT"):
         try:
             fd = os.open(path, flags | os.O_DIRECT, 0o600)
-            os.fchmod(fd, 0o600)
-            return fd, True
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
-    fd = os.open(path, flags, 0o600)
-    os.fchmod(fd, 0o600)
-    return fd, False
-
-
-def _open_for_read(path: str, direct: bool) -> tuple[int, bool]:
-    """`path` opened for reading, with O_DIRECT where asked for and the file system takes it; and whether it is."""
-    if direct and hasattr(os, "O_DIRECT"):
-        try:
-            return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT), True
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-    return os.open(path, os.O_RDONLY | os.O_CLOEXEC), False
-
-
-def _private(path: str) -> str:
-    """Create `path` empty, mode 0600 whatever the umask, and return it."""
-    fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
-    os.fchmod(fd, 0o600)
-    os.close(fd)
-    return path
+    opened = fd is not None
+    if fd is None:
+        fd = os.open(path, flags, 0o600)
+    if flags & os.O_CREAT:
+        os.fchmod(fd, 0o600)
+    return fd, opened
 
 
 def _write_all(fd: int, piece: memoryview) -> None:

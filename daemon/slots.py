@@ -361,8 +361,8 @@ class SlotTable:
 
     def install(self, rank: int, manifest: Manifest, data: memoryview | Callable[[memoryview], None]) -> Slot:
         """Write a shard rebuilt from peers or read from disk into a free slot of `rank` and seal it, as a trainer
-        would. `data` is the shard's bytes, or a function that writes them at the start of the buffer it is given:
-        the slot's whole mapping (page-aligned, at least the shard's size)."""
+        would. `data` is the shard's bytes, or a function that writes them into the buffer it is given (the slot's
+        first `manifest.nbytes` bytes, page-aligned)."""
         self._ensure_rank(rank)
         if not self.world_told:
             self.world_size = max(self.world_size, manifest.world_size)
@@ -373,7 +373,7 @@ class SlotTable:
         if manifest.nbytes:
             try:
                 if callable(data):
-                    data(slot.buffer())
+                    data(slot.buffer()[:manifest.nbytes])
                 else:
                     slot.buffer()[:manifest.nbytes] = data
             except BaseException:
