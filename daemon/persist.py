@@ -15,7 +15,8 @@ Which steps: the first step a rank seals in each interval `[k * every, (k + 1) *
 same steps, so they persist the same ones. While a write runs, its slot is pinned (`SlotTable.pinned`): a disk
 slower than training makes the trainer wait at its next snapshot rather than lose the step. Each chunk is
 checked against the manifest's checksum in a bounce buffer, and those very bytes are written: what reaches
-the disk is what was sealed. A shard read back is verified again when the daemon seals it into a slot.
+the disk is what was sealed. A shard is read back into a slot, and verified there, in a thread per rank (`Reading`),
+while the daemon serves on; the daemon seals the slot once its bytes match.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ import msgpack
 import xxhash
 
 from snapguard.config import ensure_private_dir
-from snapguard.errors import ChecksumError, ConfigError, LayoutError, SnapGuardError
+from snapguard.errors import ChecksumError, ConfigError, LayoutError, RestoreError, SnapGuardError
 from snapguard.faults import fault_point
-from snapguard.layout import Manifest, checksum_mismatch
+from snapguard.layout import Manifest, checksum_mismatch, verify_checksums
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +118,14 @@ class Persister:
         return others[-1] if others else None
 
     def load(self, rank: int, step: int) -> tuple[Manifest, object]:
-        """The manifest of `rank`'s persisted `step`, and a function that reads its bytes into a page-aligned
-        buffer of their size (the slot it is restored into). Its checksums are verified when that slot is sealed
-        (`condemn` it if they fail)."""
+        """The manifest of `rank`'s persisted `step`, and a function `fill(buf, progress=None)` that reads its bytes
+        into a page-aligned buffer of their size (the slot it is restored into), calling `progress(bytes read)`
+        after each read (which may raise to stop it). The caller verifies the checksums (`condemn` it if they
+        fail)."""
         man = self._manifest(rank, step)
         path = self._base(rank, step) + ".data"
 
-        def fill(buf: memoryview) -> None:
+        def fill(buf: memoryview, progress=None) -> None:
             n = man.nbytes
             fd, direct = _open(path, os.O_RDONLY, direct=True)
             try:
@@ -136,6 +138,8 @@ class Persister:
                     if not k:
                         break
                     got += k
+                    if progress is not None:
+                        progress(got)
                 if direct and got == body < n:
                     bounce = mmap.mmap(-1, _BLOCK)
                     with memoryview(bounce) as tail:
@@ -356,3 +360,55 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class _Stopped(Exception):
+    """A Reading asked to stop."""
+
+
+class Reading:
+    """One rank's persisted step being read into a slot (`Persister.load`'s fill) and verified, in a thread of its
+    own: the restores from disk of a node's ranks run side by side, and the daemon's loop serves on meanwhile.
+    The loop owns the slot: it seals it once `finished` without `error`, or frees it."""
+
+    def __init__(self, rank: int, step: int, index: int, manifest: Manifest, fill, buf: memoryview,
+                 hash_threads: int, who: str):
+        self.rank, self.step, self.index, self.manifest, self.who = rank, step, index, manifest, who
+        self.done = 0  # bytes read so far
+        self.error: BaseException | None = None
+        self.stopped = False
+        self.t0 = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(fill, buf, hash_threads), daemon=True,
+                                        name=f"snapguard-read-r{rank}")
+        self._thread.start()
+
+    @property
+    def finished(self) -> bool:
+        return not self._thread.is_alive()
+
+    def stop(self, timeout_s: float) -> bool:
+        """Ask the thread to stop at its next read; whether it has finished within `timeout_s`."""
+        self._stop.set()
+        self._thread.join(timeout_s)
+        return self.finished
+
+    def _progress(self, got: int) -> None:
+        self.done = got
+        if self._stop.is_set():
+            raise _Stopped
+
+    def _run(self, fill, buf: memoryview, hash_threads: int) -> None:
+        try:
+            with buf:
+                fill(buf, self._progress)
+                self.done = self.manifest.nbytes
+                verify_checksums(buf, self.manifest, f"{self.who} persisted rank {self.rank}", hash_threads)
+        except _Stopped:
+            self.stopped = True
+        except ChecksumError as e:
+            self.error = e
+        except OSError as e:
+            self.error = RestoreError(f"{self.who} cannot read rank {self.rank}'s persisted step {self.step}: {e}")
+        except BaseException as e:  # reported by the loop, which goes on serving
+            self.error = e

@@ -30,7 +30,7 @@ from snapguard.shm import free_bytes
 
 from snapguard.daemon.peers import AuthError as PeerAuthError
 from snapguard.daemon.peers import PeerNet, recv_frames
-from snapguard.daemon.persist import Persister
+from snapguard.daemon.persist import Persister, Reading
 from snapguard.daemon.protect import OutgoingStep, Protector
 from snapguard.daemon.slots import SEALED, SlotTable
 
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 CHUNKS_READ_AHEAD = 4  # pieces of chunks read out of ZeroMQ ahead of handling them, to reach the small messages behind
 PIECES_PER_TURN = 4  # pieces of chunks handed to ZeroMQ per holder per turn of the loop
 ZMQ_MAX_MSG = 4 * P.MAX_HEADER_BYTES  # beyond this zmq drops the connection; below it we answer with an error
+_READ_STOP_S = 30.0  # how long a read of a persisted step may take to stop at its next piece (`persist.Reading`)
 
 
 @dataclass(frozen=True)
@@ -201,6 +202,8 @@ class Daemon:
         self._warned_alone = False
         self._trainers: dict[int, _Trainer] = {}  # rank -> its trainer, from its Hello
         self.persister: Persister | None = None
+        self._reads: dict[int, Reading] = {}  # rank -> its persisted step being read from disk into a slot
+        self._read_failed: dict[tuple[int, int], BaseException] = {}  # (rank, step) -> why its read failed
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -310,6 +313,9 @@ class Daemon:
         self._stop = True
 
     def close(self) -> None:
+        for r in self._reads.values():
+            r.stop(5.0)  # its slot is not sealed: a daemon that re-adopts the slots ignores it
+        self._reads.clear()
         if self.persister is not None:
             self.persister.close()
             self.persister = None
@@ -381,6 +387,7 @@ class Daemon:
             return P.Ok({"slots": [[s.path, s.capacity] for s in slots]})
         if isinstance(msg, P.Begin):
             self._note_world(msg)
+            self._stop_reads(msg.rank)  # a trainer that snapshots no longer waits for a restore
             if self._job is not None:
                 _, slot = t.plan(msg.rank, msg.step)
                 if any(slot is s for s in self._job.out.slots):
@@ -433,12 +440,21 @@ class Daemon:
             old = t.old_world() or (self.persister.other_world(msg.rank, t.world_size) if self.persister else None)
             return P.Steps(sorted({*steps, *persisted}), dropped, list(old or ()), persisted)
         if isinstance(msg, P.Open):
+            self._settle_reads()
             if msg.step not in t.sealed_steps(msg.rank):
+                failed = self._read_failed.pop((msg.rank, msg.step), None)
+                if failed is not None:
+                    raise failed
+                reading = self._reads.get(msg.rank)
+                if reading is not None and reading.step == msg.step:
+                    return P.Loading(msg.step, reading.done, reading.manifest.nbytes)
+                self._stop_reads(msg.rank)  # of a step the ranks no longer restore
                 on_disk = self.persister is not None and msg.step in self.persister.steps(msg.rank, t.world_size)
                 if self.protector is not None and (not on_disk or msg.step in self.protector.rebuildable(self._stocks())):
+                    self._stop_reads()  # a rebuild writes the slots of every rank here
                     self._rebuild(msg.step)
                 elif on_disk:
-                    self._load_persisted(msg.rank, msg.step)
+                    return self._start_read(msg.rank, msg.step)
             man = t.sealed_manifest(msg.rank, msg.step)
             if man is not None and man.world_size != t.world_size:
                 # Refused before anything changes: opening forgets the rank's newer steps and rewinds the parity.
@@ -452,6 +468,7 @@ class Daemon:
             self._broadcast_held()
             return P.Shard(s.path, s.manifest.to_wire())
         if isinstance(msg, P.Drop):
+            self._stop_reads(msg.rank)
             t.drop(msg.rank, msg.keep_upto)
             if self.persister is not None:
                 self.persister.rewind(msg.rank, msg.keep_upto, t.world_size)
@@ -613,25 +630,61 @@ class Daemon:
     def _persisting(self) -> bool:
         return self.persister is not None and any(self.persister.pending.values())
 
-    def _load_persisted(self, rank: int, step: int) -> None:
-        """Read `rank`'s persisted `step` from disk into one of its slots and seal it there, verifying it: the
-        ranks restore `step`, and no memory here or at the peers holds it. A shard whose bytes fail their
-        checksums is not offered again."""
-        t0 = time.monotonic()
+    def _start_read(self, rank: int, step: int) -> P.Loading:
+        """Start reading `rank`'s persisted `step` from disk into one of its slots, in a thread (`Reading`): the
+        ranks restore `step`, and no memory here or at the peers holds it. The rank asks again (Open) until the
+        step is sealed there, which `_settle_reads` does once its bytes match their checksums."""
         man, fill = self.persister.load(rank, step)
         t = self.table
         t.drop(rank, step)  # the rank rewinds to `step`: what it holds newer goes, as on every restore
         if t.plan(rank, step)[0].action != "grant":
             t.drop(rank, -1)  # every slot holds an older step: none is restored once this one is
         self._read_out()  # the slot may be one whose chunks are on their way to parity holders
-        try:
-            t.install(rank, man, fill)
-        except ChecksumError as e:
-            self.persister.condemn(rank, step, str(e))
-            raise
-        log.warning("%s rank %d restores step %d from disk (%s, %.1f MiB in %.2f s): shared memory holds no good"
-                    " copy of it", self.who, rank, step, self.persister.dir, man.nbytes / (1 << 20),
-                    time.monotonic() - t0)
+        index = t.install_begin(rank, man)
+        self._read_failed.pop((rank, step), None)
+        self._reads[rank] = Reading(rank, step, index, man, fill, t.ranks[rank][index].buffer()[:man.nbytes],
+                                    t.hash_threads, self.who)
+        log.info("%s rank %d reads step %d from disk (%s, %.1f MiB)", self.who, rank, step, self.persister.dir,
+                 man.nbytes / (1 << 20))
+        return P.Loading(step, 0, man.nbytes)
+
+    def _settle_reads(self) -> None:
+        """Seal the slots of the finished reads of persisted steps; free those of the failed ones, whose error the
+        next Open of that step gets."""
+        for rank, r in list(self._reads.items()):
+            if r.finished:
+                del self._reads[rank]
+                self._settle(r)
+
+    def _settle(self, r: Reading) -> None:
+        t = self.table
+        if r.error is None and not r.stopped:
+            t.seal(r.rank, r.step, r.index, r.manifest, verified=True)
+            log.warning("%s rank %d restores step %d from disk (%s, %.1f MiB in %.2f s): shared memory holds no good"
+                        " copy of it", self.who, r.rank, r.step, self.persister.dir, r.manifest.nbytes / (1 << 20),
+                        time.monotonic() - r.t0)
+            return
+        t.abort(r.rank, r.index)
+        if r.stopped:
+            return
+        if isinstance(r.error, ChecksumError):
+            self.persister.condemn(r.rank, r.step, str(r.error))
+        else:
+            log.error("%s rank %d could not read step %d from disk: %s", self.who, r.rank, r.step, r.error)
+        self._read_failed[r.rank, r.step] = r.error
+
+    def _stop_reads(self, rank: int | None = None) -> None:
+        """Stop the read of a persisted step into a slot of `rank` (of every rank: None) before anything else
+        writes its slots."""
+        for k in [rank] if rank is not None else list(self._reads):
+            r = self._reads.get(k)
+            if r is None:
+                continue
+            if not r.stop(_READ_STOP_S):
+                raise SnapGuardError(f"{self.who} rank {k}: the read of its persisted step {r.step} from disk did not"
+                                     f" stop within {_READ_STOP_S:.0f} s (a disk that hangs?); its slot stays busy")
+            del self._reads[k]
+            self._settle(r)
 
     def _rewind(self, step: int, epoch: int) -> None:
         """A rank restored `step` (or started afresh: -1) as the start of timeline `epoch`; every rank of the job

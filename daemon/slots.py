@@ -333,7 +333,9 @@ class SlotTable:
         slot.state, slot.step = WRITING, step
         return d
 
-    def seal(self, rank: int, step: int, index: int, manifest: Manifest) -> Slot:
+    def seal(self, rank: int, step: int, index: int, manifest: Manifest, verified: bool = False) -> Slot:
+        """Mark a slot being written for `step` as holding it, once its bytes match `manifest`'s checksums (checked
+        here, unless the caller has just `verified` them itself)."""
         slots = self.ranks.get(rank) or []
         if not 0 <= index < len(slots):
             raise LayoutError(f"rank {rank} has no slot {index}")
@@ -346,11 +348,12 @@ class SlotTable:
                               f" the seal is for job {self.job!r} rank {rank} step {step}")
         manifest.validate(slot.capacity)
         t0 = time.monotonic()
-        try:
-            verify_checksums(slot.buffer(), manifest, f"rank {rank}", self.hash_threads)
-        except ChecksumError:
-            slot.state, slot.step = FREE, -1
-            raise
+        if not verified:
+            try:
+                verify_checksums(slot.buffer(), manifest, f"rank {rank}", self.hash_threads)
+            except ChecksumError:
+                slot.state, slot.step = FREE, -1
+                raise
         fault_point("daemon.seal.verified", step)
         write_private(slot.manifest_path, msgpack.packb(manifest.to_wire(), use_bin_type=True))
         slot.state, slot.manifest, slot.sealed_at = SEALED, manifest, time.time()
@@ -359,27 +362,34 @@ class SlotTable:
                   manifest.nbytes, time.monotonic() - t0)
         return slot
 
-    def install(self, rank: int, manifest: Manifest, data: memoryview | Callable[[memoryview], None]) -> Slot:
-        """Write a shard rebuilt from peers or read from disk into a free slot of `rank` and seal it, as a trainer
-        would. `data` is the shard's bytes, or a function that writes them into the buffer it is given (the slot's
-        first `manifest.nbytes` bytes, page-aligned)."""
+    def install(self, rank: int, manifest: Manifest, data: memoryview) -> Slot:
+        """Write a shard rebuilt from peers into a free slot of `rank` and seal it, as a trainer would."""
+        index = self.install_begin(rank, manifest)
+        slot = self.ranks[rank][index]
+        if manifest.nbytes:
+            try:
+                slot.buffer()[:manifest.nbytes] = data
+            except BaseException:
+                self.abort(rank, index)
+                raise
+        return self.seal(rank, manifest.step, index, manifest)
+
+    def install_begin(self, rank: int, manifest: Manifest) -> int:
+        """Take a free slot of `rank` for `manifest`'s shard (rebuilt from peers, or read from disk), which the caller
+        writes into and then `seal`s (or `abort`s); return its index."""
         self._ensure_rank(rank)
         if not self.world_told:
             self.world_size = max(self.world_size, manifest.world_size)
         d = self.begin(rank, manifest.step, manifest.nbytes)
         if d.action != "grant":
             raise LayoutError(f"rank {rank}: no slot for step {manifest.step}: {d.reason or 'slots busy'}")
-        slot = self.ranks[rank][d.slot]
-        if manifest.nbytes:
-            try:
-                if callable(data):
-                    data(slot.buffer()[:manifest.nbytes])
-                else:
-                    slot.buffer()[:manifest.nbytes] = data
-            except BaseException:
-                slot.state, slot.step = FREE, -1
-                raise
-        return self.seal(rank, manifest.step, d.slot, manifest)
+        manifest.validate(self.ranks[rank][d.slot].capacity)
+        return d.slot
+
+    def abort(self, rank: int, index: int) -> None:
+        """Free a slot that was being written (`install_begin`): its bytes are no step."""
+        slot = self.ranks[rank][index]
+        slot.state, slot.step = FREE, -1
 
     def verified_steps(self, rank: int) -> tuple[list[int], list[str]]:
         """Check every sealed slot of `rank` again; drop (and report) those whose bytes changed."""

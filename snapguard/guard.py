@@ -579,17 +579,40 @@ class Guard:
         return ""
 
     def _open(self, step: int, epoch: int) -> P.Shard | None:
-        """Ask the daemon for this rank's shard of `step`; None if it cannot rebuild it from its peers, or only
-        with bytes that fail their checksums (it says why, and no longer offers that step)."""
-        try:
-            return self.client.request(P.Open(self.endpoint.job, self.rank, step, epoch))
-        except DaemonError as e:
-            if e.code == RestoreError.__name__:  # e.g. a snapshot of another world size: refused, nothing changed
-                raise RestoreError(f"{self.who} cannot restore: {e}") from e
-            if e.code not in (ChecksumError.__name__, UnrecoverableError.__name__):  # the daemon names its exception
-                raise
-            log.warning("%s restoring step %d: %s; the ranks plan again", self.who, step, e)
-            return None
+        """Ask the daemon for this rank's shard of `step`; None if it cannot rebuild it from its peers or read it
+        from disk, or only with bytes that fail their checksums (it says why, and no longer offers that step).
+
+        A step on disk only is read in the daemon's background (it answers Loading meanwhile): this asks again
+        until the shard is in a slot, saying every 10 s how far the read is, and gives up once the read has made
+        no progress for `gate_timeout_s`."""
+        moved, read, pause = time.monotonic(), -1, 0.002
+        told = moved
+        while True:
+            try:
+                reply = self.client.request(P.Open(self.endpoint.job, self.rank, step, epoch))
+            except DaemonError as e:
+                if e.code == RestoreError.__name__:  # e.g. a snapshot of another world size: refused, nothing changed
+                    raise RestoreError(f"{self.who} cannot restore: {e}") from e
+                if e.code not in (ChecksumError.__name__, UnrecoverableError.__name__):  # the daemon names its exception
+                    raise
+                log.warning("%s restoring step %d: %s; the ranks plan again", self.who, step, e)
+                return None
+            if not isinstance(reply, P.Loading):
+                return reply
+            now = time.monotonic()
+            mib = f"{reply.done / (1 << 20):.0f} of {reply.total / (1 << 20):.0f} MiB"
+            if reply.done != read:
+                moved, read = now, reply.done
+            elif now - moved > self.config.gate_timeout_s:
+                raise RestoreError(f"{self.who} restoring step {step}: the daemon read no more of this rank's shard from"
+                                   f" disk for {self.config.gate_timeout_s:.0f} s ({mib} read); is the disk under"
+                                   " --persist-dir stuck?")
+            if now - told >= 10.0:
+                told = now
+                log.info("%s restoring step %d: the daemon has read %s of this rank's shard from disk", self.who, step,
+                         mib)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.01)
 
     def _manifest(self, shard: P.Shard) -> Manifest:
         man = Manifest.from_wire(shard.manifest)

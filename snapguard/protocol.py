@@ -239,6 +239,20 @@ class Shard(Message):
 
 
 @dataclass(frozen=True)
+class Loading(Message):
+    """The answer to Open while the daemon reads the step from disk into a slot, in the background: ask again.
+    `done` of `total` bytes are read so far."""
+    step: int
+    done: int
+    total: int
+
+    def check(self):
+        _nonneg(self, "step", "done", "total")
+        if self.done > self.total:
+            raise ProtocolError(f"Loading.done {self.done} exceeds Loading.total {self.total}")
+
+
+@dataclass(frozen=True)
 class StatusReport(Message):
     node: str
     job: str

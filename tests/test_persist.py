@@ -10,7 +10,9 @@ import mmap
 import os
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,7 +20,7 @@ from snapguard import protocol as P
 from snapguard.daemon.persist import Persister
 from snapguard.daemon.slots import SEALED, plan_begin
 from snapguard.demo import state_digest
-from snapguard.errors import SnapGuardError, WorldSizeChanged
+from snapguard.errors import ChecksumError, DaemonError, SnapGuardError, WorldSizeChanged
 
 from conftest import flip_bits, wait_until
 from test_daemon import make_model, mode, train_and_snapshot, train_step
@@ -142,6 +144,101 @@ def test_a_corrupt_persisted_step_is_set_aside_and_restore_takes_the_one_before(
     assert persisted(disk, node.job) == {"manifest": [3], "data": [3],
                                          "other": ["r0.s6.data.corrupt", "r0.s6.manifest.corrupt"]}
     g2.close()
+
+
+def open_from_disk(node, step: int, limit_s: float = 30.0) -> tuple[list[P.Loading], P.Shard]:
+    """Ask for rank 0's `step` until the daemon hands out the shard; the Loading answers before it, and the shard."""
+    answers, deadline = [], time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        reply = node.request(P.Open(node.job, 0, step))
+        if isinstance(reply, P.Shard):
+            return answers, reply
+        assert isinstance(reply, P.Loading) and reply.step == step, reply
+        answers.append(reply)
+        time.sleep(0.005)
+    raise AssertionError(f"step {step} was not read from disk within {limit_s} s: {answers[-3:]}")
+
+
+def test_a_step_on_disk_is_read_in_the_background_while_the_daemon_serves_on(node, disk):
+    # A node's ranks restoring from disk may read for longer than a request may take: Open starts the read and
+    # answers Loading at once, the daemon serves other requests meanwhile, and the rank asks again until the
+    # shard is in a slot. A Drop stops a read, and frees its slot.
+    start(node, disk, every=3)
+    train(node, disk, range(7), 6)
+    node.request(P.Shutdown(remove=True))  # the node's memory is gone
+    node.proc.wait(30)
+    data = open(os.path.join(disk, f"snapguard-{node.job}", "r0.s6.data"), "rb").read()
+
+    start(node, disk, every=3)
+    node.request(P.Reserve(node.job, 0, 1, 0))
+    assert node.request(P.Inventory(node.job, 0)).persisted == [3, 6]
+    first = node.request(P.Open(node.job, 0, 6))
+    assert isinstance(first, P.Loading) and (first.step, first.total) == (6, len(data)), first
+    assert isinstance(node.request(P.Ping()), P.Ok)
+    # the rank restarts from step 5 instead: the read stops (or, if it is done, its step goes), and so does step 6
+    # on disk, which lies on the timeline the rank left
+    assert node.request(P.Drop(node.job, 0, 5)) == P.Ok()
+    assert node.held() == {0: []} and [s["state"] for s in node.status().ranks[0]["slots"]] == ["free", "free"]
+    assert node.request(P.Inventory(node.job, 0)).persisted == [3]
+
+    data = open(os.path.join(disk, f"snapguard-{node.job}", "r0.s3.data"), "rb").read()
+    answers, shard = open_from_disk(node, 3)
+    assert answers and answers[0].done == 0 and all(a.total == len(data) for a in answers), "a new read, from byte 0"
+    assert [a.done for a in answers] == sorted(a.done for a in answers)
+    assert open(shard.path, "rb").read()[:len(data)] == data, "the slot holds the bytes on disk"
+    assert shard.manifest["step"] == 3 and node.held() == {0: [3]}
+    assert "rank 0 reads step 3 from disk" in node.log() and "rank 0 restores step 3 from disk" in node.log()
+
+
+def test_a_read_from_disk_stops_when_asked_and_reports_corrupt_bytes(tmp_path):
+    import msgpack
+
+    from snapguard.daemon.persist import Reading
+    from test_slots import manifest_for
+
+    p = Persister(str(tmp_path / "disk"), "job-a", every=1)
+    n = 512 << 20  # read in 8 pieces
+    data = np.random.default_rng(0).integers(0, 256, n, dtype=np.uint8).tobytes()
+    (tmp_path / "disk" / "snapguard-job-a" / "r0.s4.data").write_bytes(data)
+    (tmp_path / "disk" / "snapguard-job-a" / "r0.s4.manifest").write_bytes(
+        msgpack.packb(manifest_for(p, 0, 1, 4, data, chunk=4 << 20).to_wire(), use_bin_type=True))
+    buf = mmap.mmap(-1, n)
+    try:
+        def read() -> Reading:
+            man, fill = p.load(0, 4)
+            return Reading(0, 4, 0, man, fill, memoryview(buf), 2, "test")
+
+        r = read()
+        assert r.stop(30) and r.stopped and r.error is None and 0 < r.done < n, (r.done, r.error)
+        r = read()
+        wait_until(lambda: r.finished, 30, "the read of 512 MiB")
+        assert (r.error, r.stopped, r.done) == (None, False, n) and buf[:] == data
+        flip_bits(os.path.join(p.dir, "r0.s4.data"), n - 10, 0x01)
+        r = read()
+        wait_until(lambda: r.finished, 30, "the read of 512 MiB")
+        assert isinstance(r.error, ChecksumError) and "persisted rank 0: shard for step 4" in str(r.error)
+    finally:
+        buf.close()
+        p.close()
+
+
+def test_a_corrupt_step_read_from_disk_is_refused_at_the_next_open(node, disk):
+    start(node, disk, every=3)
+    train(node, disk, range(7), 6)
+    node.request(P.Shutdown(remove=True))
+    node.proc.wait(30)
+    flip_bits(os.path.join(disk, f"snapguard-{node.job}", "r0.s6.data"), 5000, 0x10)
+
+    start(node, disk, every=3)
+    node.request(P.Reserve(node.job, 0, 1, 0))
+    assert isinstance(node.request(P.Open(node.job, 0, 6)), P.Loading)
+    with pytest.raises(DaemonError, match="shard for step 6 has checksum") as e:
+        open_from_disk(node, 6)
+    assert e.value.code == "ChecksumError"
+    assert node.held() == {0: []} and "free" == node.status().ranks[0]["slots"][0]["state"]
+    assert node.request(P.Inventory(node.job, 0)).persisted == [3], "no longer offered"
+    _, shard = open_from_disk(node, 3)
+    assert shard.manifest["step"] == 3
 
 
 def test_a_daemon_killed_mid_write_leaves_no_claim_and_the_next_one_persists_on(node, disk):
