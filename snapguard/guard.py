@@ -147,8 +147,9 @@ class Guard:
         self._guarded_fn = guarded
 
         # How long a restore's collectives wait for the other ranks. Longer than one daemon request: between two
-        # collectives a rank makes up to two requests (an Open that rebuilds the node's shards from its peers, an
-        # Inventory that re-verifies every sealed slot) and copies its shard, which no request timeout bounds; and
+        # collectives a rank makes up to two requests (an Open that rebuilds the node's shards from its peers, up
+        # to gate_timeout_s, an Inventory that re-verifies every sealed slot) and copies its shard, which no
+        # request timeout bounds; and
         # ranks reach the first one after pre-faulting their slots at different speeds. gate_timeout_s is the
         # knob for "how long ranks wait for each other" on the save path too.
         self._agree_s = self.timeout_s + cfg.gate_timeout_s
@@ -589,7 +590,11 @@ class Guard:
         told = moved
         while True:
             try:
-                reply = self.client.request(P.Open(self.endpoint.job, self.rank, step, epoch))
+                # A daemon that rebuilds the node's shards from its peers answers once they are all sealed: for a
+                # node of many large shards, that may take longer than any other request (a daemon that dies
+                # meanwhile is noticed at once, see DaemonClient).
+                reply = self.client.request(P.Open(self.endpoint.job, self.rank, step, epoch),
+                                            timeout_s=max(self.timeout_s, self.config.gate_timeout_s))
             except DaemonError as e:
                 if e.code == RestoreError.__name__:  # e.g. a snapshot of another world size: refused, nothing changed
                     raise RestoreError(f"{self.who} cannot restore: {e}") from e
