@@ -765,6 +765,8 @@ class Daemon:
                            "age_s": round(now - s.sealed_at, 3) if s.state == SEALED else -1.0}
                           for s in slots],
                 "persisted": self.persister.steps(r, self.table.world_size) if self.persister else [],
+                "reading": ({"step": self._reads[r].step, "done": self._reads[r].done,
+                             "total": self._reads[r].manifest.nbytes} if r in self._reads else {}),
             })
         p = self.protector
         return P.StatusReport(self.cfg.node, self.cfg.job, os.getpid(), self.table.dir, self.table.used_bytes(),

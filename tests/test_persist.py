@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from snapguard import protocol as P
+from snapguard.cli import _fmt_bytes
 from snapguard.daemon.persist import Persister
 from snapguard.daemon.slots import SEALED, plan_begin
 from snapguard.demo import state_digest
@@ -175,10 +176,16 @@ def test_a_step_on_disk_is_read_in_the_background_while_the_daemon_serves_on(nod
     first = node.request(P.Open(node.job, 0, 6))
     assert isinstance(first, P.Loading) and (first.step, first.total) == (6, len(data)), first
     assert isinstance(node.request(P.Ping()), P.Ok)
+    reading = node.status().ranks[0]["reading"]
+    assert reading["step"] == 6 and reading["total"] == len(data) and 0 <= reading["done"] <= len(data), reading
+    out = subprocess.run([sys.executable, "-m", "snapguard.cli", "status", "--job", node.job, "--run-dir", node.run_dir],
+                         capture_output=True, text=True, timeout=60)
+    assert "rank 0 reads step 6 from disk: " in out.stdout and f"of {_fmt_bytes(len(data))}\n" in out.stdout, out
     # the rank restarts from step 5 instead: the read stops (or, if it is done, its step goes), and so does step 6
     # on disk, which lies on the timeline the rank left
     assert node.request(P.Drop(node.job, 0, 5)) == P.Ok()
-    assert node.held() == {0: []} and [s["state"] for s in node.status().ranks[0]["slots"]] == ["free", "free"]
+    st = node.status().ranks[0]
+    assert node.held() == {0: []} and [s["state"] for s in st["slots"]] == ["free", "free"] and not st["reading"]
     assert node.request(P.Inventory(node.job, 0)).persisted == [3]
 
     data = open(os.path.join(disk, f"snapguard-{node.job}", "r0.s3.data"), "rb").read()
