@@ -737,6 +737,17 @@ class Guard:
             finally:
                 self.client.close()
                 self._life.release()
+                self._close_group()
+
+    def _close_group(self) -> None:
+        """Destroy the Guard's own gloo group (its connections to every other rank): a local act, not a collective."""
+        pg, self._pg = self._pg, None
+        if pg is None or not dist.is_initialized():  # the default group's destruction took it along
+            return
+        try:
+            dist.destroy_process_group(pg)
+        except (ValueError, RuntimeError) as e:  # destroyed already, by the user's own teardown
+            log.debug("%s close(): its gloo group is gone already: %s", self.who, e)
 
     def __enter__(self) -> "Guard":
         return self

@@ -112,7 +112,15 @@ def guard(state, node="n0", **kw):
                  **kw)
 
 result = {}
-if phase == "save":
+if phase == "cycle":  # a process that builds and closes Guards over and over
+    state = {"w": torch.full((4,), float(rank))}
+    result["fds"] = []
+    for i in range(4):
+        g = guard(state)
+        g.restore()
+        g.close()
+        result["fds"].append(len(os.listdir("/proc/self/fd")))
+elif phase == "save":
     state = {"w": torch.full((4,), float(rank))}
     g = guard(state)
     for step in range(2):
@@ -208,6 +216,15 @@ def pair(daemon, tmp_path):
                 os.kill(pid, signal.SIGKILL)
     except (OSError, ValueError):
         pass
+
+
+def test_guards_built_and_closed_over_and_over_leave_no_connections_behind(pair):
+    # Each Guard of a job of several ranks opens a gloo group of its own, with a connection to every other rank;
+    # closing it must close them.
+    got = pair("cycle")
+    for r in (0, 1):
+        fds = got[r]["fds"]
+        assert fds[1:] == fds[:1] * 3, f"rank {r}: open files after each Guard closed: {fds}"
 
 
 def test_a_rank_that_does_not_come_stops_the_others_within_the_guards_timeouts(pair):
