@@ -395,6 +395,7 @@ class Reading:
 
     def _progress(self, got: int) -> None:
         self.done = got
+        fault_point("daemon.persist.read", self.step)
         if self._stop.is_set():
             raise _Stopped
 

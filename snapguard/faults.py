@@ -11,6 +11,7 @@ again; with `/rN`, only the process whose RANK is N dies. Points in the code:
 - trainer.restore.mid    half of the tensors are restored
 - daemon.seal.verified   the daemon checked the shard but has not written its manifest
 - daemon.persist.mid     half of a step's chunks are written to disk (`--persist-dir`), its manifest is not
+- daemon.persist.read    a restore reads a persisted step back into a slot: the first piece is in
 """
 
 from __future__ import annotations

@@ -197,6 +197,27 @@ def test_a_step_on_disk_is_read_in_the_background_while_the_daemon_serves_on(nod
     assert "rank 0 reads step 3 from disk" in node.log() and "rank 0 restores step 3 from disk" in node.log()
 
 
+def test_a_daemon_killed_while_it_reads_a_step_from_disk_leaves_no_step_and_the_next_one_reads_it_again(node, disk):
+    start(node, disk, every=3)
+    digests = train(node, disk, range(7), 6)
+    node.request(P.Shutdown(remove=True))
+    node.proc.wait(30)
+
+    start(node, disk, every=3, faults="daemon.persist.read@6")
+    model2, opt2, _, g2 = fresh(node)
+    with pytest.raises(DaemonError, match="Open"):  # the daemon dies under the rank's request
+        g2.restore()
+    g2.close()
+    assert node.proc.wait(10) == -9
+    assert not glob.glob(os.path.join(node.table_dir, "*.manifest")), "the half-read slot is not sealed"
+
+    start(node, disk, every=3)
+    model3, opt3, loop3, g3 = fresh(node, seed=98)
+    assert g3.restore() == 6 and g3.restored_from == "disk" and loop3 == {"step": 6}
+    assert state_digest(model3, opt3) == digests[6]
+    g3.close()
+
+
 def test_a_read_from_disk_stops_when_asked_and_reports_corrupt_bytes(tmp_path):
     import msgpack
 
