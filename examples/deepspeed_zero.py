@@ -1,4 +1,4 @@
-"""A small causal language model trained by DeepSpeed with ZeRO stage 1 or 2, protected by snapguard.
+"""A small causal language model trained by DeepSpeed with ZeRO stage 1, 2 or 3, protected by snapguard.
 
     torchrun --nproc-per-node=2 examples/deepspeed_zero.py --zero 2 --steps 20
 
@@ -22,7 +22,7 @@ from torch_ddp import batch, build_model
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--zero", type=int, default=2, choices=(0, 1, 2))
+    ap.add_argument("--zero", type=int, default=2, choices=(0, 1, 2, 3))
     ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--out", help="write losses and a final-state digest here")
     # The `deepspeed` launcher passes --local_rank=N; LOCAL_RANK in the environment says the same.
@@ -41,6 +41,8 @@ def main() -> None:
         "zero_optimization": {"stage": a.zero},
         "steps_per_print": 10 ** 9,
     }
+    if a.zero == 3:  # this small model's larger parameters partitioned, its small ones kept whole on every rank
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = 1024
     engine, _, _, _ = deepspeed.initialize(model=build_model(a.width), config=config)
     seen = {"tokens": 0}
 
@@ -57,8 +59,12 @@ def main() -> None:
     guard.close()
 
     opt = engine.optimizer
-    log.final(module=engine.module.state_dict(), fp32=getattr(opt, "single_partition_of_fp32_groups", None),
-              optimizer=getattr(opt, "optimizer", opt).state_dict(), lr=engine.get_lr(), seen=seen,
+    if a.zero == 3:  # the parameters are partitioned: this rank's fp32 partition and the optimizer state over it
+        fp32 = opt.fp32_partitioned_groups_flat
+        optim = {k: v for k, v in opt.state_dict().items() if k in ("optimizer_state_dict", "fp32_flat_groups")}
+    else:
+        fp32, optim = getattr(opt, "single_partition_of_fp32_groups", None), getattr(opt, "optimizer", opt).state_dict()
+    log.final(module=engine.module.state_dict(), fp32=fp32, optimizer=optim, lr=engine.get_lr(), seen=seen,
               counters=[engine.global_steps, engine.global_samples])
     leave_process_group()
 

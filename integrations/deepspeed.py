@@ -1,4 +1,4 @@
-"""snapguard for DeepSpeed: a DeepSpeedEngine with ZeRO stage 0, 1 or 2.
+"""snapguard for DeepSpeed: a DeepSpeedEngine with ZeRO stage 0, 1, 2 or 3.
 
     from snapguard.integrations.deepspeed import protect
     engine, *_ = deepspeed.initialize(model=model, config=ds_config, model_parameters=model.parameters())
@@ -14,12 +14,15 @@ from `engine.global_steps` optimizer steps, i.e. `global_steps * gradient_accumu
 micro-batches.
 
 What each rank snapshots, all local, nothing gathered:
-- `module`: `engine.module.state_dict()` (ZeRO 1 and 2 keep the whole low-precision model on every rank).
-- `optimizer`: for ZeRO 1 and 2, the ZeRO optimizer's own state dict for this rank (its partition of
+- `module`: `engine.module.state_dict()` (ZeRO 1 and 2 keep the whole low-precision model on every rank);
+  with ZeRO 3, whose parameters are partitioned, the module's buffers only.
+- `optimizer`: for ZeRO 1, 2 and 3, the ZeRO optimizer's own state dict for this rank (its partition of
   the fp32 master weights, the base optimizer's state over that partition, the loss scaler), restored
   through DeepSpeed's `load_state_dict([...], load_from_fp32_weights=True)` so that DeepSpeed
-  re-links its fragments as after load_checkpoint; for stage 0 without mixed precision, the torch
-  optimizer's state.
+  re-links its fragments as after load_checkpoint; with ZeRO 3 that also writes this rank's partition of
+  the low-precision parameters from the fp32 one, and gathers the persistent parameters again; for stage
+  0 without mixed precision, the torch optimizer's state. ZeRO 3 with parameters or optimizer state
+  offloaded (`offload_param`, `offload_optimizer`) is refused.
 - `engine`: `global_steps`, `global_samples`, `skipped_steps`, `micro_steps`; `lr_scheduler`: the lr
   scheduler, or that there is none (a restore into an engine that differs is refused).
 - `deepspeed_rng`: the states of DeepSpeed's model-parallel RNG tracker
@@ -51,6 +54,7 @@ from snapguard.integrations._common import AdapterGuard, CountersState, add_user
 deepspeed = require("deepspeed", "deepspeed", "deepspeed")
 from deepspeed.checkpoint import constants as C  # noqa: E402
 from deepspeed.runtime.activation_checkpointing import checkpointing as ds_checkpointing  # noqa: E402
+from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3  # noqa: E402
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer  # noqa: E402
 
 __all__ = ["protect", "DeepSpeedGuard"]
@@ -60,10 +64,10 @@ ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_ste
 
 
 class ZeroOptimizerState:
-    """One rank's ZeRO-1/2 optimizer state, in DeepSpeed's own (rigid, per-rank) checkpoint format,
+    """One rank's ZeRO-1/2/3 optimizer state, in DeepSpeed's own (rigid, per-rank) checkpoint format,
     minus what only pickling could carry: the loss scaler object becomes its attributes."""
 
-    def __init__(self, optimizer: DeepSpeedZeroOptimizer):
+    def __init__(self, optimizer: DeepSpeedZeroOptimizer | DeepSpeedZeroOptimizer_Stage3):
         self.opt = optimizer
 
     def state_dict(self) -> dict[str, Any]:
@@ -74,6 +78,7 @@ class ZeroOptimizerState:
             sd = opt.state_dict()
         finally:
             opt.elastic_checkpoint = elastic
+        sd = dict(sd)
         scaler = sd.pop(C.LOSS_SCALER)
         sd[C.LOSS_SCALER] = {k: v for k, v in vars(scaler).items() if isinstance(v, _SCALAR + (torch.Tensor,))}
         sd[C.ZERO_STAGE] = int(sd[C.ZERO_STAGE])
@@ -95,10 +100,35 @@ class ZeroOptimizerState:
         per_rank[dp_rank] = sd  # a rigid checkpoint loads from this rank's entry alone
         elastic = opt.elastic_checkpoint
         opt.elastic_checkpoint = False
+        stage3 = isinstance(opt, DeepSpeedZeroOptimizer_Stage3)
+        if stage3:
+            opt.checkpoint_event_prologue()  # as load_checkpoint: every parameter partitioned first
         try:
             opt.load_state_dict(per_rank, load_optimizer_states=True, load_from_fp32_weights=True)
         finally:
             opt.elastic_checkpoint = elastic
+            if stage3:
+                opt.checkpoint_event_epilogue()  # the persistent parameters gathered again, from their partitions
+
+
+class BuffersState:
+    """A ZeRO-3 module's buffers (its parameters are partitioned; the optimizer's fp32 partitions restore them)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def state_dict(self) -> dict[str, Any]:
+        params = {n for n, _ in self.module.named_parameters(remove_duplicate=False)}
+        return {k: v for k, v in self.module.state_dict().items() if k not in params}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        mine = self.state_dict()
+        if set(sd) != set(mine):
+            raise LayoutError(f"module: the snapshot holds the buffers {sorted(sd)}, the model has {sorted(mine)}")
+        with torch.no_grad():
+            for k, v in sd.items():
+                if v is not mine[k]:
+                    mine[k].copy_(v)
 
 
 class SchedulerState:
@@ -167,7 +197,7 @@ class DeepSpeedGuard(AdapterGuard):
 
 def protect(engine: Any, *, client_state: dict | None = None, extra: Any = None,
             states: dict[str, Any] | None = None, **guard_options: Any) -> DeepSpeedGuard:
-    """Protect a DeepSpeedEngine (ZeRO stage 0, 1 or 2). Called on every rank after deepspeed.initialize.
+    """Protect a DeepSpeedEngine (ZeRO stage 0, 1, 2 or 3). Called on every rank after deepspeed.initialize.
 
     `client_state`: a dict of your own loop state, restored in place (save_checkpoint's client_state).
     `extra`, `states`: more Statefuls. `guard_options` go to snapguard.Guard (job=, node=, run_dir=,
@@ -187,18 +217,28 @@ def protect(engine: Any, *, client_state: dict | None = None, extra: Any = None,
             yield from optimizer_tensors(opt.optimizer)
             for group in opt.bit16_groups:  # the module's weights: step() copies the partitions back into them
                 yield from group
+    elif stage == 3 and isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
+        if opt.offload_optimizer or opt.offload_param:
+            raise ConfigError("snapguard does not support ZeRO stage 3 with offload_optimizer or offload_param yet;"
+                              " without offloading, it snapshots every partition from memory")
+        opt_state = ZeroOptimizerState(opt)
+
+        def guarded():  # what the snapshot takes and only step() rewrites: the fp32 partitions, the optimizer state
+            yield from opt.fp32_partitioned_groups_flat
+            yield from optimizer_tensors(opt.optimizer)
     elif stage == 0 and isinstance(opt, torch.optim.Optimizer):
         opt_state = opt
 
         def guarded():
             yield from optimizer_tensors(opt)
     else:
-        raise ConfigError(f"snapguard supports DeepSpeed ZeRO stages 0 (torch optimizer), 1 and 2; this engine runs"
-                          f" stage {stage} with {type(opt).__name__}")
+        raise ConfigError(f"snapguard supports DeepSpeed ZeRO stages 0 (torch optimizer), 1, 2 and 3; this engine"
+                          f" runs stage {stage} with {type(opt).__name__}")
     if engine.lr_scheduler is not None and not hasattr(engine.lr_scheduler, "state_dict"):
         raise ConfigError(f"the engine's lr scheduler ({type(engine.lr_scheduler).__name__}) has no state_dict():"
                           " snapguard cannot snapshot it")
-    named: dict[str, Any] = {"module": engine.module, "optimizer": opt_state,
+    named: dict[str, Any] = {"module": BuffersState(engine.module) if stage == 3 else engine.module,
+                             "optimizer": opt_state,
                              "engine": CountersState(engine, ENGINE_COUNTERS), "lr_scheduler": SchedulerState(engine),
                              "deepspeed_rng": TrackerRNGState()}
     if client_state is not None:

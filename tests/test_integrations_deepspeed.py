@@ -1,4 +1,4 @@
-"""snapguard.integrations.deepspeed with the real DeepSpeed on gloo: ZeRO stages 1 and 2, two ranks under
+"""snapguard.integrations.deepspeed with the real DeepSpeed on gloo: ZeRO stages 1, 2 and 3, two ranks under
 torchrun (the CPU shim from framework_shims.py only skips compiling a shared-memory op gloo does not use).
 
 One rank is SIGKILLed halfway through copying its snapshot of step 3; torchrun restarts both, which
@@ -95,11 +95,11 @@ def runs(tmp_path_factory):
     work = str(tmp_path_factory.mktemp("deepspeed"))
     # --local_rank as the `deepspeed` launcher passes it (the example reads LOCAL_RANK instead)
     with scenarios(work, {f"zero{z}": ("deepspeed_zero.py", ["--zero", str(z), "--steps", str(STEPS), "--local_rank=0"],
-                                       STEPS) for z in (1, 2)}) as s:
+                                       STEPS) for z in (1, 2, 3)}) as s:
         yield work, s
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_resumes_bit_exactly_after_sigkill(runs, stage):
     s = runs[1][f"zero{stage}"]
     s.check()
