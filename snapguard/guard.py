@@ -149,9 +149,8 @@ class Guard:
         # How long a restore's collectives wait for the other ranks. Longer than one daemon request: between two
         # collectives a rank makes up to two requests (an Open that rebuilds the node's shards from its peers, up
         # to gate_timeout_s, an Inventory that re-verifies every sealed slot) and copies its shard, which no
-        # request timeout bounds; and
-        # ranks reach the first one after pre-faulting their slots at different speeds. gate_timeout_s is the
-        # knob for "how long ranks wait for each other" on the save path too.
+        # request timeout bounds; and ranks reach the first one after pre-faulting their slots at different
+        # speeds. gate_timeout_s is the knob for "how long ranks wait for each other" on the save path too.
         self._agree_s = self.timeout_s + cfg.gate_timeout_s
         self.client = DaemonClient(self.endpoint.address, self.timeout_s, self.who)
         self._life: TrainerLock | None = None  # held while this Guard lives: the daemon's sign that the trainer runs
