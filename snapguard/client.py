@@ -8,6 +8,7 @@ import threading
 import time
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from snapguard import protocol as P
 from snapguard.errors import DaemonError, DaemonUnavailable, ProtocolError
@@ -35,8 +36,10 @@ class DaemonClient:
             # No ZMQ_IMMEDIATE: with it, a reply that arrives just before the daemon disconnects (the
             # reply to Shutdown) is dropped with the connection. A request to no daemon times out below.
             # The monitor tells a request that the daemon's end of the connection closed: a daemon that
-            # dies while a request waits will never answer it, and a restarted one never saw it.
-            self._monitor = s.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            # dies while a request waits will never answer it, and a restarted one never saw it. It also
+            # tells whether a daemon is connected at all when a request is sent (`_up`).
+            self._monitor = s.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+            self._up = False
             s.connect(self.address)
             self._poller = zmq.Poller()
             self._poller.register(s, zmq.POLLIN)
@@ -45,15 +48,19 @@ class DaemonClient:
         return self._sock
 
     def request(self, msg: P.Message, timeout_s: float | None = None) -> P.Message:
-        """Send `msg`; return the reply, raising DaemonError for an Error reply or a timeout."""
+        """Send `msg`; return the reply, raising DaemonError for an Error reply or a timeout.
+
+        A longer `timeout_s` than the client's own is for a daemon that is connected and working on it: while
+        no daemon is connected (its connection closed before this request, and none took its place), the
+        request waits for one at most the client's own timeout."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
         with self._lock:
             sock = self._socket()
             rid = next(self._ids)
-            deadline = time.monotonic() + timeout
+            start = time.monotonic()
             sock.setsockopt(zmq.SNDTIMEO, max(1, int(timeout * 1000)))
-            while self._monitor.poll(0):  # a connection closed before this request says nothing about it
-                self._monitor.recv_multipart()
+            self._events()  # a connection closed before this request says nothing about it, but whether one is up
+            limit = timeout if self._up else min(timeout, self.timeout_s)
             try:
                 sock.send_multipart([rid.to_bytes(8, "little"), P.encode(msg)])
             except zmq.Again:
@@ -61,23 +68,40 @@ class DaemonClient:
                 raise DaemonUnavailable(f"{self.who}: no daemon accepted a connection on {self.address}"
                                         f" within {timeout:.1f} s (sending {msg.TYPE})") from None
             while True:
-                left = deadline - time.monotonic()
+                left = start + limit - time.monotonic()
                 ready = dict(self._poller.poll(int(left * 1000) + 1)) if left > 0 else {}
-                if sock not in ready:  # a reply is taken first: a daemon may answer (Shutdown) and then close
-                    closed = self._monitor in ready
-                    self._reset()  # drop the socket so a late reply cannot be taken for the next request's
-                    if closed:
+                if sock in ready:  # a reply is taken first: a daemon may answer (Shutdown) and then close
+                    frames = sock.recv_multipart()
+                    if len(frames) != 2 or int.from_bytes(frames[0], "little") != rid:
+                        continue  # a stale reply to a request that timed out earlier
+                    reply = P.decode(frames[1])
+                    if isinstance(reply, P.Error):
+                        raise DaemonError(f"{self.who}: daemon refused {msg.TYPE}: [{reply.code}] {reply.message}",
+                                          reply.code)
+                    return reply
+                if self._monitor in ready:
+                    if self._events():
+                        self._reset()  # drop the socket so a late reply cannot be taken for the next request's
                         raise DaemonUnavailable(f"{self.who}: the daemon at {self.address} closed the connection"
                                                 f" while {msg.TYPE} waited for its reply (it died or was restarted)")
-                    raise DaemonUnavailable(f"{self.who}: daemon at {self.address} did not answer {msg.TYPE}"
-                                            f" within {timeout:.1f} s")
-                frames = sock.recv_multipart()
-                if len(frames) != 2 or int.from_bytes(frames[0], "little") != rid:
-                    continue  # a stale reply to a request that timed out earlier
-                reply = P.decode(frames[1])
-                if isinstance(reply, P.Error):
-                    raise DaemonError(f"{self.who}: daemon refused {msg.TYPE}: [{reply.code}] {reply.message}", reply.code)
-                return reply
+                    if self._up:
+                        limit = timeout  # a daemon connected: it has the whole timeout to answer
+                    continue
+                up = self._up
+                self._reset()
+                raise DaemonUnavailable(f"{self.who}: daemon at {self.address} did not answer {msg.TYPE} within"
+                                        f" {limit:.1f} s" + ("" if up else " (no daemon was connected)"))
+
+    def _events(self) -> bool:
+        """Take the monitor's events, keeping `_up`; whether a connection closed among them."""
+        closed = False
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)["event"]
+            if event == zmq.EVENT_CONNECTED:
+                self._up = True
+            elif event == zmq.EVENT_DISCONNECTED:
+                self._up, closed = False, True
+        return closed
 
     def wait_ready(self, timeout_s: float) -> None:
         """Poll with Ping until the daemon answers; raise DaemonUnavailable naming the socket otherwise."""

@@ -478,6 +478,22 @@ def test_a_request_in_flight_when_the_daemon_dies_fails_at_once_not_at_its_timeo
     assert isinstance(c.request(P.Ping()), P.Ok)
 
 
+def test_a_request_sent_after_the_daemon_died_waits_the_clients_timeout_not_a_longer_one(node):
+    # Open may wait up to gate_timeout_s for a daemon rebuilding shards; a daemon that is not there at all is
+    # waited for (it may be restarting) only as long as any request.
+    node.start()
+    c = node.client(timeout_s=2.0)
+    assert isinstance(c.request(P.Ping()), P.Ok)
+    node.kill()
+    time.sleep(0.5)  # the connection closes while no request waits
+    t0 = time.monotonic()
+    with pytest.raises(DaemonUnavailable, match=r"did not answer Ping within 2.0 s \(no daemon was connected\)"):
+        c.request(P.Ping(), timeout_s=300)
+    assert time.monotonic() - t0 < 20
+    node.start()  # a daemon that comes back gets the whole timeout
+    assert isinstance(c.request(P.Ping(), timeout_s=300), P.Ok)
+
+
 def test_a_restarted_daemon_readopts_sealed_slots_after_verifying_them(node, caplog):
     node.start()
     model, opt = make_model()
