@@ -61,7 +61,7 @@ def main() -> None:
     opt = engine.optimizer
     if a.zero == 3:  # the parameters are partitioned: this rank's fp32 partition and the optimizer state over it
         fp32 = opt.fp32_partitioned_groups_flat
-        optim = {k: v for k, v in opt.state_dict().items() if k in ("optimizer_state_dict", "fp32_flat_groups")}
+        optim = opt.state_dict()["optimizer_state_dict"]  # its fp32_flat_groups are `fp32`, digested once
     else:
         fp32, optim = getattr(opt, "single_partition_of_fp32_groups", None), getattr(opt, "optimizer", opt).state_dict()
     log.final(module=engine.module.state_dict(), fp32=fp32, optimizer=optim, lr=engine.get_lr(), seen=seen,
