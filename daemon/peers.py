@@ -232,6 +232,8 @@ class PeerNet:
         self.router.setsockopt(zmq.RCVHWM, RECV_HWM)
         self.router.bind(bind)
         self._dealers: dict[tuple[str, bool], zmq.Socket] = {}  # (node, bulk link) -> DEALER
+        self._asked: dict[bytes, str] = {}  # request id -> the node asked: its reply is awaited
+        self._answers: dict[bytes, tuple[str, P.Message, list]] = {}  # request id -> (node, its reply), not taken yet
         self.rejected = 0
 
     def header(self, to: str | None = None, bulk: bool = False) -> dict:
@@ -282,47 +284,87 @@ class PeerNet:
         """Close the chunk link to `node`, discarding what is queued on it; the next chunk opens a new one."""
         self._drop(node, bulk=True)
 
+    def ask(self, node: str, msg: P.Message) -> bytes:
+        """Send request `msg` to `node` and return its request id, without waiting: `take_answers` reads the reply
+        once it comes, and `answer` hands it over. The request id is random: a reply captured from an earlier run of
+        this daemon, whose requests counted from the same start, can never pass for the reply to this one."""
+        rid = secrets.token_bytes(8)
+        while rid == bytes(8) or rid in self._asked:  # bytes(8) marks a message that expects no reply
+            rid = secrets.token_bytes(8)
+        try:
+            self._dealer(node).send_multipart(seal_frames(self.secret, rid, msg), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            raise DaemonUnavailable(f"peer {node} ({self.peers[node]}) is not accepting messages") from None
+        self._asked[rid] = node
+        return rid
+
+    def awaited(self) -> list[zmq.Socket]:
+        """The links on which replies to requests are awaited: poll them for `take_answers`."""
+        return [s for s in (self._dealers.get((n, False)) for n in set(self._asked.values())) if s is not None]
+
+    def take_answers(self) -> None:
+        """Read, without waiting, the replies that came to requests (`ask`)."""
+        for node in set(self._asked.values()):
+            sock = self._dealers.get((node, False))
+            while sock is not None and sock.poll(0):
+                self._file(node, recv_frames(sock))
+
+    def _file(self, node: str, frames: list) -> None:
+        """Keep an authenticated reply of `node` to one of the requests awaited; drop a late or a forged one."""
+        try:
+            rid, reply, bulk = open_frames(self.secret, frames)
+        except (AuthError, ProtocolError) as e:
+            self.rejected += 1
+            log.warning("%s rejected a reply from %s: %s", self.who, node, e)
+            return
+        if self._asked.get(rid) == node:  # else a late reply to a request given up on
+            del self._asked[rid]
+            self._answers[rid] = (node, reply, bulk)
+
+    def answer(self, rid: bytes, msg: P.Message, expect: type) -> tuple[P.Message, list[bytes]] | None:
+        """The reply to request `rid` (`ask`) of `msg`, of type `expect`; None while it has not come. A peer's Error
+        reply is raised as a SnapGuardError."""
+        got = self._answers.pop(rid, None)
+        if got is None:
+            return None
+        node, reply, bulk = got
+        if isinstance(reply, P.Error):
+            raise SnapGuardError(f"peer {node} refused {msg.TYPE}: [{reply.code}] {reply.message}")
+        if not isinstance(reply, expect):
+            raise ProtocolError(f"peer {node} answered {msg.TYPE} with {reply.TYPE}, not {expect.TYPE}")
+        return reply, bulk
+
+    def cancel(self, rid: bytes) -> None:
+        """Give up on request `rid`: its reply is dropped if it still comes."""
+        self._asked.pop(rid, None)
+        self._answers.pop(rid, None)
+
     def request(self, node: str, msg: P.Message, expect: type, timeout_s: float,
                 serve: Callable[[list[bytes]], None] | None = None) -> tuple[P.Message, list[bytes]]:
         """Send `msg` to `node` and wait for its authenticated reply, of type `expect`, serving our own peers
-        meanwhile. The request id is random: a reply captured from an earlier run of this daemon, whose
-        requests counted from the same start, can never pass for the reply to this one."""
-        rid = secrets.token_bytes(8)
-        while rid == bytes(8):  # bytes(8) marks a message that expects no reply
-            rid = secrets.token_bytes(8)
+        meanwhile. Replies to other requests (`ask`) that come meanwhile are kept for them."""
+        rid = self.ask(node, msg)
         sock = self._dealer(node)
-        try:
-            sock.send_multipart(seal_frames(self.secret, rid, msg), flags=zmq.NOBLOCK)
-        except zmq.Again:
-            raise DaemonUnavailable(f"peer {node} ({self.peers[node]}) is not accepting messages") from None
         deadline = time.monotonic() + timeout_s
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         if serve is not None:
             poller.register(self.router, zmq.POLLIN)
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self._drop(node)
-                raise DaemonUnavailable(f"peer {node} ({self.peers[node]}) did not answer {msg.TYPE} within {timeout_s:.1f} s")
-            events = dict(poller.poll(int(left * 1000) + 1))
-            if serve is not None and self.router in events:
-                serve(recv_frames(self.router))
-            if sock in events:
-                frames = recv_frames(sock)
-                try:
-                    got_rid, reply, bulk = open_frames(self.secret, frames)
-                except (AuthError, ProtocolError) as e:
-                    self.rejected += 1
-                    log.warning("%s rejected a reply from %s: %s", self.who, node, e)
-                    continue
-                if got_rid != rid:
-                    continue  # a late reply to an earlier request
-                if isinstance(reply, P.Error):
-                    raise SnapGuardError(f"peer {node} refused {msg.TYPE}: [{reply.code}] {reply.message}")
-                if not isinstance(reply, expect):
-                    raise ProtocolError(f"peer {node} answered {msg.TYPE} with {reply.TYPE}, not {expect.TYPE}")
-                return reply, bulk
+        try:
+            while rid not in self._answers:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._drop(node)
+                    raise DaemonUnavailable(f"peer {node} ({self.peers[node]}) did not answer {msg.TYPE} within"
+                                            f" {timeout_s:.1f} s")
+                events = dict(poller.poll(int(left * 1000) + 1))
+                if serve is not None and self.router in events:
+                    serve(recv_frames(self.router))
+                if sock in events:
+                    self._file(node, recv_frames(sock))
+            return self.answer(rid, msg, expect)
+        finally:
+            self.cancel(rid)
 
     def receive(self, frames: list[bytes]) -> tuple[bytes, bytes, P.PeerMessage, list[bytes]]:
         """Authenticate one message from the ROUTER; return (identity, request id, message, bulk)."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,7 +30,7 @@ import xxhash
 
 from snapguard import protocol as P
 from snapguard.codec import Codec, ShardChunks
-from snapguard.errors import ChecksumError, LayoutError, ProtocolError, UnrecoverableError
+from snapguard.errors import ChecksumError, LayoutError, ProtocolError, SnapGuardError, UnrecoverableError
 from snapguard.layout import Manifest, align
 from snapguard.stripes import plan_stripes, recoverable
 
@@ -419,48 +420,135 @@ class Protector:
             return f"step {step} of node {self.node} cannot be rebuilt: nodes {names} are lost or lack it. {e}"
         return f"step {step} of node {self.node} cannot be rebuilt: some parity of it is missing"
 
-    def rebuild(self, step: int, blob: dict, stocks: dict[str, P.PeerStock], fetch) -> None:
-        """Fetch k chunks per codeword, decode this node's chunks, and seal its ranks' slots of `step`.
+    def start_rebuild(self, step: int, blob: dict, stocks: dict[str, P.PeerStock]) -> "Rebuild":
+        """Begin rebuilding this node's shards of `step` from the peers' `stocks`; the daemon's loop drives it."""
+        return Rebuild(self, step, blob, stocks)
 
-        Rebuilt bytes are sealed only if they match the checksums the trainer recorded. If they do not (a peer's
-        slot or parity holds bytes that changed after they were sealed), the step is never offered again
-        (`rebuildable`), so that the restore that asked for it plans again with an older step."""
-        try:
-            self._rebuild(step, blob, stocks, fetch)
-        except ChecksumError as e:
-            self.failed_rebuilds.add(step)
-            log.warning("%s step %d cannot be rebuilt: %s; it is not offered again, restore must use an older step",
-                        self.who, step, e)
-            raise
+    def rebuild_failed(self, step: int, e: ChecksumError) -> None:
+        """Rebuilt bytes of `step` failed their checksums (a peer's slot or parity holds bytes that changed after
+        they were sealed, or a peer answered with another chunk): the step is never offered again (`rebuildable`),
+        so that the restore that asked for it plans again with an older step."""
+        self.failed_rebuilds.add(step)
+        log.warning("%s step %d cannot be rebuilt: %s; it is not offered again, restore must use an older step",
+                    self.who, step, e)
 
-    def _rebuild(self, step: int, blob: dict, stocks: dict[str, P.PeerStock], fetch) -> None:
-        sources = self._sources(step, stocks)
+
+class Rebuild:
+    """This node's shards of one step, rebuilt from its peers while the daemon serves on: its chunks of one
+    codeword after another, each from k peers at once; a codeword is decoded once its k chunks are in, and the
+    ranks' slots are written and sealed, as if their trainers had, once every codeword is. A peer that does not
+    answer within the timeout, or refuses, counts as lost, and the chunks still needed come from the others if
+    enough survive (else an UnrecoverableError). Rebuilt bytes are sealed only if they match the checksums the
+    trainer recorded (else a ChecksumError, see `Protector.rebuild_failed`). Memory: the node's blob and the
+    chunks of one codeword, as before."""
+
+    def __init__(self, p: Protector, step: int, blob: dict, stocks: dict[str, P.PeerStock]):
+        self.p, self.step, self.blob, self.stocks = p, step, blob, dict(stocks)
+        self.who = p.who
+        self.sources = self._plan()
+        self.sc = ShardChunks(blob["nbytes"], p.k)
+        self.whole = np.zeros(p.k * self.sc.chunk_len, np.uint8)
+        self.todo = sorted(self.sources)  # codewords left to decode, the first one's chunks being fetched
+        self.got: dict[int, np.ndarray] = {}  # position -> chunk, of codeword todo[0]
+        self.asked: dict[bytes, tuple[str, P.PeerFetch, float]] = {}  # request id -> (node, request, sent at)
+        self.ranks = [rank for rank, _, _ in blob["ranks"]]
+        self.total = blob["nbytes"]
+        self.done = 0  # bytes of the blob decoded
+        self.lost: list[str] = []
+        self.started = time.monotonic()
+
+    def _plan(self) -> dict[int, list[tuple[int, str]]]:
+        sources = self.p._sources(self.step, self.stocks)
         if sources is None:
-            raise UnrecoverableError(f"{self.who} step {step} cannot be rebuilt: fewer than k={self.k} chunks survive")
-        sc = ShardChunks(blob["nbytes"], self.k)
-        whole = np.zeros(self.k * sc.chunk_len, np.uint8)
-        for c, have in sources.items():
-            word = self.plan.codewords[c]
-            chunks: list = [None] * self.g
-            width = 0
-            for pos, node in have:
-                reply, data = fetch(node, step, c, pos)
-                if xxhash.xxh3_64_intdigest(data) != reply.checksum:
-                    raise ChecksumError(f"{self.who} chunk {pos} of codeword {c} from {node} fails its checksum")
-                chunks[pos] = np.frombuffer(data, np.uint8)
-                width = max(width, len(data))
-            for pos in range(self.g):  # pad shorter chunks (smaller shards) to the parity width
-                if chunks[pos] is not None and len(chunks[pos]) < width:
-                    chunks[pos] = np.concatenate([chunks[pos], np.zeros(width - len(chunks[pos]), np.uint8)])
-            mine = [ref for ref in word.chunks if ref.node == self.me and not ref.parity]
-            out = {ref.position: np.empty(width, np.uint8) for ref in mine}
-            self.codec.decode(chunks, out)
-            for ref in mine:
-                whole[ref.index * sc.chunk_len:(ref.index + 1) * sc.chunk_len] = out[ref.position][:sc.chunk_len]
-        for rank, offset, wire in blob["ranks"]:
+            lost = f" ({', '.join(self.lost)} stopped answering)" if self.lost else ""
+            raise UnrecoverableError(f"{self.who} step {self.step} cannot be rebuilt: fewer than k={self.p.k} chunks"
+                                     f" of some codeword survive{lost}")
+        return sources
+
+    def pump(self, net, now: float, timeout_s: float) -> bool:
+        """Ask for the chunks of the codeword at hand, take the replies that came (`net.take_answers` read them),
+        decode what is complete; True once every codeword is decoded."""
+        while self.todo:
+            c = self.todo[0]
+            pending = {(req.codeword, req.position) for _, req, _ in self.asked.values()}
+            for pos, node in self.sources[c]:
+                if pos not in self.got and (c, pos) not in pending:
+                    req = P.PeerFetch(**net.header(node), step=self.step, codeword=c, position=pos)
+                    try:
+                        self.asked[net.ask(node, req)] = (node, req, now)
+                    except SnapGuardError as e:
+                        self._lose(net, node, str(e))
+                        return False
+            for rid, (node, req, at) in list(self.asked.items()):
+                try:
+                    got = net.answer(rid, req, P.PeerData)
+                except SnapGuardError as e:  # a refusal, or the wrong kind of answer
+                    self._lose(net, node, str(e))
+                    return False
+                if got is None:
+                    if now - at > timeout_s:
+                        self._lose(net, node, f"peer {node} did not answer the fetch of chunk {req.position} of"
+                                              f" codeword {req.codeword} within {timeout_s:.1f} s")
+                        return False
+                    continue
+                del self.asked[rid]
+                self._take(node, req, *got)
+            if len(self.got) < self.p.k:
+                return False
+            self._decode(c)
+            self.todo.pop(0)
+            self.got = {}
+        return True
+
+    def _take(self, node: str, req: P.PeerFetch, reply: P.PeerData, bulk: list) -> None:
+        s, c, pos = req.step, req.codeword, req.position
+        if (reply.step, reply.codeword, reply.position) != (s, c, pos) or len(bulk) != 1:
+            raise ChecksumError(f"{self.who} peer {node} answered the fetch of chunk {pos} of codeword {c} of step"
+                                f" {s} with chunk {reply.position} of codeword {reply.codeword} of step"
+                                f" {reply.step} in {len(bulk)} frame(s)")
+        if xxhash.xxh3_64_intdigest(bulk[0]) != reply.checksum:
+            raise ChecksumError(f"{self.who} chunk {pos} of codeword {c} from {node} fails its checksum")
+        self.got[pos] = np.frombuffer(bulk[0], np.uint8)
+
+    def _lose(self, net, node: str, why: str) -> None:
+        """Count `node` as lost: plan the chunks still needed from the other peers."""
+        log.warning("%s rebuilding step %d: %s; counting peer %s as lost", self.who, self.step, why, node)
+        self.lost.append(node)
+        self.stocks.pop(node, None)
+        for rid in self.asked:
+            net.cancel(rid)
+        self.asked = {}
+        self.sources = self._plan()
+        if self.todo:
+            keep = {pos for pos, _ in self.sources[self.todo[0]]}
+            self.got = {pos: chunk for pos, chunk in self.got.items() if pos in keep}
+
+    def _decode(self, c: int) -> None:
+        p, sc = self.p, self.sc
+        chunks: list = [None] * p.g
+        width = max(len(x) for x in self.got.values())
+        for pos, x in self.got.items():  # pad shorter chunks (smaller shards) to the parity width
+            chunks[pos] = x if len(x) == width else np.concatenate([x, np.zeros(width - len(x), np.uint8)])
+        mine = [ref for ref in p.plan.codewords[c].chunks if ref.node == p.me and not ref.parity]
+        out = {ref.position: np.empty(width, np.uint8) for ref in mine}
+        p.codec.decode(chunks, out)
+        for ref in mine:
+            self.whole[ref.index * sc.chunk_len:(ref.index + 1) * sc.chunk_len] = out[ref.position][:sc.chunk_len]
+        self.done = min(self.total, self.done + len(mine) * sc.chunk_len)
+
+    def finish(self) -> None:
+        """Write the rebuilt shards into the ranks' slots and seal them (the table verifies their checksums)."""
+        table = self.p.table
+        for rank, offset, wire in self.blob["ranks"]:
             man = Manifest.from_wire(wire)
-            if man.step in self.table.sealed_steps(rank):
+            if man.step in table.sealed_steps(rank):
                 continue  # only another local rank's shard was lost (e.g. found corrupt): this one is intact
-            self.table.install(rank, man, memoryview(whole)[offset:offset + man.nbytes])
-        log.warning("%s rebuilt step %d of ranks %s from %d peers", self.who, step,
-                    [r for r, _, _ in blob["ranks"]], len({n for have in sources.values() for _, n in have}))
+            table.install(rank, man, memoryview(self.whole)[offset:offset + man.nbytes])
+        peers = sorted({n for have in self.sources.values() for _, n in have})
+        log.warning("%s rebuilt step %d of ranks %s from peers %s in %.2f s", self.who, self.step, self.ranks, peers,
+                    time.monotonic() - self.started)
+
+    def cancel(self, net) -> None:
+        for rid in self.asked:
+            net.cancel(rid)
+        self.asked = {}

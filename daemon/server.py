@@ -31,7 +31,7 @@ from snapguard.shm import free_bytes
 from snapguard.daemon.peers import AuthError as PeerAuthError
 from snapguard.daemon.peers import PeerNet, recv_frames
 from snapguard.daemon.persist import Persister, Reading
-from snapguard.daemon.protect import OutgoingStep, Protector
+from snapguard.daemon.protect import OutgoingStep, Protector, Rebuild
 from snapguard.daemon.slots import SEALED, SlotTable
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,8 @@ class Daemon:
         self._trainers: dict[int, _Trainer] = {}  # rank -> its trainer, from its Hello
         self.persister: Persister | None = None
         self._reads: dict[int, Reading] = {}  # rank -> its persisted step being read from disk into a slot
-        self._read_failed: dict[tuple[int, int], BaseException] = {}  # (rank, step) -> why its read failed
+        self._rebuilding: Rebuild | None = None  # this node's shards of a step being rebuilt from the peers
+        self._load_failed: dict[tuple[int, int], BaseException] = {}  # (rank, step) -> why its read or rebuild failed
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -278,7 +279,13 @@ class Daemon:
             if self.net is not None:
                 poller.register(self.net.router, zmq.POLLIN)
             while not self._stop:
-                events = dict(poller.poll(0 if self._chunks else 10 if self._job or self._persisting() else 200))
+                awaited = self.net.awaited() if self._rebuilding is not None else []  # replies to the rebuild's fetches
+                for s in awaited:
+                    poller.register(s, zmq.POLLIN)
+                busy = self._job or self._persisting() or self._rebuilding
+                events = dict(poller.poll(0 if self._chunks else 10 if busy else 200))
+                for s in awaited:
+                    poller.unregister(s)
                 if self.persister is not None:
                     self.persister.drain()  # unpins the slots written to disk
                 if self._sock in events:
@@ -287,6 +294,8 @@ class Daemon:
                     if self._held_due:  # a rank sealed: the other nodes' ranks may reuse a slot once they know
                         self._held_due = False
                         self._broadcast_held()
+                    if self._rebuilding is not None:
+                        self._pump_rebuild()
                     try:
                         if time.monotonic() >= self._protect_after:
                             self._protect()
@@ -388,6 +397,7 @@ class Daemon:
         if isinstance(msg, P.Begin):
             self._note_world(msg)
             self._stop_reads(msg.rank)  # a trainer that snapshots no longer waits for a restore
+            self._stop_rebuild(msg.rank)
             if self._job is not None:
                 _, slot = t.plan(msg.rank, msg.step)
                 if any(slot is s for s in self._job.out.slots):
@@ -442,18 +452,22 @@ class Daemon:
         if isinstance(msg, P.Open):
             self._settle_reads()
             if msg.step not in t.sealed_steps(msg.rank):
-                failed = self._read_failed.pop((msg.rank, msg.step), None)
+                failed = self._load_failed.pop((msg.rank, msg.step), None)
                 if failed is not None:
                     raise failed
                 reading = self._reads.get(msg.rank)
                 if reading is not None and reading.step == msg.step:
                     return P.Loading(msg.step, reading.done, reading.manifest.nbytes)
+                rb = self._rebuilding
+                if rb is not None and rb.step == msg.step and msg.rank in rb.ranks:
+                    return P.Loading(msg.step, rb.done, rb.total, source="peers")
                 self._stop_reads(msg.rank)  # of a step the ranks no longer restore
+                self._stop_rebuild(msg.rank)
                 on_disk = self.persister is not None and msg.step in self.persister.steps(msg.rank, t.world_size)
                 if self.protector is not None and (not on_disk or msg.step in self.protector.rebuildable(self._stocks())):
                     self._stop_reads()  # a rebuild writes the slots of every rank here
-                    self._rebuild(msg.step)
-                elif on_disk:
+                    return self._start_rebuild(msg.step)
+                if on_disk:
                     return self._start_read(msg.rank, msg.step)
             man = t.sealed_manifest(msg.rank, msg.step)
             if man is not None and man.world_size != t.world_size:
@@ -469,6 +483,7 @@ class Daemon:
             return P.Shard(s.path, s.manifest.to_wire())
         if isinstance(msg, P.Drop):
             self._stop_reads(msg.rank)
+            self._stop_rebuild(msg.rank)
             t.drop(msg.rank, msg.keep_upto)
             if self.persister is not None:
                 self.persister.rewind(msg.rank, msg.keep_upto, t.world_size)
@@ -509,6 +524,8 @@ class Daemon:
                 self._sent_at = now
             else:
                 return
+        if self._rebuilding is not None:
+            return  # it writes slots: no step is read out of them until it is done
         step = p.choose_step(now, fresh_s=self.cfg.peer_timeout_s)
         resend = False
         if step is None:
@@ -641,7 +658,7 @@ class Daemon:
             t.drop(rank, -1)  # every slot holds an older step: none is restored once this one is
         self._read_out()  # the slot may be one whose chunks are on their way to parity holders
         index = t.install_begin(rank, man)
-        self._read_failed.pop((rank, step), None)
+        self._load_failed.pop((rank, step), None)
         self._reads[rank] = Reading(rank, step, index, man, fill, t.ranks[rank][index].buffer()[:man.nbytes],
                                     t.hash_threads, self.who)
         log.info("%s rank %d reads step %d from disk (%s, %.1f MiB)", self.who, rank, step, self.persister.dir,
@@ -671,7 +688,7 @@ class Daemon:
             self.persister.condemn(r.rank, r.step, str(r.error))
         else:
             log.error("%s rank %d could not read step %d from disk: %s", self.who, r.rank, r.step, r.error)
-        self._read_failed[r.rank, r.step] = r.error
+        self._load_failed[r.rank, r.step] = r.error
 
     def _stop_reads(self, rank: int | None = None) -> None:
         """Stop the read of a persisted step into a slot of `rank` (of every rank: None) before anything else
@@ -701,26 +718,58 @@ class Daemon:
             log.info("%s restored step %d as timeline %d: dropped parity of newer steps %s", self.who, step, epoch,
                      dropped)
 
-    def _rebuild(self, step: int) -> None:
-        self._read_out()  # rebuilt shards are written into slots
+    def _start_rebuild(self, step: int) -> P.Loading:
+        """Start rebuilding this node's shards of `step` from the peers (`Rebuild`, driven by `_pump_rebuild` on every
+        turn of the loop): the ranks restore `step`, and this node holds no good copy of a rank's shard. Its ranks
+        ask again (Open) until their slots are sealed; the daemon serves on meanwhile."""
         stocks = self._stocks(max_age_s=0.0)
         blob = self.protector.rebuildable(stocks).get(step)
         if blob is None:
             raise UnrecoverableError(f"{self.who} step {step} is neither held here nor rebuildable from the peers"
                                      f" that answered ({sorted(stocks)})")
+        self._read_out()  # rebuilt shards are written into slots
+        if self._rebuilding is not None:
+            self._rebuilding.cancel(self.net)
+        rb = self._rebuilding = self.protector.start_rebuild(step, blob, stocks)
+        for r in rb.ranks:
+            self._load_failed.pop((r, step), None)
+        log.info("%s rebuilds step %d of ranks %s (%.1f MiB) from its peers", self.who, step, rb.ranks,
+                 rb.total / (1 << 20))
+        self._pump_rebuild()  # the first fetches go out now
+        return P.Loading(step, rb.done, rb.total, source="peers")
 
-        def fetch(node: str, s: int, c: int, pos: int):
-            reply, bulk = self.net.request(node, P.PeerFetch(**self.net.header(node), step=s, codeword=c, position=pos),
-                                           P.PeerData, self.cfg.peer_timeout_s, serve=self._take_peer_frames)
-            if (reply.step, reply.codeword, reply.position) != (s, c, pos) or len(bulk) != 1:
-                raise ChecksumError(f"{self.who} peer {node} answered the fetch of chunk {pos} of codeword {c} of step"
-                                    f" {s} with chunk {reply.position} of codeword {reply.codeword} of step"
-                                    f" {reply.step} in {len(bulk)} frame(s)")
-            return reply, bulk[0]
+    def _pump_rebuild(self) -> None:
+        """Move the rebuild on; once it is done, seal its slots, or keep why it failed for the ranks' next Open."""
+        rb = self._rebuilding
+        try:
+            self.net.take_answers()
+            if not rb.pump(self.net, time.monotonic(), self.cfg.peer_timeout_s):
+                return
+            self._read_out()
+            rb.finish()
+            self.protector.sent_step = max(self.protector.sent_step, rb.step)  # its parity is in place already
+            self._stocks_cache = (0.0, {})
+        except Exception as e:
+            rb.cancel(self.net)
+            if isinstance(e, ChecksumError):
+                self.protector.rebuild_failed(rb.step, e)
+            elif isinstance(e, SnapGuardError):
+                log.error("%s could not rebuild step %d: %s", self.who, rb.step, e)
+            else:  # a bug must not take the daemon down: the ranks get the error and plan again
+                log.exception("%s internal error rebuilding step %d", self.who, rb.step)
+                e = UnrecoverableError(f"{self.who} internal error rebuilding step {rb.step}: {type(e).__name__}: {e}")
+            for r in rb.ranks:
+                if rb.step not in self.table.sealed_steps(r):
+                    self._load_failed[r, rb.step] = e
+        self._rebuilding = None
 
-        self.protector.rebuild(step, blob, stocks, fetch)
-        self.protector.sent_step = max(self.protector.sent_step, step)  # its parity is in place already
-        self._stocks_cache = (0.0, {})
+    def _stop_rebuild(self, rank: int) -> None:
+        """Give up the rebuild if `rank` is one of its ranks: it no longer restores that step."""
+        rb = self._rebuilding
+        if rb is not None and rank in rb.ranks:
+            rb.cancel(self.net)
+            self._rebuilding = None
+            log.info("%s stopped rebuilding step %d: rank %d no longer restores it", self.who, rb.step, rank)
 
     def _note_world(self, msg: P.Hello | P.Reserve | P.Begin) -> None:
         """Take the job's world size from a trainer's request. A job changes it only by restarting every rank, so a
@@ -753,6 +802,15 @@ class Daemon:
         if job != self.cfg.job:
             raise ProtocolError(f"this daemon serves job {self.cfg.job!r}, not {job!r}")
 
+    def _loading(self, rank: int) -> dict:
+        """The step being brought into a slot of `rank` (read from disk, or rebuilt from the peers), and how far."""
+        r, rb = self._reads.get(rank), self._rebuilding
+        if r is not None:
+            return {"step": r.step, "done": r.done, "total": r.manifest.nbytes, "source": "disk"}
+        if rb is not None and rank in rb.ranks and rb.step not in self.table.sealed_steps(rank):
+            return {"step": rb.step, "done": rb.done, "total": rb.total, "source": "peers"}
+        return {}
+
     def status(self) -> P.StatusReport:
         now = time.time()
         ranks = []
@@ -765,8 +823,7 @@ class Daemon:
                            "age_s": round(now - s.sealed_at, 3) if s.state == SEALED else -1.0}
                           for s in slots],
                 "persisted": self.persister.steps(r, self.table.world_size) if self.persister else [],
-                "reading": ({"step": self._reads[r].step, "done": self._reads[r].done,
-                             "total": self._reads[r].manifest.nbytes} if r in self._reads else {}),
+                "reading": self._loading(r),
             })
         p = self.protector
         return P.StatusReport(self.cfg.node, self.cfg.job, os.getpid(), self.table.dir, self.table.used_bytes(),

@@ -36,11 +36,15 @@ def status_table(reports: list[P.StatusReport]) -> str:
         if r.persist_dir:
             disk = "; ".join(f"rank {x['rank']}: {', '.join(map(str, x.get('persisted', []))) or '-'}" for x in r.ranks)
             lines.append(f"  persisted to {r.persist_dir}: {disk or '(no ranks yet)'}")
-            for x in r.ranks:
-                if x.get("reading"):
-                    rd = x["reading"]
-                    lines.append(f"  rank {x['rank']} reads step {rd['step']} from disk: {_fmt_bytes(rd['done'])} of"
-                                 f" {_fmt_bytes(rd['total'])}")
+        for x in r.ranks:
+            rd = x.get("reading")
+            if rd:
+                done = f"{_fmt_bytes(rd['done'])} of {_fmt_bytes(rd['total'])}"
+                if rd.get("source") == "peers":
+                    lines.append(f"  rank {x['rank']}: step {rd['step']} is rebuilt from the peers: {done} of the"
+                                 " node's shards")
+                else:
+                    lines.append(f"  rank {x['rank']} reads step {rd['step']} from disk: {done}")
         lines.append(f"  {'rank':>5}  {'slot':>4}  {'state':<8} {'step':>7}  {'size':>10}  {'age':>8}  {'of ranks':>8}")
         for rank in r.ranks:
             for s in rank["slots"]:

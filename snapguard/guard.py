@@ -563,8 +563,9 @@ class Guard:
                          plan.reason, "; newer snapshots were corrupt and skipped" if dropped or failed else "")
             self._mixed = None  # every tensor holds the step now
             return plan.step
-        raise RestoreError(f"{self.who} steps {sorted(failed)} failed verification on some ranks even after the"
-                           " daemons checked their sealed slots again" + self._touched(loaded, {}))
+        raise RestoreError(f"{self.who} steps {sorted(failed)} failed verification or could not be rebuilt on some"
+                           " ranks even after the daemons checked their sealed slots again (this rank's warnings and"
+                           " the daemons' logs say why)" + self._touched(loaded, {}))
 
     def _touched(self, loaded: int | None, others: dict[int, int]) -> str:
         """What a failed restore left in the state: this rank's, or other ranks' (`others`: rank -> step). A mixed
@@ -582,18 +583,14 @@ class Guard:
         """Ask the daemon for this rank's shard of `step`; None if it cannot rebuild it from its peers or read it
         from disk, or only with bytes that fail their checksums (it says why, and no longer offers that step).
 
-        A step on disk only is read in the daemon's background (it answers Loading meanwhile): this asks again
-        until the shard is in a slot, saying every 10 s how far the read is, and gives up once the read has made
-        no progress for `gate_timeout_s`."""
+        A step on disk only is read in the daemon's background, and a step this node lost is rebuilt there from
+        its peers (it answers Loading meanwhile): this asks again until the shard is in a slot, saying every 10 s
+        how far the daemon is, and gives up once it has made no progress for `gate_timeout_s`."""
         moved, read, pause = time.monotonic(), -1, 0.002
         told = moved
         while True:
             try:
-                # A daemon that rebuilds the node's shards from its peers answers once they are all sealed: for a
-                # node of many large shards, that may take longer than any other request (a daemon that dies
-                # meanwhile is noticed at once, see DaemonClient).
-                reply = self.client.request(P.Open(self.endpoint.job, self.rank, step, epoch),
-                                            timeout_s=max(self.timeout_s, self.config.gate_timeout_s))
+                reply = self.client.request(P.Open(self.endpoint.job, self.rank, step, epoch))
             except DaemonError as e:
                 if e.code == RestoreError.__name__:  # e.g. a snapshot of another world size: refused, nothing changed
                     raise RestoreError(f"{self.who} cannot restore: {e}") from e
@@ -605,16 +602,18 @@ class Guard:
                 return reply
             now = time.monotonic()
             mib = f"{reply.done / (1 << 20):.0f} of {reply.total / (1 << 20):.0f} MiB"
+            what = ("rebuilt {} of the node's shards from its peers" if reply.source == "peers"
+                    else "read {} of this rank's shard from disk")
             if reply.done != read:
                 moved, read = now, reply.done
             elif now - moved > self.config.gate_timeout_s:
-                raise RestoreError(f"{self.who} restoring step {step}: the daemon read no more of this rank's shard from"
-                                   f" disk for {self.config.gate_timeout_s:.0f} s ({mib} read); is the disk under"
-                                   " --persist-dir stuck?")
+                stuck = ("its peers stopped sending chunks?" if reply.source == "peers"
+                         else "is the disk under --persist-dir stuck?")
+                raise RestoreError(f"{self.who} restoring step {step}: the daemon has {what.format(mib)}, and moved no"
+                                   f" further for {self.config.gate_timeout_s:.0f} s; {stuck}")
             if now - told >= 10.0:
                 told = now
-                log.info("%s restoring step %d: the daemon has read %s of this rank's shard from disk", self.who, step,
-                         mib)
+                log.info("%s restoring step %d: the daemon has %s", self.who, step, what.format(mib))
             time.sleep(pause)
             pause = min(pause * 2, 0.01)
 

@@ -240,16 +240,20 @@ class Shard(Message):
 
 @dataclass(frozen=True)
 class Loading(Message):
-    """The answer to Open while the daemon reads the step from disk into a slot, in the background: ask again.
-    `done` of `total` bytes are read so far."""
+    """The answer to Open while the daemon brings the step into a slot in the background: ask again. `source`
+    "disk": it reads the rank's shard from disk, `done` of `total` bytes so far; "peers": it rebuilds the node's
+    shards (all its ranks') from its peers, `done` of `total` bytes decoded so far."""
     step: int
     done: int
     total: int
+    source: str = "disk"
 
     def check(self):
         _nonneg(self, "step", "done", "total")
         if self.done > self.total:
             raise ProtocolError(f"Loading.done {self.done} exceeds Loading.total {self.total}")
+        if self.source not in ("disk", "peers"):
+            raise ProtocolError(f"Loading.source {self.source!r} is neither 'disk' nor 'peers'")
 
 
 @dataclass(frozen=True)

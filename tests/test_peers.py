@@ -31,8 +31,9 @@ from snapguard.procs import free_port
 from snapguard.config import Endpoint
 from snapguard.daemon.peers import (AuthError as PeerAuthError, ConnectionGate, PeerNet, open_frames,
                                     present_credentials, recv_frames, require_credentials, seal_frames)
+from snapguard.codec import Codec
 from snapguard.daemon.protect import PIECE
-from snapguard.errors import DaemonUnavailable, SnapGuardError
+from snapguard.errors import DaemonUnavailable, RestoreError, SnapGuardError
 from snapguard.guard import Guard
 from snapguard.procs import TrainerLock, spawn_daemon
 
@@ -45,7 +46,7 @@ SECRET = secrets.token_hex(16)
 class _Pair(tuple):
     """(endpoint, b's PeerNet, a client of a, a's log) from `_pair`; `restart()` SIGKILLs daemon a and starts it
     again with the same flags and slots."""
-    restart: Callable[[], None]
+    restart: Callable[..., None]
 
 
 @contextlib.contextmanager
@@ -68,9 +69,13 @@ def _pair(tmp_path, extra: tuple[str, ...] = (), failing: tuple[str, list[str]] 
     net.send("a", P.PeerHeld(**net.header("a"), held=[], parity=[]))
     client = DaemonClient(ep.address, timeout_s=10)
 
-    def restart() -> None:
+    def restart(wipe: bool = False) -> None:
+        """SIGKILL daemon a and start it again; `wipe`: with empty shared memory, as on a replacement machine."""
         procs[-1].kill()
         procs[-1].wait(10)
+        if wipe:
+            for name in os.listdir(shm):
+                shutil.rmtree(os.path.join(shm, name))
         procs.append(spawn_daemon(ep, shm, args, log_path=str(tmp_path / "daemon.log")))
 
     pair = _Pair((ep, net, client, tmp_path / "daemon.log"))
@@ -667,39 +672,60 @@ def test_after_a_restore_no_parity_mixes_the_timeline_left_with_the_new_one(tmp_
 
 
 class _Holder:
-    """Node b as the holder of a's parity (k=1: a copy of a's chunk), answering a's requests from a thread: it
-    keeps a's chunks as they arrive and serves them back when a rebuilds, with the bytes of the steps in `rot`
-    changed after they arrived (bit rot in b's memory), under a transport checksum of the changed bytes."""
+    """Node b as the holder of a's parity, answering a's requests from a thread: it keeps a's chunks as they
+    arrive and serves them back when a rebuilds, with the bytes of the steps in `rot` changed after they arrived
+    (bit rot in b's memory), under a transport checksum of the changed bytes. In a's group of two (k=1, m=1) the
+    parity of a's chunk is a copy of it; `m` > 1: the holder of parity `position` - 1 of a's codeword in a group
+    of 1 + m nodes (k=1), which computes it with the codec."""
 
-    def __init__(self, net: PeerNet):
+    def __init__(self, net: PeerNet, codeword: int = 1, position: int = 1, m: int = 1):
         self.net, self.chunks, self.blobs, self.rot, self.fetched = net, {}, {}, set(), []
+        self.codeword, self.position, self.m = codeword, position, m
         self.answer_with: dict[int, int] = {}  # asked step -> the step whose chunk b sends (a buggy peer)
+        self.fetches = "answer"  # or "hold": keep them until `release()`; or "ignore": never answer (b hangs)
+        self._held: list[tuple[bytes, bytes, P.PeerFetch]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
     def _serve(self) -> None:
         while not self._stop.is_set():
+            while self.fetches == "answer" and self._held:
+                self._answer(*self._held.pop(0))
             if not self.net.router.poll(20):
                 continue
             try:
                 ident, rid, msg, bulk = self.net.receive(recv_frames(self.net.router))
             except PeerAuthError:
                 continue
-            if isinstance(msg, P.PeerChunk) and msg.codeword == 1:
-                self.chunks[msg.step] = bytes(bulk[0])
+            if isinstance(msg, P.PeerChunk) and msg.codeword == self.codeword:
+                self.chunks[msg.step] = self._parity(bytes(bulk[0]))
                 self.blobs[msg.step] = msg.blob
             elif isinstance(msg, P.PeerInventory):
-                parity = [[1, 1, s] for s in sorted(self.chunks)]
-                self.net.reply(ident, rid, P.PeerStock("b", [], parity, {str(s): b for s, b in self.blobs.items()}))
+                parity = [[self.codeword, self.position, s] for s in sorted(self.chunks)]
+                self.net.reply(ident, rid, P.PeerStock(self.net.node, [], parity,
+                                                       {str(s): b for s, b in self.blobs.items()}))
             elif isinstance(msg, P.PeerFetch):
-                step = self.answer_with.get(msg.step, msg.step)
-                data = bytearray(self.chunks[step])
-                if msg.step in self.rot:
-                    data[len(data) // 2] ^= 0xFF
                 self.fetched.append(msg.step)
-                reply = P.PeerData(step, msg.codeword, msg.position, xxhash.xxh3_64_intdigest(bytes(data)))
-                self.net.reply(ident, rid, reply, [bytes(data)])
+                if self.fetches != "answer":
+                    self._held.append((ident, rid, msg))
+                    continue
+                self._answer(ident, rid, msg)
+
+    def _parity(self, chunk: bytes) -> bytes:
+        if self.m == 1:
+            return chunk
+        parity = [np.empty(len(chunk), np.uint8) for _ in range(self.m)]
+        Codec(1, self.m).encode([np.frombuffer(chunk, np.uint8)], parity)
+        return parity[self.position - 1].tobytes()
+
+    def _answer(self, ident: bytes, rid: bytes, msg: P.PeerFetch) -> None:
+        step = self.answer_with.get(msg.step, msg.step)
+        data = bytearray(self.chunks[step])
+        if msg.step in self.rot:
+            data[len(data) // 2] ^= 0xFF
+        reply = P.PeerData(step, msg.codeword, msg.position, xxhash.xxh3_64_intdigest(bytes(data)))
+        self.net.reply(ident, rid, reply, [bytes(data)])
 
     def rot_a(self, client: DaemonClient, rank: int, step: int) -> None:
         """Flip a byte of `rank`'s sealed slot of `step` on a."""
@@ -728,17 +754,7 @@ def test_a_rebuild_whose_bytes_fail_their_checksums_makes_restore_use_an_older_s
     with _pair(tmp_path) as (ep, net, client, log):
         holder = _Holder(net)
         try:
-            state = {"w": torch.arange(4096, dtype=torch.float32)}
-            guard = _guard(ep, state)
-            saved = {}
-            for step in (1, 2):
-                state["w"] += 1
-                saved[step] = state["w"].clone()
-                guard.snapshot(step)
-                guard.wait()
-            wait_until(lambda: {1, 2} <= set(holder.chunks), 10, "a's chunks of steps 1 and 2 to reach b")
-            guard.close()
-
+            saved = _seal_two_steps(ep, [holder], 4096)
             if peer == "rots":
                 holder.rot_both(client, rank=0, step=2)
             else:
@@ -761,6 +777,143 @@ def test_a_rebuild_whose_bytes_fail_their_checksums_makes_restore_use_an_older_s
                        " step 1 in 1 frame(s)" in text, text
         finally:
             holder.close()
+
+
+def _seal_two_steps(ep: Endpoint, holders: list[_Holder], n: int) -> dict[int, torch.Tensor]:
+    """a's rank seals steps 1 and 2 of a state of `n` floats, and `holders` receive a's chunks of both. Returns
+    the state saved at each step."""
+    state = {"w": torch.arange(n, dtype=torch.float32)}
+    guard = _guard(ep, state)
+    saved = {}
+    for step in (1, 2):
+        state["w"] += 1
+        saved[step] = state["w"].clone()
+        guard.snapshot(step)
+        guard.wait()
+    for h in holders:
+        wait_until(lambda: {1, 2} <= set(h.chunks), 10, f"a's chunks of steps 1 and 2 to reach {h.net.node}")
+    guard.close()
+    return saved
+
+
+def _lose_a_after_two_steps(pair: _Pair, *holders: _Holder) -> dict[int, torch.Tensor]:
+    """`_seal_two_steps`; then node a is lost: its daemon is SIGKILLed and a replacement starts with empty shared
+    memory."""
+    saved = _seal_two_steps(pair[0], list(holders), 1 << 16)
+    pair.restart(wipe=True)
+    return saved
+
+
+def test_a_replacement_daemon_serves_on_while_it_rebuilds_from_its_peers_and_restores_bit_exact(tmp_path):
+    """While the replacement of lost node a rebuilds its shard from b, and b holds back the chunk, the daemon
+    answers every request at once: Open says how far the rebuild is (Loading, from the peers), and so do Status
+    and `snapguard status`. Once b answers, restore() returns step 2, bit-exact."""
+    with _pair(tmp_path) as pair:
+        ep, net, client, log = pair
+        holder = _Holder(net)
+        quick = DaemonClient(ep.address, timeout_s=2)
+        try:
+            saved = _lose_a_after_two_steps(pair, holder)
+            holder.fetches = "hold"
+            state = {"w": torch.zeros(1 << 16, dtype=torch.float32)}
+            guard = Guard(states={"s": state}, rng=False, job=ep.job, node="a", run_dir=ep.run_dir, rank=0,
+                          world_size=1, timeout_s=10, gate_timeout_s=60)
+            got: dict = {}
+
+            def restore() -> None:
+                try:
+                    got["step"] = guard.restore()
+                except BaseException as e:
+                    got["error"] = e
+
+            t = threading.Thread(target=restore, daemon=True)
+            t.start()
+            try:
+                wait_until(lambda: holder._held, 10, "a to fetch its chunk of step 2 from b")
+                assert isinstance(quick.request(P.Ping()), P.Ok)
+                reading = quick.request(P.Status()).ranks[0]["reading"]
+                assert reading["step"] == 2 and reading["source"] == "peers" and reading["done"] == 0, reading
+                assert reading["total"] >= saved[2].numel() * 4, reading
+                assert quick.request(P.Open(ep.job, 0, 2)) == P.Loading(2, 0, reading["total"], source="peers")
+                out = subprocess.run([sys.executable, "-m", "snapguard.cli", "status", "--job", ep.job, "--run-dir",
+                                      ep.run_dir], capture_output=True, text=True, timeout=60)
+                assert "rank 0: step 2 is rebuilt from the peers: 0 B of " in out.stdout, out
+                assert not got, got
+            finally:
+                holder.fetches = "answer"
+                t.join(30)
+            assert got == {"step": 2}, got
+            assert torch.equal(state["w"], saved[2])
+            assert holder.fetched == [2]
+            assert "rebuilt step 2 of ranks [0] from peers ['b']" in log.read_text()
+            assert quick.request(P.Status()).ranks[0]["reading"] == {}
+            guard.close()
+        finally:
+            quick.close()
+            holder.close()
+
+
+def test_a_rebuild_from_a_peer_that_stops_answering_ends_in_a_clear_error_and_the_daemon_serves_on(tmp_path):
+    """b answers what it holds, but not the fetch of a's chunk: after --peer-timeout, a counts b as lost, and with
+    no other peer to fetch from, the rebuild fails with an error that says so. The ranks plan again, fail the
+    same way, and restore() raises a RestoreError instead of waiting for b; the daemon serves on."""
+    with _pair(tmp_path, extra=("--peer-timeout", "1")) as pair:
+        ep, net, client, log = pair
+        holder = _Holder(net)
+        try:
+            _lose_a_after_two_steps(pair, holder)
+            holder.fetches = "ignore"
+            state = {"w": torch.zeros(1 << 16, dtype=torch.float32)}
+            guard = Guard(states={"s": state}, rng=False, job=ep.job, node="a", run_dir=ep.run_dir, rank=0,
+                          world_size=1, timeout_s=10, gate_timeout_s=60)
+            try:
+                with pytest.raises(RestoreError, match=r"steps \[2\] failed verification or could not be rebuilt"):
+                    guard.restore()
+            finally:
+                guard.close()
+            assert holder.fetched == [2, 2], "a tried step 2 once more after the daemons checked their slots"
+            text = log.read_text()
+            assert "peer b did not answer the fetch of chunk 1 of codeword 1 within 1.0 s; counting peer b as lost" \
+                in text, text
+            assert "step 2 cannot be rebuilt: fewer than k=1 chunks of some codeword survive (b stopped answering)" \
+                in text, text
+            assert isinstance(client.request(P.Ping()), P.Ok)
+        finally:
+            holder.close()
+
+
+def test_a_rebuild_fetches_from_another_peer_when_the_first_stops_answering(tmp_path):
+    """A group of three with m=2 (k=1): b and c each hold a parity chunk of a's codeword, and either one rebuilds
+    a. The replacement of a asks b first; b does not answer, so after --peer-timeout a counts b as lost, fetches
+    from c, and restore() returns step 2, bit-exact."""
+    pc = free_port()
+    extra = ("--peer", f"c=tcp://127.0.0.1:{pc}", "--ec-group", "a,b,c", "--ec-m", "2", "--peer-timeout", "1")
+    with _pair(tmp_path, extra=extra) as pair:
+        ep, net_b, client, log = pair
+        net_c = PeerNet(ep.job, "c", SECRET.encode(), f"tcp://127.0.0.1:{pc}", {"a": net_b.peers["a"]})
+        net_c.send("a", P.PeerHeld(**net_c.header("a"), held=[], parity=[]))
+        # a's one data chunk is in codeword 2, whose parity chunks b (position 1) and c (position 2) hold
+        b, c = _Holder(net_b, codeword=2, position=1, m=2), _Holder(net_c, codeword=2, position=2, m=2)
+        try:
+            saved = _lose_a_after_two_steps(pair, b, c)
+            b.fetches = "ignore"
+            state = {"w": torch.zeros(1 << 16, dtype=torch.float32)}
+            guard = Guard(states={"s": state}, rng=False, job=ep.job, node="a", run_dir=ep.run_dir, rank=0,
+                          world_size=1, timeout_s=10, gate_timeout_s=60)
+            try:
+                assert guard.restore() == 2
+            finally:
+                guard.close()
+            assert torch.equal(state["w"], saved[2])
+            assert (b.fetched, c.fetched) == ([2], [2])
+            text = log.read_text()
+            assert "peer b did not answer the fetch of chunk 1 of codeword 2 within 1.0 s; counting peer b as lost" \
+                in text, text
+            assert "rebuilt step 2 of ranks [0] from peers ['c']" in text, text
+        finally:
+            b.close()
+            c.close()
+            net_c.close()
 
 
 _RANK = """

@@ -31,6 +31,8 @@ SAMPLES = [
     P.Sealed(17, 16),
     P.Steps([15, 16], ["rank 0: shard for step 17 has checksum ..."]),
     P.Shard("/dev/shm/x", {"k": "v"}),
+    P.Loading(16, 1 << 20, 4 << 20),
+    P.Loading(16, 0, 4 << 20, source="peers"),
     P.StatusReport("n0", "job", 1, "/dev/shm/d", 10, 20, [{"rank": 0, "slots": []}], -1),
 ]
 
@@ -51,7 +53,7 @@ def test_every_message_roundtrips(msg):
 
 def test_samples_cover_every_trainer_daemon_message():
     core = {"Ping", "Hello", "Reserve", "Begin", "Seal", "Inventory", "Open", "Drop", "Status", "Shutdown",
-            "Ok", "Error", "Welcome", "Granted", "Wait", "Sealed", "Steps", "Shard", "StatusReport"}
+            "Ok", "Error", "Welcome", "Granted", "Wait", "Sealed", "Steps", "Shard", "Loading", "StatusReport"}
     assert {m.TYPE for m in SAMPLES} == core
 
 
@@ -99,6 +101,8 @@ BEGIN = fields_of(P.Begin("job", 0, 4, 17, 4096))
     (raw({**fields_of(P.Steps([1], [])), "steps": [1, "2"]}), r"Steps.steps\[1\] has type str, expected int"),
     (raw({**fields_of(P.Steps([1], [])), "steps": 1}), "Steps.steps has type int"),
     (raw({"v": 1, "type": "Shutdown", "remove": 1}), "Shutdown.remove has type int, expected bool"),
+    (raw(fields_of(P.Loading(1, 5, 4))), "Loading.done 5 exceeds Loading.total 4"),
+    (raw({**fields_of(P.Loading(1, 0, 4)), "source": "tape"}), "Loading.source 'tape' is neither 'disk' nor 'peers'"),
 ])
 def test_decode_refuses_malformed_messages_saying_why(frame, match):
     with pytest.raises(ProtocolError, match=match):
