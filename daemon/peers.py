@@ -394,9 +394,12 @@ class PeerNet:
         self.boots[msg.node] = max(self.boots.get(msg.node, 0), msg.boot)
         return ident, rid, msg, bulk
 
-    def reply(self, ident: bytes, rid: bytes, msg: P.Message, bulk: list[bytes] = ()) -> None:
+    def reply(self, ident: bytes, rid: bytes, msg: P.Message, bulk: list = ()) -> None:
+        """Answer a peer's request. ZeroMQ sends `bulk` in place (a frame above its copy threshold is not copied):
+        the caller must not change it afterwards."""
         try:
-            self.router.send_multipart([ident, *seal_frames(self.secret, rid, msg, list(bulk))], flags=zmq.NOBLOCK)
+            self.router.send_multipart([ident, *seal_frames(self.secret, rid, msg, list(bulk))], flags=zmq.NOBLOCK,
+                                       copy=False)
         except zmq.Again:
             log.warning("%s could not reply %s to a peer: its queue is full", self.who, msg.TYPE)
 

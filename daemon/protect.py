@@ -69,6 +69,16 @@ def read_parts(parts: list[tuple[int, Slot, int]], start: int, stop: int, out) -
             out[lo - start:hi - start] = np.frombuffer(slot.buffer(), np.uint8, hi - lo, lo - off)
 
 
+def write_parts(parts: list[tuple[int, Slot, int]], start: int, data: np.ndarray) -> None:
+    """Copy `data`, bytes [start, start + len(data)) of the blob made of `parts` (as `read_parts` takes them), into
+    the slots that hold them; bytes of the blob no part holds are skipped."""
+    stop = start + len(data)
+    for off, slot, n in parts:
+        lo, hi = max(start, off), min(stop, off + n)
+        if lo < hi:
+            np.frombuffer(slot.buffer(), np.uint8, hi - lo, lo - off)[:] = data[lo - start:hi - start]
+
+
 class OutgoingStep:
     """This node's chunks of one step on their way to the parity holders. Their bytes are read out of the slots
     a piece at a time: ahead of sending (`read_some`, a few per turn of the daemon's loop), when a piece is
@@ -363,13 +373,12 @@ class Protector:
             e = self.parity[(msg.codeword, msg.position)].get(msg.step)
             if e is None or not e.complete(self.k):
                 raise LayoutError(f"no complete parity of codeword {msg.codeword} for step {msg.step}")
-            data = e.buf.tobytes()
+            data = e.buf.copy()  # its buffer may hold another step's parity before ZeroMQ has sent it
         else:
             layout, _ = self.blob_layout(msg.step)
             sc = ShardChunks(layout["nbytes"], self.k)
-            buf = np.empty(sc.chunk_len, np.uint8)
-            self.read_blob(msg.step, ref.index * sc.chunk_len, (ref.index + 1) * sc.chunk_len, buf)
-            data = buf.tobytes()
+            data = np.empty(sc.chunk_len, np.uint8)
+            self.read_blob(msg.step, ref.index * sc.chunk_len, (ref.index + 1) * sc.chunk_len, data)
         return P.PeerData(msg.step, msg.codeword, msg.position, xxhash.xxh3_64_intdigest(data)), data
 
     # ---- recovery ------------------------------------------------------------------------------
@@ -439,15 +448,18 @@ class Rebuild:
     ranks' slots are written and sealed, as if their trainers had, once every codeword is. A peer that does not
     answer within the timeout, or refuses, counts as lost, and the chunks still needed come from the others if
     enough survive (else an UnrecoverableError). Rebuilt bytes are sealed only if they match the checksums the
-    trainer recorded (else a ChecksumError, see `Protector.rebuild_failed`). Memory: the node's blob and the
-    chunks of one codeword, as before."""
+    trainer recorded (else a ChecksumError, see `Protector.rebuild_failed`). Each codeword is decoded into one
+    reused buffer and copied from there into the slots, taken when the rebuild begins (`begin`): besides them,
+    it holds the chunks of one codeword and one chunk's buffer."""
 
     def __init__(self, p: Protector, step: int, blob: dict, stocks: dict[str, P.PeerStock]):
         self.p, self.step, self.blob, self.stocks = p, step, blob, dict(stocks)
         self.who = p.who
         self.sources = self._plan()
         self.sc = ShardChunks(blob["nbytes"], p.k)
-        self.whole = np.zeros(p.k * self.sc.chunk_len, np.uint8)
+        self.parts: list[tuple[int, Slot, int]] = []  # (offset in the blob, slot, bytes) of each shard rebuilt
+        self._writing: list[tuple[int, int, Manifest]] = []  # (rank, slot index, manifest): taken, not sealed yet
+        self._out = np.empty(0, np.uint8)
         self.todo = sorted(self.sources)  # codewords left to decode, the first one's chunks being fetched
         self.got: dict[int, np.ndarray] = {}  # position -> chunk, of codeword todo[0]
         self.asked: dict[bytes, tuple[str, P.PeerFetch, float]] = {}  # request id -> (node, request, sent at)
@@ -456,6 +468,27 @@ class Rebuild:
         self.done = 0  # bytes of the blob decoded
         self.lost: list[str] = []
         self.started = time.monotonic()
+
+    def begin(self) -> None:
+        """Take a free slot for each rank's shard to rebuild (a rank whose shard is intact here keeps it)."""
+        table = self.p.table
+        try:
+            for rank, offset, wire in self.blob["ranks"]:
+                man = Manifest.from_wire(wire)
+                if man.step in table.sealed_steps(rank):
+                    continue  # only another local rank's shard was lost (e.g. found corrupt): this one is intact
+                index = table.install_begin(rank, man)
+                self._writing.append((rank, index, man))
+                self.parts.append((offset, table.ranks[rank][index], man.nbytes))
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Free the slots taken and not sealed: their bytes are no step."""
+        for rank, index, _ in self._writing:
+            self.p.table.abort(rank, index)
+        self._writing, self.parts = [], []
 
     def _plan(self) -> dict[int, list[tuple[int, str]]]:
         sources = self.p._sources(self.step, self.stocks)
@@ -529,26 +562,32 @@ class Rebuild:
         width = max(len(x) for x in self.got.values())
         for pos, x in self.got.items():  # pad shorter chunks (smaller shards) to the parity width
             chunks[pos] = x if len(x) == width else np.concatenate([x, np.zeros(width - len(x), np.uint8)])
-        mine = [ref for ref in p.plan.codewords[c].chunks if ref.node == p.me and not ref.parity]
-        out = {ref.position: np.empty(width, np.uint8) for ref in mine}
-        p.codec.decode(chunks, out)
-        for ref in mine:
-            self.whole[ref.index * sc.chunk_len:(ref.index + 1) * sc.chunk_len] = out[ref.position][:sc.chunk_len]
-        self.done = min(self.total, self.done + len(mine) * sc.chunk_len)
+        if len(self._out) < width:
+            self._out = np.empty(width, np.uint8)
+        for ref in p.plan.codewords[c].chunks:  # a node's chunks are in distinct codewords: one of them is here
+            if ref.node == p.me and not ref.parity:
+                p.codec.decode(chunks, {ref.position: self._out[:width]})
+                write_parts(self.parts, ref.index * sc.chunk_len, self._out[:sc.chunk_len])
+                self.done = min(self.total, self.done + sc.chunk_len)
 
     def finish(self) -> None:
-        """Write the rebuilt shards into the ranks' slots and seal them (the table verifies their checksums)."""
+        """Seal the ranks' slots, each once its bytes match their checksums."""
         table = self.p.table
-        for rank, offset, wire in self.blob["ranks"]:
-            man = Manifest.from_wire(wire)
-            if man.step in table.sealed_steps(rank):
-                continue  # only another local rank's shard was lost (e.g. found corrupt): this one is intact
-            table.install(rank, man, memoryview(self.whole)[offset:offset + man.nbytes])
+        while self._writing:
+            rank, index, man = self._writing[0]
+            try:
+                table.seal(rank, man.step, index, man)
+            except ChecksumError:
+                self._writing.pop(0)  # the table freed that slot
+                raise
+            self._writing.pop(0)
         peers = sorted({n for have in self.sources.values() for _, n in have})
         log.warning("%s rebuilt step %d of ranks %s from peers %s in %.2f s", self.who, self.step, self.ranks, peers,
                     time.monotonic() - self.started)
 
     def cancel(self, net) -> None:
+        """Give up: drop the fetches on their way, and free the slots not sealed."""
         for rid in self.asked:
             net.cancel(rid)
         self.asked = {}
+        self.abort()

@@ -727,10 +727,13 @@ class Daemon:
         if blob is None:
             raise UnrecoverableError(f"{self.who} step {step} is neither held here nor rebuildable from the peers"
                                      f" that answered ({sorted(stocks)})")
-        self._read_out()  # rebuilt shards are written into slots
+        self._read_out()  # rebuilt shards are written into free slots: one may be a slot whose chunks are on their way
         if self._rebuilding is not None:
             self._rebuilding.cancel(self.net)
-        rb = self._rebuilding = self.protector.start_rebuild(step, blob, stocks)
+            self._rebuilding = None
+        rb = self.protector.start_rebuild(step, blob, stocks)
+        rb.begin()
+        self._rebuilding = rb
         for r in rb.ranks:
             self._load_failed.pop((r, step), None)
         log.info("%s rebuilds step %d of ranks %s (%.1f MiB) from its peers", self.who, step, rb.ranks,
@@ -745,7 +748,6 @@ class Daemon:
             self.net.take_answers()
             if not rb.pump(self.net, time.monotonic(), self.cfg.peer_timeout_s):
                 return
-            self._read_out()
             rb.finish()
             self.protector.sent_step = max(self.protector.sent_step, rb.step)  # its parity is in place already
             self._stocks_cache = (0.0, {})

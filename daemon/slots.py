@@ -362,18 +362,6 @@ class SlotTable:
                   manifest.nbytes, time.monotonic() - t0)
         return slot
 
-    def install(self, rank: int, manifest: Manifest, data: memoryview) -> Slot:
-        """Write a shard rebuilt from peers into a free slot of `rank` and seal it, as a trainer would."""
-        index = self.install_begin(rank, manifest)
-        slot = self.ranks[rank][index]
-        if manifest.nbytes:
-            try:
-                slot.buffer()[:manifest.nbytes] = data
-            except BaseException:
-                self.abort(rank, index)
-                raise
-        return self.seal(rank, manifest.step, index, manifest)
-
     def install_begin(self, rank: int, manifest: Manifest) -> int:
         """Take a free slot of `rank` for `manifest`'s shard (rebuilt from peers, or read from disk), which the caller
         writes into and then `seal`s (or `abort`s); return its index."""

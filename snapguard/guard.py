@@ -590,7 +590,11 @@ class Guard:
         told = moved
         while True:
             try:
-                reply = self.client.request(P.Open(self.endpoint.job, self.rank, step, epoch))
+                # The Open that starts a read or a rebuild first allocates the slots of the node's ranks, and a
+                # rebuild first asks every peer what it holds (--peer-timeout for each that does not answer):
+                # that may take longer than other requests (a daemon that dies meanwhile is noticed at once).
+                reply = self.client.request(P.Open(self.endpoint.job, self.rank, step, epoch),
+                                            timeout_s=max(self.timeout_s, self.config.gate_timeout_s))
             except DaemonError as e:
                 if e.code == RestoreError.__name__:  # e.g. a snapshot of another world size: refused, nothing changed
                     raise RestoreError(f"{self.who} cannot restore: {e}") from e

@@ -790,8 +790,8 @@ def _seal_two_steps(ep: Endpoint, holders: list[_Holder], n: int) -> dict[int, t
         saved[step] = state["w"].clone()
         guard.snapshot(step)
         guard.wait()
-    for h in holders:
-        wait_until(lambda: {1, 2} <= set(h.chunks), 10, f"a's chunks of steps 1 and 2 to reach {h.net.node}")
+        for h in holders:  # before the next step is sealed: protection would skip this one if it fell behind
+            wait_until(lambda: step in h.chunks, 10, f"a's chunks of step {step} to reach {h.net.node}")
     guard.close()
     return saved
 
