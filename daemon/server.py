@@ -282,12 +282,14 @@ class Daemon:
                 awaited = self.net.awaited() if self._rebuilding is not None else []  # replies to the rebuild's fetches
                 for s in awaited:
                     poller.register(s, zmq.POLLIN)
-                busy = self._job or self._persisting() or self._rebuilding
+                busy = self._job or self._persisting() or self._rebuilding or self._reads
                 events = dict(poller.poll(0 if self._chunks else 10 if busy else 200))
                 for s in awaited:
                     poller.unregister(s)
                 if self.persister is not None:
                     self.persister.drain()  # unpins the slots written to disk
+                if self._reads:
+                    self._settle_reads()  # a finished read's slot is sealed now, not at its rank's next Open
                 if self._sock in events:
                     self._handle(self._sock.recv_multipart())
                 if self.net is not None:

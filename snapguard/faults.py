@@ -1,10 +1,12 @@
 """Named fault points: a process kills itself with SIGKILL at a precise phase, for tests and chaos runs.
 
-`SNAPGUARD_FAULTS` holds a comma-separated list of `point[@step][/rRANK][#once-file]`. When code reaches
-`fault_point(point, step)` and an entry matches, the process sends itself SIGKILL: the same death
-as an OOM kill or a lost machine, at the moment under test. With `#path`, the fault fires only if
-`path` can be created (O_EXCL), so a restarted process with the same environment does not die
-again; with `/rN`, only the process whose RANK is N dies. Points in the code:
+`SNAPGUARD_FAULTS` holds a comma-separated list of `point[@step][/rRANK][#once-file][%stall-file]`. When
+code reaches `fault_point(point, step)` and an entry matches, the process sends itself SIGKILL: the
+same death as an OOM kill or a lost machine, at the moment under test. With `#path`, the fault fires
+only if `path` can be created (O_EXCL), so a restarted process with the same environment does not die
+again; with `/rN`, only the process whose RANK is N dies. With `%path`, the point stalls instead: the
+thread that reached it waits while `path` exists (at most STALL_MAX_S), as on a disk or a peer that
+hangs, and then goes on. Points in the code:
 
 - trainer.copy.mid       half of a snapshot's tensors are in the slot
 - trainer.copy.done      all bytes are in the slot, before the seal is sent
@@ -18,15 +20,19 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 ENV_FAULTS = "SNAPGUARD_FAULTS"
+STALL_MAX_S = 600.0
 
 
-def _parse(spec: str) -> list[tuple[str, int | None, str | None]]:
+def _parse(spec: str) -> list[tuple[str, int | None, str | None, str | None]]:
     out = []
     me = os.environ.get("RANK")
     for item in filter(None, (s.strip() for s in spec.split(","))):
-        once = None
+        once = stall = None
+        if "%" in item:
+            item, stall = item.split("%", 1)
         if "#" in item:
             item, once = item.split("#", 1)
         if "/r" in item:
@@ -37,7 +43,7 @@ def _parse(spec: str) -> list[tuple[str, int | None, str | None]]:
         if "@" in item:
             item, s = item.split("@", 1)
             step = int(s)
-        out.append((item, step, once))
+        out.append((item, step, once, stall))
     return out
 
 
@@ -48,7 +54,7 @@ def fault_point(point: str, step: int | None = None) -> None:
     global _FAULTS
     if _FAULTS is None:
         _FAULTS = _parse(os.environ.get(ENV_FAULTS, ""))
-    for name, at, once in _FAULTS:
+    for name, at, once, stall in _FAULTS:
         if name != point or (at is not None and at != step):
             continue
         if once is not None:
@@ -56,4 +62,8 @@ def fault_point(point: str, step: int | None = None) -> None:
                 os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
             except FileExistsError:
                 continue
-        os.kill(os.getpid(), signal.SIGKILL)
+        if stall is None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        deadline = time.monotonic() + STALL_MAX_S
+        while os.path.exists(stall) and time.monotonic() < deadline:
+            time.sleep(0.01)

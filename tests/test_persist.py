@@ -21,7 +21,7 @@ from snapguard.cli import _fmt_bytes
 from snapguard.daemon.persist import Persister
 from snapguard.daemon.slots import SEALED, plan_begin
 from snapguard.demo import state_digest
-from snapguard.errors import ChecksumError, DaemonError, SnapGuardError, WorldSizeChanged
+from snapguard.errors import ChecksumError, DaemonError, RestoreError, SnapGuardError, WorldSizeChanged
 
 from conftest import flip_bits, wait_until
 from test_daemon import make_model, mode, train_and_snapshot, train_step
@@ -160,7 +160,7 @@ def open_from_disk(node, step: int, limit_s: float = 30.0) -> tuple[list[P.Loadi
     raise AssertionError(f"step {step} was not read from disk within {limit_s} s: {answers[-3:]}")
 
 
-def test_a_step_on_disk_is_read_in_the_background_while_the_daemon_serves_on(node, disk):
+def test_a_step_on_disk_is_read_in_the_background_while_the_daemon_serves_on(node, disk, tmp_path):
     # A node's ranks restoring from disk may read for longer than a request may take: Open starts the read and
     # answers Loading at once, the daemon serves other requests meanwhile, and the rank asks again until the
     # shard is in a slot. A Drop stops a read, and frees its slot.
@@ -170,7 +170,9 @@ def test_a_step_on_disk_is_read_in_the_background_while_the_daemon_serves_on(nod
     node.proc.wait(30)
     data = open(os.path.join(disk, f"snapguard-{node.job}", "r0.s6.data"), "rb").read()
 
-    start(node, disk, every=3)
+    stall = tmp_path / "stall"  # the read of step 6 stops after its first piece while this file exists
+    stall.touch()
+    start(node, disk, every=3, faults=f"daemon.persist.read@6%{stall}")
     node.request(P.Reserve(node.job, 0, 1, 0))
     assert node.request(P.Inventory(node.job, 0)).persisted == [3, 6]
     first = node.request(P.Open(node.job, 0, 6))
@@ -181,6 +183,7 @@ def test_a_step_on_disk_is_read_in_the_background_while_the_daemon_serves_on(nod
     out = subprocess.run([sys.executable, "-m", "snapguard.cli", "status", "--job", node.job, "--run-dir", node.run_dir],
                          capture_output=True, text=True, timeout=60)
     assert "rank 0 reads step 6 from disk: " in out.stdout and f"of {_fmt_bytes(len(data))}\n" in out.stdout, out
+    stall.unlink()
     # the rank restarts from step 5 instead: the read stops (or, if it is done, its step goes), and so does step 6
     # on disk, which lies on the timeline the rank left
     assert node.request(P.Drop(node.job, 0, 5)) == P.Ok()
@@ -195,6 +198,44 @@ def test_a_step_on_disk_is_read_in_the_background_while_the_daemon_serves_on(nod
     assert open(shard.path, "rb").read()[:len(data)] == data, "the slot holds the bytes on disk"
     assert shard.manifest["step"] == 3 and node.held() == {0: [3]}
     assert "rank 0 reads step 3 from disk" in node.log() and "rank 0 restores step 3 from disk" in node.log()
+
+
+def test_a_finished_read_is_sealed_and_shown_so_before_the_rank_asks_again(node, disk):
+    # `snapguard status` must not show a read as going on once its bytes are in the slot and verified
+    start(node, disk, every=3)
+    train(node, disk, range(4), 3)
+    node.request(P.Shutdown(remove=True))
+    node.proc.wait(30)
+    start(node, disk, every=3)
+    node.request(P.Reserve(node.job, 0, 1, 0))
+    assert isinstance(node.request(P.Open(node.job, 0, 3)), P.Loading)
+    wait_until(lambda: node.held() == {0: [3]}, 30, "the daemon to seal step 3 read from disk, unasked")
+    assert node.status().ranks[0]["reading"] == {}
+    shard = node.request(P.Open(node.job, 0, 3))
+    assert isinstance(shard, P.Shard) and shard.manifest["step"] == 3, shard
+
+
+def test_a_read_from_disk_that_stops_moving_ends_restore_with_an_error_that_says_so(node, disk, tmp_path):
+    start(node, disk, every=3)
+    train(node, disk, range(4), 3)
+    node.request(P.Shutdown(remove=True))
+    node.proc.wait(30)
+    stall = tmp_path / "stall"  # a disk that hangs after the first piece of the read
+    stall.touch()
+    start(node, disk, every=3, faults=f"daemon.persist.read%{stall}")
+    model, opt = make_model()
+    g = node.guard(model, opt, {"step": -1}, rng=False, gate_timeout_s=1.0)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RestoreError, match=r"restoring step 3: the daemon has read [\d.]+ of [\d.]+ MiB of this"
+                                               r" rank's shard from disk, and moved no further for 1 s; is the disk"
+                                               r" under --persist-dir stuck\?"):
+            g.restore()
+        assert time.monotonic() - t0 < 30
+    finally:
+        stall.unlink()
+        g.close()
+    assert isinstance(node.request(P.Ping()), P.Ok)
 
 
 def test_a_daemon_killed_while_it_reads_a_step_from_disk_leaves_no_step_and_the_next_one_reads_it_again(node, disk):
