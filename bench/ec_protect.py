@@ -60,7 +60,7 @@ class Nodes:
         os.environ["SNAPGUARD_SECRET"] = secrets.token_hex(16)
         job = f"ecb{os.getpid()}"
         self.eps = {n: Endpoint(job, n, os.path.join(self.work, n)) for n in names}
-        self.procs, self.guards = [], []
+        self.procs, self.guards, self.args = [], [], {}
         try:
             for n in names:
                 os.makedirs(os.path.join(self.shm, n), mode=0o700)
@@ -69,6 +69,7 @@ class Nodes:
                     extra += ["--peer-bind", f"tcp://127.0.0.1:{ports[n]}", "--ec-group", ",".join(names),
                               "--ec-m", str(m)]
                     extra += [a for o in names if o != n for a in ("--peer", f"{o}=tcp://127.0.0.1:{ports[o]}")]
+                self.args[n] = extra
                 self.procs.append(spawn_daemon(self.eps[n], os.path.join(self.shm, n), extra,
                                                log_path=os.path.join(self.work, f"{n}.log")))
             gen = torch.Generator().manual_seed(0)
@@ -91,6 +92,18 @@ class Nodes:
 
     def protected(self) -> int:
         return min(status(self.eps[n]).protected for n in self.names)
+
+    def replace(self, n: str) -> None:
+        """Lose node `n`: close its Guard, SIGKILL its daemon and wipe its shared memory; then start an empty
+        replacement daemon under the same name, as on a new machine."""
+        i = self.names.index(n)
+        self.guards[i].close()
+        self.procs[i].kill()
+        self.procs[i].wait(10)
+        shm = os.path.join(self.shm, n)
+        shutil.rmtree(shm)
+        os.makedirs(shm, mode=0o700)
+        self.procs[i] = spawn_daemon(self.eps[n], shm, self.args[n], log_path=os.path.join(self.work, f"{n}.log"))
 
     def close(self) -> None:
         for gd in self.guards:
