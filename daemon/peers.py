@@ -343,28 +343,55 @@ class PeerNet:
                 serve: Callable[[list[bytes]], None] | None = None) -> tuple[P.Message, list[bytes]]:
         """Send `msg` to `node` and wait for its authenticated reply, of type `expect`, serving our own peers
         meanwhile. Replies to other requests (`ask`) that come meanwhile are kept for them."""
-        rid = self.ask(node, msg)
-        sock = self._dealer(node)
+        got = self.request_all({node: msg}, expect, timeout_s, serve)[node]
+        if isinstance(got, SnapGuardError):
+            raise got
+        return got
+
+    def request_all(self, msgs: dict[str, P.Message], expect: type, timeout_s: float,
+                    serve: Callable[[list[bytes]], None] | None = None
+                    ) -> dict[str, tuple[P.Message, list[bytes]] | SnapGuardError]:
+        """Send every node its request at once, and wait for their replies, of type `expect`, at most `timeout_s` in
+        all, serving our own peers meanwhile: node -> (reply, bulk), or the error that stands for it (a refusal,
+        or no answer in time: the link to that node is then closed, dropping what is queued on it)."""
+        out: dict[str, tuple[P.Message, list[bytes]] | SnapGuardError] = {}
+        rids: dict[str, bytes] = {}
+        for node, msg in msgs.items():
+            try:
+                rids[node] = self.ask(node, msg)
+            except SnapGuardError as e:
+                out[node] = e
         deadline = time.monotonic() + timeout_s
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        if serve is not None:
-            poller.register(self.router, zmq.POLLIN)
         try:
-            while rid not in self._answers:
+            while True:
+                for node, rid in list(rids.items()):
+                    try:
+                        got = self.answer(rid, msgs[node], expect)
+                    except SnapGuardError as e:
+                        got = e
+                    if got is not None:
+                        out[node] = got
+                        del rids[node]
                 left = deadline - time.monotonic()
-                if left <= 0:
-                    self._drop(node)
-                    raise DaemonUnavailable(f"peer {node} ({self.peers[node]}) did not answer {msg.TYPE} within"
-                                            f" {timeout_s:.1f} s")
+                if not rids or left <= 0:
+                    break
+                poller = zmq.Poller()
+                for n in rids:
+                    poller.register(self._dealer(n), zmq.POLLIN)
+                if serve is not None:
+                    poller.register(self.router, zmq.POLLIN)
                 events = dict(poller.poll(int(left * 1000) + 1))
                 if serve is not None and self.router in events:
                     serve(recv_frames(self.router))
-                if sock in events:
-                    self._file(node, recv_frames(sock))
-            return self.answer(rid, msg, expect)
+                self.take_answers()
         finally:
-            self.cancel(rid)
+            for rid in rids.values():
+                self.cancel(rid)
+        for node in rids:
+            self._drop(node)
+            out[node] = DaemonUnavailable(f"peer {node} ({self.peers[node]}) did not answer {msgs[node].TYPE} within"
+                                          f" {timeout_s:.1f} s")
+        return out
 
     def receive(self, frames: list[bytes]) -> tuple[bytes, bytes, P.PeerMessage, list[bytes]]:
         """Authenticate one message from the ROUTER; return (identity, request id, message, bulk)."""

@@ -624,20 +624,20 @@ class Daemon:
         log.warning("%s %s", self.who, why)
 
     def _stocks(self, max_age_s: float = 1.0) -> dict[str, P.PeerStock]:
-        """What every reachable member of the EC group holds; a peer that does not answer counts as lost."""
+        """What every reachable member of the EC group holds, asked of all at once; a peer that does not answer
+        within --peer-timeout counts as lost."""
         at, cached = self._stocks_cache
         if time.monotonic() - at < max_age_s:
             return cached
         stocks = {}
-        for node in self.protector.group:
-            if node == self.cfg.node:
-                continue
-            try:
-                reply, _ = self.net.request(node, P.PeerInventory(**self.net.header(node), asker=self.cfg.node), P.PeerStock,
-                                            self.cfg.peer_timeout_s, serve=self._take_peer_frames)
-                stocks[node] = reply
-            except SnapGuardError as e:
-                log.warning("%s counting peer %s as lost: %s", self.who, node, e)
+        asks = {node: P.PeerInventory(**self.net.header(node), asker=self.cfg.node)
+                for node in self.protector.group if node != self.cfg.node}
+        for node, got in self.net.request_all(asks, P.PeerStock, self.cfg.peer_timeout_s,
+                                              serve=self._take_peer_frames).items():
+            if isinstance(got, SnapGuardError):
+                log.warning("%s counting peer %s as lost: %s", self.who, node, got)
+            else:
+                stocks[node] = got[0]
         self._stocks_cache = (time.monotonic(), stocks)
         return stocks
 

@@ -916,6 +916,32 @@ def test_a_rebuild_fetches_from_another_peer_when_the_first_stops_answering(tmp_
             net_c.close()
 
 
+def test_peers_that_do_not_answer_cost_an_inventory_one_peer_timeout_not_one_each(tmp_path):
+    """In a group of five, c, d and e are down (nothing listens at their addresses). A restore's Inventory asks
+    every peer what it holds, all at once: with --peer-timeout 1, it answers after about one second, within
+    the rank's 2.5 s request timeout, not after three (one for each silent peer, one after another)."""
+    silent = {n: free_port() for n in "cde"}
+    extra = (*(a for n, port in silent.items() for a in ("--peer", f"{n}=tcp://127.0.0.1:{port}")),
+             "--ec-group", "a,b,c,d,e", "--ec-m", "2", "--peer-timeout", "1")
+    with _pair(tmp_path, extra=extra) as (ep, net, client, log):
+        holder = _Holder(net)  # b answers
+        try:
+            state = {"w": torch.zeros(1024)}
+            guard = Guard(states={"s": state}, rng=False, job=ep.job, node="a", run_dir=ep.run_dir, rank=0,
+                          world_size=1, timeout_s=2.5, gate_timeout_s=10)
+            try:
+                assert guard.restore() is None
+            finally:
+                guard.close()
+            text = log.read_text()
+            for n in "cde":
+                assert f"counting peer {n} as lost: peer {n} (tcp://127.0.0.1:{silent[n]}) did not answer" \
+                       " PeerInventory within 1.0 s" in text, text
+            assert "counting peer b as lost" not in text
+        finally:
+            holder.close()
+
+
 _RANK = """
 import json, sys, torch, torch.distributed as dist
 from snapguard.guard import Guard
