@@ -429,10 +429,6 @@ class Protector:
             return f"step {step} of node {self.node} cannot be rebuilt: nodes {names} are lost or lack it. {e}"
         return f"step {step} of node {self.node} cannot be rebuilt: some parity of it is missing"
 
-    def start_rebuild(self, step: int, blob: dict, stocks: dict[str, P.PeerStock]) -> "Rebuild":
-        """Begin rebuilding this node's shards of `step` from the peers' `stocks`; the daemon's loop drives it."""
-        return Rebuild(self, step, blob, stocks)
-
     def rebuild_failed(self, step: int, e: ChecksumError) -> None:
         """Rebuilt bytes of `step` failed their checksums (a peer's slot or parity holds bytes that changed after
         they were sealed, or a peer answered with another chunk): the step is never offered again (`rebuildable`),
@@ -548,9 +544,7 @@ class Rebuild:
         log.warning("%s rebuilding step %d: %s; counting peer %s as lost", self.who, self.step, why, node)
         self.lost.append(node)
         self.stocks.pop(node, None)
-        for rid in self.asked:
-            net.cancel(rid)
-        self.asked = {}
+        self._drop_asks(net)
         self.sources = self._plan()
         if self.todo:
             keep = {pos for pos, _ in self.sources[self.todo[0]]}
@@ -585,9 +579,12 @@ class Rebuild:
         log.warning("%s rebuilt step %d of ranks %s from peers %s in %.2f s", self.who, self.step, self.ranks, peers,
                     time.monotonic() - self.started)
 
-    def cancel(self, net) -> None:
-        """Give up: drop the fetches on their way, and free the slots not sealed."""
+    def _drop_asks(self, net) -> None:
         for rid in self.asked:
             net.cancel(rid)
         self.asked = {}
+
+    def cancel(self, net) -> None:
+        """Give up: drop the fetches on their way, and free the slots not sealed."""
+        self._drop_asks(net)
         self.abort()

@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import zmq
@@ -457,12 +457,9 @@ class Daemon:
                 failed = self._load_failed.pop((msg.rank, msg.step), None)
                 if failed is not None:
                     raise failed
-                reading = self._reads.get(msg.rank)
-                if reading is not None and reading.step == msg.step:
-                    return P.Loading(msg.step, reading.done, reading.manifest.nbytes)
-                rb = self._rebuilding
-                if rb is not None and rb.step == msg.step and msg.rank in rb.ranks:
-                    return P.Loading(msg.step, rb.done, rb.total, source="peers")
+                loading = self._loading(msg.rank)
+                if loading is not None and loading.step == msg.step:
+                    return loading
                 self._stop_reads(msg.rank)  # of a step the ranks no longer restore
                 self._stop_rebuild(msg.rank)
                 on_disk = self.persister is not None and msg.step in self.persister.steps(msg.rank, t.world_size)
@@ -733,7 +730,7 @@ class Daemon:
         if self._rebuilding is not None:
             self._rebuilding.cancel(self.net)
             self._rebuilding = None
-        rb = self.protector.start_rebuild(step, blob, stocks)
+        rb = Rebuild(self.protector, step, blob, stocks)
         rb.begin()
         self._rebuilding = rb
         for r in rb.ranks:
@@ -806,14 +803,14 @@ class Daemon:
         if job != self.cfg.job:
             raise ProtocolError(f"this daemon serves job {self.cfg.job!r}, not {job!r}")
 
-    def _loading(self, rank: int) -> dict:
+    def _loading(self, rank: int) -> P.Loading | None:
         """The step being brought into a slot of `rank` (read from disk, or rebuilt from the peers), and how far."""
         r, rb = self._reads.get(rank), self._rebuilding
         if r is not None:
-            return {"step": r.step, "done": r.done, "total": r.manifest.nbytes, "source": "disk"}
+            return P.Loading(r.step, r.done, r.manifest.nbytes, source="disk")
         if rb is not None and rank in rb.ranks and rb.step not in self.table.sealed_steps(rank):
-            return {"step": rb.step, "done": rb.done, "total": rb.total, "source": "peers"}
-        return {}
+            return P.Loading(rb.step, rb.done, rb.total, source="peers")
+        return None
 
     def status(self) -> P.StatusReport:
         now = time.time()
@@ -827,7 +824,7 @@ class Daemon:
                            "age_s": round(now - s.sealed_at, 3) if s.state == SEALED else -1.0}
                           for s in slots],
                 "persisted": self.persister.steps(r, self.table.world_size) if self.persister else [],
-                "reading": self._loading(r),
+                "reading": asdict(loading) if (loading := self._loading(r)) else {},
             })
         p = self.protector
         return P.StatusReport(self.cfg.node, self.cfg.job, os.getpid(), self.table.dir, self.table.used_bytes(),

@@ -147,10 +147,11 @@ class Guard:
         self._guarded_fn = guarded
 
         # How long a restore's collectives wait for the other ranks. Longer than one daemon request: between two
-        # collectives a rank makes up to two requests (an Open that rebuilds the node's shards from its peers, up
-        # to gate_timeout_s, an Inventory that re-verifies every sealed slot) and copies its shard, which no
-        # request timeout bounds; and ranks reach the first one after pre-faulting their slots at different
-        # speeds. gate_timeout_s is the knob for "how long ranks wait for each other" on the save path too.
+        # collectives a rank makes requests (an Open that starts a read from disk or a rebuild from the peers, up
+        # to gate_timeout_s, and asks again until it is done; an Inventory that re-verifies every sealed slot) and
+        # copies its shard, which no request timeout bounds; and ranks reach the first one after pre-faulting
+        # their slots at different speeds. gate_timeout_s is the knob for "how long ranks wait for each other" on
+        # the save path too.
         self._agree_s = self.timeout_s + cfg.gate_timeout_s
         self.client = DaemonClient(self.endpoint.address, self.timeout_s, self.who)
         self._life: TrainerLock | None = None  # held while this Guard lives: the daemon's sign that the trainer runs

@@ -97,10 +97,10 @@ def pair(tmp_path):
         yield p
 
 
-def _guard(ep: Endpoint, state: dict) -> Guard:
+def _guard(ep: Endpoint, state: dict, timeout_s: float = 10, gate_timeout_s: float = 3.0) -> Guard:
     """The one rank of node a, in this process, protecting `state`."""
     return Guard(states={"s": state}, rng=False, job=ep.job, node="a", run_dir=ep.run_dir, rank=0, world_size=1,
-                 timeout_s=10, gate_timeout_s=3.0)
+                 timeout_s=timeout_s, gate_timeout_s=gate_timeout_s)
 
 
 def chunk(net: PeerNet, step: int, data: bytes, checksum: int | None = None, to: str | None = None) -> P.PeerChunk:
@@ -816,8 +816,7 @@ def test_a_replacement_daemon_serves_on_while_it_rebuilds_from_its_peers_and_res
             saved = _lose_a_after_two_steps(pair, holder)
             holder.fetches = "hold"
             state = {"w": torch.zeros(1 << 16, dtype=torch.float32)}
-            guard = Guard(states={"s": state}, rng=False, job=ep.job, node="a", run_dir=ep.run_dir, rank=0,
-                          world_size=1, timeout_s=10, gate_timeout_s=60)
+            guard = _guard(ep, state, gate_timeout_s=60)
             got: dict = {}
 
             def restore() -> None:
@@ -864,8 +863,7 @@ def test_a_rebuild_from_a_peer_that_stops_answering_ends_in_a_clear_error_and_th
             _lose_a_after_two_steps(pair, holder)
             holder.fetches = "ignore"
             state = {"w": torch.zeros(1 << 16, dtype=torch.float32)}
-            guard = Guard(states={"s": state}, rng=False, job=ep.job, node="a", run_dir=ep.run_dir, rank=0,
-                          world_size=1, timeout_s=10, gate_timeout_s=60)
+            guard = _guard(ep, state, gate_timeout_s=60)
             try:
                 with pytest.raises(RestoreError, match=r"steps \[2\] failed verification or could not be rebuilt"):
                     guard.restore()
@@ -898,8 +896,7 @@ def test_a_rebuild_fetches_from_another_peer_when_the_first_stops_answering(tmp_
             saved = _lose_a_after_two_steps(pair, b, c)
             b.fetches = "ignore"
             state = {"w": torch.zeros(1 << 16, dtype=torch.float32)}
-            guard = Guard(states={"s": state}, rng=False, job=ep.job, node="a", run_dir=ep.run_dir, rank=0,
-                          world_size=1, timeout_s=10, gate_timeout_s=60)
+            guard = _guard(ep, state, gate_timeout_s=60)
             try:
                 assert guard.restore() == 2
             finally:
@@ -927,8 +924,7 @@ def test_peers_that_do_not_answer_cost_an_inventory_one_peer_timeout_not_one_eac
         holder = _Holder(net)  # b answers
         try:
             state = {"w": torch.zeros(1024)}
-            guard = Guard(states={"s": state}, rng=False, job=ep.job, node="a", run_dir=ep.run_dir, rank=0,
-                          world_size=1, timeout_s=2.5, gate_timeout_s=10)
+            guard = _guard(ep, state, timeout_s=2.5, gate_timeout_s=10)
             try:
                 assert guard.restore() is None
             finally:
