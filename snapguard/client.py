@@ -13,6 +13,8 @@ from zmq.utils.monitor import recv_monitor_message
 from snapguard import protocol as P
 from snapguard.errors import DaemonError, DaemonUnavailable, ProtocolError
 
+_LAST_REPLY_MS = 100  # how long a request whose daemon closed the connection still looks for the reply it sent first
+
 
 class DaemonClient:
     """Send typed requests to one daemon and wait, never forever, for the typed reply.
@@ -71,16 +73,18 @@ class DaemonClient:
                 left = start + limit - time.monotonic()
                 ready = dict(self._poller.poll(int(left * 1000) + 1)) if left > 0 else {}
                 if sock in ready:  # a reply is taken first: a daemon may answer (Shutdown) and then close
-                    frames = sock.recv_multipart()
-                    if len(frames) != 2 or int.from_bytes(frames[0], "little") != rid:
-                        continue  # a stale reply to a request that timed out earlier
-                    reply = P.decode(frames[1])
-                    if isinstance(reply, P.Error):
-                        raise DaemonError(f"{self.who}: daemon refused {msg.TYPE}: [{reply.code}] {reply.message}",
-                                          reply.code)
-                    return reply
+                    reply = self._take_reply(sock, rid, msg)
+                    if reply is not None:
+                        return reply
+                    continue
                 if self._monitor in ready:
                     if self._events():
+                        # The monitor may tell of the close before the reply sent just ahead of it (Shutdown's)
+                        # can be read: take what has come by then.
+                        while sock.poll(_LAST_REPLY_MS):
+                            reply = self._take_reply(sock, rid, msg)
+                            if reply is not None:
+                                return reply
                         self._reset()  # drop the socket so a late reply cannot be taken for the next request's
                         raise DaemonUnavailable(f"{self.who}: the daemon at {self.address} closed the connection"
                                                 f" while {msg.TYPE} waited for its reply (it died or was restarted)")
@@ -91,6 +95,17 @@ class DaemonClient:
                 self._reset()
                 raise DaemonUnavailable(f"{self.who}: daemon at {self.address} did not answer {msg.TYPE} within"
                                         f" {limit:.1f} s" + ("" if up else " (no daemon was connected)"))
+
+    def _take_reply(self, sock: zmq.Socket, rid: int, msg: P.Message) -> P.Message | None:
+        """The reply waiting on `sock`, if it answers request `rid` (None: a stale reply to an earlier request that
+        timed out); an Error reply is raised as DaemonError."""
+        frames = sock.recv_multipart()
+        if len(frames) != 2 or int.from_bytes(frames[0], "little") != rid:
+            return None
+        reply = P.decode(frames[1])
+        if isinstance(reply, P.Error):
+            raise DaemonError(f"{self.who}: daemon refused {msg.TYPE}: [{reply.code}] {reply.message}", reply.code)
+        return reply
 
     def _events(self) -> bool:
         """Take the monitor's events, keeping `_up`; whether a connection closed among them."""
