@@ -2,7 +2,7 @@
 
 Every message, request or reply, is `[request id, header, *bulk, tag]` where tag is a keyed BLAKE3
 (a MAC, with a key derived from the job's secret) over the length-prefixed frames before it. The bulk
-frames are whole chunks of shards, so the MAC's speed bounds protection's: keyed BLAKE3 runs at about
+frames are pieces of chunks of shards, so the MAC's speed bounds protection's: keyed BLAKE3 runs at about
 5 GB/s per core on the dev VM, HMAC-SHA256 at 0.6 GB/s. A message whose tag is missing or
 wrong is rejected before its header is even decoded. Requests carry the sender's (boot, seq): boot
 is the sender's start time in ns and seq grows with every message, so a captured message replayed
@@ -194,10 +194,9 @@ class ConnectionGate:
 
 _ZERO_COPY = 1 << 16
 RECV_HWM = 4  # messages ZeroMQ reads ahead per peer
-# The largest frame a peer sends this daemon's ROUTER: a piece of a chunk, or a header (a chunk's carries its node's
-# layout). ZeroMQ buffers a whole frame before the MAC can be checked, so an unauthenticated sender may make the
-# daemon hold this much per frame; a larger one closes the sender's connection. (Replies, whole chunks of a rebuild,
-# arrive on the DEALERs, which take any size.)
+# The largest frame a peer sends: a piece of a chunk (to the ROUTER, or a reply to a fetch on a DEALER), or a header
+# (a chunk's carries its node's layout). ZeroMQ buffers a whole frame before the MAC can be checked, so a sender may
+# make the daemon hold this much per frame; a larger one closes the sender's connection.
 MAX_PEER_FRAME = PIECE + P.MAX_HEADER_BYTES + (1 << 16)
 
 
@@ -251,6 +250,7 @@ class PeerNet:
             present_credentials(s, self.job, self.secret)
             s.setsockopt(zmq.SNDHWM, 64)
             s.setsockopt(zmq.RCVHWM, 64)
+            s.setsockopt(zmq.MAXMSGSIZE, MAX_PEER_FRAME)
             s.connect(self.peers[node])
             self._dealers[(node, bulk)] = s
         return s

@@ -20,6 +20,7 @@ trainers had.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import os
 import time
@@ -167,10 +168,6 @@ class Protector:
             ranks.append([rank, offset, slot.manifest.to_wire()])
             offset = align(offset + slot.manifest.nbytes)
         return {"nbytes": offset, "ranks": ranks}, parts
-
-    def read_blob(self, step: int, start: int, stop: int, out: np.ndarray) -> None:
-        """Copy bytes [start, stop) of this node's blob at `step` into out (zero beyond the blob's end)."""
-        read_parts(self.blob_layout(step)[1], start, stop, out)
 
     def parity_bytes(self) -> int:
         return sum(e.buf.nbytes for steps in self.parity.values() for e in steps.values())
@@ -364,22 +361,27 @@ class Protector:
                     blobs[str(step)] = e.blobs[asker]
         return P.PeerStock(self.node, self.full_steps(), self.complete_parity(), blobs)
 
-    def serve_fetch(self, msg: P.PeerFetch) -> tuple[P.PeerData, bytes]:
+    def serve_fetch(self, msg: P.PeerFetch) -> tuple[P.PeerData, np.ndarray]:
+        """The bytes of one piece of a chunk this node holds (`P.PeerFetch`), in a buffer of their own: ZeroMQ sends
+        it in place, after the parity buffer may hold another step or the slot another shard."""
         word = self.plan.codewords[msg.codeword] if msg.codeword < self.g else None
         if word is None or msg.position >= self.g or self.group[word.chunks[msg.position].node] != self.node:
             raise ProtocolError(f"this node holds no chunk at codeword {msg.codeword} position {msg.position}")
+        if msg.length > PIECE:
+            raise ProtocolError(f"a fetch asks for at most {PIECE} bytes at once, not {msg.length}")
         ref = word.chunks[msg.position]
         if ref.parity:
             e = self.parity[(msg.codeword, msg.position)].get(msg.step)
             if e is None or not e.complete(self.k):
                 raise LayoutError(f"no complete parity of codeword {msg.codeword} for step {msg.step}")
-            data = e.buf.copy()  # its buffer may hold another step's parity before ZeroMQ has sent it
+            data = e.buf[msg.offset:msg.offset + msg.length].copy()
         else:
-            layout, _ = self.blob_layout(msg.step)
-            sc = ShardChunks(layout["nbytes"], self.k)
-            data = np.empty(sc.chunk_len, np.uint8)
-            self.read_blob(msg.step, ref.index * sc.chunk_len, (ref.index + 1) * sc.chunk_len, data)
-        return P.PeerData(msg.step, msg.codeword, msg.position, xxhash.xxh3_64_intdigest(data)), data
+            layout, parts = self.blob_layout(msg.step)
+            chunk_len = ShardChunks(layout["nbytes"], self.k).chunk_len
+            start = ref.index * chunk_len + min(msg.offset, chunk_len)
+            data = np.empty(min(msg.length, (ref.index + 1) * chunk_len - start), np.uint8)
+            read_parts(parts, start, start + len(data), data)
+        return P.PeerData(msg.step, msg.codeword, msg.position, msg.offset, xxhash.xxh3_64_intdigest(data)), data
 
     # ---- recovery ------------------------------------------------------------------------------
 
@@ -439,14 +441,19 @@ class Protector:
 
 
 class Rebuild:
-    """This node's shards of one step, rebuilt from its peers while the daemon serves on: its chunks of one
-    codeword after another, each from k peers at once; a codeword is decoded once its k chunks are in, and the
-    ranks' slots are written and sealed, as if their trainers had, once every codeword is. A peer that does not
-    answer within the timeout, or refuses, counts as lost, and the chunks still needed come from the others if
-    enough survive (else an UnrecoverableError). Rebuilt bytes are sealed only if they match the checksums the
-    trainer recorded (else a ChecksumError, see `Protector.rebuild_failed`). Each codeword is decoded into one
-    reused buffer and copied from there into the slots, taken when the rebuild begins (`begin`): besides them,
-    it holds the chunks of one codeword and one chunk's buffer."""
+    """This node's shards of one step, rebuilt from its peers while the daemon serves on, a piece at a time: a
+    piece is bytes [offset, offset + PIECE) of this node's chunk of one codeword, decoded from the same bytes of k
+    other chunks of that codeword, each fetched from the peer that holds it. Up to WINDOW pieces are on their way
+    or being decoded at once, across the codewords, so that every peer serves some. A thread of its own decodes
+    each piece once its k parts are in and writes it into the ranks' slots (the first touch of their fresh memory
+    is most of the time a rebuild takes, and the daemon's loop serves on meanwhile); the slots are taken when the
+    rebuild begins (`begin`) and sealed, as if their trainers had, once every piece is in (`finish`). Besides the
+    slots, it holds at most WINDOW * k pieces. A peer that does not answer within the timeout, or refuses, counts
+    as lost, and the parts still needed come from the others if enough survive (else an UnrecoverableError).
+    Rebuilt bytes are sealed only if they match the checksums the trainer recorded (else a ChecksumError, see
+    `Protector.rebuild_failed`)."""
+
+    WINDOW = 4
 
     def __init__(self, p: Protector, step: int, blob: dict, stocks: dict[str, P.PeerStock]):
         self.p, self.step, self.blob, self.stocks = p, step, blob, dict(stocks)
@@ -456,8 +463,15 @@ class Rebuild:
         self.parts: list[tuple[int, Slot, int]] = []  # (offset in the blob, slot, bytes) of each shard rebuilt
         self._writing: list[tuple[int, int, Manifest]] = []  # (rank, slot index, manifest): taken, not sealed yet
         self._out = np.empty(0, np.uint8)
-        self.todo = sorted(self.sources)  # codewords left to decode, the first one's chunks being fetched
-        self.got: dict[int, np.ndarray] = {}  # position -> chunk, of codeword todo[0]
+        # this node's (position, chunk index) in each codeword rebuilt: a node's chunks are in distinct codewords
+        self.mine = {c: next((ref.position, ref.index) for ref in p.plan.codewords[c].chunks
+                             if ref.node == p.me and not ref.parity) for c in self.sources}
+        n = self.sc.chunk_len
+        # pieces left to fetch, (codeword, offset): each offset of every codeword before the next offset
+        self.todo = collections.deque((c, off) for off in range(0, n, PIECE) for c in sorted(self.sources))
+        self.got: dict[tuple[int, int], dict[int, np.ndarray]] = {}  # piece on its way -> position -> its bytes
+        self._decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rebuild")  # starts at first use
+        self._decoding: collections.deque[concurrent.futures.Future] = collections.deque()  # pieces handed to it
         self.asked: dict[bytes, tuple[str, P.PeerFetch, float]] = {}  # request id -> (node, request, sent at)
         self.ranks = [rank for rank, _, _ in blob["ranks"]]
         self.total = blob["nbytes"]
@@ -475,7 +489,9 @@ class Rebuild:
                     continue  # only another local rank's shard was lost (e.g. found corrupt): this one is intact
                 index = table.install_begin(rank, man)
                 self._writing.append((rank, index, man))
-                self.parts.append((offset, table.ranks[rank][index], man.nbytes))
+                slot = table.ranks[rank][index]
+                slot.buffer()  # mapped here: the decoding thread only writes into it
+                self.parts.append((offset, slot, man.nbytes))
         except BaseException:
             self.abort()
             raise
@@ -495,77 +511,84 @@ class Rebuild:
         return sources
 
     def pump(self, net, now: float, timeout_s: float) -> bool:
-        """Ask for the chunks of the codeword at hand, take the replies that came (`net.take_answers` read them),
-        decode what is complete; True once every codeword is decoded."""
-        while self.todo:
-            c = self.todo[0]
-            pending = {(req.codeword, req.position) for _, req, _ in self.asked.values()}
+        """Ask for the parts of the pieces at hand, take the replies that came (`net.take_answers` read them),
+        decode the pieces complete; True once every piece is decoded."""
+        while self._decoding and self._decoding[0].done():
+            self._decoding.popleft().result()  # raises what the decoding raised
+        while self.todo and len(self.got) + len(self._decoding) < self.WINDOW:
+            self.got[self.todo.popleft()] = {}
+        pending = {(req.codeword, req.offset, req.position) for _, req, _ in self.asked.values()}
+        for (c, off), parts in self.got.items():
             for pos, node in self.sources[c]:
-                if pos not in self.got and (c, pos) not in pending:
-                    req = P.PeerFetch(**net.header(node), step=self.step, codeword=c, position=pos)
-                    try:
-                        self.asked[net.ask(node, req)] = (node, req, now)
-                    except SnapGuardError as e:
-                        self._lose(net, node, str(e))
-                        return False
-            for rid, (node, req, at) in list(self.asked.items()):
+                if pos in parts or (c, off, pos) in pending:
+                    continue
+                req = P.PeerFetch(**net.header(node), step=self.step, codeword=c, position=pos, offset=off,
+                                  length=min(PIECE, self.sc.chunk_len - off))
                 try:
-                    got = net.answer(rid, req, P.PeerData)
-                except SnapGuardError as e:  # a refusal, or the wrong kind of answer
+                    self.asked[net.ask(node, req)] = (node, req, now)
+                except SnapGuardError as e:
                     self._lose(net, node, str(e))
                     return False
-                if got is None:
-                    if now - at > timeout_s:
-                        self._lose(net, node, f"peer {node} did not answer the fetch of chunk {req.position} of"
-                                              f" codeword {req.codeword} within {timeout_s:.1f} s")
-                        return False
-                    continue
-                del self.asked[rid]
-                self._take(node, req, *got)
-            if len(self.got) < self.p.k:
+        for rid, (node, req, at) in list(self.asked.items()):
+            try:
+                got = net.answer(rid, req, P.PeerData)
+            except SnapGuardError as e:  # a refusal, or the wrong kind of answer
+                self._lose(net, node, str(e))
                 return False
-            self._decode(c)
-            self.todo.pop(0)
-            self.got = {}
-        return True
+            if got is None:
+                if now - at > timeout_s:
+                    self._lose(net, node, f"peer {node} did not answer the fetch of chunk {req.position} of codeword"
+                                          f" {req.codeword} (bytes {req.offset}..{req.offset + req.length}) within"
+                                          f" {timeout_s:.1f} s")
+                    return False
+                continue
+            del self.asked[rid]
+            self._take(node, req, *got)
+        for c, off in [key for key, parts in self.got.items() if len(parts) == self.p.k]:
+            self._decoding.append(self._decoder.submit(self._decode, c, off, self.got.pop((c, off))))
+        return not self.todo and not self.got and not self._decoding
 
     def _take(self, node: str, req: P.PeerFetch, reply: P.PeerData, bulk: list) -> None:
-        s, c, pos = req.step, req.codeword, req.position
-        if (reply.step, reply.codeword, reply.position) != (s, c, pos) or len(bulk) != 1:
-            raise ChecksumError(f"{self.who} peer {node} answered the fetch of chunk {pos} of codeword {c} of step"
-                                f" {s} with chunk {reply.position} of codeword {reply.codeword} of step"
-                                f" {reply.step} in {len(bulk)} frame(s)")
+        s, c, pos, off = req.step, req.codeword, req.position, req.offset
+        if (reply.step, reply.codeword, reply.position, reply.offset) != (s, c, pos, off) or len(bulk) != 1 \
+                or len(bulk[0]) > req.length:
+            raise ChecksumError(f"{self.who} peer {node} answered the fetch of chunk {pos} of codeword {c} of step {s}"
+                                f" at offset {off} with chunk {reply.position} of codeword {reply.codeword} of step"
+                                f" {reply.step} at offset {reply.offset}, in {len(bulk)} frame(s) of"
+                                f" {sum(len(b) for b in bulk)} bytes ({req.length} asked)")
         if xxhash.xxh3_64_intdigest(bulk[0]) != reply.checksum:
             raise ChecksumError(f"{self.who} chunk {pos} of codeword {c} from {node} fails its checksum")
-        self.got[pos] = np.frombuffer(bulk[0], np.uint8)
+        self.got[c, off][pos] = np.frombuffer(bulk[0], np.uint8)
 
     def _lose(self, net, node: str, why: str) -> None:
-        """Count `node` as lost: plan the chunks still needed from the other peers."""
+        """Count `node` as lost: plan the parts still needed from the other peers."""
         log.warning("%s rebuilding step %d: %s; counting peer %s as lost", self.who, self.step, why, node)
         self.lost.append(node)
         self.stocks.pop(node, None)
         self._drop_asks(net)
         self.sources = self._plan()
-        if self.todo:
-            keep = {pos for pos, _ in self.sources[self.todo[0]]}
-            self.got = {pos: chunk for pos, chunk in self.got.items() if pos in keep}
+        for (c, off), parts in self.got.items():
+            keep = {pos for pos, _ in self.sources[c]}
+            self.got[c, off] = {pos: x for pos, x in parts.items() if pos in keep}
 
-    def _decode(self, c: int) -> None:
-        p, sc = self.p, self.sc
+    def _decode(self, c: int, off: int, parts: dict[int, np.ndarray]) -> None:
+        """Decode this node's piece at `off` of codeword `c` from the k parts fetched, into its slots (in the
+        decoding thread: the codec and NumPy's copies let the daemon's loop run meanwhile)."""
+        p = self.p
+        width = min(PIECE, self.sc.chunk_len - off)
         chunks: list = [None] * p.g
-        width = max(len(x) for x in self.got.values())
-        for pos, x in self.got.items():  # pad shorter chunks (smaller shards) to the parity width
+        for pos, x in parts.items():  # a shorter chunk (of a smaller shard) is zeros up to the parity's length
             chunks[pos] = x if len(x) == width else np.concatenate([x, np.zeros(width - len(x), np.uint8)])
         if len(self._out) < width:
             self._out = np.empty(width, np.uint8)
-        for ref in p.plan.codewords[c].chunks:  # a node's chunks are in distinct codewords: one of them is here
-            if ref.node == p.me and not ref.parity:
-                p.codec.decode(chunks, {ref.position: self._out[:width]})
-                write_parts(self.parts, ref.index * sc.chunk_len, self._out[:sc.chunk_len])
-                self.done = min(self.total, self.done + sc.chunk_len)
+        pos, index = self.mine[c]
+        p.codec.decode(chunks, {pos: self._out[:width]})
+        write_parts(self.parts, index * self.sc.chunk_len + off, self._out[:width])
+        self.done = min(self.total, self.done + width)
 
     def finish(self) -> None:
         """Seal the ranks' slots, each once its bytes match their checksums."""
+        self._decoder.shutdown()
         table = self.p.table
         while self._writing:
             rank, index, man = self._writing[0]
@@ -585,6 +608,11 @@ class Rebuild:
         self.asked = {}
 
     def cancel(self, net) -> None:
-        """Give up: drop the fetches on their way, and free the slots not sealed."""
+        """Give up: drop the fetches on their way, wait for the piece being decoded (a few milliseconds; the
+        others are dropped), and free the slots not sealed."""
         self._drop_asks(net)
+        for f in self._decoding:
+            f.cancel()
+        self._decoder.shutdown(wait=True)
+        self._decoding.clear()
         self.abort()

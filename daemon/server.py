@@ -327,6 +327,9 @@ class Daemon:
         for r in self._reads.values():
             r.stop(5.0)  # its slot is not sealed: a daemon that re-adopts the slots ignores it
         self._reads.clear()
+        if self._rebuilding is not None:
+            self._rebuilding.cancel(self.net)  # its decoding thread writes into slots that are about to go
+            self._rebuilding = None
         if self.persister is not None:
             self.persister.close()
             self.persister = None

@@ -410,13 +410,19 @@ class PeerInventory(PeerMessage):
 
 @dataclass(frozen=True)
 class PeerFetch(PeerMessage):
-    """Ask for one chunk (data or parity) of one codeword at one step."""
+    """Ask for bytes [offset, offset + length) of one chunk (data or parity) of one codeword at one step: fewer
+    where the chunk ends sooner, none past its end (a shorter chunk of a codeword counts as zeros up to the parity's
+    length). A rebuild fetches a chunk in pieces, so that neither side holds or checks a whole chunk at once."""
     step: int
     codeword: int
     position: int
+    offset: int
+    length: int
 
     def check(self):
-        _nonneg(self, "step", "codeword", "position")
+        _nonneg(self, "step", "codeword", "position", "offset")
+        if self.length < 1:
+            raise ProtocolError(f"PeerFetch.length must be >= 1, got {self.length}")
 
 
 def check_blob(blob: dict, what: str) -> None:
@@ -456,7 +462,9 @@ class PeerStock(Message):
 
 @dataclass(frozen=True)
 class PeerData(Message):
+    """The answer to a PeerFetch: the bytes follow in one frame, `checksum` is theirs."""
     step: int
     codeword: int
     position: int
+    offset: int
     checksum: int

@@ -117,6 +117,13 @@ def piece(net: PeerNet, step: int, data: bytes, off: int, size: int | None = Non
     return seal_frames(net.secret, bytes(8), msg, [body])
 
 
+def fetch(net: PeerNet, step: int, offset: int = 0, length: int = PIECE) -> tuple[P.PeerData, bytes]:
+    """b fetches bytes [offset, offset + length) of a's parity of codeword 0 at `step`."""
+    reply, bulk = net.request("a", P.PeerFetch(**net.header(), step=step, codeword=0, position=1, offset=offset,
+                                               length=length), P.PeerData, timeout_s=10)
+    return reply, bytes(bulk[0])
+
+
 def status_after(client: DaemonClient, rejected: int, timeout_s: float = 10.0) -> P.StatusReport:
     """Wait until the daemon has handled what was sent (its rejected count reaches `rejected`)."""
     deadline = time.monotonic() + timeout_s
@@ -187,9 +194,8 @@ def test_parity_equals_the_codec_of_the_data(pair):
     data = np.random.default_rng(1).integers(0, 256, 8192, dtype=np.uint8).tobytes()
     net._dealer("a").send_multipart(seal_frames(net.secret, bytes(8), chunk(net, 1, data), [data]))
     wait_parity(client, [[0, 1, 1]])
-    reply, bulk = net.request("a", P.PeerFetch(**net.header(), step=1, codeword=0, position=1), P.PeerData,
-                              timeout_s=10)
-    assert bulk[0] == data and reply.checksum == xxhash.xxh3_64_intdigest(data)
+    reply, got = fetch(net, 1)
+    assert got == data and reply.checksum == xxhash.xxh3_64_intdigest(data)
 
 
 def test_a_chunk_in_pieces_completes_parity_once_every_piece_is_in(pair):
@@ -206,9 +212,15 @@ def test_a_chunk_in_pieces_completes_parity_once_every_piece_is_in(pair):
     assert wait_parity(client, [[0, 1, 1]]).parity == [[0, 1, 1]]
     dealer.send_multipart(piece(net, 1, data, PIECE))  # the same piece again
     assert status_after(client, 2).rejected == 2
-    reply, bulk = net.request("a", P.PeerFetch(**net.header(), step=1, codeword=0, position=1), P.PeerData,
-                              timeout_s=10)
-    assert bulk[0] == data, "parity of k=1 is the chunk itself"
+    # a serves it back a piece at a time: fewer bytes where the chunk ends, none past its end
+    pieces = [fetch(net, 1, off) for off in (0, PIECE, 2 * PIECE)]
+    assert [len(got) for _, got in pieces] == [PIECE, 1000, 0]
+    assert b"".join(got for _, got in pieces) == data, "parity of k=1 is the chunk itself"
+    assert [(r.offset, r.checksum) for r, got in pieces] == [(off, xxhash.xxh3_64_intdigest(got))
+                                                           for off, (_, got) in zip((0, PIECE, 2 * PIECE), pieces)]
+    assert fetch(net, 1, 500, 600)[1] == data[500:1100]
+    with pytest.raises(SnapGuardError, match=f"a fetch asks for at most {PIECE} bytes at once, not {PIECE + 1}"):
+        fetch(net, 1, 0, PIECE + 1)
     text = log.read_text()
     assert "does not fit a chunk" in text and "duplicate chunk of step 1" in text
 
@@ -652,9 +664,8 @@ def test_after_a_restore_no_parity_mixes_the_timeline_left_with_the_new_one(tmp_
                     dealer.send_multipart(piece(net, step, sent_by_b[step], off, epoch=guard.epoch))
             st = wait_parity(client, [[0, 1, 1], [0, 1, 2], [0, 1, 3]])
             for _, _, step in st.parity:
-                reply, bulk = net.request("a", P.PeerFetch(**net.header(), step=step, codeword=0, position=1), P.PeerData,
-                                          timeout_s=10)
-                assert bulk[0] == sent_by_b[step], f"a's parity of step {step} is not b's chunk of that step"
+                got = b"".join(fetch(net, step, off)[1] for off in (0, PIECE))
+                assert got == sent_by_b[step], f"a's parity of step {step} is not b's chunk of that step"
             assert st.parity == [[0, 1, 1], [0, 1, 2], [0, 1, 3]]
             assert "is of timeline 0, and this node's is" in log.read_text()
 
@@ -682,8 +693,12 @@ class _Holder:
         self.net, self.chunks, self.blobs, self.rot, self.fetched = net, {}, {}, set(), []
         self.codeword, self.position, self.m = codeword, position, m
         self.answer_with: dict[int, int] = {}  # asked step -> the step whose chunk b sends (a buggy peer)
-        self.fetches = "answer"  # or "hold": keep them until `release()`; or "ignore": never answer (b hangs)
+        # or "hold": keep them until it is "answer" again; "first": answer the first piece of a chunk and hold the
+        # others; or "ignore": never answer (b hangs)
+        self.fetches = "answer"
+        self.pieces: list[tuple[int, int, int]] = []  # (step, offset, length) of each fetch
         self._held: list[tuple[bytes, bytes, P.PeerFetch]] = []
+        self._arriving: dict[int, tuple[bytearray, int]] = {}  # step -> (a's chunk, pieces still to come)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -698,16 +713,25 @@ class _Holder:
                 ident, rid, msg, bulk = self.net.receive(recv_frames(self.net.router))
             except PeerAuthError:
                 continue
-            if isinstance(msg, P.PeerChunk) and msg.codeword == self.codeword:
-                self.chunks[msg.step] = self._parity(bytes(bulk[0]))
-                self.blobs[msg.step] = msg.blob
+            # b never reports a's step protected, so a sends its chunks again now and then: b keeps the first
+            # copy, as a real holder refuses pieces it has folded in already
+            if isinstance(msg, P.PeerChunk) and msg.codeword == self.codeword and msg.step not in self.chunks:
+                buf, left = self._arriving.get(msg.step) or (bytearray(msg.chunk_len), -(-msg.chunk_len // PIECE))
+                buf[msg.offset:msg.offset + len(bulk[0])] = bulk[0]
+                self._arriving[msg.step] = (buf, left - 1)
+                if msg.offset == 0:
+                    self.blobs[msg.step] = msg.blob
+                if left == 1:  # its last piece
+                    self.chunks[msg.step] = self._parity(bytes(self._arriving.pop(msg.step)[0]))
             elif isinstance(msg, P.PeerInventory):
                 parity = [[self.codeword, self.position, s] for s in sorted(self.chunks)]
                 self.net.reply(ident, rid, P.PeerStock(self.net.node, [], parity,
                                                        {str(s): b for s, b in self.blobs.items()}))
             elif isinstance(msg, P.PeerFetch):
-                self.fetched.append(msg.step)
-                if self.fetches != "answer":
+                if msg.offset == 0:
+                    self.fetched.append(msg.step)
+                self.pieces.append((msg.step, msg.offset, msg.length))
+                if self.fetches != "answer" and not (self.fetches == "first" and msg.offset == 0):
                     self._held.append((ident, rid, msg))
                     continue
                 self._answer(ident, rid, msg)
@@ -724,8 +748,9 @@ class _Holder:
         data = bytearray(self.chunks[step])
         if msg.step in self.rot:
             data[len(data) // 2] ^= 0xFF
-        reply = P.PeerData(step, msg.codeword, msg.position, xxhash.xxh3_64_intdigest(bytes(data)))
-        self.net.reply(ident, rid, reply, [bytes(data)])
+        data = bytes(data[msg.offset:msg.offset + msg.length])
+        reply = P.PeerData(step, msg.codeword, msg.position, msg.offset, xxhash.xxh3_64_intdigest(data))
+        self.net.reply(ident, rid, reply, [data])
 
     def rot_a(self, client: DaemonClient, rank: int, step: int) -> None:
         """Flip a byte of `rank`'s sealed slot of `step` on a."""
@@ -773,8 +798,8 @@ def test_a_rebuild_whose_bytes_fail_their_checksums_makes_restore_use_an_older_s
             assert "dropping it, restore will use an older step" in text
             assert "step 2 cannot be rebuilt" in text and "it is not offered again" in text
             if peer != "rots":
-                assert "peer b answered the fetch of chunk 1 of codeword 1 of step 2 with chunk 1 of codeword 1 of" \
-                       " step 1 in 1 frame(s)" in text, text
+                assert "peer b answered the fetch of chunk 1 of codeword 1 of step 2 at offset 0 with chunk 1 of" \
+                       " codeword 1 of step 1 at offset 0, in 1 frame(s) of 16384 bytes (16384 asked)" in text, text
         finally:
             holder.close()
 
@@ -796,12 +821,33 @@ def _seal_two_steps(ep: Endpoint, holders: list[_Holder], n: int) -> dict[int, t
     return saved
 
 
-def _lose_a_after_two_steps(pair: _Pair, *holders: _Holder) -> dict[int, torch.Tensor]:
-    """`_seal_two_steps`; then node a is lost: its daemon is SIGKILLed and a replacement starts with empty shared
-    memory."""
-    saved = _seal_two_steps(pair[0], list(holders), 1 << 16)
+def _lose_a_after_two_steps(pair: _Pair, *holders: _Holder, n: int = 1 << 16) -> dict[int, torch.Tensor]:
+    """`_seal_two_steps` of `n` floats; then node a is lost: its daemon is SIGKILLed and a replacement starts with
+    empty shared memory."""
+    saved = _seal_two_steps(pair[0], list(holders), n)
     pair.restart(wipe=True)
     return saved
+
+
+@contextlib.contextmanager
+def _restoring(guard: Guard, holder: _Holder):
+    """Run `guard.restore()` in a thread; yield a dict that gets its "step", or the "error" it raised. On leaving,
+    b answers every fetch, and the restore is waited for."""
+    got: dict = {}
+
+    def restore() -> None:
+        try:
+            got["step"] = guard.restore()
+        except BaseException as e:
+            got["error"] = e
+
+    t = threading.Thread(target=restore, daemon=True)
+    t.start()
+    try:
+        yield got
+    finally:
+        holder.fetches = "answer"
+        t.join(30)
 
 
 def test_a_replacement_daemon_serves_on_while_it_rebuilds_from_its_peers_and_restores_bit_exact(tmp_path):
@@ -817,17 +863,7 @@ def test_a_replacement_daemon_serves_on_while_it_rebuilds_from_its_peers_and_res
             holder.fetches = "hold"
             state = {"w": torch.zeros(1 << 16, dtype=torch.float32)}
             guard = _guard(ep, state, gate_timeout_s=60)
-            got: dict = {}
-
-            def restore() -> None:
-                try:
-                    got["step"] = guard.restore()
-                except BaseException as e:
-                    got["error"] = e
-
-            t = threading.Thread(target=restore, daemon=True)
-            t.start()
-            try:
+            with _restoring(guard, holder) as got:
                 wait_until(lambda: holder._held, 10, "a to fetch its chunk of step 2 from b")
                 assert isinstance(quick.request(P.Ping()), P.Ok)
                 reading = quick.request(P.Status()).ranks[0]["reading"]
@@ -838,9 +874,6 @@ def test_a_replacement_daemon_serves_on_while_it_rebuilds_from_its_peers_and_res
                                       ep.run_dir], capture_output=True, text=True, timeout=60)
                 assert "rank 0: step 2 is rebuilt from the peers: 0 B of " in out.stdout, out
                 assert not got, got
-            finally:
-                holder.fetches = "answer"
-                t.join(30)
             assert got == {"step": 2}, got
             assert torch.equal(state["w"], saved[2])
             assert holder.fetched == [2]
@@ -849,6 +882,36 @@ def test_a_replacement_daemon_serves_on_while_it_rebuilds_from_its_peers_and_res
             guard.close()
         finally:
             quick.close()
+            holder.close()
+
+
+def test_a_rebuild_fetches_a_chunk_in_pieces_all_at_once_and_decodes_each_as_it_comes(tmp_path):
+    """a's chunk of a 40 MiB shard is three pieces. The replacement of a asks b for all three at once, none longer
+    than PIECE; b answers the first and holds the others: a decodes that one into its slot at once (the rebuild
+    shows PIECE bytes done), and the shard is whole, bit-exact, once b answers the rest."""
+    n = 10 << 20  # floats
+    with _pair(tmp_path) as pair:
+        ep, net, client, log = pair
+        holder = _Holder(net)
+        try:
+            saved = _lose_a_after_two_steps(pair, holder, n=n)
+            holder.fetches = "first"
+            state = {"w": torch.zeros(n, dtype=torch.float32)}
+            guard = _guard(ep, state, gate_timeout_s=60)
+            with _restoring(guard, holder) as got:
+                wait_until(lambda: len(holder.pieces) == 3, 10, "a to ask b for the three pieces of its chunk")
+                chunk_len = len(holder.chunks[2])
+                assert holder.pieces == [(2, 0, PIECE), (2, PIECE, PIECE), (2, 2 * PIECE, chunk_len - 2 * PIECE)]
+                reading = wait_until(lambda: client.request(P.Status()).ranks[0]["reading"].get("done") and
+                                     client.request(P.Status()).ranks[0]["reading"], 10, "a to decode the piece b answered")
+                assert (reading["done"], reading["total"], reading["source"]) == (PIECE, holder.blobs[2]["nbytes"],
+                                                                                  "peers"), reading
+                assert not got, got
+            assert got == {"step": 2}, got
+            assert torch.equal(state["w"], saved[2])
+            assert len(holder.pieces) == 3, "every piece was fetched once"
+            guard.close()
+        finally:
             holder.close()
 
 
@@ -871,8 +934,8 @@ def test_a_rebuild_from_a_peer_that_stops_answering_ends_in_a_clear_error_and_th
                 guard.close()
             assert holder.fetched == [2, 2], "a tried step 2 once more after the daemons checked their slots"
             text = log.read_text()
-            assert "peer b did not answer the fetch of chunk 1 of codeword 1 within 1.0 s; counting peer b as lost" \
-                in text, text
+            assert "peer b did not answer the fetch of chunk 1 of codeword 1 (bytes 0..262144) within 1.0 s;" \
+                   " counting peer b as lost" in text, text
             assert "step 2 cannot be rebuilt: fewer than k=1 chunks of some codeword survive (b stopped answering)" \
                 in text, text
             assert isinstance(client.request(P.Ping()), P.Ok)
@@ -904,8 +967,8 @@ def test_a_rebuild_fetches_from_another_peer_when_the_first_stops_answering(tmp_
             assert torch.equal(state["w"], saved[2])
             assert (b.fetched, c.fetched) == ([2], [2])
             text = log.read_text()
-            assert "peer b did not answer the fetch of chunk 1 of codeword 2 within 1.0 s; counting peer b as lost" \
-                in text, text
+            assert "peer b did not answer the fetch of chunk 1 of codeword 2 (bytes 0..262144) within 1.0 s;" \
+                   " counting peer b as lost" in text, text
             assert "rebuilt step 2 of ranks [0] from peers ['c']" in text, text
         finally:
             b.close()
