@@ -55,6 +55,10 @@ _UNLISTED, _UNFINISHED = 1, 2
 _STOPPED_BEFORE_INVENTORY = {_UNLISTED: "could not list their snapshots",
                              _UNFINISHED: "stopped on a failure of their last snapshot"}
 _MAX_RESTORE_ROUNDS = 8  # each round after the first two rules out a step, or ends the restore
+# While a daemon reads a shard from disk or rebuilds it from its peers, the ranks gather this often whether every
+# shard is in a slot: a rank whose shard is waits for the others in these gathers, each short, as long as the loads move
+_OPEN_ROUND_S = 1.0
+_OPENED, _LOADING, _OPEN_FAILED = 0, 1, 2  # what a rank reports in those gathers
 
 
 class _Inventories(NamedTuple):
@@ -148,10 +152,10 @@ class Guard:
 
         # How long a restore's collectives wait for the other ranks. Longer than one daemon request: between two
         # collectives a rank makes requests (an Open that starts a read from disk or a rebuild from the peers, up
-        # to gate_timeout_s, and asks again until it is done; an Inventory that re-verifies every sealed slot) and
-        # copies its shard, which no request timeout bounds; and ranks reach the first one after pre-faulting
-        # their slots at different speeds. gate_timeout_s is the knob for "how long ranks wait for each other" on
-        # the save path too.
+        # to gate_timeout_s; an Inventory that re-verifies every sealed slot) and copies its shard, which no request
+        # timeout bounds; and ranks reach the first one after pre-faulting their slots at different speeds. While a
+        # read or a rebuild runs, the ranks gather every second (`_open`), so it may take longer as long as it moves.
+        # gate_timeout_s is the knob for "how long ranks wait for each other" on the save path too.
         self._agree_s = self.timeout_s + cfg.gate_timeout_s
         self.client = DaemonClient(self.endpoint.address, self.timeout_s, self.who)
         self._life: TrainerLock | None = None  # held while this Guard lives: the daemon's sign that the trainer runs
@@ -582,45 +586,85 @@ class Guard:
 
     def _open(self, step: int, epoch: int) -> P.Shard | None:
         """Ask the daemon for this rank's shard of `step`; None if it cannot rebuild it from its peers or read it
-        from disk, or only with bytes that fail their checksums (it says why, and no longer offers that step).
+        from disk, or only with bytes that fail their checksums (it says why, and no longer offers that step), or if
+        another rank's Open failed (its error says why, and every rank stops after the next gather).
 
         A step on disk only is read in the daemon's background, and a step this node lost is rebuilt there from
         its peers (it answers Loading meanwhile): this asks again until the shard is in a slot, saying every 10 s
-        how far the daemon is, and gives up once it has made no progress for `gate_timeout_s`."""
+        how far the daemon is, and gives up once it has made no progress for `gate_timeout_s`. Meanwhile the ranks
+        gather every `_OPEN_ROUND_S` whether each has its answer, so that a rank whose shard is ready waits for the
+        others as long as their loads move, each gather far shorter than the collectives' timeout."""
+        got: P.Shard | None = None
+        error: SnapGuardError | None = None
+        loading: P.Loading | None = None
         moved, read, pause = time.monotonic(), -1, 0.002
         told = moved
+        round_s = min(_OPEN_ROUND_S, self.timeout_s / 2, self.config.gate_timeout_s / 2)
+        rnd = 0
         while True:
-            try:
-                # The Open that starts a read or a rebuild first allocates the slots of the node's ranks, and a
-                # rebuild first asks every peer what it holds (--peer-timeout for each that does not answer):
-                # that may take longer than other requests (a daemon that dies meanwhile is noticed at once).
-                reply = self.client.request(P.Open(self.endpoint.job, self.rank, step, epoch),
-                                            timeout_s=max(self.timeout_s, self.config.gate_timeout_s))
-            except DaemonError as e:
-                if e.code == RestoreError.__name__:  # e.g. a snapshot of another world size: refused, nothing changed
-                    raise RestoreError(f"{self.who} cannot restore: {e}") from e
-                if e.code not in (ChecksumError.__name__, UnrecoverableError.__name__):  # the daemon names its exception
-                    raise
-                log.warning("%s restoring step %d: %s; the ranks plan again", self.who, step, e)
-                return None
-            if not isinstance(reply, P.Loading):
-                return reply
+            rnd += 1
+            until = time.monotonic() + round_s
+            while error is None and (rnd == 1 or loading is not None):
+                try:
+                    reply = self._ask_open(step, epoch)
+                except SnapGuardError as e:
+                    error = e
+                    break
+                loading = reply if isinstance(reply, P.Loading) else None
+                if loading is None:
+                    got = reply
+                    break
+                now = time.monotonic()
+                mib = f"{loading.done / (1 << 20):.0f} of {loading.total / (1 << 20):.0f} MiB"
+                what = ("rebuilt {} of the node's shards from its peers" if loading.source == "peers"
+                        else "read {} of this rank's shard from disk")
+                if loading.done != read:
+                    moved, read = now, loading.done
+                elif now - moved > self.config.gate_timeout_s:
+                    stuck = ("its peers stopped sending chunks?" if loading.source == "peers"
+                             else "is the disk under --persist-dir stuck?")
+                    error = RestoreError(f"{self.who} restoring step {step}: the daemon has {what.format(mib)}, and"
+                                         f" moved no further for {self.config.gate_timeout_s:.0f} s; {stuck}")
+                    break
+                if now - told >= 10.0:
+                    told = now
+                    log.info("%s restoring step %d: the daemon has %s", self.who, step, what.format(mib))
+                if now >= until:
+                    break
+                time.sleep(pause)
+                pause = min(pause * 2, 0.01)
+            mine = _OPEN_FAILED if error is not None else _LOADING if loading is not None else _OPENED
+            out = self._all_gather(torch.tensor([mine], dtype=torch.int64),
+                                   f"whether every rank's shard of step {step} is in a slot (round {rnd})")
+            if error is not None:
+                raise error
+            if any(o[0] == _OPEN_FAILED for o in out.values()):
+                return None  # and the restore stops: those ranks report _FAILED
+            waiting = sorted(r for r, o in out.items() if o[0] == _LOADING)
+            if not waiting:
+                return got
             now = time.monotonic()
-            mib = f"{reply.done / (1 << 20):.0f} of {reply.total / (1 << 20):.0f} MiB"
-            what = ("rebuilt {} of the node's shards from its peers" if reply.source == "peers"
-                    else "read {} of this rank's shard from disk")
-            if reply.done != read:
-                moved, read = now, reply.done
-            elif now - moved > self.config.gate_timeout_s:
-                stuck = ("its peers stopped sending chunks?" if reply.source == "peers"
-                         else "is the disk under --persist-dir stuck?")
-                raise RestoreError(f"{self.who} restoring step {step}: the daemon has {what.format(mib)}, and moved no"
-                                   f" further for {self.config.gate_timeout_s:.0f} s; {stuck}")
-            if now - told >= 10.0:
+            if loading is None and now - told >= 10.0:
                 told = now
-                log.info("%s restoring step %d: the daemon has %s", self.who, step, what.format(mib))
-            time.sleep(pause)
-            pause = min(pause * 2, 0.01)
+                log.info("%s restoring step %d: waiting for ranks %s, whose daemons still read or rebuild their"
+                         " shards", self.who, step, waiting)
+
+    def _ask_open(self, step: int, epoch: int) -> P.Shard | P.Loading | None:
+        """One Open: the shard, how far the daemon's read or rebuild of it is, or None if it cannot be rebuilt or
+        read with bytes that match their checksums."""
+        try:
+            # The Open that starts a read or a rebuild first allocates the slots of the node's ranks, and a
+            # rebuild first asks every peer what it holds (--peer-timeout for each that does not answer):
+            # that may take longer than other requests (a daemon that dies meanwhile is noticed at once).
+            return self.client.request(P.Open(self.endpoint.job, self.rank, step, epoch),
+                                       timeout_s=max(self.timeout_s, self.config.gate_timeout_s))
+        except DaemonError as e:
+            if e.code == RestoreError.__name__:  # e.g. a snapshot of another world size: refused, nothing changed
+                raise RestoreError(f"{self.who} cannot restore: {e}") from e
+            if e.code not in (ChecksumError.__name__, UnrecoverableError.__name__):  # the daemon names its exception
+                raise
+            log.warning("%s restoring step %d: %s; the ranks plan again", self.who, step, e)
+            return None
 
     def _manifest(self, shard: P.Shard) -> Manifest:
         man = Manifest.from_wire(shard.manifest)

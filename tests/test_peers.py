@@ -694,8 +694,9 @@ class _Holder:
         self.codeword, self.position, self.m = codeword, position, m
         self.answer_with: dict[int, int] = {}  # asked step -> the step whose chunk b sends (a buggy peer)
         # or "hold": keep them until it is "answer" again; "first": answer the first piece of a chunk and hold the
-        # others; or "ignore": never answer (b hangs)
+        # others; "paced": answer one every `pace_s`; or "ignore": never answer (b hangs)
         self.fetches = "answer"
+        self.pace_s, self._answered_at = 0.0, 0.0
         self.pieces: list[tuple[int, int, int]] = []  # (step, offset, length) of each fetch
         self._held: list[tuple[bytes, bytes, P.PeerFetch]] = []
         self._arriving: dict[int, tuple[bytearray, int]] = {}  # step -> (a's chunk, pieces still to come)
@@ -706,6 +707,9 @@ class _Holder:
     def _serve(self) -> None:
         while not self._stop.is_set():
             while self.fetches == "answer" and self._held:
+                self._answer(*self._held.pop(0))
+            if self.fetches == "paced" and self._held and time.monotonic() - self._answered_at >= self.pace_s:
+                self._answered_at = time.monotonic()
                 self._answer(*self._held.pop(0))
             if not self.net.router.poll(20):
                 continue
@@ -1006,10 +1010,11 @@ import json, sys, torch, torch.distributed as dist
 from snapguard.guard import Guard
 from snapguard.procs import leave_process_group
 rank, world, port, job, run_dir, mode, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], *sys.argv[4:8]
+n, timeout_s, gate_timeout_s = int(sys.argv[8]), float(sys.argv[9]), float(sys.argv[10])
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-state = {"w": torch.full((4096,), float(100 * rank))}
+state = {"w": torch.full((n,), float(100 * rank))}
 guard = Guard(states={"s": state}, rng=False, job=job, node="a", run_dir=run_dir, rank=rank, world_size=world,
-              timeout_s=20, gate_timeout_s=5.0)
+              timeout_s=timeout_s, gate_timeout_s=gate_timeout_s)
 if mode == "train":
     for step in (1, 2):
         state["w"] += 1
@@ -1019,21 +1024,24 @@ else:
     state["w"].zero_()
     step = guard.restore()
     with open(out, "w") as f:
-        json.dump({"step": step, "w": state["w"].tolist()}, f)
+        json.dump({"step": step, "w": state["w"].unique().tolist()}, f)  # the values it holds
 guard.close()
 leave_process_group()
 """
 
 
-def _ranks(ep: Endpoint, mode: str, out_dir, world: int = 2) -> list[str]:
-    """Run `world` ranks of _RANK on node a, each a process of its own joined by gloo; return their logs."""
+def _ranks(ep: Endpoint, mode: str, out_dir, world: int = 2, n: int = 4096, timeout_s: float = 20,
+           gate_timeout_s: float = 5.0) -> list[str]:
+    """Run `world` ranks of _RANK on node a, each a process of its own joined by gloo, with a state of `n` floats;
+    return their logs."""
     port, procs, logs = free_port(), [], []
     for rank in range(world):
         log = out_dir / f"{mode}.r{rank}.log"
         logs.append(log)
         with open(log, "wb") as f:
             procs.append(subprocess.Popen([sys.executable, "-c", _RANK, str(rank), str(world), str(port), ep.job,
-                                           ep.run_dir, mode, str(out_dir / f"{mode}.r{rank}.json")],
+                                           ep.run_dir, mode, str(out_dir / f"{mode}.r{rank}.json"), str(n),
+                                           str(timeout_s), str(gate_timeout_s)],
                                           stdout=f, stderr=subprocess.STDOUT))
     for p, log in zip(procs, logs):
         try:
@@ -1061,10 +1069,39 @@ def test_ranks_that_disagree_on_a_failed_rebuild_all_restore_the_same_older_step
             for rank in range(2):
                 got = json.loads((tmp_path / f"restore.r{rank}.json").read_text())
                 assert got["step"] == 1, logs[rank][-3000:]
-                assert got["w"] == [100.0 * rank + 1] * 4096, f"rank {rank} holds other bytes than its step 1"
+                assert got["w"] == [100.0 * rank + 1], f"rank {rank} holds other bytes than its step 1"
             assert holder.fetched == [2]
             assert "restoring step 2" in logs[1] and "the ranks plan again" in logs[1]
             assert "step 2 cannot be rebuilt" in log.read_text()
+        finally:
+            holder.close()
+
+
+def test_ranks_whose_shards_are_ready_wait_for_a_rebuild_that_moves_for_longer_than_a_collective_waits(tmp_path):
+    """Two ranks on node a sealed steps 1 and 2, 28 MiB each: a's chunk of step 2 is four pieces. Rank 1's slot of
+    step 2 rots, so a rebuilds step 2 from b, which answers one piece every 2.5 s: the rebuild takes 7.5 s, longer
+    than the 6 s (timeout_s + gate_timeout_s) that one of restore's collectives waits, and moves every 2.5 s,
+    within gate_timeout_s (4 s). Rank 0's shard is ready at once, and it waits for rank 1 in gathers a second
+    apart: both restore step 2, each its own bytes."""
+    n = 7 << 20
+    with _pair(tmp_path) as (ep, net, client, log):
+        holder = _Holder(net)
+        try:
+            _ranks(ep, "train", tmp_path, n=n)
+            wait_until(lambda: {1, 2} <= set(holder.chunks), 30, "a's chunks of steps 1 and 2 to reach b")
+            holder.rot_a(client, rank=1, step=2)
+            holder.fetches, holder.pace_s = "paced", 2.5
+
+            t0 = time.monotonic()
+            logs = _ranks(ep, "restore", tmp_path, n=n, timeout_s=2, gate_timeout_s=4)
+            took = time.monotonic() - t0
+            for rank in range(2):
+                got = json.loads((tmp_path / f"restore.r{rank}.json").read_text())
+                assert got["step"] == 2, logs[rank][-3000:]
+                assert got["w"] == [100.0 * rank + 2], f"rank {rank} holds other bytes than its step 2"
+            assert [p[1] for p in holder.pieces] == [0, PIECE, 2 * PIECE, 3 * PIECE]
+            assert took > 7.5, f"the rebuild, paced by b, took {took:.1f} s"
+            assert "rebuilt step 2 of ranks [0, 1] from peers ['b']" in log.read_text()
         finally:
             holder.close()
 

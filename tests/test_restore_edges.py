@@ -99,7 +99,7 @@ def test_close_releases_the_socket_even_when_the_daemon_refuses_to_shut_down(dae
 WORKER = r'''
 import datetime, json, os, sys, time
 import torch, torch.distributed as dist
-from snapguard.errors import SnapGuardError
+from snapguard.errors import DaemonUnavailable, SnapGuardError
 from snapguard.guard import Guard
 
 rank, port, job, run_dir, out, phase = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]
@@ -149,7 +149,11 @@ else:
         while not os.path.exists(os.path.join(out, "r0.json")) and time.monotonic() < deadline:
             time.sleep(0.05)
     if phase == "open-fails" and rank == 1:
-        g._open = lambda step, epoch: None  # as when its daemon cannot rebuild the step from its peers
+        g._ask_open = lambda step, epoch: None  # as when its daemon cannot rebuild the step from its peers
+    if phase == "open-raises" and rank == 1:
+        def died(step, epoch):
+            raise DaemonUnavailable("the daemon closed the connection while Open waited for its reply")
+        g._ask_open = died
     t0 = time.monotonic()
     try:
         result["restored"] = g.restore()
@@ -158,7 +162,7 @@ else:
     except Exception as e:
         result["other"] = f"{type(e).__name__}: {e}"
     result["elapsed"] = time.monotonic() - t0
-    if "error" in result and phase == "open-fails":  # a caller that catches the error and trains on anyway
+    if "error" in result and phase in ("open-fails", "open-raises"):  # a caller that catches it and trains on
         try:
             g.snapshot(7)
             result["snapshot"] = "taken"
@@ -242,6 +246,16 @@ def test_a_rank_whose_restore_fails_stops_every_rank_at_once(pair):
     got = pair("mismatch")  # rank 1's model has a tensor of another shape
     assert got[1]["error"].startswith("LayoutError: tensor '/s/w': the snapshot has float32[4]"), got
     assert "cannot restore step 1: it failed on ranks [1] (their errors say why)" in got[0]["error"], got
+    assert got[0]["elapsed"] < 20, got
+
+
+def test_a_rank_whose_open_fails_stops_every_rank_before_any_copies_its_shard(pair):
+    pair("save")
+    got = pair("open-raises")  # rank 1's daemon dies while it asks for its shard
+    assert got[1]["error"].startswith("DaemonUnavailable: "), got
+    assert "cannot restore step 1: it failed on ranks [1] (their errors say why)" in got[0]["error"], got
+    assert "holds verified chunks" not in got[0]["error"], "rank 0 copied its shard, which the job cannot use"
+    assert got[0]["snapshot"] == "taken", "a failed restore that copied nothing leaves the state as it was"
     assert got[0]["elapsed"] < 20, got
 
 
