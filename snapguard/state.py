@@ -113,12 +113,17 @@ def flatten(tree: Any, path: str = "") -> tuple[list[tuple[str, torch.Tensor]], 
         if isinstance(node, np.ndarray):
             if node.dtype == object:
                 raise LayoutError(f"{where}: NumPy arrays of objects are not supported")
+            # A Fortran-ordered array (column-major, as from np.asfortranarray, .T, or Fortran-backed libraries) is
+            # stored as its transpose, which is C-ordered, and comes back transposed again: Fortran-ordered.
+            fortran = node.ndim > 1 and node.flags.f_contiguous and not node.flags.c_contiguous
             try:
-                t = torch.from_numpy(node.copy(order="C"))  # not np.ascontiguousarray: it makes a 0-d array 1-d
+                # a copy (the background copy must not see later writes); not np.ascontiguousarray: it makes a 0-d
+                # array 1-d
+                t = torch.from_numpy((node.T if fortran else node).copy(order="C"))
             except (TypeError, ValueError) as e:  # a dtype torch lacks (strings, dates), or a non-native byte order
                 why = f"{where}: a NumPy array of dtype {node.dtype.str} cannot be stored exactly: {e}"
                 raise LayoutError(why) from None
-            return ["N", add(where, keys, t)]
+            return ["N", add(where, keys, t), "F"] if fortran else ["N", add(where, keys, t)]
         if isinstance(node, torch.dtype):
             return ["D", DTYPE_NAMES.get(node) or str(node)]
         if isinstance(node, torch.device):
@@ -149,7 +154,8 @@ def unflatten(tree: Any, tensors: list[torch.Tensor]) -> Any:
         if tag == "T":
             return tensors[val[0]]
         if tag == "N":
-            return tensors[val[0]].numpy()
+            a = tensors[val[0]].numpy()
+            return a.T if val[1:] == ["F"] else a
         if tag == "I":
             return int(val[0])
         if tag == "g":

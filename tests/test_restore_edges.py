@@ -47,16 +47,25 @@ def test_tensors_of_a_plain_dict_go_back_into_the_same_objects(daemon):
         assert bits(live[k]) == bits(saved[k]), k
 
 
-def test_numpy_values_come_back_with_their_shape_dtype_and_type(daemon):
-    extra = {"a0": np.array(7.25), "f64": np.float64(0.1), "s": np.str_("x")}
+def test_numpy_values_come_back_with_their_shape_dtype_order_and_type(daemon):
+    grid = np.arange(24, dtype=np.int32).reshape(2, 3, 4)
+    extra = {"a0": np.array(7.25), "f64": np.float64(0.1), "s": np.str_("x"), "c": grid, "f": np.asfortranarray(grid),
+             "strided": grid[:, ::2]}
     g = daemon.guard(None, None, extra, rng=False)
     g.snapshot(0)
     g.close()
-    live = {"a0": np.array(0.0), "f64": np.float64(0), "s": np.str_("")}
+    live = {"a0": np.array(0.0), "f64": np.float64(0), "s": np.str_(""), "c": np.zeros_like(grid),
+            "f": np.zeros_like(extra["f"]), "strided": np.zeros_like(grid[:, ::2])}
     g2 = daemon.guard(None, None, live, rng=False)
     assert g2.restore() == 0
     g2.close()
     assert live["a0"].shape == () and live["a0"].dtype == np.float64 and live["a0"].tobytes() == extra["a0"].tobytes()
+    for k in ("c", "f", "strided"):
+        assert live[k].shape == extra[k].shape and live[k].dtype == np.int32 and np.array_equal(live[k], extra[k]), k
+        # the bytes in memory order: a Fortran-ordered array comes back Fortran-ordered, column after column
+        assert live[k].tobytes(order="A") == extra[k].tobytes(order="A"), k
+    assert live["f"].flags.f_contiguous and not live["f"].flags.c_contiguous
+    assert live["c"].flags.c_contiguous and live["strided"].flags.c_contiguous  # a strided view comes back compact
     assert type(live["f64"]) is np.float64 and live["f64"] == extra["f64"]
     assert type(live["s"]) is np.str_ and live["s"] == "x"
 
