@@ -24,6 +24,7 @@ import zmq
 from snapguard import protocol as P
 from snapguard.config import Endpoint, daemon_who, ensure_private_dir
 from snapguard.errors import ChecksumError, ProtocolError, RestoreError, SnapGuardError, UnrecoverableError
+from snapguard.faults import fault_point
 from snapguard.layout import Manifest, default_hash_threads
 from snapguard.procs import trainer_of, trainer_runs
 from snapguard.shm import free_bytes
@@ -603,6 +604,7 @@ class Daemon:
             elif isinstance(msg, P.PeerInventory):
                 self.net.reply(ident, rid, self.protector.stock(msg.asker))
             elif isinstance(msg, P.PeerFetch):
+                fault_point("daemon.serve.fetch", msg.step)
                 reply, data = self.protector.serve_fetch(msg)
                 self.net.reply(ident, rid, reply, [data])
             else:

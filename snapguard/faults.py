@@ -14,6 +14,7 @@ hangs, and then goes on. Points in the code:
 - daemon.seal.verified   the daemon checked the shard but has not written its manifest
 - daemon.persist.mid     half of a step's chunks are written to disk (`--persist-dir`), its manifest is not
 - daemon.persist.read    a restore reads a persisted step back into a slot: the first piece is in
+- daemon.serve.fetch     a peer asked for a piece of a chunk to rebuild its node from, not answered yet
 """
 
 from __future__ import annotations

@@ -286,52 +286,97 @@ def test_an_elastic_job_that_shrinks_is_protected_again_and_rebuilt_after_a_node
         c.close()
 
 
+class _Group:
+    """g real daemons of one job in one EC group with `m`, on loopback TCP, one rank each, their Guards in this
+    process, each protecting a state of the given size; `faults`: node -> its daemon's SNAPGUARD_FAULTS."""
+
+    def __init__(self, sizes_mib: list[int], m: int, faults: dict[str, str] | None = None):
+        self.faults = faults or {}
+        self.run_dir, self.shm_dir = make_dirs("grp")
+        self.names = [f"n{i}" for i in range(len(sizes_mib))]
+        ports = [free_port() for _ in self.names]
+        self.job = f"grp{os.getpid()}"
+        self.nodes = [Node(self.job, n, self.run_dir, self.shm_dir) for n in self.names]
+        self.args = {n: ["--peer-bind", f"tcp://127.0.0.1:{p}", "--ec-group", ",".join(self.names), "--ec-m", str(m),
+                         "--peer-timeout", "1",
+                         *(a for o, q in zip(self.names, ports) if o != n for a in ("--peer", f"{o}=tcp://127.0.0.1:{q}"))]
+                     for n, p in zip(self.names, ports)}
+        gen = torch.Generator().manual_seed(5)
+        self.states = [{"w": torch.randint(0, 255, (mib << 20,), dtype=torch.uint8, generator=gen)} for mib in sizes_mib]
+        self.guards: list[Guard] = []
+        try:
+            for nd in self.nodes:
+                nd.start(self.args[nd.node], faults=self.faults.get(nd.node))
+            self.guards = [self._guard(i, st) for i, st in enumerate(self.states)]
+        except BaseException:
+            self.close()
+            raise
+
+    def _guard(self, i: int, state: dict) -> Guard:
+        return Guard(states={"s": state}, rng=False, job=self.job, node=self.names[i], run_dir=self.run_dir, rank=i,
+                     world_size=len(self.names), timeout_s=30)
+
+    def protect_two_steps(self) -> None:
+        """Every rank seals steps 0 and 1; wait until step 1 is protected on every node."""
+        for step in (0, 1):
+            for st, g in zip(self.states, self.guards):
+                st["w"][step] ^= 1
+                g.snapshot(step)
+            for g in self.guards:
+                g.wait()
+        wait_until(lambda: min(nd.status().protected for nd in self.nodes) >= 1, 60, "step 1 to be protected")
+
+    def lose_and_restore(self, i: int) -> bool:
+        """Lose node i (its daemon SIGKILLed, its memory wiped), start an empty replacement, and do what restore()
+        does on rank i once the ranks agree on step 1 (they would need a process group); whether rank i's state
+        then holds the bytes saved."""
+        saved = self.states[i]["w"].clone()
+        self.guards[i].close()
+        self.nodes[i].kill()
+        shutil.rmtree(self.nodes[i].table_dir)
+        self.nodes[i].start(self.args[self.names[i]])
+        self.states[i] = {"w": torch.zeros_like(saved)}
+        g = self.guards[i] = self._guard(i, self.states[i])
+        assert 1 in g.client.request(P.Inventory(self.job, i)).steps
+        shard = g._open(1, 0)
+        g._load(shard, g._manifest(shard))
+        return torch.equal(self.states[i]["w"], saved)
+
+    def close(self) -> None:
+        for g in self.guards:
+            g.close()
+        for nd in self.nodes:
+            nd.close()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        shutil.rmtree(self.shm_dir, ignore_errors=True)
+
+
 def test_nodes_of_unequal_sizes_rebuild_a_chunk_of_several_pieces_bit_exact(monkeypatch):
     """g=3, m=1 on three daemons whose shards are 40, 24 and 8 MiB: node 0's chunk is two pieces, node 1's is one
     shorter than them, so the replacement of node 0 decodes its second piece from bytes of a chunk that ends
     before it (zeros, as the parity counts them). It restores step 1 bit-exact."""
     monkeypatch.setenv("SNAPGUARD_SECRET", "unequal-" + os.urandom(8).hex())
-    run_dir, shm_dir = make_dirs("uneq")
-    names, ports = ["n0", "n1", "n2"], [free_port() for _ in range(3)]
-    job = f"uneq{os.getpid()}"
-    nodes = [Node(job, n, run_dir, shm_dir) for n in names]
-    args = {n: ["--peer-bind", f"tcp://127.0.0.1:{p}", "--ec-group", ",".join(names), "--ec-m", "1",
-                *(a for o, q in zip(names, ports) if o != n for a in ("--peer", f"{o}=tcp://127.0.0.1:{q}"))]
-            for n, p in zip(names, ports)}
-    gen = torch.Generator().manual_seed(5)
-    states = [{"w": torch.randint(0, 255, (mib << 20,), dtype=torch.uint8, generator=gen)} for mib in (40, 24, 8)]
-    guards = []
+    group = _Group([40, 24, 8], m=1)
     try:
-        for nd in nodes:
-            nd.start(args[nd.node])
-        guards = [Guard(states={"s": st}, rng=False, job=job, node=n, run_dir=run_dir, rank=i, world_size=3,
-                        timeout_s=30) for i, (n, st) in enumerate(zip(names, states))]
-        for step in (0, 1):
-            for st, g in zip(states, guards):
-                st["w"][step] ^= 1
-                g.snapshot(step)
-            for g in guards:
-                g.wait()
-        wait_until(lambda: min(nd.status().protected for nd in nodes) >= 1, 60, "step 1 to be protected")
-        saved = states[0]["w"].clone()
-        guards.pop(0).close()
-        nodes[0].kill()  # node 0 is lost, and its memory with it
-        shutil.rmtree(nodes[0].table_dir)
-        nodes[0].start(args["n0"])
-        state = {"w": torch.zeros_like(saved)}
-        guards.insert(0, Guard(states={"s": state}, rng=False, job=job, node="n0", run_dir=run_dir, rank=0,
-                               world_size=3, timeout_s=30))
-        # what restore() does on rank 0 once the ranks agree on step 1 (they would need a process group)
-        g = guards[0]
-        assert 1 in g.client.request(P.Inventory(job, 0)).steps
-        shard = g._open(1, 0)
-        g._load(shard, g._manifest(shard))
-        assert torch.equal(state["w"], saved)
-        assert "rebuilt step 1 of ranks [0]" in nodes[0].log()
+        group.protect_two_steps()
+        assert group.lose_and_restore(0)
+        assert "rebuilt step 1 of ranks [0]" in group.nodes[0].log()
     finally:
-        for g in guards:
-            g.close()
-        for nd in nodes:
-            nd.close()
-        shutil.rmtree(run_dir, ignore_errors=True)
-        shutil.rmtree(shm_dir, ignore_errors=True)
+        group.close()
+
+
+def test_a_node_lost_while_it_serves_a_rebuild_is_replaced_by_another_mid_rebuild(monkeypatch, tmp_path):
+    """g=4, m=2, 40 MiB per node: node 0's chunks are two pieces each. Node 0 is lost; while its replacement
+    rebuilds, node 1 dies (SIGKILL) as it serves its first fetch, with pieces of it still asked for. After
+    --peer-timeout the replacement counts node 1 as lost, fetches what is still missing from nodes 2 and 3,
+    and restores step 1 bit-exact: two nodes lost, within m."""
+    monkeypatch.setenv("SNAPGUARD_SECRET", "midrebuild-" + os.urandom(8).hex())
+    group = _Group([40] * 4, m=2, faults={"n1": f"daemon.serve.fetch@1#{tmp_path / 'n1-died'}"})
+    try:
+        group.protect_two_steps()
+        assert group.lose_and_restore(0)
+        assert group.nodes[1].proc.wait(10) == -9, "node 1 died as it served the fetch"
+        log = group.nodes[0].log()
+        assert "counting peer n1 as lost" in log and "rebuilt step 1 of ranks [0] from peers ['n2', 'n3']" in log, log
+    finally:
+        group.close()
