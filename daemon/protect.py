@@ -157,17 +157,21 @@ class Protector:
             return []
         return sorted(set.intersection(*(set(self.table.sealed_steps(r)) for r in ranks)))
 
-    def blob_layout(self, step: int) -> tuple[dict, list[tuple[int, Slot, int]]]:
-        """This node's blob at `step`: its layout (sent with its chunks), and its parts for `read_parts`."""
-        parts, ranks, offset = [], [], 0
+    def blob_parts(self, step: int) -> tuple[int, list[tuple[int, Slot, int]]]:
+        """This node's blob at `step`: its length, and its parts for `read_parts`."""
+        parts, offset = [], 0
         for rank in self.table.local_ranks():
             slot = next((s for s in self.table.ranks.get(rank, []) if self.table.current(s) and s.step == step), None)
             if slot is None:
                 raise LayoutError(f"rank {rank} holds no sealed step {step}")
             parts.append((offset, slot, slot.manifest.nbytes))
-            ranks.append([rank, offset, slot.manifest.to_wire()])
             offset = align(offset + slot.manifest.nbytes)
-        return {"nbytes": offset, "ranks": ranks}, parts
+        return offset, parts
+
+    def blob_layout(self, step: int) -> tuple[dict, list[tuple[int, Slot, int]]]:
+        """This node's blob at `step`: its layout (sent with its chunks), and its parts for `read_parts`."""
+        nbytes, parts = self.blob_parts(step)
+        return {"nbytes": nbytes, "ranks": [[slot.rank, off, slot.manifest.to_wire()] for off, slot, _ in parts]}, parts
 
     def parity_bytes(self) -> int:
         return sum(e.buf.nbytes for steps in self.parity.values() for e in steps.values())
@@ -376,8 +380,8 @@ class Protector:
                 raise LayoutError(f"no complete parity of codeword {msg.codeword} for step {msg.step}")
             data = e.buf[msg.offset:msg.offset + msg.length].copy()
         else:
-            layout, parts = self.blob_layout(msg.step)
-            chunk_len = ShardChunks(layout["nbytes"], self.k).chunk_len
+            nbytes, parts = self.blob_parts(msg.step)  # not its layout: every piece served would build the manifests
+            chunk_len = ShardChunks(nbytes, self.k).chunk_len
             start = ref.index * chunk_len + min(msg.offset, chunk_len)
             data = np.empty(min(msg.length, (ref.index + 1) * chunk_len - start), np.uint8)
             read_parts(parts, start, start + len(data), data)
