@@ -44,6 +44,7 @@ class Fault:
     kind: ClassVar[str] = ""
     params: ClassVar[dict[str, type]] = {}  # accepted parameters and their types
     restart: ClassVar[bool] = True  # a correct system restarts the ranks after this fault
+    min_m: ClassVar[int] = 1  # the parity chunks a cluster needs for this fault to be survivable
     expect_failure: ClassVar[bool] = False  # a correct system stops with a clear error
 
     def __init__(self, **kw: Any):
@@ -194,6 +195,76 @@ class LoseNode(Fault):
 
     def max_steps_lost(self, run: "Run") -> int | None:
         return _node_loss_bound(run)
+
+
+class LoseNodeInRebuild(Fault):
+    """A second machine dies while the first is being recovered: lose a node, and then the first peer that
+    serves a piece of its rebuild, as it serves it. That peer's daemon stalls at its `daemon.serve.fetch` fault
+    point, the piece unsent, until the harness has lost its node too. The first node's replacement must count
+    the peer as lost once it stops answering, fetch the pieces still missing from the others, and the peer's
+    replacement is rebuilt in turn. Two nodes lost: survivable with m >= 2."""
+
+    kind = "lose_node_in_rebuild"
+    params = {"node": str}
+    min_m = 2
+
+    def arm(self, run: "Run", index: int) -> None:
+        base = os.path.join(run.cluster.out, f"fault{index}.serve")
+        self.once, self.stall = base + ".once", base + ".stall"
+        for path in (self.once, self.stall):  # with the once-file in place, no daemon stops at the point yet
+            open(path, "w").close()
+        run.add_daemon_fault(f"daemon.serve.fetch#{self.once}%{self.stall}")
+        self.first = self.second = None
+
+    def inject(self, run: "Run", rnd: random.Random) -> Injected:
+        self.first = self.kw.get("node") or rnd.choice(run.cluster.names)
+        run.cluster.lose_node(self.first)
+        os.unlink(self.once)  # the first daemon to serve a fetch from now on creates it, writes its pid, and stalls
+        run.on_tick.append(self._lose_server)
+        return Injected(f"lost {self.first}: daemon and ranks SIGKILLed, shared memory wiped; the first peer to serve"
+                        " a piece of its rebuild is lost as it serves it", node=self.first)
+
+    def _lose_server(self, run: "Run") -> bool:
+        """Once a daemon stalls at the point: lose its node. True while none has."""
+        try:
+            with open(self.once) as f:
+                pid = f.read()
+        except FileNotFoundError:
+            return True
+        if not pid:
+            return True  # created, its pid not written yet
+        c = run.cluster
+        node = next((n for n, d in c.daemons.items() if d.pid == int(pid)), None)
+        if node is None:
+            raise SnapGuardError(f"{self.kind}: the daemon that served the fetch (pid {pid}) is none of this cluster's")
+        c.lose_node(node)
+        self.second = node
+        self.settle(run)
+        run.say(f"lost {node} as it served a piece of the rebuild of {self.first}", "fault")
+        return False
+
+    def detect(self, run: "Run", since: dict[str, int]) -> list[str]:
+        if self.second is None:
+            return []
+        lost = _grep(run, since, "daemon", f"counting peer {self.second} as lost")[:1]
+        rebuilt: dict[str, str] = {}  # the first rebuild of each daemon: the two replacements
+        for h in _grep(run, since, "daemon", "rebuilt step"):
+            rebuilt.setdefault(h.split(": ", 1)[0], h)
+        return [f"restore: {h}" for h in lost + list(rebuilt.values())]
+
+    def evidence_needed(self, run: "Run", rec: "FaultRecord") -> str | None:
+        return "restore"
+
+    def remark(self, run: "Run", rec: "FaultRecord") -> str:
+        return f"{self.second} lost in the middle of the rebuild" if self.second else "no peer served the rebuild"
+
+    def max_steps_lost(self, run: "Run") -> int | None:
+        return _node_loss_bound(run)
+
+    def settle(self, run: "Run") -> None:
+        stall = getattr(self, "stall", None)
+        if stall and os.path.exists(stall):
+            os.unlink(stall)  # a daemon still stopped at the point goes on
 
 
 class CorruptSlot(Fault):
@@ -432,16 +503,19 @@ class LoseMoreThanM(Fault):
         return [f"restore: RestoreError: cannot restore, shards cannot be rebuilt ({hits[0].split(': ', 1)[0]})"] if hits else []
 
 
-KINDS: dict[str, type[Fault]] = {f.kind: f for f in (KillRank, HangRank, KillDaemon, LoseNode, CorruptSlot, NetDrop,
-                                                      NetDelay, NetDuplicate, FillShm, LoseMoreThanM)}
-# Kinds a correct system always survives: what random scenarios draw from.
+KINDS: dict[str, type[Fault]] = {f.kind: f for f in (KillRank, HangRank, KillDaemon, LoseNode, LoseNodeInRebuild,
+                                                      CorruptSlot, NetDrop, NetDelay, NetDuplicate, FillShm,
+                                                      LoseMoreThanM)}
+# Kinds a correct system survives (given the parity each needs, `min_m`): what random scenarios draw from.
 RANDOM_KINDS = ("kill_rank", "kill_rank", "hang_rank", "kill_daemon", "lose_node", "corrupt_slot", "net_drop",
-                "net_delay", "net_duplicate", "fill_shm")
+                "net_delay", "net_duplicate", "fill_shm", "lose_node_in_rebuild")
 
 
 def check_params(kind: str, params: dict, conf: Any, where: str) -> None:
     """Refuse unknown parameters, wrong types, and ranks or nodes the cluster does not have."""
     cls = KINDS[kind]
+    if conf.m < cls.min_m:
+        raise ConfigError(f"{where}: {kind} needs m >= {cls.min_m} to be survivable, the cluster has m={conf.m}")
     for k, v in params.items():
         want = cls.params.get(k)
         if want is None:

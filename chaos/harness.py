@@ -117,6 +117,7 @@ class Run:
             self.faults.append(f)
         self.records = [FaultRecord(i, s.kind, s.label, s.at_step) for i, s in enumerate(self.specs)]
         self.on_restart: list[Callable[["Run", int], bool]] = []
+        self.on_tick: list[Callable[["Run"], bool]] = []  # called every tick while they return True
         self.timeline: list[dict] = []
         self.worker_faults: list[str] = []
         c = self.conf
@@ -152,6 +153,11 @@ class Run:
         """Arm a trainer fault point (snapguard.faults) for every attempt started from now on."""
         self.worker_faults.append(entry)
         self.cluster.spec.env["SNAPGUARD_FAULTS"] = ",".join(self.worker_faults)
+
+    def add_daemon_fault(self, entry: str) -> None:
+        """Arm a daemon fault point (snapguard.faults) in every daemon started from now on."""
+        env = self.cluster.daemon_env
+        env["SNAPGUARD_FAULTS"] = ",".join(filter(None, [env.get("SNAPGUARD_FAULTS", ""), entry]))
 
     def log_offsets(self) -> dict[str, int]:
         out = {}
@@ -191,6 +197,7 @@ class Run:
             self._progress_line = p - p % 10
             self.say(f"all {world} ranks have trained step {p}", "step")
         self._check_armed(a, p)
+        self.on_tick[:] = [cb for cb in self.on_tick if cb(self)]
         if self.next >= len(self.records):
             return
         rec = self.records[self.next]

@@ -215,12 +215,14 @@ def generate(seed: int, faults: int, mtbf_steps: float, nodes: int = 3, ranks_pe
              kinds: tuple[str, ...] = RANDOM_KINDS, **cluster: object) -> Scenario:
     """`faults` faults of random kinds at random places; gaps between them exponential with mean `mtbf_steps`.
 
-    Only kinds a correct system survives are drawn, so the expected verdict is PASS. Gaps are at least
-    two steps: a fault is injected only after training has moved on from the previous recovery.
+    Only kinds a correct system survives with `m` parity chunks are drawn, so the expected verdict is PASS.
+    Gaps are at least two steps: a fault is injected only after training has moved on from the previous
+    recovery.
     """
     if faults < 1 or mtbf_steps <= 0:
         raise ConfigError(f"need faults >= 1 and mtbf_steps > 0, got {faults} and {mtbf_steps}")
     rnd = random.Random(seed)
+    kinds = tuple(k for k in kinds if KINDS[k].min_m <= m)
     names = [f"node{i}" for i in range(nodes)]
     world = nodes * ranks_per_node
     at, out = 1, []
@@ -235,7 +237,7 @@ def generate(seed: int, faults: int, mtbf_steps: float, nodes: int = 3, ranks_pe
                 params["phase"] = phase
         elif kind == "hang_rank":
             params["rank"] = rnd.randrange(world)
-        elif kind in ("kill_daemon", "lose_node", "corrupt_slot", "fill_shm"):
+        elif kind in ("kill_daemon", "lose_node", "corrupt_slot", "fill_shm", "lose_node_in_rebuild"):
             params["node"] = rnd.choice(names)
         elif kind in ("net_drop", "net_duplicate"):
             params["probability"] = round(rnd.uniform(0.1, 0.5), 2)

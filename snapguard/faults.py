@@ -4,7 +4,7 @@
 code reaches `fault_point(point, step)` and an entry matches, the process sends itself SIGKILL: the
 same death as an OOM kill or a lost machine, at the moment under test. With `#path`, the fault fires
 only if `path` can be created (O_EXCL), so a restarted process with the same environment does not die
-again; with `/rN`, only the process whose RANK is N dies. With `%path`, the point stalls instead: the
+again (the file then holds the pid of the process that reached the point, for whoever waits for it); with `/rN`, only the process whose RANK is N dies. With `%path`, the point stalls instead: the
 thread that reached it waits while `path` exists (at most STALL_MAX_S), as on a disk or a peer that
 hangs, and then goes on. Points in the code:
 
@@ -60,9 +60,11 @@ def fault_point(point: str, step: int | None = None) -> None:
             continue
         if once is not None:
             try:
-                os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+                fd = os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
             except FileExistsError:
                 continue
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
         if stall is None:
             os.kill(os.getpid(), signal.SIGKILL)
         deadline = time.monotonic() + STALL_MAX_S

@@ -2,8 +2,8 @@
 
 A few runs carry all the injectors (each restart costs a few seconds of starting ranks on this
 machine): one scenario with every fault a correct system survives, which must PASS with each fault
-detected by the right part; one that ends in a loss of more nodes than m, which must PASS as an
-expected failure; and one with a deliberately broken restore (no RNG state), which must FAIL. The
+detected by the right part; one on 4 nodes with m=2 that loses a node in the middle of another's
+rebuild (recovered) and then more nodes than m, which must PASS as an expected failure; and one with a deliberately broken restore (no RNG state), which must FAIL. The
 soak (50+ random faults) is marked slow; run it with
     .venv/bin/python -m pytest tests/test_chaos.py -m slow -s
 """
@@ -73,6 +73,8 @@ def test_scenarios_refuse_unknown_keys_kinds_and_places():
         from_dict({"fault": [{"kind": "lose_node", "at_step": 5}, {"kind": "kill_rank", "at_step": 3}]})
     with pytest.raises(ConfigError, match="more than m=1"):
         from_dict({"fault": [{"kind": "lose_more_than_m", "at_step": 3, "nodes": ["node0"]}]})
+    with pytest.raises(ConfigError, match="needs m >= 2 to be survivable, the cluster has m=1"):
+        from_dict({"fault": [{"kind": "lose_node_in_rebuild", "at_step": 3}]})
     with pytest.raises(ConfigError, match="nodes must be an integer"):
         from_dict({"cluster": {"nodes": "3"}})
     with pytest.raises(ConfigError, match="step_sleep must be a number"):
@@ -102,6 +104,9 @@ def test_random_scenarios_are_reproducible_and_recoverable():
     gaps = [y.at_step - x.at_step for x, y in zip(a.faults, a.faults[1:])]
     assert min(gaps) >= 2 and a.cluster.steps > a.faults[-1].at_step
     assert generate(12, 50, 3.0) != a
+    # two nodes lost, one in the other's rebuild, only where m >= 2 makes it survivable
+    assert "lose_node_in_rebuild" not in {f.kind for f in a.faults}
+    assert "lose_node_in_rebuild" in {f.kind for f in generate(11, 50, 3.0, nodes=4, m=2).faults}
 
 
 def test_shipped_scenario_files_load():
@@ -133,7 +138,7 @@ def test_every_survivable_fault_is_detected_and_nothing_is_lost(tmp_path, refere
     assert rep["verdict"] == "PASS", rep["problems"]
     assert rep["completed"] and not rep["problems"]
     kinds = _by_kind(rep)
-    assert set(kinds) == set(KINDS) - {"lose_more_than_m"}
+    assert set(kinds) == set(KINDS) - {"lose_more_than_m", "lose_node_in_rebuild"}  # those two: tests of their own
     for f in rep["faults"]:
         assert f["ok"] and f["detected_by"], f
     for f in kinds["kill_rank"] + kinds["hang_rank"] + kinds["lose_node"] + kinds["corrupt_slot"]:
@@ -154,20 +159,28 @@ def test_every_survivable_fault_is_detected_and_nothing_is_lost(tmp_path, refere
 
 
 @pytest.mark.timeout(400)
-def test_losing_more_than_m_nodes_is_judged_an_expected_failure(tmp_path, reference):
+def test_a_node_lost_in_another_nodes_rebuild_is_recovered_and_losing_more_than_m_is_an_expected_failure(
+        tmp_path, tmp_path_factory):
+    """4 nodes, m=2. First node0 is lost, and the first peer to serve a piece of its rebuild is lost as it serves
+    it: node0's replacement counts that peer as lost and finishes from the other two; the peer is rebuilt next, and
+    nothing is lost. Then three nodes are lost at once: more than m, the job must stop with a clear error."""
+    reference = str(tmp_path_factory.mktemp("chaos-ref-g4"))
     rep = _run(tmp_path, reference, [
-        {"kind": "kill_rank", "at_step": 3, "rank": 2},
-        {"kind": "lose_more_than_m", "at_step": 7},
-    ])
+        {"kind": "lose_node_in_rebuild", "at_step": 3, "node": "node0"},
+        {"kind": "lose_more_than_m", "at_step": 8},
+    ], nodes=4, m=2, steps=16)
     assert rep["verdict"] == "PASS", rep["problems"]
     assert rep["expected_failure"] and not rep["completed"]
-    last = rep["faults"][-1]
+    first, last = rep["faults"]
+    second = first["outcome"].removeprefix("recovered; ").removesuffix(" lost in the middle of the rebuild")
+    assert first["ok"] and first["restarted"] and second in ("node1", "node2", "node3"), first
+    assert any("rebuilding step" in d and f"counting peer {second} as lost" in d for d in first["detected_by"]), first
+    rebuilt = {d.split(": ")[1] for d in first["detected_by"] if "rebuilt step" in d}
+    assert rebuilt == {"daemon.node0.log", f"daemon.{second}.log"}, first
     assert last["outcome"] == "expected failure detected"
     assert any("RestoreError" in d and "cannot be rebuilt" in d for d in last["detected_by"])
-    assert rep["faults"][0]["outcome"] == "recovered"
     # nothing was trained after the unrecoverable loss
-    after = [a for a in rep["losses"]["run"] if int(a) > last["attempt"]]
-    assert after == []
+    assert [a for a in rep["losses"]["run"] if int(a) > last["attempt"]] == []
 
 
 @pytest.mark.timeout(400)
