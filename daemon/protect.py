@@ -80,6 +80,15 @@ def write_parts(parts: list[tuple[int, Slot, int]], start: int, data: np.ndarray
             np.frombuffer(slot.buffer(), np.uint8, hi - lo, lo - off)[:] = data[lo - start:hi - start]
 
 
+def part_view(parts: list[tuple[int, Slot, int]], start: int, stop: int) -> np.ndarray | None:
+    """Bytes [start, stop) of the blob made of `parts` (as `read_parts` takes them), as a writable view of the one
+    slot that holds them all; None where they span slots or reach past the blob's end."""
+    for off, slot, n in parts:
+        if off <= start and stop <= off + n:
+            return np.frombuffer(slot.buffer(), np.uint8, stop - start, start - off)
+    return None
+
+
 class OutgoingStep:
     """This node's chunks of one step on their way to the parity holders. Their bytes are read out of the slots
     a piece at a time: ahead of sending (`read_some`, a few per turn of the daemon's loop), when a piece is
@@ -527,7 +536,7 @@ class Rebuild:
                 if pos in parts or (c, off, pos) in pending:
                     continue
                 req = P.PeerFetch(**net.header(node), step=self.step, codeword=c, position=pos, offset=off,
-                                  length=min(PIECE, self.sc.chunk_len - off))
+                                  length=self._width(off))
                 try:
                     self.asked[net.ask(node, req)] = (node, req, now)
                 except SnapGuardError as e:
@@ -565,29 +574,44 @@ class Rebuild:
         self.got[c, off][pos] = np.frombuffer(bulk[0], np.uint8)
 
     def _lose(self, net, node: str, why: str) -> None:
-        """Count `node` as lost: plan the parts still needed from the other peers."""
+        """Count `node` as lost: plan the parts still needed from the other peers. What the others were asked for
+        and still serve the new plan stays on its way."""
         log.warning("%s rebuilding step %d: %s; counting peer %s as lost", self.who, self.step, why, node)
         self.lost.append(node)
         self.stocks.pop(node, None)
-        self._drop_asks(net)
         self.sources = self._plan()
+        keep = {c: {pos for pos, _ in have} for c, have in self.sources.items()}
+        for rid, (asked, req, _) in list(self.asked.items()):
+            if asked == node or req.position not in keep[req.codeword]:
+                net.cancel(rid)
+                del self.asked[rid]
         for (c, off), parts in self.got.items():
-            keep = {pos for pos, _ in self.sources[c]}
-            self.got[c, off] = {pos: x for pos, x in parts.items() if pos in keep}
+            self.got[c, off] = {pos: x for pos, x in parts.items() if pos in keep[c]}
+
+    def _width(self, off: int) -> int:
+        """The length of the pieces at `off` of this node's chunks (the last one of a chunk is shorter)."""
+        return min(PIECE, self.sc.chunk_len - off)
 
     def _decode(self, c: int, off: int, parts: dict[int, np.ndarray]) -> None:
         """Decode this node's piece at `off` of codeword `c` from the k parts fetched, into its slots (in the
-        decoding thread: the codec and NumPy's copies let the daemon's loop run meanwhile)."""
+        decoding thread: the codec and NumPy's copies let the daemon's loop run meanwhile). A piece that lies in
+        one rank's slot is decoded straight into it; one that spans two slots, or the blob's end, goes through a
+        buffer."""
         p = self.p
-        width = min(PIECE, self.sc.chunk_len - off)
+        width = self._width(off)
         chunks: list = [None] * p.g
         for pos, x in parts.items():  # a shorter chunk (of a smaller shard) is zeros up to the parity's length
             chunks[pos] = x if len(x) == width else np.concatenate([x, np.zeros(width - len(x), np.uint8)])
-        if len(self._out) < width:
-            self._out = np.empty(width, np.uint8)
         pos, index = self.mine[c]
-        p.codec.decode(chunks, {pos: self._out[:width]})
-        write_parts(self.parts, index * self.sc.chunk_len + off, self._out[:width])
+        start = index * self.sc.chunk_len + off
+        out = part_view(self.parts, start, start + width)
+        if out is not None:
+            p.codec.decode(chunks, {pos: out})
+        else:
+            if len(self._out) < width:
+                self._out = np.empty(width, np.uint8)
+            p.codec.decode(chunks, {pos: self._out[:width]})
+            write_parts(self.parts, start, self._out[:width])
         self.done = min(self.total, self.done + width)
 
     def finish(self) -> None:
