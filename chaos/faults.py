@@ -186,12 +186,13 @@ class LoseNode(Fault):
     params = {"node": str}
 
     def inject(self, run: "Run", rnd: random.Random) -> Injected:
-        node = self.kw.get("node") or rnd.choice(run.cluster.names)
-        run.cluster.lose_node(node)
-        return Injected(f"lost {node}: daemon and ranks SIGKILLed, shared memory wiped", node=node)
+        self.node = self.kw.get("node") or rnd.choice(run.cluster.names)
+        run.cluster.lose_node(self.node)
+        return Injected(f"lost {self.node}: daemon and ranks SIGKILLed, shared memory wiped", node=self.node)
 
     def detect(self, run: "Run", since: dict[str, int]) -> list[str]:
-        return [f"restore: {h}" for h in _grep(run, since, "daemon", "rebuilt step")][:2]
+        node = getattr(self, "node", None)
+        return [f"restore: {h}" for h in _first_in(_grep(run, since, "daemon", "rebuilt step"), node)]
 
     def max_steps_lost(self, run: "Run") -> int | None:
         return _node_loss_bound(run)
@@ -246,11 +247,9 @@ class LoseNodeInRebuild(Fault):
     def detect(self, run: "Run", since: dict[str, int]) -> list[str]:
         if self.second is None:
             return []
-        lost = _grep(run, since, "daemon", f"counting peer {self.second} as lost")[:1]
-        rebuilt: dict[str, str] = {}  # the first rebuild of each daemon: the two replacements
-        for h in _grep(run, since, "daemon", "rebuilt step"):
-            rebuilt.setdefault(h.split(": ", 1)[0], h)
-        return [f"restore: {h}" for h in lost + list(rebuilt.values())]
+        lost = _first_in(_grep(run, since, "daemon", f"counting peer {self.second} as lost"), self.first)
+        rebuilt = _grep(run, since, "daemon", "rebuilt step")
+        return [f"restore: {h}" for h in lost + _first_in(rebuilt, self.first) + _first_in(rebuilt, self.second)]
 
     def evidence_needed(self, run: "Run", rec: "FaultRecord") -> str | None:
         return "restore"
@@ -332,6 +331,12 @@ class CorruptSlot(Fault):
             return False
         lines = _grep(run, rec.offsets, "worker", f"restored step {rec.restored_step} in")
         return bool(lines) and not any("corrupt" in line for line in lines)
+
+
+def _first_in(hits: list[str], node: str | None) -> list[str]:
+    """The first of `_grep`'s hits in `node`'s daemon log: the logs are read to the end of the run, and a later
+    fault's lines are no evidence of this one's."""
+    return [h for h in hits if h.startswith(f"daemon.{node}.log: ")][:1]
 
 
 def _node_loss_bound(run: "Run") -> int | None:
