@@ -32,6 +32,7 @@ import xxhash
 from snapguard import protocol as P
 from snapguard.codec import Codec, ShardChunks
 from snapguard.errors import ChecksumError, LayoutError, ProtocolError, SnapGuardError, UnrecoverableError
+from snapguard.faults import fault_point
 from snapguard.layout import Manifest, align
 from snapguard.stripes import plan_stripes, recoverable
 
@@ -612,7 +613,9 @@ class Rebuild:
                 self._out = np.empty(width, np.uint8)
             p.codec.decode(chunks, {pos: self._out[:width]})
             write_parts(self.parts, start, self._out[:width])
-        self.done = min(self.total, self.done + width)
+        before, self.done = self.done, min(self.total, self.done + width)
+        if before < self.total // 2 <= self.done:
+            fault_point("daemon.rebuild.mid", self.step)
 
     def finish(self) -> None:
         """Seal the ranks' slots, each once its bytes match their checksums."""

@@ -15,6 +15,7 @@ hangs, and then goes on. Points in the code:
 - daemon.persist.mid     half of a step's chunks are written to disk (`--persist-dir`), its manifest is not
 - daemon.persist.read    a restore reads a persisted step back into a slot: the first piece is in
 - daemon.serve.fetch     a peer asked for a piece of a chunk to rebuild its node from, not answered yet
+- daemon.rebuild.mid     half of the bytes of a step being rebuilt from the peers are in the slots, none sealed
 """
 
 from __future__ import annotations

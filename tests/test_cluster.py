@@ -313,9 +313,9 @@ class _Group:
             self.close()
             raise
 
-    def _guard(self, i: int, state: dict) -> Guard:
+    def _guard(self, i: int, state: dict, timeout_s: float = 30.0) -> Guard:
         return Guard(states={"s": state}, rng=False, job=self.job, node=self.names[i], run_dir=self.run_dir, rank=i,
-                     world_size=len(self.names), timeout_s=30)
+                     world_size=len(self.names), timeout_s=timeout_s)
 
     def protect_two_steps(self) -> None:
         """Every rank seals steps 0 and 1; wait until step 1 is protected on every node."""
@@ -327,20 +327,30 @@ class _Group:
                 g.wait()
         wait_until(lambda: min(nd.status().protected for nd in self.nodes) >= 1, 60, "step 1 to be protected")
 
-    def lose_and_restore(self, i: int) -> bool:
-        """Lose node i (its daemon SIGKILLed, its memory wiped), start an empty replacement, and do what restore()
-        does on rank i once the ranks agree on step 1 (they would need a process group); whether rank i's state
-        then holds the bytes saved."""
+    def lose(self, i: int, faults: str | None = None, timeout_s: float = 30.0) -> torch.Tensor:
+        """Lose node i (its daemon SIGKILLed, its memory wiped) and start an empty replacement, with `faults` as its
+        SNAPGUARD_FAULTS; rank i's Guard (with `timeout_s`) starts again on a zeroed state. Returns the bytes that
+        state held."""
         saved = self.states[i]["w"].clone()
         self.guards[i].close()
         self.nodes[i].kill()
         shutil.rmtree(self.nodes[i].table_dir)
-        self.nodes[i].start(self.args[self.names[i]])
+        self.nodes[i].start(self.args[self.names[i]], faults=faults)
         self.states[i] = {"w": torch.zeros_like(saved)}
-        g = self.guards[i] = self._guard(i, self.states[i])
+        self.guards[i] = self._guard(i, self.states[i], timeout_s)
+        return saved
+
+    def restore(self, i: int) -> None:
+        """Do what restore() does on rank i once the ranks agree on step 1 (they would need a process group)."""
+        g = self.guards[i]
         assert 1 in g.client.request(P.Inventory(self.job, i)).steps
         shard = g._open(1, 0)
         g._load(shard, g._manifest(shard))
+
+    def lose_and_restore(self, i: int) -> bool:
+        """`lose` node i and `restore` its rank: whether its state then holds the bytes saved."""
+        saved = self.lose(i)
+        self.restore(i)
         return torch.equal(self.states[i]["w"], saved)
 
     def close(self) -> None:
@@ -379,5 +389,33 @@ def test_a_node_lost_while_it_serves_a_rebuild_is_replaced_by_another_mid_rebuil
         assert group.nodes[1].proc.wait(10) == -9, "node 1 died as it served the fetch"
         log = group.nodes[0].log()
         assert "counting peer n1 as lost" in log and "rebuilt step 1 of ranks [0] from peers ['n2', 'n3']" in log, log
+    finally:
+        group.close()
+
+
+def test_a_daemon_killed_mid_rebuild_leaves_no_step_and_the_next_one_rebuilds_it(monkeypatch, tmp_path):
+    """g=3, m=1, 40 MiB per node: node 0's chunks are four pieces. Node 0 is lost; its replacement dies (SIGKILL)
+    once half of them are decoded into its slots (fault point daemon.rebuild.mid). Those slots hold half a step:
+    the next daemon of node 0, on the same shared memory, adopts no step from them, rebuilds step 1 from the
+    peers again, and restores it bit-exact."""
+    monkeypatch.setenv("SNAPGUARD_SECRET", "killedrebuild-" + os.urandom(8).hex())
+    group = _Group([40] * 3, m=1)
+    try:
+        group.protect_two_steps()
+        node = group.nodes[0]
+        # a request sent after its daemon died waits for a daemon to come, at most the client's timeout: short here
+        saved = group.lose(0, faults=f"daemon.rebuild.mid@1#{tmp_path / 'died'}", timeout_s=3.0)
+        with pytest.raises(SnapGuardError, match="daemon"):
+            group.restore(0)
+        assert node.proc.wait(10) == -9, "the replacement died half-way through the rebuild"
+        assert "rebuilt step" not in node.log()
+        assert os.listdir(node.table_dir), "the half-rebuilt slots are still in shared memory"
+        group.guards[0].close()
+        node.start(group.args[node.node])  # the same shared memory
+        assert node.held().get(0, []) == [], "no step adopted from half-rebuilt slots"
+        group.guards[0] = group._guard(0, group.states[0])
+        group.restore(0)
+        assert torch.equal(group.states[0]["w"], saved)
+        assert "rebuilt step 1 of ranks [0]" in node.log()
     finally:
         group.close()
