@@ -4,9 +4,10 @@
 code reaches `fault_point(point, step)` and an entry matches, the process sends itself SIGKILL: the
 same death as an OOM kill or a lost machine, at the moment under test. With `#path`, the fault fires
 only if `path` can be created (O_EXCL), so a restarted process with the same environment does not die
-again (the file then holds the pid of the process that reached the point, for whoever waits for it); with `/rN`, only the process whose RANK is N dies. With `%path`, the point stalls instead: the
-thread that reached it waits while `path` exists (at most STALL_MAX_S), as on a disk or a peer that
-hangs, and then goes on. Points in the code:
+again (the file then holds the pid of the process that reached the point, for whoever waits for it);
+with `/rN`, only the process whose RANK is N dies. With `%path`, the point stalls instead: the thread
+that reached it waits while `path` exists (at most STALL_MAX_S), as on a disk or a peer that hangs,
+and then goes on. Points in the code:
 
 - trainer.copy.mid       half of a snapshot's tensors are in the slot
 - trainer.copy.done      all bytes are in the slot, before the seal is sent

@@ -3,8 +3,9 @@
 A few runs carry all the injectors (each restart costs a few seconds of starting ranks on this
 machine): one scenario with every fault a correct system survives, which must PASS with each fault
 detected by the right part; one on 4 nodes with m=2 that loses a node in the middle of another's
-rebuild (recovered) and then more nodes than m, which must PASS as an expected failure; and one with a deliberately broken restore (no RNG state), which must FAIL. The
-soak (50+ random faults) is marked slow; run it with
+rebuild (recovered) and then more nodes than m, which must PASS as an expected failure; and one with
+a deliberately broken restore (no RNG state), which must FAIL. The soak (50+ random faults) is marked
+slow; run it with
     .venv/bin/python -m pytest tests/test_chaos.py -m slow -s
 """
 
