@@ -83,8 +83,9 @@ def _assert_restores_from_memory(out: str, world: int, attempts: int) -> None:
 def test_g4_m2_survives_the_loss_of_one_node_and_of_two_at_once(tmp_path_factory):
     """A single node and two of the six pairs (every node lost in a pair, the second pair rebuilt from the nodes
     the first pair's loss had rebuilt): every erasure pattern is rebuilt byte for byte in tests/test_codec.py,
-    single losses on real daemons in the g3 test below, a node lost in another's rebuild in tests/test_chaos.py;
-    every node and all six pairs on real daemons are the slow test after this one."""
+    single g=3 m=1 losses on real daemons in tests/test_rendezvous.py and tests/test_chaos.py, a node lost in
+    another's rebuild in tests/test_chaos.py; every node and all six pairs on real daemons are the slow test after
+    this one."""
     _g4_m2_survives(tmp_path_factory, [(0,), (0, 1), (2, 3)])
 
 
@@ -110,7 +111,11 @@ def _g4_m2_survives(tmp_path_factory, losses: list[tuple[int, ...]]) -> None:
         c.close()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_g3_m1_xor_survives_the_loss_of_one_node_and_then_of_another(tmp_path_factory):
+    """Slow: a single g=3 m=1 loss on real daemons is the rendezvous end-to-end test and the chaos run's lose_node;
+    a node lost after another's rebuild is the g4 test above."""
     # Nodes are alike (each holds data of two codewords and the parity of the third), so two losses cover the roles.
     losses = [(0,), (2,)]
     steps = STEPS_BETWEEN_LOSSES * (len(losses) + 2)
@@ -292,7 +297,7 @@ class _Group:
     process, each protecting a state of the given size; `faults`: node -> its daemon's SNAPGUARD_FAULTS."""
 
     def __init__(self, sizes_mib: list[int], m: int, faults: dict[str, str] | None = None):
-        self.faults = faults or {}
+        faults = faults or {}
         self.run_dir, self.shm_dir = make_dirs("grp")
         self.names = [f"n{i}" for i in range(len(sizes_mib))]
         ports = [free_port() for _ in self.names]
@@ -307,7 +312,7 @@ class _Group:
         self.guards: list[Guard] = []
         try:
             for nd in self.nodes:
-                nd.start(self.args[nd.node], faults=self.faults.get(nd.node))
+                nd.start(self.args[nd.node], faults=faults.get(nd.node))
             self.guards = [self._guard(i, st) for i, st in enumerate(self.states)]
         except BaseException:
             self.close()
