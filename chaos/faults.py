@@ -13,6 +13,7 @@ import fnmatch
 import glob
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -171,11 +172,12 @@ class KillDaemon(Fault):
         if d is None or d.poll() is not None:
             raise SnapGuardError(f"the daemon of {node} is not running")
         os.kill(d.pid, signal.SIGKILL)  # left in cluster.daemons: the supervisor sees it die
+        self.node = node
         return Injected(f"SIGKILL daemon of {node} (pid {d.pid})", node=node)
 
     def detect(self, run: "Run", since: dict[str, int]) -> list[str]:
-        return [f"daemon: {h.split(': ', 1)[0]} re-adopted its slots after the restart"
-                for h in _grep(run, since, "daemon", "re-adopted rank")][:1]
+        hits = _first_in(_grep(run, since, "daemon", "re-adopted rank"), getattr(self, "node", None))
+        return [f"daemon: {h.split(': ', 1)[0]} re-adopted its slots after the restart" for h in hits]
 
 
 class LoseNode(Fault):
@@ -198,7 +200,7 @@ class LoseNode(Fault):
         return _node_loss_bound(run)
 
 
-class LoseNodeInRebuild(Fault):
+class LoseNodeInRebuild(LoseNode):
     """A second machine dies while the first is being recovered: lose a node, and then the first peer that
     serves a piece of its rebuild, as it serves it. That peer's daemon stalls at its `daemon.serve.fetch` fault
     point, the piece unsent, until the harness has lost its node too. The first node's replacement must count
@@ -206,7 +208,6 @@ class LoseNodeInRebuild(Fault):
     replacement is rebuilt in turn. Two nodes lost: survivable with m >= 2."""
 
     kind = "lose_node_in_rebuild"
-    params = {"node": str}
     min_m = 2
 
     def arm(self, run: "Run", index: int) -> None:
@@ -215,15 +216,14 @@ class LoseNodeInRebuild(Fault):
         for path in (self.once, self.stall):  # with the once-file in place, no daemon stops at the point yet
             open(path, "w").close()
         run.add_daemon_fault(f"daemon.serve.fetch#{self.once}%{self.stall}")
-        self.first = self.second = None
+        self.second = None
 
     def inject(self, run: "Run", rnd: random.Random) -> Injected:
-        self.first = self.kw.get("node") or rnd.choice(run.cluster.names)
-        run.cluster.lose_node(self.first)
+        lost = super().inject(run, rnd)
         os.unlink(self.once)  # the first daemon to serve a fetch from now on creates it, writes its pid, and stalls
         run.on_tick.append(self._lose_server)
-        return Injected(f"lost {self.first}: daemon and ranks SIGKILLed, shared memory wiped; the first peer to serve"
-                        " a piece of its rebuild is lost as it serves it", node=self.first)
+        lost.action += "; the first peer to serve a piece of its rebuild is lost as it serves it"
+        return lost
 
     def _lose_server(self, run: "Run") -> bool:
         """Once a daemon stalls at the point: lose its node. True while none has."""
@@ -241,24 +241,21 @@ class LoseNodeInRebuild(Fault):
         c.lose_node(node)
         self.second = node
         self.settle(run)
-        run.say(f"lost {node} as it served a piece of the rebuild of {self.first}", "fault")
+        run.say(f"lost {node} as it served a piece of the rebuild of {self.node}", "fault")
         return False
 
     def detect(self, run: "Run", since: dict[str, int]) -> list[str]:
         if self.second is None:
             return []
-        lost = _first_in(_grep(run, since, "daemon", f"counting peer {self.second} as lost"), self.first)
+        lost = _first_in(_grep(run, since, "daemon", f"counting peer {self.second} as lost"), self.node)
         rebuilt = _grep(run, since, "daemon", "rebuilt step")
-        return [f"restore: {h}" for h in lost + _first_in(rebuilt, self.first) + _first_in(rebuilt, self.second)]
+        return [f"restore: {h}" for h in lost + _first_in(rebuilt, self.node) + _first_in(rebuilt, self.second)]
 
     def evidence_needed(self, run: "Run", rec: "FaultRecord") -> str | None:
         return "restore"
 
     def remark(self, run: "Run", rec: "FaultRecord") -> str:
         return f"{self.second} lost in the middle of the rebuild" if self.second else "no peer served the rebuild"
-
-    def max_steps_lost(self, run: "Run") -> int | None:
-        return _node_loss_bound(run)
 
     def settle(self, run: "Run") -> None:
         stall = getattr(self, "stall", None)
@@ -298,6 +295,7 @@ class CorruptSlot(Fault):
         if not sealed:
             raise SnapGuardError(f"corrupt_slot: rank {rank} has no sealed slot in {d} after SIGKILL")
         self.step, path = max(sealed.items())
+        self.node, self.rank = node, rank
         n = self.kw.get("nbytes", 16)
         size = os.path.getsize(path)
         where = sorted({0, size // 2, max(0, size // 2 - 4096)})
@@ -311,8 +309,11 @@ class CorruptSlot(Fault):
                         f" {os.path.basename(path)}, its newest sealed step {self.step} (on {node})", rank=rank, node=node)
 
     def detect(self, run: "Run", since: dict[str, int]) -> list[str]:
+        if not hasattr(self, "rank"):
+            return []
         hits = _grep(run, since, "daemon", "dropping it") + _grep(run, since, "daemon", "not re-adopting")
-        return [f"restore: checksum mismatch caught ({h.split(': ', 1)[0]})" for h in hits][:1]
+        mine = [h for h in hits if re.search(rf"\brank {self.rank}\b", h)]  # not another rank's later corruption
+        return [f"restore: checksum mismatch caught ({h.split(': ', 1)[0]})" for h in _first_in(mine, self.node)]
 
     def evidence_needed(self, run: "Run", rec: "FaultRecord") -> str | None:
         return None if self._never_read(run, rec) else "restore"
@@ -334,8 +335,8 @@ class CorruptSlot(Fault):
 
 
 def _first_in(hits: list[str], node: str | None) -> list[str]:
-    """The first of `_grep`'s hits in `node`'s daemon log: the logs are read to the end of the run, and a later
-    fault's lines are no evidence of this one's."""
+    """The first of `_grep`'s hits in `node`'s daemon log: the logs are read to the end of the run, and another
+    node's lines, or a later fault's, are no evidence of this one's."""
     return [h for h in hits if h.startswith(f"daemon.{node}.log: ")][:1]
 
 
