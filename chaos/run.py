@@ -33,6 +33,13 @@ def run_scenario(scenario: Scenario, out_dir: str, seed: int | None = None, refe
     return rep
 
 
+# The options that shape a random scenario (`--faults`): flag, type, default, what it sets.
+RANDOM_OPTIONS = (("--mtbf-steps", float, 4.0, "mean steps between failures"),
+                  ("--nodes", int, 3, "nodes"),
+                  ("--ranks-per-node", int, 2, "ranks per node"),
+                  ("--m", int, 1, "parity chunks per codeword (nodes it survives losing)"))
+
+
 def add_parser(sub) -> None:
     """Add `chaos run` to the `snapguard` command's subparsers."""
     ch = sub.add_parser("chaos", help="failure-injection harness: prove that no failure loses work")
@@ -41,10 +48,8 @@ def add_parser(sub) -> None:
     r.add_argument("--scenario", metavar="FILE", help="TOML scenario (see chaos/README.md); default: the built-in one")
     r.add_argument("--seed", type=int, help="seed of the random choices (and of a random scenario)")
     r.add_argument("--faults", type=int, help="generate a random scenario with this many faults")
-    r.add_argument("--mtbf-steps", type=float, default=4.0, help="random scenario: mean steps between failures")
-    r.add_argument("--nodes", type=int, default=3, help="random scenario: nodes")
-    r.add_argument("--ranks-per-node", type=int, default=2, help="random scenario: ranks per node")
-    r.add_argument("--m", type=int, default=1, help="random scenario: parity chunks per codeword (nodes it survives losing)")
+    for flag, kind, default, what in RANDOM_OPTIONS:
+        r.add_argument(flag, type=kind, help=f"with --faults: {what} (default {default})")
     r.add_argument("--out", metavar="DIR", help="where the runs, logs, report.json and loss.png go"
                    " (default: a new directory under /tmp)")
     r.add_argument("--reference", metavar="DIR", help="keep (and reuse) reference runs under DIR")
@@ -55,9 +60,17 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.faults is not None and a.scenario:
         print("snapguard chaos run: give --scenario or --faults, not both", file=sys.stderr)
         return 2
+    shape = {flag: getattr(a, flag[2:].replace("-", "_")) for flag, *_ in RANDOM_OPTIONS}
+    if a.faults is None and any(v is not None for v in shape.values()):
+        given = ", ".join(f for f, v in shape.items() if v is not None)
+        print(f"snapguard chaos run: {given} only shape a random scenario: give --faults as well (a scenario, the"
+              " built-in one too, sets its own cluster)", file=sys.stderr)
+        return 2
     if a.faults is not None:
         seed = a.seed if a.seed is not None else random.randrange(1 << 30)
-        scenario = generate(seed, a.faults, a.mtbf_steps, nodes=a.nodes, ranks_per_node=a.ranks_per_node, m=a.m)
+        mtbf, nodes, per_node, m = (v if v is not None else default
+                                    for v, (_, _, default, _) in zip(shape.values(), RANDOM_OPTIONS))
+        scenario = generate(seed, a.faults, mtbf, nodes=nodes, ranks_per_node=per_node, m=m)
     else:
         scenario = load(a.scenario) if a.scenario else default()
         seed = a.seed

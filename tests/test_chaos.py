@@ -98,6 +98,13 @@ def test_a_missing_scenario_file_is_a_usage_error(tmp_path):
     assert proc.returncode == 2 and "cannot read the scenario" in proc.stderr, proc.stderr[-2000:]
 
 
+def test_options_of_a_random_scenario_without_faults_are_a_usage_error_not_ignored(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "snapguard.cli", "chaos", "run", "--nodes", "4", "--m", "2",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--nodes, --m only shape a random scenario: give --faults" in proc.stderr, proc.stderr
+    assert os.listdir(tmp_path) == [], "nothing ran"
+
+
 def test_random_scenarios_are_reproducible_and_recoverable():
     a, b = generate(11, 50, 3.0), generate(11, 50, 3.0)
     assert a == b and len(a.faults) == 50
