@@ -135,8 +135,8 @@ def load(path: str) -> Scenario:
     return from_dict(d, name=path.rsplit("/", 1)[-1].removesuffix(".toml"), where=path)
 
 
-# The built-in scenario of `snapguard chaos run`: every recoverable kind of fault once, on 3 nodes x 2
-# ranks with m=1, in a few minutes. Each restart costs the time to start the ranks again.
+# The built-in scenario of `snapguard chaos run`: every kind of fault survivable with m=1 (kill_rank thrice: at
+# a random moment, mid-copy, mid-restore), on 3 nodes x 2 ranks, in a few minutes. Each restart costs the time to start the ranks again.
 DEFAULT_TOML = """
 name = "default"
 

@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rendezvous-timeout", type=float,
                     help=f"seconds to wait for every daemon to join (default: {RENDEZVOUS_TIMEOUT_S:.0f})")
     ap.add_argument("--secret-file", help=f"file (0600) with the job's secret for peer traffic (default: ${ENV_SECRET})")
-    ap.add_argument("--peer-timeout", type=float, default=10.0, help="seconds before a silent peer counts as lost")
+    ap.add_argument("--peer-timeout", type=float, default=10.0, help="seconds before a silent peer counts as lost"
+                    " (default: 10)")
     ap.add_argument("--log-level", default="INFO", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     a = ap.parse_args(argv)
     a.ec_m_given, a.ec_m = a.ec_m is not None, 1 if a.ec_m is None else a.ec_m
