@@ -1,6 +1,7 @@
 """A small causal language model trained by DeepSpeed with ZeRO stage 1, 2 or 3, protected by snapguard.
 
     torchrun --nproc-per-node=2 examples/deepspeed_zero.py --zero 2 --steps 20
+    torchrun --nproc-per-node=2 examples/deepspeed_zero.py --zero 3 --offload --steps 20   # ZeRO-Offload
 
 (or `deepspeed --num_gpus 2 examples/deepspeed_zero.py ...`). Each rank snapshots its own partition
 of the fp32 master weights and optimizer state every step, in memory.
@@ -24,6 +25,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--zero", type=int, default=2, choices=(0, 1, 2, 3))
     ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--offload", action="store_true", help="ZeRO-Offload: the fp32 weights and optimizer state in CPU"
+                    " memory, the optimizer step on the CPU; with --zero 3, the partitioned parameters too")
     ap.add_argument("--out", help="write losses and a final-state digest here")
     # The `deepspeed` launcher passes --local_rank=N; LOCAL_RANK in the environment says the same.
     ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
@@ -43,6 +46,10 @@ def main() -> None:
     }
     if a.zero == 3:  # this small model's larger parameters partitioned, its small ones kept whole on every rank
         config["zero_optimization"]["stage3_param_persistence_threshold"] = 1024
+    if a.offload:
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        if a.zero == 3:
+            config["zero_optimization"]["offload_param"] = {"device": "cpu"}
     engine, _, _, _ = deepspeed.initialize(model=build_model(a.width), config=config)
     seen = {"tokens": 0}
 
@@ -64,8 +71,9 @@ def main() -> None:
         optim = opt.state_dict()["optimizer_state_dict"]  # its fp32_flat_groups are `fp32`, digested once
     else:
         fp32, optim = getattr(opt, "single_partition_of_fp32_groups", None), getattr(opt, "optimizer", opt).state_dict()
+    offloaded = {k: getattr(opt, k) for k in ("cpu_offload", "offload_optimizer", "offload_param") if hasattr(opt, k)}
     log.final(module=engine.module.state_dict(), fp32=fp32, optimizer=optim, lr=engine.get_lr(), seen=seen,
-              counters=[engine.global_steps, engine.global_samples])
+              counters=[engine.global_steps, engine.global_samples], offloaded=offloaded)
     leave_process_group()
 
 

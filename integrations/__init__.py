@@ -5,8 +5,9 @@
 - `snapguard.integrations.megatron`: Megatron-Core models (tensor/pipeline-parallel shards), torch or
   Megatron optimizers, the RNG tracker, iteration and consumed-samples counters
   (`pip install snapguard[megatron]`).
-- `snapguard.integrations.deepspeed`: a DeepSpeedEngine with ZeRO stage 0 to 3 (no offload): module,
-  partitioned optimizer state, engine counters, lr scheduler, client state (`pip install snapguard[deepspeed]`).
+- `snapguard.integrations.deepspeed`: a DeepSpeedEngine with ZeRO stage 0 to 3 (offload to the CPU, not
+  NVMe): module, partitioned optimizer state, engine counters, lr scheduler, client state
+  (`pip install snapguard[deepspeed]`).
 
 Each module's `protect(...)` returns a `snapguard.Guard` (restore() before training, snapshot() after
 each optimizer step, close() at the end) and installs the hook that makes the optimizer's step wait

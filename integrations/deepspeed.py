@@ -21,8 +21,10 @@ What each rank snapshots, all local, nothing gathered:
   through DeepSpeed's `load_state_dict([...], load_from_fp32_weights=True)` so that DeepSpeed
   re-links its fragments as after load_checkpoint; with ZeRO 3 that also writes this rank's partition of
   the low-precision parameters from the fp32 one, and gathers the persistent parameters again; for stage
-  0 without mixed precision, the torch optimizer's state. ZeRO 3 with parameters or optimizer state
-  offloaded (`offload_param`, `offload_optimizer`) is refused.
+  0 without mixed precision, the torch optimizer's state. With ZeRO-Offload to the CPU
+  (`offload_optimizer`, and with ZeRO 3 `offload_param`, `"device": "cpu"`) the same tensors live in CPU
+  memory and are snapshotted from there; offloading to NVMe (ZeRO-Infinity) is refused: those partitions
+  are on disk, not in memory.
 - `engine`: `global_steps`, `global_samples`, `skipped_steps`, `micro_steps`; `lr_scheduler`: the lr
   scheduler, or that there is none (a restore into an engine that differs is refused).
 - `deepspeed_rng`: the states of DeepSpeed's model-parallel RNG tracker
@@ -218,9 +220,10 @@ def protect(engine: Any, *, client_state: dict | None = None, extra: Any = None,
             for group in opt.bit16_groups:  # the module's weights: step() copies the partitions back into them
                 yield from group
     elif stage == 3 and isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
-        if opt.offload_optimizer or opt.offload_param:
-            raise ConfigError("snapguard does not support ZeRO stage 3 with offload_optimizer or offload_param yet;"
-                              " without offloading, it snapshots every partition from memory")
+        if opt.swap_optimizer or opt.params_in_nvme_and_cpu:
+            raise ConfigError("snapguard does not support ZeRO stage 3 offloading to NVMe (offload_optimizer or"
+                              " offload_param with \"device\": \"nvme\"): those partitions live on disk, not in"
+                              " memory. Offloading to the CPU is supported")
         opt_state = ZeroOptimizerState(opt)
 
         def guarded():  # what the snapshot takes and only step() rewrites: the fp32 partitions, the optimizer state

@@ -1,5 +1,6 @@
-"""snapguard.integrations.deepspeed with the real DeepSpeed on gloo: ZeRO stages 1, 2 and 3, two ranks under
-torchrun (the CPU shim from framework_shims.py only skips compiling a shared-memory op gloo does not use).
+"""snapguard.integrations.deepspeed with the real DeepSpeed on gloo: ZeRO stages 1 and 3, and 2 and 3 with
+ZeRO-Offload to the CPU, two ranks under torchrun (the CPU shim from framework_shims.py only skips compiling a
+shared-memory op gloo does not use).
 
 One rank is SIGKILLed halfway through copying its snapshot of step 3; torchrun restarts both, which
 restore the newest step both hold. Every loss of every attempt and every byte of the final module,
@@ -16,6 +17,7 @@ missing engine counters) must fail and say what.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 from types import SimpleNamespace
@@ -90,36 +92,51 @@ leave_process_group()
 """
 
 
+# ZeRO-Offload: the fp32 partitions and the optimizer state in CPU memory, stepped there (ZeRO 3: the parameters too).
+# Stage 2 runs only offloaded: it is stage 1's optimizer with gradients partitioned, so stage 1 and stage 2
+# offloaded cover what stage 2 alone would (each scenario costs the suite about 20 s of start-ups).
+OFFLOADED = {"2-offload": {"/offloaded/cpu_offload": "True"},
+             "3-offload": {"/offloaded/offload_optimizer": "True", "/offloaded/offload_param": "True"}}
+# What the example's engine says of offloading, per scenario
+OFFLOAD_FLAGS = {"1": {"/offloaded/cpu_offload": "False"},
+                 "3": {"/offloaded/offload_optimizer": "False", "/offloaded/offload_param": "False"}, **OFFLOADED}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     work = str(tmp_path_factory.mktemp("deepspeed"))
     # --local_rank as the `deepspeed` launcher passes it (the example reads LOCAL_RANK instead)
-    with scenarios(work, {f"zero{z}": ("deepspeed_zero.py", ["--zero", str(z), "--steps", str(STEPS), "--local_rank=0"],
-                                       STEPS) for z in (1, 2, 3)}) as s:
+    specs = {f"zero{z}": ("deepspeed_zero.py", ["--zero", str(z), "--steps", str(STEPS), "--local_rank=0"], STEPS)
+             for z in (1, 3)}
+    specs |= {f"zero{z}": ("deepspeed_zero.py", ["--zero", z[0], "--offload", "--steps", str(STEPS)], STEPS)
+              for z in OFFLOADED}
+    with scenarios(work, specs) as s:
         yield work, s
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", OFFLOAD_FLAGS)
 def test_zero_resumes_bit_exactly_after_sigkill(runs, stage):
     s = runs[1][f"zero{stage}"]
     s.check()
     # snapshot() names each snapshot by engine.global_steps, the count of steps taken
     assert s.daemon.held() == {0: [STEPS - 1, STEPS], 1: [STEPS - 1, STEPS]}
+    final = json.load(open(os.path.join(s.run.out, "final.r0.json")))
+    assert {k: v for k, v in final.items() if k.startswith("/offloaded/")} == OFFLOAD_FLAGS[stage]
 
 
 @pytest.mark.parametrize(("stage", "first"), [
-    (2, "tensor '/module/0.weight': the snapshot has float32[128, 32], the model expects float32[128, 48]"),
+    ("2-offload", "tensor '/module/0.weight': the snapshot has float32[128, 32], the model expects float32[128, 48]"),
     # ZeRO 3 partitions the parameters into flat groups: the first to differ is this rank's partition
-    (3, "tensor '/optimizer/fp32_flat_groups/0': the snapshot has float32[10512], the model expects float32[20344]"),
+    ("3", "tensor '/optimizer/fp32_flat_groups/0': the snapshot has float32[10512], the model expects float32[20344]"),
 ])
 def test_restore_into_a_wider_model_names_the_tensor(runs, stage, first):
     work, s = runs
-    wider = Run("deepspeed_zero.py", ["--zero", str(stage), "--steps", str(STEPS + 1), "--width", "48"],
+    wider = Run("deepspeed_zero.py", ["--zero", stage[0], "--steps", str(STEPS + 1), "--width", "48"],
                 os.path.join(work, f"wider{stage}"), env=s[f"zero{stage}"].daemon.env)
     assert run_all(wider) != [0]
     msg = layout_error(wider.log())
     assert first in msg, msg
-    assert f"ZeRO stage {stage}" in msg, msg
+    assert f"ZeRO stage {stage[0]}" in msg, msg
 
 
 def test_missing_deepspeed_names_the_extra(monkeypatch):
