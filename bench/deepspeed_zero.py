@@ -4,6 +4,7 @@ same engine and state, in one run.
 
     torchrun --standalone --nproc-per-node=2 bench/deepspeed_zero.py --zero 3
     torchrun --standalone --nproc-per-node=2 bench/deepspeed_zero.py --zero 3 --width 256 --saves 2   # quick
+    torchrun --standalone --nproc-per-node=2 bench/deepspeed_zero.py --zero 3 --offload              # ZeRO-Offload
 
 A causal language model (embedding, --layers transformer layers, output layer) trained by DeepSpeed with
 ZeRO --zero over the ranks (data parallel, gloo on a CPU), fp32 with Adam. Each save follows an
@@ -56,6 +57,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--saves", type=int, default=4)
     ap.add_argument("--dir", default="/dev/shm", help="where save_checkpoint writes")
+    ap.add_argument("--offload", action="store_true", help="ZeRO-Offload: fp32 partitions and optimizer state in CPU"
+                    " memory (offload_optimizer; with --zero 3, offload_param too)")
     a = ap.parse_args()
     from framework_shims import install_import_hooks
     install_import_hooks()  # skips compiling DeepSpeed's shared-memory op, which gloo does not use
@@ -71,6 +74,10 @@ def main() -> int:
     cfg = {"train_micro_batch_size_per_gpu": a.batch,
            "optimizer": {"type": "Adam", "params": {"lr": 1e-4, "torch_adam": True}},
            "zero_optimization": {"stage": a.zero}, "steps_per_print": 10 ** 9}
+    if a.offload:
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        if a.zero == 3:
+            cfg["zero_optimization"]["offload_param"] = {"device": "cpu"}
     engine, *_ = deepspeed.initialize(model=LM(a.vocab, a.width, a.layers), config=cfg)
 
     def step(i: int, before_update=None) -> None:
@@ -150,7 +157,8 @@ def main() -> int:
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
     if rank == 0:
-        print(f"# bench/deepspeed_zero.py {' '.join(sys.argv[1:]) or '(defaults)'}: ZeRO {a.zero}, {world} ranks"
+        print(f"# bench/deepspeed_zero.py {' '.join(sys.argv[1:]) or '(defaults)'}: ZeRO {a.zero}"
+              f"{' with ZeRO-Offload to the CPU' if a.offload else ''}, {world} ranks"
               f" (data parallel, gloo), {nparams / 1e6:.1f}M params,"
               f" fp32 + Adam: {nbytes / (1 << 20):.0f} MiB of partitions per rank;"
               f" training step without saving {step_s:.3f} s; {a.saves} saves each; checkpoints under {a.dir}")
