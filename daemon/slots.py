@@ -27,7 +27,8 @@ from typing import Callable, Iterable
 import msgpack
 
 from snapguard.config import daemon_who, ensure_private_dir, slot_dir_name
-from snapguard.errors import ChecksumError, LayoutError, ShmSpaceError, SnapGuardError
+from snapguard.errors import (ChecksumError, ConfigError, LayoutError, ManifestVersionError, ShmSpaceError,
+                              SnapGuardError)
 from snapguard.faults import fault_point
 from snapguard.layout import Manifest, verify_checksums
 from snapguard.shm import MiB, create_slot, free_bytes, map_file, write_private
@@ -178,6 +179,12 @@ class SlotTable:
                                           f" {self.job!r} rank {rank}'s")
                     man.validate(slot.capacity)
                     verify_checksums(slot.buffer(), man, f"{self.who} rank {rank} slot {index}", self.hash_threads)
+                except ManifestVersionError as e:
+                    # Written by another snapguard: the shard is not this daemon's to read, nor to throw away.
+                    raise ConfigError(f"{self.who} {slot.manifest_path}: {e}. A daemon of another snapguard version"
+                                      f" left this job's snapshots in {self.dir}: restart that version's daemon to"
+                                      " restore them, or remove the directory to start the job afresh; nothing was"
+                                      " removed") from None
                 except (SnapGuardError, ValueError, OSError, msgpack.UnpackException) as e:
                     log.warning("%s not re-adopting rank %d slot %d: %s", self.who, rank, index, e)
                     os.unlink(slot.manifest_path)

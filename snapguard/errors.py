@@ -38,6 +38,11 @@ class LayoutError(SnapGuardError):
     """A state does not fit the planned layout, or a shard does not fit the state it is restored into."""
 
 
+class ManifestVersionError(LayoutError):
+    """A manifest written by a snapguard of another manifest version: its shard is intact, but not this one's to
+    read."""
+
+
 class ChecksumError(SnapGuardError):
     """Bytes in a slot do not match the checksums recorded when it was sealed."""
 

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Sequence
 
 import xxhash
 
-from snapguard.errors import ChecksumError, LayoutError
+from snapguard.errors import ChecksumError, LayoutError, ManifestVersionError
 
 ALIGN = 64
 DEFAULT_CHUNK = 4 << 20
@@ -131,6 +131,10 @@ class Manifest:
         """Build a manifest from decoded msgpack, checking every field's type."""
         if not isinstance(d, dict):
             raise LayoutError(f"manifest must be a map, got {type(d).__name__}")
+        version = d.get("version")
+        if isinstance(version, int) and not isinstance(version, bool) and version != MANIFEST_VERSION:
+            # Before the fields: another version may have others.
+            raise ManifestVersionError(f"manifest version {version}, this snapguard reads version {MANIFEST_VERSION}")
         want = {"version": int, "job": str, "rank": int, "world_size": int, "step": int, "nbytes": int,
                 "chunk_size": int, "entries": list, "checksums": list, "tree": bytes, "created": float,
                 "meta": dict}

@@ -7,6 +7,8 @@ import logging
 import os
 import shutil
 import stat
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -476,3 +478,25 @@ def test_adopt_refuses_a_manifest_of_another_job_or_rank(table, shm_dir, caplog)
     assert again.held() == {} and again.sealed_steps(0) == again.sealed_steps(1) == []
     assert f"its manifest names job 'other' rank 0, the file is job {table.job!r} rank 0's" in caplog.text
     assert f"its manifest names job {table.job!r} rank 0, the file is job {table.job!r} rank 1's" in caplog.text
+
+
+def test_snapshots_of_another_manifest_version_stop_the_daemon_and_stay(table, shm_dir, tmp_path):
+    """A daemon of another snapguard version (its manifests have another version, and other fields) left sealed
+    slots: a daemon cannot read them, and must not throw them away as it does a corrupt one. It stops, saying whose
+    they are and what to do, and every file stays for the daemon of that version."""
+    for step in (0, 1):
+        write_and_seal(table, 0, step)
+    s0 = table.ranks[0][0]
+    with open(s0.manifest_path, "rb") as f:
+        wire = msgpack.unpackb(f.read(), raw=False)
+    with open(s0.manifest_path, "wb") as f:
+        f.write(msgpack.packb({**wire, "version": MANIFEST_VERSION + 1, "codec": "zstd"}, use_bin_type=True))
+    files = {n: open(os.path.join(table.dir, n), "rb").read() for n in os.listdir(table.dir)}
+    assert sum(n.endswith(".manifest") for n in files) == 2
+    want = f"manifest version {MANIFEST_VERSION + 1}, this snapguard reads version {MANIFEST_VERSION}"
+    with pytest.raises(ConfigError, match=want + ".*restart that version's daemon.*nothing was removed"):
+        SlotTable(table.job, table.node, shm_dir).adopt()
+    proc = subprocess.run([sys.executable, "-m", "snapguard.daemon", "--job", table.job, "--node", table.node,
+                           "--shm-dir", shm_dir, "--run-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and want in proc.stderr and table.dir in proc.stderr, proc.stderr
+    assert {n: open(os.path.join(table.dir, n), "rb").read() for n in os.listdir(table.dir)} == files
