@@ -402,6 +402,9 @@ class Daemon:
             return P.Ok({"slots": [[s.path, s.capacity] for s in slots]})
         if isinstance(msg, P.Begin):
             self._note_world(msg)
+            d, _ = t.plan(msg.rank, msg.step)
+            if d.action == "error":  # refused before it stops anything: stopping a read or a rebuild cannot undo it
+                return P.Error("BadStep", f"rank {msg.rank}: {d.reason}")
             self._stop_reads(msg.rank)  # a trainer that snapshots no longer waits for a restore
             self._stop_rebuild(msg.rank)
             if self._job is not None:

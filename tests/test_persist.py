@@ -200,6 +200,28 @@ def test_a_step_on_disk_is_read_in_the_background_while_the_daemon_serves_on(nod
     assert "rank 0 reads step 3 from disk" in node.log() and "rank 0 restores step 3 from disk" in node.log()
 
 
+def test_a_begin_refused_as_stale_leaves_a_read_from_disk_going(node, disk, tmp_path):
+    # A request the daemon refuses changes nothing: a Begin of a step the rank already holds sealed is refused
+    # before the read of a step from disk (the restore under way) is stopped.
+    start(node, disk, every=3)
+    train(node, disk, range(7), 6)
+    six = node.slot_file(0, 6).removesuffix(".data") + ".manifest"
+    node.kill()
+    os.unlink(six)  # memory holds step 5, the disk steps 3 and 6
+    stall = tmp_path / "stall"
+    stall.touch()
+    start(node, disk, every=3, faults=f"daemon.persist.read@6%{stall}")
+    assert node.held() == {0: [5]}
+    assert isinstance(node.request(P.Open(node.job, 0, 6)), P.Loading)
+    size = node.status().ranks[0]["slots"][0]["capacity"]
+    with pytest.raises(DaemonError, match=r"\[BadStep\] rank 0: step 5 is not newer than step 5"):
+        node.request(P.Begin(node.job, 0, 1, 5, size))
+    assert node.status().ranks[0]["reading"]["step"] == 6, "the read goes on"
+    stall.unlink()
+    answers, shard = open_from_disk(node, 6)
+    assert shard.manifest["step"] == 6 and node.log().count("rank 0 reads step 6 from disk") == 1
+
+
 def test_a_finished_read_is_sealed_and_shown_so_before_the_rank_asks_again(node, disk):
     # `snapguard status` must not show a read as going on once its bytes are in the slot and verified
     start(node, disk, every=3)
