@@ -3,8 +3,10 @@
 Starts g real daemons (one per simulated node, loopback TCP, authenticated) and one Guard per node
 in this process, each protecting one rank's state of `--mib` MiB. Every step: snapshot on every
 node, then time until every daemon reports the step protected (parity complete on every holder).
-Compares memory per node with the design's g/(g-m) (plus the local double-buffered slots) and with
-plain replication's m+1, and reports chunk bytes sent per node per snapshot.
+Compares memory per node with the design's g/(g-m) and with plain replication's m+1, and reports chunk
+bytes sent per node per snapshot. Memory per node is measured: the slots in /dev/shm, and the daemon's own
+memory above what it held before the first snapshot (`snapguard status`'s "daemon memory outside shm":
+parity, the chunks on their way), at its peak (sampled at every status poll) and at the end.
 
 With `--pace S`, snapshots are taken every S seconds, as a training loop with an S-second step would
 take them, without waiting for protection; the same run is made with the same daemons minus erasure
@@ -86,12 +88,29 @@ class Nodes:
                 self.guards.append(Guard(states={"s": self.states[i]}, rng=False, job=job, node=n,
                                          run_dir=self.eps[n].run_dir, rank=rank, world_size=world, timeout_s=120,
                                          guarded=lambda w=w: [w]))
+            self.idle = {n: status(self.eps[n]).memory_bytes for n in names}
+            self.peak = dict.fromkeys(names, 0)
         except BaseException:
             self.close()
             raise
 
     def protected(self) -> int:
-        return min(status(self.eps[n]).protected for n in self.names)
+        """Newest step protected on every node; notes each daemon's peak memory on the way."""
+        reports = self.reports()
+        return min(r.protected for r in reports)
+
+    def reports(self) -> list[P.StatusReport]:
+        reports = [status(self.eps[n]) for n in self.names]
+        for n, r in zip(self.names, reports):
+            self.peak[n] = max(self.peak[n], r.memory_bytes - self.idle[n])
+        return reports
+
+    def memory(self, shard: int) -> dict:
+        """Per node, in shards (mean over nodes): slots, the daemon's memory above idle at its peak and now."""
+        reports = self.reports()
+        return {"slots": statistics.mean(r.shm_used for r in reports) / shard,
+                "daemon_peak": statistics.mean(self.peak.values()) / shard,
+                "daemon_end": statistics.mean(r.memory_bytes - self.idle[n] for n, r in zip(self.names, reports)) / shard}
 
     def replace(self, n: str) -> None:
         """Lose node `n`: close its Guard, SIGKILL its daemon and wipe its shared memory; then start an empty
@@ -138,15 +157,13 @@ def run(g: int, m: int, mib: int, steps: int, snapshot_gap_s: float) -> dict:
             seals.append(t1 - t0)
             lags.append(time.monotonic() - t1)
             time.sleep(snapshot_gap_s)
-        reports = [status(eps[n]) for n in names]
+        reports = nodes.reports()
         shard = mib * MiB
-        slot_bytes = statistics.mean(r.shm_used for r in reports)
         parity = statistics.mean(r.parity_bytes for r in reports)
         sent = statistics.mean(r.sent_bytes for r in reports) / steps
         return {"g": g, "m": m, "mib": mib, "seal_s": statistics.median(seals[1:]),
                 "lag_s": statistics.median(lags[1:]), "lag_max_s": max(lags[1:]),
-                "slots_per_shard": slot_bytes / shard, "parity_per_shard": parity / shard,
-                "sent_per_shard": sent / shard}
+                "parity_per_shard": parity / shard, "sent_per_shard": sent / shard, **nodes.memory(shard)}
     finally:
         nodes.close()
 
@@ -167,9 +184,8 @@ def run_paced(g: int, m: int, mib: int, steps: int, pace_s: float, ec: bool) -> 
                     covered_at[s] = now
             stop.wait(0.01)
 
-    watcher = threading.Thread(target=watch, daemon=True)
-    if ec:
-        watcher.start()
+    watcher = threading.Thread(target=watch, daemon=True)  # without EC it samples the daemons' memory only
+    watcher.start()
     stalls, jobs = [], []
     try:
         for step in range(steps + 1):
@@ -201,7 +217,7 @@ def run_paced(g: int, m: int, mib: int, steps: int, pace_s: float, ec: bool) -> 
         lags = [covered_at[s] - sealed_at[s] for s in sorted(covered_at) if s >= 1]
         step_s = pace_s + statistics.median(stalls[2:])
         return {"stall": stalls[2:], "begin": begins[1:], "copy": copies[1:], "seal": seals[1:], "lag": lags,
-                "lag_steps": [x / step_s for x in lags]}
+                "lag_steps": [x / step_s for x in lags], **nodes.memory(mib * MiB)}
     finally:
         stop.set()
         if watcher.is_alive():
@@ -225,16 +241,23 @@ def main(argv=None) -> int:
     print(f"# bench/ec_protect.py: g={a.g} m={a.m}, {os.cpu_count()} CPUs, one rank per node, all nodes on this machine")
     print(f"# design: parity per node = m/(g-m) = {a.m / (a.g - a.m):.3f} shard; EC total with one copy"
           f" g/(g-m) = {a.g / (a.g - a.m):.3f}; plain replication m+1 = {a.m + 1}")
-    print("| shard MiB | seal s (all nodes) | seal->protected lag s (median / max) | parity held / shard |"
-          " EC memory / shard (1 copy + parity) | vs replication m+1 | local slots / shard | sent per snapshot / shard |")
+    print("# memory per node, in shards: slots in /dev/shm; the daemon's own (above idle) at its peak and at the end;"
+          " node total = slots + daemon peak")
+    print("| shard MiB | seal s (all nodes) | seal->protected lag s (median / max) | parity held at the end / shard |"
+          " slots / shard | daemon memory / shard (peak / end) | node total / shard (design g/(g-m), replication m+1) |"
+          " sent per snapshot / shard |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for mib in (int(x) for x in a.sizes.split(",")):
         r = run(a.g, a.m, mib, a.steps, a.gap)
-        ec = 1 + r["parity_per_shard"]
         print(f"| {mib} | {r['seal_s']:.3f} | {r['lag_s']:.3f} / {r['lag_max_s']:.3f} | {r['parity_per_shard']:.3f} |"
-              f" {ec:.3f} (design {a.g / (a.g - a.m):.3f}) | {ec / (a.m + 1):.2f}x | {r['slots_per_shard']:.2f} |"
-              f" {r['sent_per_shard']:.3f} (design m = {a.m}) |", flush=True)
+              f" {memory_cells(r, a)} | {r['sent_per_shard']:.3f} (design m = {a.m}) |", flush=True)
     return 0
+
+
+def memory_cells(r: dict, a) -> str:
+    total = r["slots"] + r["daemon_peak"]
+    return (f"{r['slots']:.2f} | {r['daemon_peak']:.2f} / {r['daemon_end']:.2f} | {total:.2f}"
+            f" ({a.g / (a.g - a.m):.2f}, {a.m + 1})")
 
 
 def main_paced(a) -> int:
@@ -243,9 +266,12 @@ def main_paced(a) -> int:
           f" machine; {a.pace:.2f} s of \"forward and backward\" between snapshots, {a.steps} steps, the first left out")
     print("# stall = time the loop was held up: the optimizer pre-hook (previous copy) plus snapshot() (previous seal); begin / copy / seal: the"
           " background phases, slowest node; lag: from a step's seal until a step at least as new is protected")
+    print("# memory per node, in shards: slots in /dev/shm; the daemon's own (above idle) at its peak and at the end;"
+          " node total = slots + daemon peak")
     print("| shard MiB | daemons | stall s (median / max) | begin s (median / max) | copy s | seal s (median / max) |"
-          " seal->covered lag s (median / max) | lag in steps (median / max) |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+          " seal->covered lag s (median / max) | lag in steps (median / max) | slots / shard |"
+          " daemon memory / shard (peak / end) | node total / shard (design g/(g-m), replication m+1) |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for mib in (int(x) for x in a.sizes.split(",")):
         for ec in (False, True):
             r = run_paced(a.g, a.m, mib, a.steps, a.pace, ec)
@@ -254,7 +280,7 @@ def main_paced(a) -> int:
             print(f"| {mib} | {'EC g=%d m=%d' % (a.g, a.m) if ec else 'no EC'} |"
                   f" {med(r['stall']):.3f} / {max(r['stall']):.3f} | {med(r['begin']):.3f} / {max(r['begin']):.3f} |"
                   f" {med(r['copy']):.3f} | {med(r['seal']):.3f} / {max(r['seal']):.3f} | {lag} |"
-                  f" {lag_steps} |", flush=True)
+                  f" {lag_steps} | {memory_cells(r, a)} |", flush=True)
     return 0
 
 

@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
+import psutil
 import zmq
 
 from snapguard import protocol as P
@@ -80,6 +81,13 @@ def slots_for(cfg: DaemonConfig) -> int:
     if cfg.slots_per_rank is not None:
         return cfg.slots_per_rank
     return 3 if cfg.peer_bind else 2
+
+
+def own_memory() -> int:
+    """This process's resident memory that is its own: neither the slots it maps (shared memory) nor files it maps
+    (its code), so what erasure coding holds (parity, chunks on their way) and the interpreter's heap."""
+    m = psutil.Process().memory_info()
+    return m.rss - m.shared
 
 
 class _SendJob:
@@ -842,4 +850,5 @@ class Daemon:
                               peers=sorted(self.net.peers) if self.net else [],
                               parity=p.complete_parity() if p else [], rejected=self._rejected_count,
                               parity_bytes=p.parity_bytes() if p else 0, sent_bytes=p.sent_bytes if p else 0,
-                              persist_dir=self.persister.dir if self.persister else "")
+                              persist_dir=self.persister.dir if self.persister else "",
+                              memory_bytes=own_memory())

@@ -28,7 +28,8 @@ def status_table(reports: list[P.StatusReport]) -> str:
     lines = []
     for r in reports:
         lines.append(f"daemon {r.job}/{r.node}  pid {r.pid}  shm {r.shm_dir}  used {_fmt_bytes(r.shm_used)}"
-                     f"  free {_fmt_bytes(r.shm_free)}  newest step held by all ranks: {r.common if r.common >= 0 else '-'}")
+                     f"  free {_fmt_bytes(r.shm_free)}  daemon memory outside shm {_fmt_bytes(r.memory_bytes)}"
+                     f"  newest step held by all ranks: {r.common if r.common >= 0 else '-'}")
         if r.peers:
             lines.append(f"  erasure coding with {', '.join(r.peers)}: newest sealed here {_step(r.sealed)},"
                          f" newest protected {_step(r.protected)}, parity held {_fmt_bytes(r.parity_bytes)},"

@@ -274,6 +274,7 @@ class StatusReport(Message):
     parity_bytes: int = 0  # memory held for parity, complete and under construction
     sent_bytes: int = 0  # chunk bytes sent to parity holders since start
     persist_dir: str = ""  # where sealed steps are persisted (`--persist-dir`); each rank's "persisted" lists them
+    memory_bytes: int = 0  # the daemon's resident memory besides the slots: parity, chunks on their way, its heap
 
 
 # ---- encoding ----------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import contextlib
 import glob
 import os
 import random
+import re
 import resource
 import secrets
 import shutil
@@ -644,6 +645,8 @@ def test_status_cli_shows_ranks_steps_sizes_and_ages(daemon):
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert f"daemon {daemon.job}/{daemon.node}" in out and "newest step held by all ranks: 0" in out
+    own = re.search(r"daemon memory outside shm ([\d.]+) MiB", out)  # the interpreter's heap, at least
+    assert own and float(own.group(1)) > 1, out
     rows = [line.split() for line in out.splitlines()[2:]]
     assert [row[:4] for row in rows] == [["0", "0", "sealed", "0"], ["0", "1", "sealed", "1"],
                                          ["1", "0", "sealed", "0"], ["1", "1", "free", "-"]]

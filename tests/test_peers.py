@@ -632,6 +632,7 @@ def test_after_a_restore_no_parity_mixes_the_timeline_left_with_the_new_one(tmp_
         sent_by_b = {1: rng.integers(0, 256, n, dtype=np.uint8).tobytes()}  # b's chunk of each step, this timeline
         state = {"w": torch.arange(4096, dtype=torch.float32)}
         guard = _guard(ep, state)
+        memory = client.request(P.Status()).memory_bytes
         guard.snapshot(1)
         guard.wait()
         for off in (0, PIECE):
@@ -640,6 +641,9 @@ def test_after_a_restore_no_parity_mixes_the_timeline_left_with_the_new_one(tmp_
         left = rng.integers(0, 256, n, dtype=np.uint8).tobytes()  # b's step 2 on the timeline about to be left
         dealer.send_multipart(piece(net, 2, left, 0))
         wait_until(lambda: client.request(P.Status()).parity_bytes == 2 * n, 10, "a to hold part of b's step 2")
+        # `snapguard status` shows the daemon's own memory, which parity fills: step 1's whole, step 2's first piece
+        grown = client.request(P.Status()).memory_bytes - memory
+        assert grown >= 0.9 * (n + PIECE), f"a holds {n + PIECE} bytes of parity, its memory grew by {grown}"
         guard.close()  # the trainer is gone; its state lives on in the daemon
 
         state = {"w": torch.zeros(4096, dtype=torch.float32)}
