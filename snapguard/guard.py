@@ -45,6 +45,8 @@ from snapguard.state import RNGState, TORCH_DTYPES, as_stateful, check_compatibl
 
 log = logging.getLogger(__name__)
 
+_DAEMON_NOTICE_S = 5.0  # a Guard waiting for its daemon says so after this long
+
 _PIECE = 256 << 10  # bytes copied, then hashed while in the cache
 _MAX_INVENTORY = 16  # steps one rank reports at restore; more than slots_per_rank will ever hold
 _RESTORE_THREADS = 4  # threads that verify and copy a shard on restore (memory bandwidth, not compute, bounds it)
@@ -193,17 +195,33 @@ class Guard:
     # ---- connection ------------------------------------------------------------------------------
 
     def _connect(self) -> None:
-        try:
-            self.client.wait_ready(1.0 if self.config.start_daemon else self.timeout_s)
-        except DaemonUnavailable:
-            if not self.config.start_daemon:
-                raise DaemonUnavailable(
-                    f"{self.who} no snapguard daemon answers on {self.endpoint.socket_path}: start"
-                    f" `snapguard-daemon --job {self.endpoint.job}` on this node, or pass start_daemon=True") from None
-            self._spawn_daemon()
-            self.client.wait_ready(self.timeout_s)
+        if self.config.start_daemon:
+            try:
+                self.client.wait_ready(1.0)
+            except DaemonUnavailable:
+                self._spawn_daemon()
+                self.client.wait_ready(self.timeout_s)
+        else:
+            self._wait_for_daemon()
         self._life = TrainerLock(self.endpoint, self.rank, self.world_size)
         self.client.request(P.Hello(self.endpoint.job, self.rank, self.world_size, os.getpid(), self._life.token))
+
+    def _wait_for_daemon(self) -> None:
+        """Wait for the node's daemon (a launcher may start it beside the trainers) for the Guard's timeout, saying so
+        after the first few seconds."""
+        hint = f"start `snapguard-daemon --job {self.endpoint.job}` on this node, or pass start_daemon=True"
+        first = min(_DAEMON_NOTICE_S, self.timeout_s / 2)
+        try:
+            self.client.wait_ready(first)
+            return
+        except DaemonUnavailable:
+            log.warning("%s no snapguard daemon answers on %s yet: waiting up to %.0f s more (%s)", self.who,
+                        self.endpoint.socket_path, self.timeout_s - first, hint)
+        try:
+            self.client.wait_ready(self.timeout_s - first)
+        except DaemonUnavailable:
+            raise DaemonUnavailable(f"{self.who} no snapguard daemon answers on {self.endpoint.socket_path}"
+                                    f" (waited {self.timeout_s:.0f} s): {hint}") from None
 
     def _agreement_group(self) -> Any:
         """A gloo group of its own for restore's agreement, whose timeout is _agree_s: the default group's may be
