@@ -28,7 +28,7 @@ from snapguard.errors import ChecksumError, ProtocolError, RestoreError, SnapGua
 from snapguard.faults import fault_point
 from snapguard.layout import Manifest, default_hash_threads
 from snapguard.procs import trainer_of, trainer_runs
-from snapguard.shm import free_bytes
+from snapguard.shm import IN_MEMORY, filesystem_type, free_bytes
 
 from snapguard.daemon.peers import AuthError as PeerAuthError
 from snapguard.daemon.peers import PeerNet, recv_frames
@@ -221,6 +221,11 @@ class Daemon:
         """Take the node's lock (or the one given: taken before a rendezvous), re-adopt the sealed slots, bind."""
         ep = self.cfg.endpoint
         self._lock = lock or NodeLock(ep)
+        kind = filesystem_type(self.table.dir)
+        if kind and kind not in IN_MEMORY:
+            log.warning("%s %s is on a file system of type %s, not in memory (tmpfs): its slots are files the kernel"
+                        " writes back to disk, so every snapshot also costs disk bandwidth. Use /dev/shm (in Docker, with"
+                        " a larger --shm-size) or another tmpfs", self.who, self.cfg.shm_dir, kind)
         self.table.adopt()
         self._recall_trainers()
         if self.cfg.persist_dir:

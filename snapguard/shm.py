@@ -11,6 +11,30 @@ from snapguard.errors import ShmSpaceError
 MiB = 1 << 20
 
 
+IN_MEMORY = ("tmpfs", "ramfs", "hugetlbfs")  # file systems whose files are memory, never written back to a disk
+
+
+def filesystem_type(path: str) -> str:
+    """The type of the file system that holds `path` ("tmpfs", "ext4", ...), from /proc/self/mountinfo; "" if unknown."""
+    real = os.path.realpath(path)
+    best, kind = "", ""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        fields, _, rest = line.partition(" - ")
+        parts = fields.split()
+        if len(parts) < 5 or not rest:
+            continue
+        mount = parts[4].replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+        inside = real == mount or real.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):  # the deepest mount holding it; a later one hides an earlier
+            best, kind = mount, rest.split()[0]
+    return kind
+
+
 def free_bytes(directory: str) -> int:
     st = os.statvfs(directory)
     return st.f_bavail * st.f_frsize

@@ -341,6 +341,21 @@ def slot_mib(model) -> float:
     return sum(align(p.numel() * p.element_size()) for p in model.parameters()) / (1 << 20)
 
 
+def test_a_shm_dir_that_is_not_in_memory_is_warned_about_at_start(node, tmp_path, small_tmpfs):
+    """Slots on a disk file system (SNAPGUARD_SHM_DIR=/tmp, say, to get around a small /dev/shm) work, but every
+    snapshot is then written back to the disk: the daemon says so when it starts. On a tmpfs it says nothing."""
+    disk = str(tmp_path / "slots")
+    os.makedirs(disk, mode=0o700)
+    kind = subprocess.run(["stat", "-f", "-c", "%T", disk], capture_output=True, text=True, check=True).stdout.strip()
+    warned = []
+    for shm_dir in (disk, small_tmpfs):
+        node.start(shm_dir=shm_dir)
+        node.kill()
+        warned.append(f"{shm_dir} is on a file system of type" in node.log() and "not in memory (tmpfs)" in node.log())
+        os.unlink(node.log_path)
+    assert warned == [kind != "tmpfs", False], (kind, warned)
+
+
 def test_shm_limit_is_a_clear_error_before_training_starts(node):
     node.start(["--shm-limit", "1M"])
     model, opt = make_model(width=4096)
