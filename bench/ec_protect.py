@@ -105,9 +105,9 @@ class Nodes:
             self.peak[n] = max(self.peak[n], r.memory_bytes - self.idle[n])
         return reports
 
-    def memory(self, shard: int) -> dict:
-        """Per node, in shards (mean over nodes): slots, the daemon's memory above idle at its peak and now."""
-        reports = self.reports()
+    def memory(self, shard: int, reports: list[P.StatusReport]) -> dict:
+        """Per node, in shards (mean over nodes): slots, the daemon's memory above idle at its peak and as `reports`
+        (from `self.reports()`) say it is now."""
         return {"slots": statistics.mean(r.shm_used for r in reports) / shard,
                 "daemon_peak": statistics.mean(self.peak.values()) / shard,
                 "daemon_end": statistics.mean(r.memory_bytes - self.idle[n] for n, r in zip(self.names, reports)) / shard}
@@ -136,7 +136,7 @@ class Nodes:
 
 def run(g: int, m: int, mib: int, steps: int, snapshot_gap_s: float) -> dict:
     nodes = Nodes(g, m, mib)
-    names, eps, states, guards = nodes.names, nodes.eps, nodes.states, nodes.guards
+    states, guards = nodes.states, nodes.guards
     try:
         lags, seals = [], []
         for step in range(steps):
@@ -163,7 +163,8 @@ def run(g: int, m: int, mib: int, steps: int, snapshot_gap_s: float) -> dict:
         sent = statistics.mean(r.sent_bytes for r in reports) / steps
         return {"g": g, "m": m, "mib": mib, "seal_s": statistics.median(seals[1:]),
                 "lag_s": statistics.median(lags[1:]), "lag_max_s": max(lags[1:]),
-                "parity_per_shard": parity / shard, "sent_per_shard": sent / shard, **nodes.memory(shard)}
+                "parity_per_shard": parity / shard, "sent_per_shard": sent / shard,
+                **nodes.memory(shard, reports)}
     finally:
         nodes.close()
 
@@ -217,7 +218,7 @@ def run_paced(g: int, m: int, mib: int, steps: int, pace_s: float, ec: bool) -> 
         lags = [covered_at[s] - sealed_at[s] for s in sorted(covered_at) if s >= 1]
         step_s = pace_s + statistics.median(stalls[2:])
         return {"stall": stalls[2:], "begin": begins[1:], "copy": copies[1:], "seal": seals[1:], "lag": lags,
-                "lag_steps": [x / step_s for x in lags], **nodes.memory(mib * MiB)}
+                "lag_steps": [x / step_s for x in lags], **nodes.memory(mib * MiB, nodes.reports())}
     finally:
         stop.set()
         if watcher.is_alive():
