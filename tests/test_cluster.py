@@ -9,6 +9,7 @@ of the final state equals an unbroken run, and no restart went back further than
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import json
 import os
@@ -79,23 +80,14 @@ def _assert_restores_from_memory(out: str, world: int, attempts: int) -> None:
         assert 0 < after and after >= before - 2, f"attempt {a} restarted at step {after}, previous reached {before}"
 
 
-@pytest.mark.timeout(600)
-def test_g4_m2_survives_the_loss_of_one_node_and_of_two_at_once(tmp_path_factory):
-    """A single node and two of the six pairs (every node lost in a pair, the second pair rebuilt from the nodes
-    the first pair's loss had rebuilt): every erasure pattern is rebuilt byte for byte in tests/test_codec.py,
-    single g=3 m=1 losses on real daemons in tests/test_rendezvous.py and tests/test_chaos.py, a node lost in
-    another's rebuild in tests/test_chaos.py; every node and all six pairs on real daemons are the slow test after
-    this one."""
-    _g4_m2_survives(tmp_path_factory, [(0,), (0, 1), (2, 3)])
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_g4_m2_survives_every_loss_of_one_and_two_nodes(tmp_path_factory):
-    _g4_m2_survives(tmp_path_factory, [(i,) for i in range(4)] + list(itertools.combinations(range(4), 2)))
-
-
-def _g4_m2_survives(tmp_path_factory, losses: list[tuple[int, ...]]) -> None:
+    """Every node and all six pairs in turn, each pair lost at once, on real training (every pair after the first
+    rebuilt from nodes an earlier loss had rebuilt). Slow: the default suite loses two nodes at once on real daemons
+    (test_g4_m2_daemons_that_lose_two_nodes_at_once_rebuild_both_and_protect_on), a node and then another in its
+    rebuild on real training (tests/test_chaos.py), every erasure pattern byte for byte (tests/test_codec.py)."""
+    losses = [(i,) for i in range(4)] + list(itertools.combinations(range(4), 2))
     steps = STEPS_BETWEEN_LOSSES * (len(losses) + 2)
     ref = _reference(tmp_path_factory, 4, steps)
     c = _run_with_losses(str(tmp_path_factory.mktemp("g4m2")), 4, 2, steps, losses)
@@ -322,41 +314,47 @@ class _Group:
         return Guard(states={"s": state}, rng=False, job=self.job, node=self.names[i], run_dir=self.run_dir, rank=i,
                      world_size=len(self.names), timeout_s=timeout_s)
 
-    def protect_two_steps(self) -> None:
-        """Every rank seals steps 0 and 1; wait until step 1 is protected on every node."""
-        for step in (0, 1):
+    def protect(self, *steps: int) -> None:
+        """Every rank seals each of `steps` in turn; wait until the last is protected on every node."""
+        for step in steps:
             for st, g in zip(self.states, self.guards):
                 st["w"][step] ^= 1
                 g.snapshot(step)
             for g in self.guards:
                 g.wait()
-        wait_until(lambda: min(nd.status().protected for nd in self.nodes) >= 1, 60, "step 1 to be protected")
+        wait_until(lambda: min(nd.status().protected for nd in self.nodes) >= steps[-1], 60,
+                   f"step {steps[-1]} to be protected")
 
-    def lose(self, i: int, faults: str | None = None, timeout_s: float = 30.0) -> torch.Tensor:
-        """Lose node i (its daemon SIGKILLed, its memory wiped) and start an empty replacement, with `faults` as its
-        SNAPGUARD_FAULTS; rank i's Guard (with `timeout_s`) starts again on a zeroed state. Returns the bytes that
-        state held."""
-        saved = self.states[i]["w"].clone()
-        self.guards[i].close()
-        self.nodes[i].kill()
-        shutil.rmtree(self.nodes[i].table_dir)
-        self.nodes[i].start(self.args[self.names[i]], faults=faults)
-        self.states[i] = {"w": torch.zeros_like(saved)}
-        self.guards[i] = self._guard(i, self.states[i], timeout_s)
+    def lose(self, *lost: int, faults: str | None = None, timeout_s: float = 30.0) -> list[torch.Tensor]:
+        """Lose the nodes `lost` at once (their daemons SIGKILLed, their memory wiped), then start an empty
+        replacement for each, with `faults` as its SNAPGUARD_FAULTS; their ranks' Guards (with `timeout_s`) start
+        again on zeroed states. Returns the bytes those states held."""
+        saved = [self.states[i]["w"].clone() for i in lost]
+        for i in lost:
+            self.guards[i].close()
+            self.nodes[i].kill()
+            shutil.rmtree(self.nodes[i].table_dir)
+        for i, before in zip(lost, saved):
+            self.nodes[i].start(self.args[self.names[i]], faults=faults)
+            self.states[i] = {"w": torch.zeros_like(before)}
+            self.guards[i] = self._guard(i, self.states[i], timeout_s)
         return saved
 
-    def restore(self, i: int) -> None:
-        """Do what restore() does on rank i once the ranks agree on step 1 (they would need a process group)."""
+    def restore(self, i: int, step: int = 1) -> None:
+        """Do what restore() does on rank i once the ranks agree on `step` (they would need a process group)."""
         g = self.guards[i]
-        assert 1 in g.client.request(P.Inventory(self.job, i)).steps
-        shard = g._open(1, 0)
+        assert step in g.client.request(P.Inventory(self.job, i)).steps
+        shard = g._open(step, 0)
         g._load(shard, g._manifest(shard))
 
-    def lose_and_restore(self, i: int) -> bool:
-        """`lose` node i and `restore` its rank: whether its state then holds the bytes saved."""
-        saved = self.lose(i)
-        self.restore(i)
-        return torch.equal(self.states[i]["w"], saved)
+    def lose_and_restore(self, *lost: int, step: int = 1) -> bool:
+        """`lose` the nodes `lost` at once and `restore` their ranks, all at once: whether their states then hold the
+        bytes saved."""
+        saved = self.lose(*lost)
+        with concurrent.futures.ThreadPoolExecutor(len(lost)) as pool:
+            for f in [pool.submit(self.restore, i, step) for i in lost]:
+                f.result()
+        return all(torch.equal(self.states[i]["w"], before) for i, before in zip(lost, saved))
 
     def close(self) -> None:
         for g in self.guards:
@@ -374,9 +372,29 @@ def test_nodes_of_unequal_sizes_rebuild_a_chunk_of_several_pieces_bit_exact(monk
     monkeypatch.setenv("SNAPGUARD_SECRET", "unequal-" + os.urandom(8).hex())
     group = _Group([40, 24, 8], m=1)
     try:
-        group.protect_two_steps()
+        group.protect(0, 1)
         assert group.lose_and_restore(0)
         assert "rebuilt step 1 of ranks [0]" in group.nodes[0].log()
+    finally:
+        group.close()
+
+
+def test_g4_m2_daemons_that_lose_two_nodes_at_once_rebuild_both_and_protect_on(monkeypatch):
+    """g=4, m=2, 24 MiB per node. Nodes 0 and 1 are lost at once: both replacements rebuild step 1 (each from the
+    other two nodes, or from three once the other replacement has its shard) and their ranks restore it bit-exact.
+    Every rank then seals step 2, which the group protects again; nodes 2 and 3 are lost at once, and their
+    replacements rebuild step 2 with the two nodes rebuilt first."""
+    monkeypatch.setenv("SNAPGUARD_SECRET", "twoatonce-" + os.urandom(8).hex())
+    group = _Group([24] * 4, m=2)
+    try:
+        group.protect(0, 1)
+        assert group.lose_and_restore(0, 1)
+        for i in (0, 1):
+            assert "rebuilt step 1 of ranks [%d]" % i in group.nodes[i].log()
+        group.protect(2)
+        assert group.lose_and_restore(2, 3, step=2)
+        for i in (2, 3):
+            assert "rebuilt step 2 of ranks [%d]" % i in group.nodes[i].log()
     finally:
         group.close()
 
@@ -389,7 +407,7 @@ def test_a_node_lost_while_it_serves_a_rebuild_is_replaced_by_another_mid_rebuil
     monkeypatch.setenv("SNAPGUARD_SECRET", "midrebuild-" + os.urandom(8).hex())
     group = _Group([40] * 4, m=2, faults={"n1": f"daemon.serve.fetch@1#{tmp_path / 'n1-died'}"})
     try:
-        group.protect_two_steps()
+        group.protect(0, 1)
         assert group.lose_and_restore(0)
         assert group.nodes[1].proc.wait(10) == -9, "node 1 died as it served the fetch"
         log = group.nodes[0].log()
@@ -406,10 +424,10 @@ def test_a_daemon_killed_mid_rebuild_leaves_no_step_and_the_next_one_rebuilds_it
     monkeypatch.setenv("SNAPGUARD_SECRET", "killedrebuild-" + os.urandom(8).hex())
     group = _Group([40] * 3, m=1)
     try:
-        group.protect_two_steps()
+        group.protect(0, 1)
         node = group.nodes[0]
         # a request sent after its daemon died waits for a daemon to come, at most the client's timeout: short here
-        saved = group.lose(0, faults=f"daemon.rebuild.mid@1#{tmp_path / 'died'}", timeout_s=3.0)
+        saved, = group.lose(0, faults=f"daemon.rebuild.mid@1#{tmp_path / 'died'}", timeout_s=3.0)
         with pytest.raises(SnapGuardError, match="daemon"):
             group.restore(0)
         assert node.proc.wait(10) == -9, "the replacement died half-way through the rebuild"
