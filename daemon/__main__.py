@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import zmq
@@ -213,10 +214,25 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 3
     except (SnapGuardError, zmq.ZMQError, OSError) as e:  # a busy --peer-bind port, an unusable directory
-        print(f"snapguard-daemon: {e}", file=sys.stderr)
+        print(f"snapguard-daemon: {_naming_its_option(a, e)}", file=sys.stderr)
         return 2
     d.serve_forever()
     return 0
+
+
+def _naming_its_option(a: argparse.Namespace, e: Exception) -> str:
+    """`e`, led by the option whose directory (or a directory in it, or above it) it could not use: an OSError names
+    only the path."""
+    where = getattr(e, "filename", None)
+    if not isinstance(where, str):
+        return str(e)
+    where = os.path.abspath(where)
+    for flag, path in (("--persist-dir", a.persist_dir), ("--shm-dir", default_shm_dir(a.shm_dir)),
+                       ("--run-dir", default_run_dir(a.run_dir))):
+        path = path and os.path.abspath(path)
+        if path and (where == path or where.startswith(path + os.sep) or path.startswith(where + os.sep)):
+            return f"cannot use the {flag} directory {path}: {e}"
+    return str(e)
 
 
 if __name__ == "__main__":

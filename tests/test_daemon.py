@@ -709,6 +709,10 @@ def test_jobs_and_nodes_whose_ids_run_together_get_daemons_of_their_own(node):
                  "parity chunks m must be an int in 1..g-1", id="m-too-large"),
     pytest.param(["--shm-limit", "infG"], "'infG' is not a size", id="shm-limit-inf"),
     pytest.param(["--shm-limit", "-3"], "'-3' is not a size", id="shm-limit-negative"),
+    pytest.param(["--persist-dir", "/proc/snapguard"], "cannot use the --persist-dir directory /proc/snapguard: [Errno 2]",
+                 id="persist-dir-unusable"),
+    pytest.param(["--persist-dir", "/proc/snapguard/deeper"], "cannot use the --persist-dir directory"
+                 " /proc/snapguard/deeper: [Errno 2] No such file or directory: '/proc/snapguard'", id="persist-dir-parent"),
 ])
 def test_a_daemon_given_flags_it_cannot_honour_stops_before_creating_anything(node, extra, message):
     """Peer flags without --peer-bind used to start a daemon that ran alone, no erasure coding, without a word."""
