@@ -90,41 +90,105 @@ def part_view(parts: list[tuple[int, Slot, int]], start: int, stop: int) -> np.n
     return None
 
 
-class OutgoingStep:
-    """This node's chunks of one step on their way to the parity holders. Their bytes are read out of the slots
-    a piece at a time: ahead of sending (`read_some`, a few per turn of the daemon's loop), when a piece is
-    sent, or all at once before a trainer may overwrite one of the slots (`read_all`)."""
+PIECES_IN_FLIGHT = 8  # at least this many pieces of a node's chunks may be out of the slots on their way at once
 
-    def __init__(self, step: int, parts: list[tuple[int, Slot, int]]):
-        self.step, self.parts = step, parts  # parts: (offset in the blob, slot, bytes), as `read_parts` takes them
-        self.chunks: list[tuple[str, dict, memoryview, int]] = []  # (holder, fields, bytes, offset in the blob)
-        self.unread: dict[int, memoryview] = {}  # blob offset of a piece -> where its bytes go
+
+@dataclass
+class OutgoingPiece:
+    """One piece of one of this node's chunks, for every holder of the chunk's parity."""
+    start: int  # offset in the blob
+    length: int
+    fields: dict  # its PeerChunk fields, the same for every holder; the checksum is added as it is read
+    holders: list[str]
+    buf: np.ndarray | None = None  # its bytes, once read out of the slots
+    left: int = 0  # holders whose copy ZeroMQ is done with
+
+    @property
+    def data(self) -> memoryview:
+        return memoryview(self.buf)[:self.length]
+
+
+class PiecePool:
+    """Piece-sized buffers, reused step after step: fresh memory is slow to touch the first time."""
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self._free: list[np.ndarray] = []
+
+    def take(self) -> np.ndarray:
+        return self._free.pop() if self._free else np.empty(PIECE, np.uint8)
+
+    def give(self, buf: np.ndarray) -> None:
+        if len(self._free) < self.keep:
+            self._free.append(buf)
+
+
+class OutgoingStep:
+    """This node's chunks of one step on their way to the parity holders, piece by piece, in a window that
+    moves along: a holder is handed the pieces it needs from the window only, and the window moves on past the
+    pieces every holder's copy of which has left. A piece's bytes are read out of the slots into a buffer of the
+    pool as it is first handed out, or a few ahead (`read_some`), and the buffer goes back as the window moves
+    on past it. So a step on its way holds `window` pieces out of the slots, not a copy of the node's chunks;
+    only before a trainer may overwrite one of the slots is the rest read out at once (`read_all`)."""
+
+    def __init__(self, step: int, parts: list[tuple[int, Slot, int]], pieces: list[OutgoingPiece], pool: PiecePool,
+                 window: int):
+        self.step, self.parts, self.pieces, self.pool, self.window = step, parts, pieces, pool, window
+        self.head = 0  # every piece before it has left for every holder
+        self.cursor = {h: 0 for p in pieces for h in p.holders}  # holder -> the first piece it may still need
+        self.total = sum(p.length * len(p.holders) for p in pieces)
 
     @property
     def slots(self) -> list[Slot]:
         return [slot for _, slot, _ in self.parts]
 
-    def read(self, start: int) -> None:
-        view = self.unread.pop(start, None)
-        if view is not None:
-            read_parts(self.parts, start, start + len(view), view)
+    @property
+    def done(self) -> bool:
+        return self.head == len(self.pieces)
+
+    def read(self, piece: OutgoingPiece) -> None:
+        if piece.buf is None:
+            piece.buf = self.pool.take()
+            read_parts(self.parts, piece.start, piece.start + piece.length, piece.buf[:piece.length])
+            piece.fields["checksum"] = xxhash.xxh3_64_intdigest(piece.data)
 
     def read_some(self, n: int) -> None:
-        for start in list(self.unread)[:n]:
-            self.read(start)
+        """Read up to `n` pieces of the window ahead of handing them out."""
+        for piece in [p for p in self.pieces[self.head:self.head + self.window] if p.buf is None][:n]:
+            self.read(piece)
 
     def read_all(self) -> None:
-        self.read_some(len(self.unread))
+        for piece in self.pieces[self.head:]:
+            self.read(piece)
 
-    def pieces(self, fields: dict, data: memoryview, start: int):
-        """The PeerChunk fields and bytes of each piece of one chunk, in order; read and checksummed as drawn."""
-        for off in range(0, len(data), PIECE):
-            self.read(start + off)
-            piece = data[off:off + PIECE]
-            f = {**fields, "offset": off, "checksum": xxhash.xxh3_64_intdigest(piece)}
-            if off:
-                del f["blob"]
-            yield f, piece
+    def next_for(self, holder: str) -> OutgoingPiece | None:
+        """The next piece `holder` needs, read; None when it needs none (`wants` says whether for now, or for good).
+        Call `handed` once it is on its way."""
+        i = self.cursor[holder]
+        while i < len(self.pieces) and holder not in self.pieces[i].holders:
+            i += 1
+        self.cursor[holder] = i
+        if i >= min(len(self.pieces), self.head + self.window):
+            return None
+        piece = self.pieces[i]
+        self.read(piece)
+        return piece
+
+    def handed(self, holder: str) -> None:
+        self.cursor[holder] += 1
+
+    def wants(self, holder: str) -> bool:
+        """Whether `holder` has pieces still to be handed to it."""
+        return any(holder in p.holders for p in self.pieces[self.cursor[holder]:])
+
+    def left(self, piece: OutgoingPiece) -> None:
+        """ZeroMQ is done with one holder's copy of `piece`; the window moves on past the pieces done with."""
+        piece.left += 1
+        while self.head < len(self.pieces) and self.pieces[self.head].left == len(self.pieces[self.head].holders):
+            done = self.pieces[self.head]
+            self.pool.give(done.buf)
+            done.buf = None
+            self.head += 1
 
 
 class Protector:
@@ -151,7 +215,8 @@ class Protector:
         self.remote_sealed: dict[str, set[int]] = {}
         self.remote_ranks: dict[str, set[int]] = {}  # node -> the ranks whose steps it reported last
         self.remote_sending: dict[str, tuple[int, float]] = {}  # node -> (newest step it sent chunks of, when heard)
-        self._send_buf = np.empty(0, np.uint8)  # this node's chunks of the step being sent, reused step after step
+        # buffers of the pieces on their way: a window of twice this node's chunks, at least PIECES_IN_FLIGHT
+        self._pool = PiecePool(max(PIECES_IN_FLIGHT, 2 * self.k))
         self._spare: np.ndarray | None = None  # the parity buffer of the last dropped step, for a next step's parity
         self.sent_step = -1
         self.sent_bytes = 0
@@ -250,28 +315,23 @@ class Protector:
             return None  # a peer sends a step this node has not sealed yet: join it once sealed
         return full[-1] if full[-1] > self.sent_step else None
 
-    def chunks_to_send(self, step: int, fresh: bool = False) -> OutgoingStep:
-        """Every chunk of this node at `step`, for each of its parity holders; the bytes are read out of the slots
-        piece by piece, as `OutgoingStep` is asked for them. They land in one buffer that the next call reuses:
-        send them first, or pass `fresh` for a buffer of their own (when ZeroMQ may still hold the last one)."""
+    def chunks_to_send(self, step: int) -> OutgoingStep:
+        """Every chunk of this node at `step`, for each of its parity holders, in pieces: the first piece of each
+        chunk, then the second of each, and so on, so that a window of them holds pieces for every holder. The
+        bytes are read out of the slots as `OutgoingStep` is asked for them."""
         layout, parts = self.blob_layout(step)
         sc = ShardChunks(layout["nbytes"], self.k)
-        if fresh or len(self._send_buf) < self.k * sc.chunk_len:
-            self._send_buf = np.empty(self.k * sc.chunk_len, np.uint8)
-        out = OutgoingStep(step, parts)
+        chunks = []
         for word in self.plan.codewords:
             for ref in word.chunks[:self.k]:
-                if ref.node != self.me:
-                    continue
-                start = ref.index * sc.chunk_len
-                data = memoryview(self._send_buf[start:start + sc.chunk_len])
-                for off in range(0, sc.chunk_len, PIECE):
-                    out.unread[start + off] = data[off:off + PIECE]
-                fields = {"step": step, "codeword": word.index, "position": ref.position, "chunk_len": sc.chunk_len,
-                          "epoch": self.table.epoch, "blob": layout}
-                for holder in word.chunks[self.k:]:
-                    out.chunks.append((self.group[holder.node], fields, data, start))
-        return out
+                if ref.node == self.me:
+                    chunks.append(({"step": step, "codeword": word.index, "position": ref.position,
+                                    "chunk_len": sc.chunk_len, "epoch": self.table.epoch},
+                                   ref.index * sc.chunk_len, [self.group[h.node] for h in word.chunks[self.k:]]))
+        pieces = [OutgoingPiece(start + off, min(PIECE, sc.chunk_len - off),
+                                {**fields, "offset": off, **({} if off else {"blob": layout})}, holders)
+                  for off in range(0, sc.chunk_len, PIECE) for fields, start, holders in chunks]
+        return OutgoingStep(step, parts, pieces, self._pool, self._pool.keep)
 
     # ---- receiving -----------------------------------------------------------------------------
 

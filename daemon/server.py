@@ -33,7 +33,7 @@ from snapguard.shm import IN_MEMORY, filesystem_type, free_bytes
 from snapguard.daemon.peers import AuthError as PeerAuthError
 from snapguard.daemon.peers import PeerNet, recv_frames
 from snapguard.daemon.persist import Persister, Reading
-from snapguard.daemon.protect import OutgoingStep, Protector, Rebuild
+from snapguard.daemon.protect import OutgoingPiece, OutgoingStep, Protector, Rebuild
 from snapguard.daemon.slots import SEALED, SlotTable
 
 log = logging.getLogger(__name__)
@@ -91,19 +91,15 @@ def own_memory() -> int:
 
 
 class _SendJob:
-    """The pieces of one step's chunks on their way to the parity holders, drawn in order for each holder."""
+    """The pieces of one step's chunks on their way to the parity holders, handed to ZeroMQ in the order
+    `OutgoingStep` gives them to each holder."""
 
     def __init__(self, out: OutgoingStep, now: float):
         self.out, self.step, self.started, self.progress = out, out.step, now, now
-        per_dest: dict[str, list] = {}
-        for dest, fields, data, start in out.chunks:
-            per_dest.setdefault(dest, []).append(out.pieces(fields, data, start))
-        self.todo = {d: itertools.chain.from_iterable(gens) for d, gens in per_dest.items()}
-        self.next: dict[str, tuple[dict, memoryview]] = {}  # drawn, refused by a full queue, sent next turn
-        self.trackers: list[tuple[str, zmq.MessageTracker]] = []
-        self.total = sum(len(data) for _, _, data, _ in out.chunks)
+        self.todo = [h for h in out.cursor if out.wants(h)]
+        self.trackers: list[tuple[str, OutgoingPiece, zmq.MessageTracker]] = []  # copies ZeroMQ may still send
+        self.total = out.total
         self.bytes = 0
-        self._done = 0
 
     def pump(self, net: PeerNet, budget: int, now: float) -> bool:
         """Read up to `budget` pieces ahead and hand up to `budget` pieces per holder to ZeroMQ; True once every
@@ -111,25 +107,30 @@ class _SendJob:
         self.out.read_some(budget)
         for dest in list(self.todo):
             for _ in range(budget):
-                item = self.next.pop(dest, None) or next(self.todo[dest], None)
-                if item is None:
-                    del self.todo[dest]
+                piece = self.out.next_for(dest)
+                if piece is None:
+                    if not self.out.wants(dest):
+                        self.todo.remove(dest)
                     break
-                fields, piece = item
-                tracker = net.send_tracked(dest, P.PeerChunk(**net.header(dest, bulk=True), **fields), piece)
+                tracker = net.send_tracked(dest, P.PeerChunk(**net.header(dest, bulk=True), **piece.fields), piece.data)
                 if tracker is None:  # the holder's queue is full: it is slow, or gone
-                    self.next[dest] = item
                     break
-                self.trackers.append((dest, tracker))
-                self.bytes += len(piece)
+                self.out.handed(dest)
+                self.trackers.append((dest, piece, tracker))
+                self.bytes += piece.length
                 self.progress = now
-        done = sum(t.done for _, t in self.trackers)
-        if done > self._done:
-            self._done, self.progress = done, now
-        return not self.todo and done == len(self.trackers)
+        waiting = []
+        for dest, piece, tracker in self.trackers:
+            if tracker.done:
+                self.out.left(piece)
+                self.progress = now
+            else:
+                waiting.append((dest, piece, tracker))
+        self.trackers = waiting
+        return self.out.done
 
     def slow(self) -> list[str]:
-        return sorted(set(self.todo) | {d for d, t in self.trackers if not t.done})
+        return sorted(set(self.todo) | {d for d, _, _ in self.trackers})
 
 
 class _Trainer(NamedTuple):
@@ -204,7 +205,6 @@ class Daemon:
         self._job: _SendJob | None = None  # the chunks on their way to parity holders
         self._protect_after = 0.0  # after a failure, protection pauses until then
         self._sent_at = 0.0  # when the chunks of protector.sent_step last left, all of them
-        self._buffer_held = False  # ZeroMQ may still hold the send buffer (its queue to a peer was discarded)
         self._chunks: collections.deque = collections.deque()  # peer messages with bulk frames, read, not handled
         self.rejected: list[str] = []
         self._rejected_count = 0
@@ -318,7 +318,6 @@ class Daemon:
                     except Exception:  # tried again a second later; the daemon keeps serving
                         log.exception("%s could not send chunks to their parity holders", self.who)
                         self._job, self._protect_after = None, time.monotonic() + 1.0
-                        self._buffer_held = True  # ZeroMQ may still send from it
                     if self.net.router in events or self._chunks:
                         self._read_peers()
                     if time.monotonic() - self._last_beat > self.cfg.heartbeat_s:
@@ -516,9 +515,10 @@ class Daemon:
     def _protect(self) -> None:
         """Called on every turn of the loop: send the chunks of the step to protect next to their parity holders.
 
-        One step's chunks are on their way at a time, read once out of the slots into one reused buffer that
-        ZeroMQ sends in place; they go out in pieces (`protect.PIECE`), a few per turn of the loop, as fast as
-        the holders take them, so that neither this loop nor a holder's is ever busy with one for long. The next
+        One step's chunks are on their way at a time, in pieces (`protect.PIECE`), a few per turn of the loop, as
+        fast as the holders take them, so that neither this loop nor a holder's is ever busy with one for long. A
+        window of pieces is out of the slots at once, each read once into a reused buffer that ZeroMQ sends in
+        place to every holder (`protect.OutgoingStep`): the slowest holder paces the others. The next
         step goes out once ZeroMQ is done with them. If protection falls behind the seals, steps in between are
         skipped (`Protector.choose_step`), and a trainer that needs the slot of a step still being sent
         overwrites it (a third slot per rank): training never waits for parity. The chunks of a step that stays
@@ -537,8 +537,7 @@ class Daemon:
                 log.warning("%s parity holders %s took no chunk of step %d for %.0f s: dropping what is queued for"
                             " them", self.who, ", ".join(slow), job.step, self.cfg.peer_timeout_s)
                 for n in slow:
-                    self.net.forget(n)  # discards the queue; ZeroMQ lets go of the buffer in its own time
-                self._buffer_held = True
+                    self.net.forget(n)  # discards the queue; ZeroMQ lets go of their pieces in its own time
                 self._job = None
                 self._sent_at = now
             else:
@@ -553,8 +552,7 @@ class Daemon:
                     or now - self._sent_at < max(2 * self.cfg.heartbeat_s, 2.0)):
                 return
             step, resend = p.sent_step, True
-        self._job = _SendJob(p.chunks_to_send(step, fresh=self._buffer_held), now)
-        self._buffer_held = False
+        self._job = _SendJob(p.chunks_to_send(step), now)
         if resend:
             log.info("%s step %d is not protected yet: sending its chunks again", self.who, step)
         else:
@@ -732,7 +730,6 @@ class Daemon:
         new = epoch != self.table.epoch  # else this node's other ranks restored the same already
         if self._job is not None and (new or self._job.step > step):
             self._job = None  # chunks of the old timeline, or of its slots just forgotten: holders refuse them now
-            self._buffer_held = True  # ZeroMQ may still hold the buffer
         dropped = p.rewind(step, epoch)
         if new or dropped:
             log.info("%s restored step %d as timeline %d: dropped parity of newer steps %s", self.who, step, epoch,

@@ -336,20 +336,78 @@ def test_chunks_on_their_way_are_read_out_before_their_slot_is_handed_out(table)
     p = Protector(table, ["n0", "n1"], "n0", 1)  # k = 1: the one chunk is the whole shard, in two pieces
 
     def sent(read_all_first: bool) -> bytes:
-        out = p.chunks_to_send(0, fresh=True)
-        (dest, fields, chunk, start), = out.chunks
-        assert dest == "n1"
-        pieces = out.pieces(fields, chunk, start)
-        got = [next(pieces)[1].tobytes()]  # the first piece is read and on its way
+        out = p.chunks_to_send(0)
+        assert list(out.cursor) == ["n1"]
+        got = []
+        got.append(out.next_for("n1").data.tobytes())  # the first piece is read and on its way
+        out.handed("n1")
         if read_all_first:
             out.read_all()
         slot.buffer()[:len(data)] = bytes(len(data))  # the trainer writes its next step into the slot
-        got += [piece.tobytes() for _, piece in pieces]
+        while (piece := out.next_for("n1")) is not None:
+            got.append(piece.data.tobytes())
+            out.handed("n1")
         slot.buffer()[:len(data)] = data
         return b"".join(got)
 
     assert sent(read_all_first=True)[:len(data)] == data
     assert sent(read_all_first=False)[:len(data)] != data, "the tail was read after the slot was overwritten"
+
+
+def test_a_step_on_its_way_holds_a_window_of_pieces_out_of_the_slots_not_a_copy_of_them(table):
+    """g=3, m=1: node n0's blob of 12 pieces is two chunks of 6, each for one parity holder. Pieces are read out of
+    the slots only as the window of 8 lets them out: a holder that has its pieces of the window waits for the
+    other holder (the slowest paces both), the window moves on as ZeroMQ is done with pieces, and their buffers
+    are reused. Each holder gets every byte of its chunk, in order, each piece with its checksum."""
+    import numpy as np
+    import xxhash
+
+    from snapguard.daemon.protect import PIECE, Protector
+
+    data = np.random.default_rng(1).integers(0, 256, 12 * PIECE, dtype=np.uint8)
+    d = table.begin(0, 0, len(data))
+    np.frombuffer(table.ranks[0][d.slot].buffer(), np.uint8, len(data))[:] = data
+    table.seal(0, 0, d.slot, manifest_for(table, 0, 1, 0, data.tobytes(), chunk=16 << 20))
+    p = Protector(table, ["n0", "n1", "n2"], "n0", 1)
+    out = p.chunks_to_send(0)
+    assert sorted(out.cursor) == ["n1", "n2"] and len(out.pieces) == 12 and out.window == 8
+    got: dict[str, list] = {"n1": [], "n2": []}
+    in_flight = []  # pieces handed out whose copies ZeroMQ has not let go of yet
+
+    def hand(holder: str) -> int:
+        n = 0
+        while (piece := out.next_for(holder)) is not None:
+            fields = piece.fields
+            assert fields["checksum"] == xxhash.xxh3_64_intdigest(piece.data) and fields["offset"] % PIECE == 0
+            got[holder].append((fields["codeword"], fields["offset"], piece.data.tobytes()))
+            out.handed(holder)
+            in_flight.append(piece)
+            n += 1
+        return n
+
+    def read_out() -> int:
+        return sum(piece.buf is not None for piece in out.pieces)
+
+    assert hand("n1") == 4 and read_out() == 4, "n1's pieces among the first 8, read as they are handed out"
+    assert out.wants("n1") and hand("n1") == 0, "the window is n1's to move on only with n2's pieces in it"
+    assert hand("n2") == 4 and read_out() == 8
+    buffers = {id(piece.buf) for piece in out.pieces if piece.buf is not None}
+    out.left(in_flight.pop(0))  # ZeroMQ is done with the first piece: the window moves on by one
+    assert out.head == 1 and read_out() == 7
+    assert hand("n1") + hand("n2") == 1 and read_out() == 8
+    while in_flight:
+        out.left(in_flight.pop(0))
+        hand("n1"), hand("n2")
+        assert read_out() <= 8
+        buffers |= {id(piece.buf) for piece in out.pieces if piece.buf is not None}
+    assert out.done and read_out() == 0 and not out.wants("n1") and not out.wants("n2")
+    assert len(buffers) == 8, "every piece went out in one of the window's 8 buffers"
+    sc_len = 6 * PIECE
+    chunks = {}
+    for holder, pieces in got.items():
+        assert [off for _, off, _ in pieces] == [i * PIECE for i in range(6)], "a holder's pieces come in order"
+        chunks[holder] = b"".join(b for _, _, b in pieces)
+    assert sorted(chunks.values()) == sorted([data[:sc_len].tobytes(), data[sc_len:].tobytes()])
 
 
 def test_a_restore_forgets_what_the_peers_held_of_the_timeline_left_behind(table):
