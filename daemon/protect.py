@@ -101,7 +101,7 @@ class OutgoingPiece:
     fields: dict  # its PeerChunk fields, the same for every holder; the checksum is added as it is read
     holders: list[str]
     buf: np.ndarray | None = None  # its bytes, once read out of the slots
-    left: int = 0  # holders whose copy ZeroMQ is done with
+    left: set[str] = field(default_factory=set)  # holders whose copy ZeroMQ is done with
 
     @property
     def data(self) -> memoryview:
@@ -177,14 +177,21 @@ class OutgoingStep:
     def handed(self, holder: str) -> None:
         self.cursor[holder] += 1
 
+    def holding_back(self) -> list[str]:
+        """The holders whose copies of the window's first piece have not left: those the window waits for."""
+        if self.done:
+            return []
+        first = self.pieces[self.head]
+        return sorted(set(first.holders) - first.left)
+
     def wants(self, holder: str) -> bool:
         """Whether `holder` has pieces still to be handed to it."""
         return any(holder in p.holders for p in self.pieces[self.cursor[holder]:])
 
-    def left(self, piece: OutgoingPiece) -> None:
-        """ZeroMQ is done with one holder's copy of `piece`; the window moves on past the pieces done with."""
-        piece.left += 1
-        while self.head < len(self.pieces) and self.pieces[self.head].left == len(self.pieces[self.head].holders):
+    def left(self, piece: OutgoingPiece, holder: str) -> None:
+        """ZeroMQ is done with `holder`'s copy of `piece`; the window moves on past the pieces done with."""
+        piece.left.add(holder)
+        while self.head < len(self.pieces) and len(self.pieces[self.head].left) == len(self.pieces[self.head].holders):
             done = self.pieces[self.head]
             self.pool.give(done.buf)
             done.buf = None

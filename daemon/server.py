@@ -122,7 +122,7 @@ class _SendJob:
         waiting = []
         for dest, piece, tracker in self.trackers:
             if tracker.done:
-                self.out.left(piece)
+                self.out.left(piece, dest)
                 self.progress = now
             else:
                 waiting.append((dest, piece, tracker))
@@ -130,7 +130,8 @@ class _SendJob:
         return self.out.done
 
     def slow(self) -> list[str]:
-        return sorted(set(self.todo) | {d for d, _, _ in self.trackers})
+        """The holders the step waits for: the others wait for them only because the window waits."""
+        return self.out.holding_back()
 
 
 class _Trainer(NamedTuple):

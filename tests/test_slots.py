@@ -372,7 +372,7 @@ def test_a_step_on_its_way_holds_a_window_of_pieces_out_of_the_slots_not_a_copy_
     out = p.chunks_to_send(0)
     assert sorted(out.cursor) == ["n1", "n2"] and len(out.pieces) == 12 and out.window == 8
     got: dict[str, list] = {"n1": [], "n2": []}
-    in_flight = []  # pieces handed out whose copies ZeroMQ has not let go of yet
+    in_flight = []  # (holder, piece) handed out, whose copies ZeroMQ has not let go of yet
 
     def hand(holder: str) -> int:
         n = 0
@@ -381,7 +381,7 @@ def test_a_step_on_its_way_holds_a_window_of_pieces_out_of_the_slots_not_a_copy_
             assert fields["checksum"] == xxhash.xxh3_64_intdigest(piece.data) and fields["offset"] % PIECE == 0
             got[holder].append((fields["codeword"], fields["offset"], piece.data.tobytes()))
             out.handed(holder)
-            in_flight.append(piece)
+            in_flight.append((holder, piece))
             n += 1
         return n
 
@@ -392,11 +392,18 @@ def test_a_step_on_its_way_holds_a_window_of_pieces_out_of_the_slots_not_a_copy_
     assert out.wants("n1") and hand("n1") == 0, "the window is n1's to move on only with n2's pieces in it"
     assert hand("n2") == 4 and read_out() == 8
     buffers = {id(piece.buf) for piece in out.pieces if piece.buf is not None}
-    out.left(in_flight.pop(0))  # ZeroMQ is done with the first piece: the window moves on by one
-    assert out.head == 1 and read_out() == 7
-    assert hand("n1") + hand("n2") == 1 and read_out() == 8
+    first = out.pieces[0].holders[0]
+    other = ({"n1", "n2"} - {first}).pop()
+    assert out.holding_back() == [first]
+    for holder, piece in [x for x in in_flight if x[0] == other]:  # the other holder took all of its pieces...
+        out.left(piece, holder)
+    in_flight = [x for x in in_flight if x[0] == first]
+    assert out.head == 0 and out.holding_back() == [first], "...and the window waits for the first holder alone"
+    out.left(*reversed(in_flight.pop(0)))  # ZeroMQ is done with the first piece: the window moves on
+    assert out.head == 2 and read_out() == 6 and out.holding_back() == [first]
+    assert hand("n1") + hand("n2") == 2 and read_out() == 8
     while in_flight:
-        out.left(in_flight.pop(0))
+        out.left(*reversed(in_flight.pop(0)))
         hand("n1"), hand("n2")
         assert read_out() <= 8
         buffers |= {id(piece.buf) for piece in out.pieces if piece.buf is not None}
