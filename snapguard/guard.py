@@ -46,6 +46,7 @@ from snapguard.state import RNGState, TORCH_DTYPES, as_stateful, check_compatibl
 log = logging.getLogger(__name__)
 
 _DAEMON_NOTICE_S = 5.0  # a Guard waiting for its daemon says so after this long
+_SLOT_NOTICE_S = 30.0  # a snapshot waiting for a slot says so after this long (protection may lag a few seconds)
 
 _PIECE = 256 << 10  # bytes copied, then hashed while in the cache
 _MAX_INVENTORY = 16  # steps one rank reports at restore; more than slots_per_rank will ever hold
@@ -70,6 +71,17 @@ class _Inventories(NamedTuple):
     touched: dict[int, int]  # rank -> the step of an earlier round some of whose chunks its state holds
     stopped: dict[int, list[int]]  # why (a key of _STOPPED_BEFORE_INVENTORY) -> the ranks that stop before listing
     old_world: dict[int, tuple[int, int]]  # rank -> (world size, step) its daemon holds of a job of another size
+
+
+def _awaited(reply: P.Wait) -> str:
+    """What a snapshot told to wait (`P.Wait`) waits for, and why it may never come."""
+    if reply.disk >= 0:
+        return (f"the daemon to finish writing step {reply.disk} to disk (--persist-dir), whose slot this step would"
+                " take; the disk is too slow for --persist-every (the daemon's log says how long a write takes)")
+    return (f"every rank to seal step {reply.need} before reusing the slot of an older step (newest step all ranks"
+            f" hold: {reply.common}). A rank that stopped snapshotting holds the others up; in a job over several"
+            " nodes, a daemon hears of other nodes' ranks only from its peers (snapguard-daemon --peer-bind with"
+            " --peer or --rendezvous)")
 
 
 @dataclass(frozen=True)
@@ -429,24 +441,23 @@ class Guard:
         return self.config.hash_threads or default_hash_threads()
 
     def _begin(self, step: int, nbytes: int) -> P.Granted:
-        deadline = time.monotonic() + self.config.gate_timeout_s
+        """A slot to write `step` into, waiting while the daemon says wait (saying so after the first few seconds),
+        at most gate_timeout_s."""
+        start = time.monotonic()
+        gate = self.config.gate_timeout_s
+        notice, noticed = start + min(_SLOT_NOTICE_S, gate / 2), False
         pause = 0.001
         while True:
             reply = self.client.request(P.Begin(self.endpoint.job, self.rank, self.world_size, step, nbytes))
             if isinstance(reply, P.Granted):
                 return reply
-            if time.monotonic() > deadline:
-                if reply.disk >= 0:
-                    raise SnapGuardError(
-                        f"{self.who} step {step}: waited {self.config.gate_timeout_s:.0f} s for the daemon to finish"
-                        f" writing step {reply.disk} to disk (--persist-dir), whose slot this step would take; the"
-                        " disk is too slow for --persist-every (the daemon's log says how long a write takes)")
-                raise SnapGuardError(
-                    f"{self.who} step {step}: waited {self.config.gate_timeout_s:.0f} s for every rank to seal step"
-                    f" {reply.need} before reusing the slot of an older step (newest step all ranks hold: {reply.common})."
-                    " A rank that stopped snapshotting holds the others up; in a job over several nodes, a daemon"
-                    " hears of other nodes' ranks only from its peers (snapguard-daemon --peer-bind with --peer or"
-                    " --rendezvous)")
+            now = time.monotonic()
+            if now > start + gate:
+                raise SnapGuardError(f"{self.who} step {step}: waited {gate:.0f} s for {_awaited(reply)}")
+            if now > notice and not noticed:
+                noticed = True
+                log.warning("%s step %d: has waited %.0f s for %s; gives up after %.0f s", self.who, step, now - start,
+                            _awaited(reply), gate)
             time.sleep(pause)
             pause = min(pause * 2, 0.02)
 

@@ -821,15 +821,22 @@ def test_restore_loads_in_place_and_leaves_nothing_pointing_into_shared_memory(d
     assert state_digest(model2, opt2) == digests[2]
 
 
-def test_a_rank_of_a_multi_node_job_whose_daemon_has_no_peers_gets_an_error_that_says_why(daemon):
+def test_a_rank_of_a_multi_node_job_whose_daemon_has_no_peers_gets_an_error_that_says_why(daemon, caplog):
     """Rank 0 of a two-rank job whose rank 1 lives on another node: a daemon without peers never hears of
-    rank 1's seals, so after two snapshots rank 0 cannot reuse a slot. That ends in an error naming the
-    cause, within the gate timeout, not a silent hang."""
+    rank 1's seals, so after two snapshots rank 0 cannot reuse a slot. The rank says so once it has waited a
+    while (half the gate timeout, here), and the wait ends in an error naming the cause, within the gate
+    timeout, not a silent hang."""
     model, opt = make_model()
-    g = daemon.guard(model, opt, rng=False, world_size=2, gate_timeout_s=1.0)
+    g = daemon.guard(model, opt, rng=False, world_size=2, gate_timeout_s=2.0)
     try:
-        with pytest.raises(SnapGuardError, match="hears of other nodes' ranks only from its peers"):
+        with caplog.at_level(logging.WARNING, logger="snapguard.guard"), \
+                pytest.raises(SnapGuardError, match="waited 2 s for every rank to seal step 1 .*hears of other nodes'"
+                                                    " ranks only from its peers"):
             train_and_snapshot(g, model, opt, {"step": -1}, range(4))
+        waiting = [r.getMessage() for r in caplog.records if "has waited" in r.getMessage()]
+        assert len(waiting) == 1, caplog.text
+        assert "step 2: has waited 1 s for every rank to seal step 1" in waiting[0]
+        assert "gives up after 2 s" in waiting[0] and "only from its peers" in waiting[0]
         assert "never hears of: a job spanning several nodes needs its daemons to be peers" in daemon.log()
     finally:
         with contextlib.suppress(SnapGuardError):
