@@ -4,8 +4,10 @@ from there. The multi-rank case (a torchrun job that loses its node's memory) is
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
+import logging
 import mmap
 import os
 import subprocess
@@ -509,3 +511,27 @@ def test_a_file_system_that_refuses_o_direct_reads_and_writes_through_the_page_c
     finally:
         monkeypatch.setattr(os, "open", real_open)
         p.close()
+
+
+def test_a_snapshot_that_waits_for_a_write_to_disk_says_so_and_fails_naming_the_disk(node, disk, tmp_path, caplog):
+    """Step 0 goes to disk and its write hangs halfway (a stuck disk under --persist-dir). With two slots, step 2
+    needs step 0's slot: the rank waits for the write, says so at half the gate timeout (here), and fails naming
+    the disk, within the gate timeout."""
+    stall = tmp_path / "stall"
+    stall.touch()
+    start(node, disk, every=3, faults=f"daemon.persist.mid%{stall}")
+    model, opt = make_model()
+    g = node.guard(model, opt, {"step": -1}, rng=False, gate_timeout_s=2.0)
+    try:
+        with caplog.at_level(logging.WARNING, logger="snapguard.guard"), \
+                pytest.raises(SnapGuardError, match=r"step 2: waited 2 s for the daemon to finish writing step 0 to"
+                                                    r" disk \(--persist-dir\).* too slow for --persist-every"):
+            train_and_snapshot(g, model, opt, {"step": -1}, range(4))
+        waiting = [r.getMessage() for r in caplog.records if "has waited" in r.getMessage()]
+        assert len(waiting) == 1, caplog.text
+        assert "step 2: has waited 1 s for the daemon to finish writing step 0 to disk" in waiting[0]
+        assert "gives up after 2 s" in waiting[0]
+    finally:
+        stall.unlink()
+        with contextlib.suppress(SnapGuardError):
+            g.close()
