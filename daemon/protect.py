@@ -131,9 +131,9 @@ class OutgoingStep:
     on past it. So a step on its way holds `window` pieces out of the slots, not a copy of the node's chunks;
     only before a trainer may overwrite one of the slots is the rest read out at once (`read_all`)."""
 
-    def __init__(self, step: int, parts: list[tuple[int, Slot, int]], pieces: list[OutgoingPiece], pool: PiecePool,
-                 window: int):
-        self.step, self.parts, self.pieces, self.pool, self.window = step, parts, pieces, pool, window
+    def __init__(self, step: int, parts: list[tuple[int, Slot, int]], pieces: list[OutgoingPiece], pool: PiecePool):
+        self.step, self.parts, self.pieces, self.pool = step, parts, pieces, pool
+        self.window = pool.keep  # the pool keeps a buffer for every piece of the window
         self.head = 0  # every piece before it has left for every holder
         self.cursor = {h: 0 for p in pieces for h in p.holders}  # holder -> the first piece it may still need
         self.total = sum(p.length * len(p.holders) for p in pieces)
@@ -338,7 +338,7 @@ class Protector:
         pieces = [OutgoingPiece(start + off, min(PIECE, sc.chunk_len - off),
                                 {**fields, "offset": off, **({} if off else {"blob": layout})}, holders)
                   for off in range(0, sc.chunk_len, PIECE) for fields, start, holders in chunks]
-        return OutgoingStep(step, parts, pieces, self._pool, self._pool.keep)
+        return OutgoingStep(step, parts, pieces, self._pool)
 
     # ---- receiving -----------------------------------------------------------------------------
 
