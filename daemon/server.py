@@ -407,7 +407,7 @@ class Daemon:
         self._check_job(msg.job)
         if isinstance(msg, P.Hello):
             self._note_world(msg)
-            return P.Welcome(self.cfg.node, os.getpid(), t.dir)
+            return P.Welcome(self.cfg.node, os.getpid(), t.dir, sorted(n for n, _ in self.cfg.peers))
         if isinstance(msg, P.Reserve):
             self._note_world(msg)
             self._read_out()  # a free slot that grows gets a new file

@@ -49,6 +49,7 @@ _DAEMON_NOTICE_S = 5.0  # a Guard waiting for its daemon says so after this long
 _SLOT_NOTICE_S = 30.0  # a snapshot waiting for a slot says so after this long (protection may lag a few seconds)
 
 _PIECE = 256 << 10  # bytes copied, then hashed while in the cache
+_NODE_NAME_BYTES = 64  # a node id's longest (`config.check_name`), as ranks tell each other theirs
 _MAX_INVENTORY = 16  # steps one rank reports at restore; more than slots_per_rank will ever hold
 _RESTORE_THREADS = 4  # threads that verify and copy a shard on restore (memory bandwidth, not compute, bounds it)
 _CORRUPT = -2  # what a rank that found a corrupt chunk reports instead of the step it restored
@@ -174,8 +175,9 @@ class Guard:
         self.client = DaemonClient(self.endpoint.address, self.timeout_s, self.who)
         self._life: TrainerLock | None = None  # held while this Guard lives: the daemon's sign that the trainer runs
         try:
-            self._connect()
+            welcome = self._connect()
             self._pg = self._agreement_group()
+            self._check_daemons_are_peers(welcome)
         except BaseException:
             self.client.close()
             if self._life is not None:
@@ -206,7 +208,7 @@ class Guard:
 
     # ---- connection ------------------------------------------------------------------------------
 
-    def _connect(self) -> None:
+    def _connect(self) -> P.Welcome:
         if self.config.start_daemon:
             try:
                 self.client.wait_ready(1.0)
@@ -216,7 +218,7 @@ class Guard:
         else:
             self._wait_for_daemon()
         self._life = TrainerLock(self.endpoint, self.rank, self.world_size)
-        self.client.request(P.Hello(self.endpoint.job, self.rank, self.world_size, os.getpid(), self._life.token))
+        return self.client.request(P.Hello(self.endpoint.job, self.rank, self.world_size, os.getpid(), self._life.token))
 
     def _wait_for_daemon(self) -> None:
         """Wait for the node's daemon (a launcher may start it beside the trainers) for the Guard's timeout, saying so
@@ -244,6 +246,41 @@ class Guard:
             return dist.new_group(backend="gloo", timeout=timedelta(seconds=self._agree_s))
         except RuntimeError as e:
             raise SnapGuardError(f"{self.who} waiting for every rank to construct its Guard: {e}") from e
+
+    def _check_daemons_are_peers(self, welcome: P.Welcome) -> None:
+        """Refuse a job whose ranks run on several nodes whose daemons are not all peers: a daemon lets a rank
+        overwrite its older slot only once every rank of the job has sealed a newer step, and hears of other
+        nodes' ranks only from its peers, so the third snapshot would wait for a slot until gate_timeout_s.
+        Collective: every rank learns every rank's node, then which daemons lack some of them."""
+        if self._pg is None:
+            return
+        t = torch.zeros(_NODE_NAME_BYTES, dtype=torch.int64)
+        name = welcome.node.encode()[:_NODE_NAME_BYTES]  # node ids are at most 64 characters (`check_name`)
+        t[:len(name)] = torch.tensor(list(name), dtype=torch.int64)
+        out = self._all_gather(t, "every rank's node, as its daemon names it (constructing the Guard)")
+        nodes = {r: bytes(b for b in row if b).decode(errors="replace") for r, row in out.items()}
+        unknown = sorted(set(nodes.values()) - {welcome.node, *welcome.peers})
+        out = self._all_gather(torch.tensor([len(unknown)], dtype=torch.int64),
+                               "whether every rank's daemon is a peer of every other node's (constructing the Guard)")
+        lacking = sorted({nodes[r] for r, o in out.items() if o[0]})
+        if not lacking:
+            return
+        ranks: dict[str, list[int]] = {}
+        for r, n in sorted(nodes.items()):
+            ranks.setdefault(n, []).append(r)
+        where = "; ".join(f"{n}: rank{'s' if len(rs) > 1 else ''} {_spans(rs)}" for n, rs in sorted(ranks.items()))
+        lack = (f"daemons of {', '.join(lacking)} are not peers" if len(lacking) > 1
+                else f"daemon of {lacking[0]} is not a peer")
+        mine = ""
+        if unknown:
+            has = f"has peers {', '.join(welcome.peers)} but not" if welcome.peers else "has no peers, so not"
+            mine = f" This rank's daemon, of node {welcome.node}, {has} {', '.join(unknown)}."
+        raise ConfigError(
+            f"{self.who} this job's ranks run on {len(ranks)} nodes ({where}), and the {lack} of every other node's"
+            " daemon. A daemon lets a rank reuse a slot only once every rank of the job has sealed a newer step, and"
+            " hears of other nodes' ranks only from its peers: snapshots would soon wait for a slot for good. Start"
+            " every node's snapguard-daemon with --peer-bind and the others as --peer NODE=ADDRESS, or with"
+            " --rendezvous." + mine)
 
     def _spawn_daemon(self) -> None:
         log.info("%s no daemon answers on %s: starting one", self.who, self.endpoint.socket_path)
@@ -844,6 +881,17 @@ class _ListState:
     def load_state_dict(self, sd: dict) -> None:
         for i, o in enumerate(self.items):
             o.load_state_dict(sd[str(i)])
+
+
+def _spans(ranks: list[int]) -> str:
+    """Sorted ranks as runs: [0, 1, 2, 5] -> "0-2, 5"."""
+    runs: list[list[int]] = []
+    for r in ranks:
+        if runs and r == runs[-1][1] + 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def copy_verified(buf: torch.Tensor, man: Manifest, targets: list[torch.Tensor], threads: int = 1) -> None:

@@ -19,7 +19,7 @@ import msgpack
 
 from snapguard.errors import ProtocolError
 
-VERSION = 1
+VERSION = 2  # 2: Welcome.peers, StatusReport.memory_bytes, PeerFetch's fields
 MAX_HEADER_BYTES = 16 << 20  # manifests of models with many tensors fit comfortably
 MAX_FRAMES = 16
 MAX_WORLD_SIZE = 1 << 24  # ranks in one job: far beyond any real one, small enough to loop over
@@ -197,6 +197,7 @@ class Welcome(Message):
     node: str
     pid: int
     shm_dir: str
+    peers: list[str] = field(default_factory=list)  # the other nodes whose daemons this one is a peer of
 
 
 @dataclass(frozen=True)

@@ -116,9 +116,13 @@ shm_dir = sys.argv[7]
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                         timeout=datetime.timedelta(seconds=60))
 
-def guard(state, node="n0", **kw):
+def guard(state, node="n0", run_dir=run_dir, **kw):
     return Guard(states={"s": state}, rng=False, job=job, node=node, run_dir=run_dir, timeout_s=2.0, gate_timeout_s=2.0,
                  **kw)
+
+# A daemon of rank 1's own, to fail while rank 0's serves on: a second daemon of node n0, in directories of its own
+# (daemons of two nodes would have to be peers).
+own = {"run_dir": os.path.join(run_dir, "r1"), "shm_dir": os.path.join(shm_dir, "r1"), "start_daemon": True}
 
 result = {}
 if phase == "cycle":  # a process that builds and closes Guards over and over
@@ -129,6 +133,14 @@ if phase == "cycle":  # a process that builds and closes Guards over and over
         g.restore()
         g.close()
         result["fds"].append(len(os.listdir("/proc/self/fd")))
+elif phase == "not-peers":  # rank 1 on node n1, whose daemon is no peer of n0's
+    t0 = time.monotonic()
+    try:
+        guard({"w": torch.zeros(4)}, **({"node": "n1", "start_daemon": True, "shm_dir": shm_dir} if rank else {}))
+        result["built"] = True
+    except SnapGuardError as e:
+        result["error"] = f"{type(e).__name__}: {e}"
+    result["elapsed"] = time.monotonic() - t0
 elif phase == "save":
     state = {"w": torch.full((4,), float(rank))}
     g = guard(state)
@@ -141,11 +153,11 @@ else:
     if phase == "inventory-fails" and rank == 1:  # its own node's daemon, which dies before the restore asks it
         import signal
         from snapguard.config import Endpoint
-        g = guard(state, node="n1", start_daemon=True, shm_dir=shm_dir)
-        with open(Endpoint(job, "n1", run_dir).lock_path) as f:
+        g = guard(state, **own)
+        with open(Endpoint(job, "n0", own["run_dir"]).lock_path) as f:
             os.kill(int(f.read()), signal.SIGKILL)
     elif phase == "unfinished" and rank == 1:  # its last snapshot failed in the background, unseen until restore
-        g = guard(state, node="n1", start_daemon=True, shm_dir=shm_dir, daemon_args=("--shm-limit", "1M"))
+        g = guard(state, **own, daemon_args=("--shm-limit", "1M"))
         g.snapshot(1)
         g.wait()
         state["w"] = torch.zeros(1 << 20)  # 4 MiB: its slots cannot grow under the daemon's limit
@@ -221,14 +233,15 @@ def pair(daemon, tmp_path):
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait(30)
-    try:  # a daemon that rank 1 started for node n1 and that is still running
-        with open(Endpoint(daemon.job, "n1", daemon.run_dir).lock_path) as f:
-            pid = int(f.read())
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if daemon.job.encode() in f.read():
-                os.kill(pid, signal.SIGKILL)
-    except (OSError, ValueError):
-        pass
+    for ep in (Endpoint(daemon.job, "n1", daemon.run_dir), Endpoint(daemon.job, "n0", os.path.join(daemon.run_dir, "r1"))):
+        try:  # a daemon that rank 1 started and that is still running
+            with open(ep.lock_path) as f:
+                pid = int(f.read())
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if daemon.job.encode() in f.read():
+                    os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
 
 
 def test_guards_built_and_closed_over_and_over_leave_no_connections_behind(pair):
@@ -266,6 +279,21 @@ def test_a_rank_whose_open_fails_stops_every_rank_before_any_copies_its_shard(pa
     assert "holds verified chunks" not in got[0]["error"], "rank 0 copied its shard, which the job cannot use"
     assert got[0]["snapshot"] == "taken", "a failed restore that copied nothing leaves the state as it was"
     assert got[0]["elapsed"] < 20, got
+
+
+def test_ranks_on_nodes_whose_daemons_are_not_peers_are_refused_when_they_build_their_guards(pair):
+    # Without it the job would train until the third snapshot, then wait gate_timeout_s for a slot (five minutes
+    # by default) before it failed.
+    got = pair("not-peers")
+    for r in (0, 1):
+        assert "built" not in got[r], got
+        assert got[r]["error"].startswith("ConfigError: "), got
+        assert "this job's ranks run on 2 nodes (n0: rank 0; n1: rank 1), and the daemons of n0, n1 are not peers" \
+               " of every other node's daemon" in got[r]["error"], got
+        assert "--peer-bind and the others as --peer NODE=ADDRESS, or with --rendezvous" in got[r]["error"], got
+        assert got[r]["elapsed"] < 20, got
+    assert "This rank's daemon, of node n0, has no peers, so not n1." in got[0]["error"], got
+    assert "This rank's daemon, of node n1, has no peers, so not n0." in got[1]["error"], got
 
 
 def test_a_rank_whose_daemon_cannot_list_its_snapshots_stops_every_rank_at_once(pair):
