@@ -10,7 +10,7 @@ import sys
 import zmq
 
 from snapguard.config import (Endpoint, check_name, daemon_who, default_job, default_node, default_run_dir,
-                              default_shm_dir)
+                              default_shm_dir, within)
 from snapguard.daemon.peers import ENV_SECRET, load_secret
 from snapguard.daemon.server import AlreadyRunning, Daemon, DaemonConfig, NodeLock
 from snapguard.errors import ConfigError, SnapGuardError
@@ -230,7 +230,7 @@ def _naming_its_option(a: argparse.Namespace, e: Exception) -> str:
     for flag, path in (("--persist-dir", a.persist_dir), ("--shm-dir", default_shm_dir(a.shm_dir)),
                        ("--run-dir", default_run_dir(a.run_dir))):
         path = path and os.path.abspath(path)
-        if path and (where == path or where.startswith(path + os.sep) or path.startswith(where + os.sep)):
+        if path and (within(where, path) or within(path, where)):
             return f"cannot use the {flag} directory {path}: {e}"
     return str(e)
 

@@ -222,12 +222,12 @@ class Daemon:
         """Take the node's lock (or the one given: taken before a rendezvous), re-adopt the sealed slots, bind."""
         ep = self.cfg.endpoint
         self._lock = lock or NodeLock(ep)
+        self.table.adopt()  # creates the directory: a --shm-dir it cannot use fails here, with no word of its type
         kind = filesystem_type(self.table.dir)
         if kind and kind not in IN_MEMORY:
             log.warning("%s %s is on a file system of type %s, not in memory (tmpfs): its slots are files the kernel"
                         " writes back to disk, so every snapshot also costs disk bandwidth. Use /dev/shm (in Docker, with"
                         " a larger --shm-size) or another tmpfs", self.who, self.cfg.shm_dir, kind)
-        self.table.adopt()
         self._recall_trainers()
         if self.cfg.persist_dir:
             self.persister = Persister(self.cfg.persist_dir, self.cfg.job, self.cfg.persist_every,

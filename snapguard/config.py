@@ -128,6 +128,11 @@ def slot_dir_name(job: str, node: str) -> str:
     return f"snapguard-{job_at_node(job, node)}"
 
 
+def within(path: str, root: str) -> bool:
+    """Whether `path` is `root` or lies under it (both absolute and normalised)."""
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
 def ensure_private_dir(path: str) -> str:
     """Create `path` with mode 0700, or check that an existing one is a real directory of ours that no one else can
     write, and take away others' right to read it.

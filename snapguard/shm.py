@@ -6,6 +6,7 @@ import mmap
 import os
 from typing import Callable
 
+from snapguard.config import within
 from snapguard.errors import ShmSpaceError
 
 MiB = 1 << 20
@@ -29,8 +30,7 @@ def filesystem_type(path: str) -> str:
         if len(parts) < 5 or not rest:
             continue
         mount = parts[4].replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
-        inside = real == mount or real.startswith(mount.rstrip("/") + "/")
-        if inside and len(mount) >= len(best):  # the deepest mount holding it; a later one hides an earlier
+        if within(real, mount) and len(mount) >= len(best):  # the deepest mount holding it; a later one hides an earlier
             best, kind = mount, rest.split()[0]
     return kind
 

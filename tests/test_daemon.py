@@ -713,6 +713,8 @@ def test_jobs_and_nodes_whose_ids_run_together_get_daemons_of_their_own(node):
                  id="persist-dir-unusable"),
     pytest.param(["--persist-dir", "/proc/snapguard/deeper"], "cannot use the --persist-dir directory"
                  " /proc/snapguard/deeper: [Errno 2] No such file or directory: '/proc/snapguard'", id="persist-dir-parent"),
+    pytest.param(["--shm-dir", "/proc/snapguard"], "cannot use the --shm-dir directory /proc/snapguard: [Errno 2]",
+                 id="shm-dir-unusable"),
 ])
 def test_a_daemon_given_flags_it_cannot_honour_stops_before_creating_anything(node, extra, message):
     """Peer flags without --peer-bind used to start a daemon that ran alone, no erasure coding, without a word."""
@@ -720,6 +722,7 @@ def test_a_daemon_given_flags_it_cannot_honour_stops_before_creating_anything(no
                        env=dict(os.environ, SNAPGUARD_SECRET=secrets.token_hex(16)))
     assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+    assert "not in memory" not in r.stderr  # of a directory it could not create, the file system is not known
     assert os.listdir(node.run_dir) == [] and os.listdir(node.shm_dir) == []
 
 
