@@ -15,6 +15,7 @@ buffers, RNG states, loop state) are cloned when `snapshot()` is called, so they
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import queue
@@ -254,17 +255,24 @@ class Guard:
         Collective: every rank learns every rank's node, then which daemons lack some of them."""
         if self._pg is None:
             return
-        t = torch.zeros(_NODE_NAME_BYTES, dtype=torch.int64)
-        name = welcome.node.encode()[:_NODE_NAME_BYTES]  # node ids are at most 64 characters (`check_name`)
-        t[:len(name)] = torch.tensor(list(name), dtype=torch.int64)
-        out = self._all_gather(t, "every rank's node, as its daemon names it (constructing the Guard)")
-        nodes = {r: bytes(b for b in row if b).decode(errors="replace") for r, row in out.items()}
-        unknown = sorted(set(nodes.values()) - {welcome.node, *welcome.peers})
+        # Eight bytes per rank while all is well (a job of thousands of ranks gathers them on every rank); the
+        # names only to say what is wrong.
+        out = self._all_gather(torch.tensor([_node_hash(welcome.node)], dtype=torch.int64),
+                               "every rank's node, as its daemon names it (constructing the Guard)")
+        known = {_node_hash(n) for n in (welcome.node, *welcome.peers)}
+        unknown = {o[0] for o in out.values()} - known
         out = self._all_gather(torch.tensor([len(unknown)], dtype=torch.int64),
                                "whether every rank's daemon is a peer of every other node's (constructing the Guard)")
-        lacking = sorted({nodes[r] for r, o in out.items() if o[0]})
-        if not lacking:
+        if not any(o[0] for o in out.values()):
             return
+        lacks = {r for r, o in out.items() if o[0]}
+        t = torch.zeros(_NODE_NAME_BYTES, dtype=torch.uint8)
+        name = welcome.node.encode()[:_NODE_NAME_BYTES]  # node ids are at most 64 characters (`check_name`)
+        t[:len(name)] = torch.tensor(list(name), dtype=torch.uint8)
+        out = self._all_gather(t, "every rank's node name (constructing the Guard)")
+        nodes = {r: bytes(b for b in row if b).decode(errors="replace") for r, row in out.items()}
+        lacking = sorted({nodes[r] for r in lacks})
+        unknown = sorted({n for n in nodes.values() if _node_hash(n) in unknown})
         ranks: dict[str, list[int]] = {}
         for r, n in sorted(nodes.items()):
             ranks.setdefault(n, []).append(r)
@@ -881,6 +889,10 @@ class _ListState:
     def load_state_dict(self, sd: dict) -> None:
         for i, o in enumerate(self.items):
             o.load_state_dict(sd[str(i)])
+
+
+def _node_hash(node: str) -> int:
+    return int.from_bytes(hashlib.blake2b(node.encode(), digest_size=8).digest(), "little", signed=True)
 
 
 def _spans(ranks: list[int]) -> str:

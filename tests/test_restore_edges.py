@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from snapguard import guard as guard_module
 from snapguard.config import Endpoint
 from snapguard.errors import DaemonError, LayoutError, WorldSizeChanged
 from snapguard.procs import free_port
@@ -294,6 +295,11 @@ def test_ranks_on_nodes_whose_daemons_are_not_peers_are_refused_when_they_build_
         assert got[r]["elapsed"] < 20, got
     assert "This rank's daemon, of node n0, has no peers, so not n1." in got[0]["error"], got
     assert "This rank's daemon, of node n1, has no peers, so not n0." in got[1]["error"], got
+
+
+def test_ranks_in_messages_are_runs():
+    assert guard_module._spans([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
+    assert guard_module._spans([3]) == "3"
 
 
 def test_a_rank_whose_daemon_cannot_list_its_snapshots_stops_every_rank_at_once(pair):
