@@ -260,8 +260,8 @@ class Guard:
         out = self._all_gather(torch.tensor([_node_hash(welcome.node)], dtype=torch.int64),
                                "every rank's node, as its daemon names it (constructing the Guard)")
         known = {_node_hash(n) for n in (welcome.node, *welcome.peers)}
-        unknown = {o[0] for o in out.values()} - known
-        out = self._all_gather(torch.tensor([len(unknown)], dtype=torch.int64),
+        strangers = {o[0] for o in out.values()} - known  # hashes of the job's nodes this rank's daemon lacks
+        out = self._all_gather(torch.tensor([len(strangers)], dtype=torch.int64),
                                "whether every rank's daemon is a peer of every other node's (constructing the Guard)")
         if not any(o[0] for o in out.values()):
             return
@@ -272,7 +272,7 @@ class Guard:
         out = self._all_gather(t, "every rank's node name (constructing the Guard)")
         nodes = {r: bytes(b for b in row if b).decode(errors="replace") for r, row in out.items()}
         lacking = sorted({nodes[r] for r in lacks})
-        unknown = sorted({n for n in nodes.values() if _node_hash(n) in unknown})
+        unknown = sorted({n for n in nodes.values() if _node_hash(n) in strangers})
         ranks: dict[str, list[int]] = {}
         for r, n in sorted(nodes.items()):
             ranks.setdefault(n, []).append(r)
