@@ -391,7 +391,10 @@ class Protector:
             if msg.offset == 0:
                 e.blobs[msg.node] = msg.blob
             pending = sorted(st for st, x in steps.items() if not x.complete(self.k))
-            for old in pending[:-MAX_PENDING_STEPS]:
+            # Older steps still arriving are refused once a newer one is complete (above), so never complete: drop
+            # them now, not once the group's protected step passes them. Keep at most MAX_PENDING_STEPS of the rest.
+            dead = [st for st in pending if st < msg.step] if e.complete(self.k) else []
+            for old in dead + [st for st in pending if st not in dead][:-MAX_PENDING_STEPS]:
                 self._spare = steps.pop(old).buf
 
     def _zeros(self, n: int) -> np.ndarray:

@@ -225,6 +225,32 @@ def test_a_chunk_in_pieces_completes_parity_once_every_piece_is_in(pair):
     assert "does not fit a chunk" in text and "duplicate chunk of step 1" in text
 
 
+def test_a_step_still_arriving_is_dropped_once_a_newer_one_completes(pair):
+    """b sends the first piece of its step 2, then moves on to step 3 (as a node that fell behind joins the step its
+    peers send). Once a holds step 3 whole it refuses pieces of step 2, whose parity can then never complete: a drops
+    that parity at once, not when the group protects a newer step, and keeps steps 1 and 3 intact."""
+    ep, net, client, log = pair
+    n = PIECE + 1000
+    rng = np.random.default_rng(5)
+    data = {step: rng.integers(0, 256, n, dtype=np.uint8).tobytes() for step in (1, 2, 3)}
+    dealer = net._dealer("a")
+    for off in (0, PIECE):
+        dealer.send_multipart(piece(net, 1, data[1], off))
+    wait_parity(client, [[0, 1, 1]])
+    dealer.send_multipart(piece(net, 2, data[2], 0))
+    wait_until(lambda: client.request(P.Status()).parity_bytes == 2 * n, 10, "a to hold part of b's step 2")
+    for off in (0, PIECE):
+        dealer.send_multipart(piece(net, 3, data[3], off))
+    st = wait_parity(client, [[0, 1, 1], [0, 1, 3]])
+    assert st.parity == [[0, 1, 1], [0, 1, 3]]
+    assert st.parity_bytes == 2 * n, f"a holds {st.parity_bytes} bytes of parity, {n} more than steps 1 and 3"
+    dealer.send_multipart(piece(net, 2, data[2], PIECE))  # step 2's last piece, too late
+    assert status_after(client, 1).rejected == 1
+    assert "older than protected step 3" in log.read_text()
+    for step in (1, 3):
+        assert b"".join(fetch(net, step, off)[1] for off in (0, PIECE)) == data[step]
+
+
 def held_frames(net: PeerNet, to: str | None = None, **fields) -> list:
     """The frames of a PeerHeld from b (to `to`: naming its run as b heard it), authenticated, whatever its fields
     hold."""
