@@ -395,6 +395,9 @@ class NetDelay(_Net):
     params = {"delay_ms": float, "duration_s": float, "link": str}
 
 
+_REPLAY = re.compile(r"daemon\.(\S+)\.log: .*replayed message from (\S+) \(boot (\d+), seq (\d+);")
+
+
 class NetDuplicate(_Net):
     """Send a fraction of the daemon-to-daemon messages twice: the receiving daemon must refuse every
     second copy of a request as a replay, and nothing else may change."""
@@ -404,9 +407,15 @@ class NetDuplicate(_Net):
 
     def detect(self, run: "Run", since: dict[str, int]) -> list[str]:
         found = super().detect(run, since)
-        replays = _grep(run, since, "daemon", "replayed message")
-        if replays:
-            found.append(f"daemon: {len(replays)} replayed request(s) refused")
+        # The logs are read to the end of the run: count the refusals of this window's copies, not a later one's.
+        twice = run.proxy.sent_twice(self.window)
+        refused = set()
+        for hit in _grep(run, since, "daemon", "replayed message from "):
+            m = _REPLAY.match(hit)
+            if m and (m[1], m[2], int(m[3]), int(m[4])) in twice:
+                refused.add((m[1], m[2], int(m[3]), int(m[4])))
+        if refused:
+            found.append(f"daemon: {len(refused)} of {len(twice)} duplicated request(s) refused as replays")
         return found
 
     def evidence_needed(self, run: "Run", rec: "FaultRecord") -> str | None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import zmq
 
+from snapguard import protocol as P
 from snapguard.daemon.peers import ConnectionGate, present_credentials, require_credentials
 from snapguard.errors import SnapGuardError
 
@@ -68,6 +69,8 @@ class PeerProxy:
         self.links = {(s, d): _Link(self._ctx, s, d, address_of(d), job, secret) for s in names for d in names if s != d}
         self._counts = collections.Counter()
         self._windows: dict[int, collections.Counter] = {}
+        # window -> (receiver, sender, sender's boot, seq) of each request sent twice: what its replay refusal names
+        self._twice: dict[int, set[tuple[str, str, int, int]]] = collections.defaultdict(set)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="chaos-peer-proxy", daemon=True)
@@ -98,6 +101,11 @@ class PeerProxy:
         with self._lock:
             c = self._counts if window is None else self._windows.get(window, collections.Counter())
             return {k: c[k] for k in ("forwarded", "dropped", "delayed", "duplicated", "duplicated_requests")}
+
+    def sent_twice(self, window: int) -> set[tuple[str, str, int, int]]:
+        """The requests one set_policy() window duplicated, as (receiving node, sending node, its boot, seq)."""
+        with self._lock:
+            return set(self._twice.get(window, ()))
 
     def start(self) -> None:
         self._thread.start()
@@ -156,6 +164,11 @@ class PeerProxy:
             self._count("duplicated", p.window)
             if direction == "req":
                 self._count("duplicated_requests", p.window)
+                # its header names its sender and sequence number (frames: request id, header, ..., tag)
+                msg = _peer_header(frames)
+                if msg is not None:
+                    with self._lock:
+                        self._twice[p.window].add((link.dst, msg.node, msg.boot, msg.seq))
 
     def _serve(self) -> None:
         try:
@@ -192,3 +205,12 @@ class PeerProxy:
         except BaseException as e:  # reported by close()
             self._error = e
             log.exception("peer proxy failed")
+
+
+def _peer_header(frames: list[bytes]) -> P.PeerMessage | None:
+    """The header of a daemon-to-daemon request (decoded, never unpickled), or None if the frames hold none."""
+    try:
+        msg = P.decode(bytes(frames[1])) if len(frames) > 1 else None
+    except SnapGuardError:
+        return None
+    return msg if isinstance(msg, P.PeerMessage) else None

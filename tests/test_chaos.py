@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -142,6 +143,7 @@ def test_every_survivable_fault_is_detected_and_nothing_is_lost(tmp_path, refere
         {"kind": "lose_node", "at_step": 25, "node": "node0"},
         {"kind": "kill_rank", "at_step": 29, "phase": "restore.mid"},
         {"kind": "fill_shm", "at_step": 33, "node": "node2"},
+        {"kind": "net_duplicate", "at_step": 36, "probability": 0.5, "duration_s": 2.0},
     ])
     assert rep["verdict"] == "PASS", rep["problems"]
     assert rep["completed"] and not rep["problems"]
@@ -161,7 +163,13 @@ def test_every_survivable_fault_is_detected_and_nothing_is_lost(tmp_path, refere
     assert kinds["fill_shm"][0]["failed_attempts"] >= 2  # the loss, then the attempt that found shm full
     restore_mid = [f for f in kinds["kill_rank"] if "restore.mid" in f["label"]][0]
     assert restore_mid["failed_attempts"] >= 2  # killed, then killed again half-way through restoring
-    assert any("replayed request(s) refused" in d for d in kinds["net_duplicate"][0]["detected_by"])
+    for f in kinds["net_duplicate"]:  # each window's refusals, not the later window's too (the logs are read to the end)
+        sent = [int(re.match(r"proxy: (\d+) message\(s\) duplicated$", d)[1]) for d in f["detected_by"]
+                if d.startswith("proxy: ") and d.endswith(" duplicated")]
+        refused = [tuple(map(int, m.groups())) for d in f["detected_by"]
+                   if (m := re.match(r"daemon: (\d+) of (\d+) duplicated request\(s\) refused as replays$", d))]
+        assert len(sent) == 1 and len(refused) == 1, f
+        assert 1 <= refused[0][0] <= refused[0][1] <= sent[0], f
     assert rep["proxy"]["dropped"] > 0 and rep["proxy"]["delayed"] > 0 and rep["proxy"]["duplicated"] > 0
     assert os.path.getsize(rep["files"]["png"]) > 10_000
     with open(rep["files"]["json"]) as f:
