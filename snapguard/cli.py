@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import sys
 
@@ -78,7 +79,7 @@ def cmd_status(a: argparse.Namespace) -> int:
             rc = 1
         finally:
             c.close()
-    print(status_table(reports))
+    print(json.dumps([P.fields_of(r) for r in reports], indent=1) if a.json else status_table(reports))
     return rc
 
 
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--run-dir", help="the daemons' run directory (default: $SNAPGUARD_RUN_DIR or"
                     " /tmp/snapguard-UID)")
     st.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each daemon (default 5)")
+    st.add_argument("--json", action="store_true", help="print the daemons' reports as a JSON list (for monitoring):"
+                    " every field `snapguard status` shows, bytes as numbers, ages in seconds")
     st.set_defaults(fn=cmd_status)
     de = sub.add_parser("demo", help="train on several ranks, SIGKILL trainers at random moments (--kills),"
                         " restore, compare with an unbroken run")

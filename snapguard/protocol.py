@@ -280,10 +280,13 @@ class StatusReport(Message):
 
 # ---- encoding ----------------------------------------------------------------------------------
 
+def fields_of(msg: Message) -> dict:
+    """A message's fields by name, as they travel (without the version and type)."""
+    return {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}
+
+
 def encode(msg: Message) -> bytes:
-    d = {"v": VERSION, "type": msg.TYPE}
-    d.update({f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)})
-    return msgpack.packb(d, use_bin_type=True)
+    return msgpack.packb({"v": VERSION, "type": msg.TYPE, **fields_of(msg)}, use_bin_type=True)
 
 
 def decode(frame: bytes, expect: tuple[type[Message], ...] | None = None) -> Message:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import logging
 import os
 import random
@@ -671,6 +672,20 @@ def test_status_cli_shows_ranks_steps_sizes_and_ages(daemon):
     assert [row[:4] for row in rows] == [["0", "0", "sealed", "0"], ["0", "1", "sealed", "1"],
                                          ["1", "0", "sealed", "0"], ["1", "1", "free", "-"]]
     assert all(row[4:6] == ["8.0", "KiB"] and row[7:] == ["s", "2"] for row in rows[:3]) and rows[3][-1] == "-"
+
+    # the same for monitoring, as JSON
+    r = subprocess.run([sys.executable, "-m", "snapguard.cli", "status", "--run-dir", daemon.run_dir, "--job", daemon.job,
+                        "--json"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    [report] = json.loads(r.stdout)
+    assert (report["job"], report["node"], report["common"]) == (daemon.job, daemon.node, 0)
+    assert report["pid"] == daemon.proc.pid and report["memory_bytes"] > 1 << 20
+    slots = [(x["rank"], s["slot"], s["state"], s["step"], s["nbytes"], s["world_size"])
+             for x in report["ranks"] for s in x["slots"]]
+    assert slots == [(0, 0, "sealed", 0, 8192, 2), (0, 1, "sealed", 1, 8192, 2), (1, 0, "sealed", 0, 8192, 2),
+                     (1, 1, "free", -1, 0, 0)]
+    ages = [s["age_s"] for x in report["ranks"] for s in x["slots"]]
+    assert all(0 <= a < 60 for a in ages[:3]) and ages[3] == -1
 
 
 def test_jobs_and_nodes_whose_ids_run_together_get_daemons_of_their_own(node):
