@@ -301,6 +301,7 @@ class Daemon:
                 events = dict(poller.poll(0 if self._chunks else 10 if busy else 200))
                 for s in awaited:
                     poller.unregister(s)
+                self.table.settle_growth()  # slots grown in the background are free to use
                 if self.persister is not None:
                     self.persister.drain()  # unpins the slots written to disk
                 if self._reads:
@@ -344,6 +345,7 @@ class Daemon:
         if self._rebuilding is not None:
             self._rebuilding.cancel(self.net)  # its decoding thread writes into slots that are about to go
             self._rebuilding = None
+        self.table.stop_growing()  # before the files go
         if self.persister is not None:
             self.persister.close()
             self.persister = None
@@ -411,8 +413,10 @@ class Daemon:
         if isinstance(msg, P.Reserve):
             self._note_world(msg)
             self._read_out()  # a free slot that grows gets a new file
-            slots = t.reserve(msg.rank, msg.nbytes)
-            return P.Ok({"slots": [[s.path, s.capacity] for s in slots]})
+            done, total = t.reserve(msg.rank, msg.nbytes)
+            if total:
+                return P.Allocating(done, total)
+            return P.Ok({"slots": [[s.path, s.capacity] for s in t.ranks[msg.rank]]})
         if isinstance(msg, P.Begin):
             self._note_world(msg)
             d, _ = t.plan(msg.rank, msg.step)

@@ -2,9 +2,10 @@
 
 Decisions are pure functions over plain tuples (`plan_begin`, `common_step`); `SlotTable` carries
 them out on files. A slot is FREE, WRITING (granted to a trainer, manifest removed) or SEALED
-(verified, manifest written beside it). The manifest file is the commit marker: it is deleted
-before a slot is handed out for writing and written last when a shard is sealed, so a crash at any
-moment leaves either the old sealed shard or no claim at all, never a torn one.
+(verified, manifest written beside it), or ALLOCATING while a bigger file for it is reserved in the
+background. The manifest file is the commit marker: it is deleted before a slot is handed out for
+writing and written last when a shard is sealed, so a crash at any moment leaves either the old
+sealed shard or no claim at all, never a torn one.
 
 A job that restarts with another number of ranks under the same job id cannot restore what the job before
 it sealed (snapguard restores only into the world size that took a snapshot). Such slots are of an old
@@ -14,6 +15,7 @@ world holds a sealed step; then they are freed (`SlotTable.retire_old_world`).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import glob
 import logging
@@ -36,6 +38,8 @@ from snapguard.shm import MiB, create_slot, free_bytes, map_file, write_private
 log = logging.getLogger(__name__)
 
 FREE, WRITING, SEALED = "free", "writing", "sealed"
+ALLOCATING = "allocating"  # a free slot whose bigger file is being reserved in the background (`SlotTable.reserve`)
+GROWERS = 4  # threads that reserve slot files at once (posix_fallocate on files of their own runs in parallel)
 OLD_WORLD = "old-world"  # as `plan_begin` sees a sealed slot of a job of another world size: taken when none is free
 _DATA = re.compile(r"^r(\d+)\.s(\d+)\.data$")
 _EPOCH = "epoch"
@@ -71,6 +75,8 @@ def plan_begin(slots: tuple[tuple[str, int], ...], step: int, common: int, prote
                 return Decision("grant", slot=i)
     if not slots:
         return Decision("error", reason="no slots are reserved")
+    if not sealed:  # every slot is ALLOCATING
+        return Decision("error", reason="its slots are still being allocated: wait for the reply to Reserve")
     disk = -1
     if common in sealed:
         for candidate in sealed:
@@ -90,6 +96,16 @@ def common_step(held: dict[int, Iterable[int]], world_size: int) -> int:
         if not common:
             return -1
     return max(common) if common else -1
+
+
+@dataclass
+class _Growth:
+    """A slot's bigger file, being reserved by a grower thread (`SlotTable.reserve`)."""
+    slot: "Slot"
+    nbytes: int
+    extra: int  # what it adds to the slots' memory once it replaces the old file
+    done: int = 0  # bytes of it reserved so far (the grower thread counts them)
+    future: concurrent.futures.Future | None = None
 
 
 @dataclass
@@ -143,6 +159,10 @@ class SlotTable:
         self.pinned: dict[int, set[int]] = {}  # rank -> sealed steps not to reuse yet (being written to disk)
         self.epoch = 0  # the job's timeline since its last restore (`Open.epoch`), kept across daemon restarts
         self.who = daemon_who(job, node)
+        self._growing: dict[tuple[int, int], _Growth] = {}  # (rank, slot index) -> its file being reserved
+        self._grow_failed: dict[int, SnapGuardError] = {}  # rank -> why its last growth failed, for its next reserve
+        self._grower: concurrent.futures.ThreadPoolExecutor | None = None
+        self._stop_growing = False
 
     # ---- adoption after a restart --------------------------------------------------------------
 
@@ -251,6 +271,10 @@ class SlotTable:
     def used_bytes(self) -> int:
         return sum(s.capacity for slots in self.ranks.values() for s in slots)
 
+    def growing(self) -> int:
+        """Bytes of slot files being reserved in the background, not reserved yet."""
+        return sum(g.nbytes - g.done for g in self._growing.values())
+
     # ---- actions -------------------------------------------------------------------------------
 
     def note_world(self, world_size: int, rank: int) -> None:
@@ -307,14 +331,51 @@ class SlotTable:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
 
-    def reserve(self, rank: int, nbytes: int) -> list[Slot]:
-        """Give `rank` its slots, each able to hold `nbytes`; free slots that are too small grow."""
+    def reserve(self, rank: int, nbytes: int) -> tuple[int, int]:
+        """Make `rank`'s slots able to hold `nbytes` each: free slots that are too small grow, in grower threads, since
+        reserving memory takes a while (0.3 s per GiB on the dev VM: minutes for a node's slots of a large model) and
+        the daemon serves on meanwhile. Return (bytes reserved, bytes to reserve) of `rank`'s growth under way: (0, 0)
+        once none is, and then every free slot holds `nbytes`; call again until then. A growth that failed (no memory
+        after all) raises its error here, once."""
         self._ensure_rank(rank)
-        grow = [s for s in self.ranks[rank] if s.state == FREE and s.capacity < nbytes]
-        self._check_space(rank, sum(nbytes - s.capacity for s in grow), len(grow), nbytes)
-        for s in grow:
-            self._allocate(s, nbytes)
-        return self.ranks[rank]
+        self.settle_growth()
+        if rank in self._grow_failed:
+            raise self._grow_failed.pop(rank)
+        mine = [g for g in self._growing.values() if g.slot.rank == rank]
+        if not mine:
+            grow = [s for s in self.ranks[rank] if s.state == FREE and s.capacity < nbytes]
+            self._check_space(rank, sum(nbytes - s.capacity for s in grow), len(grow), nbytes)
+            mine = [self._grow(s, nbytes) for s in grow]
+        return sum(g.done for g in mine), sum(g.nbytes for g in mine)
+
+    def settle_growth(self) -> None:
+        """Take the slots the grower threads are done with: grown, or (if it failed) as they were, the error kept for
+        their rank's next `reserve`."""
+        for key, g in list(self._growing.items()):
+            if not g.future.done():
+                continue
+            del self._growing[key]
+            slot, error = g.slot, g.future.exception()
+            if self.ranks.get(slot.rank, [None] * (slot.index + 1))[slot.index] is not slot:  # the rank was removed
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(slot.path)
+                continue
+            slot.state = FREE
+            if error is None:
+                slot.capacity = g.nbytes
+            else:
+                log.warning("%s could not grow rank %d slot %d to %.1f MiB: %s", self.who, slot.rank, slot.index,
+                            g.nbytes / MiB, error)
+                if not isinstance(error, SnapGuardError):
+                    error = SnapGuardError(f"growing slot {slot.index}: {type(error).__name__}: {error}")
+                self._grow_failed[slot.rank] = error
+
+    def stop_growing(self) -> None:
+        """Stop the grower threads (each at its next GiB) and wait for them: their unfinished files go."""
+        self._stop_growing = True
+        if self._grower is not None:
+            self._grower.shutdown(wait=True)
+        self.settle_growth()
 
     def plan(self, rank: int, step: int) -> tuple[Decision, Slot | None]:
         """What `begin` would decide, and the slot it would hand out, without changing anything."""
@@ -459,6 +520,30 @@ class SlotTable:
             os.unlink(slot.manifest_path)
         slot.state, slot.step, slot.manifest = FREE, -1, None
 
+    def _grow(self, slot: Slot, nbytes: int) -> _Growth:
+        slot.unmap()
+        slot.state = ALLOCATING
+        g = self._growing[slot.rank, slot.index] = _Growth(slot, nbytes, nbytes - slot.capacity)
+        if self._grower is None:
+            self._grower = concurrent.futures.ThreadPoolExecutor(GROWERS, thread_name_prefix="snapguard-grow")
+        g.future = self._grower.submit(self._reserve_file, g)
+        return g
+
+    def _reserve_file(self, g: _Growth) -> None:
+        """In a grower thread: reserve `g`'s new file, counting its progress, and put it in the old one's place."""
+        t0 = time.monotonic()
+
+        def progress(n: int) -> None:
+            if self._stop_growing:
+                raise SnapGuardError("the daemon stops")
+            g.done = n
+            if n < g.nbytes:
+                fault_point("daemon.reserve.piece", g.slot.rank)
+
+        create_slot(g.slot.path, g.nbytes, progress=progress)
+        log.info("%s allocated rank %d slot %d: %.1f MiB in %.2f s", self.who, g.slot.rank, g.slot.index,
+                 g.nbytes / MiB, time.monotonic() - t0)
+
     def _allocate(self, slot: Slot, nbytes: int, before_replace: Callable[[], None] | None = None) -> None:
         slot.unmap()
         t0 = time.monotonic()
@@ -470,14 +555,18 @@ class SlotTable:
     def _check_space(self, rank: int, extra: int, count: int, each: int) -> None:
         if extra <= 0:
             return
-        free = free_bytes(self.shm_dir)
-        limit_free = None if self.shm_limit is None else self.shm_limit - self.used_bytes()
+        ahead = self.growing()  # what the grower threads are about to take
+        free = free_bytes(self.shm_dir) - ahead
+        limit_free = None if self.shm_limit is None else (self.shm_limit - self.used_bytes()
+                                                          - sum(g.extra for g in self._growing.values()))
         avail = free if limit_free is None else min(free, limit_free)
         if extra > avail and self._reclaim_old_world(rank):
             self._check_space(rank, extra, count, each)
             return
         if extra > avail:
             where = f"{self.shm_dir} has {free / MiB:.1f} MiB free"
+            if ahead:
+                where += f" once the {ahead / MiB:.1f} MiB being allocated for other slots are"
             if limit_free is not None:
                 where += f", and the daemon's limit of {self.shm_limit / MiB:.1f} MiB leaves {max(limit_free, 0) / MiB:.1f} MiB"
             raise ShmSpaceError(

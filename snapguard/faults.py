@@ -13,6 +13,7 @@ and then goes on. Points in the code:
 - trainer.copy.done      all bytes are in the slot, before the seal is sent
 - trainer.restore.mid    half of the tensors are restored
 - daemon.seal.verified   the daemon checked the shard but has not written its manifest
+- daemon.reserve.piece   a grower thread is about to reserve the next GiB of a rank's slot (`@N`: rank N's)
 - daemon.persist.mid     half of a step's chunks are written to disk (`--persist-dir`), its manifest is not
 - daemon.persist.read    a restore reads a persisted step back into a slot: the first piece is in
 - daemon.serve.fetch     a peer asked for a piece of a chunk to rebuild its node from, not answered yet

@@ -47,6 +47,7 @@ from snapguard.state import RNGState, TORCH_DTYPES, as_stateful, check_compatibl
 log = logging.getLogger(__name__)
 
 _DAEMON_NOTICE_S = 5.0  # a Guard waiting for its daemon says so after this long
+_ALLOCATING_NOTICE_S = 10.0  # how often Guard() says how far the daemon got reserving its slots
 _SLOT_NOTICE_S = 30.0  # a snapshot waiting for a slot says so after this long (protection may lag a few seconds)
 
 _PIECE = 256 << 10  # bytes copied, then hashed while in the cache
@@ -301,7 +302,7 @@ class Guard:
             tensors, _ = self._capture()
             nbytes = plan_layout(tensor_spec(n, t) for n, t in tensors).nbytes
             self._pin = self._pin or any(t.is_cuda for _, t in tensors)
-        reply = self.client.request(P.Reserve(self.endpoint.job, self.rank, self.world_size, nbytes))
+        reply = self._await_slots(P.Reserve(self.endpoint.job, self.rank, self.world_size, nbytes))
         t0 = time.monotonic()
         fresh = 0
         for path, capacity in reply.info.get("slots", []):
@@ -311,6 +312,27 @@ class Guard:
             log.info("%s mapped and pre-faulted %.0f MiB of snapshot slots in %.2f s", self.who, fresh / MiB,
                      time.monotonic() - t0)
         self._reserved = max(self._reserved, nbytes)
+
+    def _await_slots(self, msg: P.Reserve) -> P.Ok:
+        """Ask the daemon for this rank's slots until it has grown them (it answers `Allocating` meanwhile), saying
+        how far it got every _ALLOCATING_NOTICE_S; give up once it has reserved nothing more for timeout_s."""
+        start = moved = time.monotonic()
+        notice, seen = start + _ALLOCATING_NOTICE_S, -1
+        while True:
+            reply = self.client.request(msg)
+            if not isinstance(reply, P.Allocating):
+                return reply
+            now = time.monotonic()
+            if reply.done != seen:
+                seen, moved = reply.done, now
+            what = (f"the daemon to reserve this rank's snapshot slots ({reply.done / MiB:.0f} of"
+                    f" {reply.total / MiB:.0f} MiB so far, after {now - start:.0f} s)")
+            if now - moved > self.timeout_s:
+                raise DaemonError(f"{self.who}: waited {self.timeout_s:.0f} s for {what} without progress")
+            if now > notice:
+                notice = now + _ALLOCATING_NOTICE_S
+                log.info("%s waiting for %s", self.who, what)
+            time.sleep(0.05)
 
     # ---- save path -------------------------------------------------------------------------------
 

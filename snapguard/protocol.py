@@ -19,7 +19,7 @@ import msgpack
 
 from snapguard.errors import ProtocolError
 
-VERSION = 2  # 2: Welcome.peers, StatusReport.memory_bytes, PeerFetch's fields
+VERSION = 3  # 2: Welcome.peers, StatusReport.memory_bytes, PeerFetch's fields; 3: Allocating
 MAX_HEADER_BYTES = 16 << 20  # manifests of models with many tensors fit comfortably
 MAX_FRAMES = 16
 MAX_WORLD_SIZE = 1 << 24  # ranks in one job: far beyond any real one, small enough to loop over
@@ -205,6 +205,17 @@ class Granted(Message):
     slot: int
     path: str
     capacity: int
+
+
+@dataclass(frozen=True)
+class Allocating(Message):
+    """Reply to Reserve: the daemon grows this rank's slots in the background, `done` of `total` bytes so far; ask
+    again (the reply to a Reserve once no slot needs to grow is Ok, with the slots)."""
+    done: int
+    total: int
+
+    def check(self):
+        _nonneg(self, "done", "total")
 
 
 @dataclass(frozen=True)

@@ -40,26 +40,36 @@ def free_bytes(directory: str) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def create_slot(path: str, nbytes: int, before_replace: Callable[[], None] | None = None) -> None:
+RESERVE_PIECE = 1 << 30  # bytes reserved per posix_fallocate call: `create_slot` reports progress between them
+
+
+def create_slot(path: str, nbytes: int, before_replace: Callable[[], None] | None = None,
+                progress: Callable[[int], None] | None = None) -> None:
     """Create `path` (0600) holding `nbytes` of reserved memory, replacing what was there; `before_replace` runs
     once the new file is reserved, just before it takes the old one's place (if the memory is not there, neither
-    happens).
+    happens). `progress(bytes reserved so far)` is called before each RESERVE_PIECE and once all are reserved; it
+    may raise to stop.
 
     posix_fallocate reserves the space, so ENOSPC surfaces here as a clear error. On tmpfs it leaves the
     pages unwritten: the first mapping that touches them zeroes them, at a few percent of memcpy speed
     (on a VM, the hypervisor backs each page then too). The trainer pays for that once, when its Guard
-    maps its slots with MAP_POPULATE at construction, so no snapshot does.
+    maps its slots with MAP_POPULATE at construction, so no snapshot does. Reserving takes time too
+    (0.3 s per GiB on the 2-core dev VM), which is why the daemon grows slots in the background.
     """
     tmp = path + ".new"
     fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o600)
     try:
         os.fchmod(fd, 0o600)
-        if nbytes:
+        for off in range(0, nbytes, RESERVE_PIECE):
+            if progress is not None:
+                progress(off)
             try:
-                os.posix_fallocate(fd, 0, nbytes)
+                os.posix_fallocate(fd, off, min(RESERVE_PIECE, nbytes - off))
             except OSError as e:
                 raise ShmSpaceError(f"could not allocate {nbytes / MiB:.1f} MiB for {path}: {e.strerror};"
                                     f" {free_bytes(os.path.dirname(path)) / MiB:.1f} MiB free") from None
+        if progress is not None:
+            progress(nbytes)
     except BaseException:
         os.close(fd)
         os.unlink(tmp)

@@ -42,7 +42,7 @@ from snapguard.errors import ConfigError, DaemonError, DaemonUnavailable, Restor
 from snapguard.layout import MANIFEST_VERSION, Manifest, TensorEntry, align, chunk_checksums
 from snapguard.procs import TrainerLock, daemon_command
 
-from conftest import Node, flip_bits, make_dirs, unique_id
+from conftest import Node, flip_bits, make_dirs, unique_id, wait_until
 
 # ---- helpers -------------------------------------------------------------------------------------
 
@@ -233,8 +233,8 @@ def bad_requests(node: Node) -> dict[str, tuple[bytes, str, str]]:
     """name -> (header frame, expected error code, text the error must contain)."""
     job = node.job
     seal = P.encode(P.Seal(job, 1, 1, 1, good_manifest(node, 1, 1)))
-    begin = {"v": 2, "type": "Begin", "job": job, "rank": 0, "world_size": 2, "step": 9, "nbytes": 8192}
-    sealf = {"v": 2, "type": "Seal", "job": job, "rank": 1, "step": 1, "slot": 1}
+    begin = {"v": 3, "type": "Begin", "job": job, "rank": 0, "world_size": 2, "step": 9, "nbytes": 8192}
+    sealf = {"v": 3, "type": "Seal", "job": job, "rank": 1, "step": 1, "slot": 1}
     return {
         "malformed-byte": (b"\xc1", "ProtocolError", "not valid msgpack"),
         "malformed-text": (b"GET / HTTP/1.1\r\n\r\n", "ProtocolError", "not valid msgpack"),
@@ -242,9 +242,9 @@ def bad_requests(node: Node) -> dict[str, tuple[bytes, str, str]]:
         "truncated-seal": (seal[: len(seal) // 2], "ProtocolError", "not valid msgpack"),
         "truncated-by-one": (seal[:-1], "ProtocolError", "not valid msgpack"),
         "oversized": (enc({**begin, "pad": b"\0" * (P.MAX_HEADER_BYTES + 1)}), "ProtocolError", "over the"),
-        "wrong-version": (enc({**begin, "v": 1}), "ProtocolError", "version 1 is not supported"),
+        "wrong-version": (enc({**begin, "v": 2}), "ProtocolError", "version 2 is not supported"),
         "no-version": (enc({k: v for k, v in begin.items() if k != "v"}), "ProtocolError", "version None"),
-        "unknown-type": (enc({"v": 2, "type": "FormatDisk", "job": job}), "ProtocolError", "unknown message type"),
+        "unknown-type": (enc({"v": 3, "type": "FormatDisk", "job": job}), "ProtocolError", "unknown message type"),
         "not-a-map": (enc(["Begin", job, 0]), "ProtocolError", "must be a map"),
         "str-for-int": (enc({**begin, "step": "9"}), "ProtocolError", "Begin.step has type str"),
         "bool-for-int": (enc({**begin, "rank": True}), "ProtocolError", "Begin.rank has type bool"),
@@ -405,6 +405,76 @@ def test_a_real_small_tmpfs_is_a_clear_error_before_training_starts(node, small_
         assert os.listdir(other.table_dir) == []
     finally:
         other.close()
+
+
+def test_slots_grow_in_the_background_while_the_daemon_serves_and_a_failed_growth_is_a_clear_error(node, tmp_path,
+                                                                                                      small_tmpfs):
+    """Reserving memory takes a while (0.3 s per GiB on the dev VM: minutes for a node's slots of a large model), so
+    the daemon grows a rank's slots in threads and answers its Reserve with how far it got until they are ready.
+    Meanwhile it serves everyone else; a Guard waits while the reservation moves and gives up after timeout_s without
+    progress, saying what it waited for. A growth that fails (the memory went elsewhere since the check) is the
+    rank's next answer, and nothing of it is left."""
+    stall = tmp_path / "stall"  # rank 0's slots stop growing before their first byte while this file exists
+    stall.touch()
+    node.start(shm_dir=small_tmpfs, faults=f"daemon.reserve.piece@0%{stall}")
+    model = torch.nn.Linear(1024, 512, bias=False)  # 2 MiB of parameters: two slots take 4 of the 8 MiB
+    failed: list[BaseException] = []
+
+    def rank0() -> None:
+        try:
+            node.guard(model, None, rng=False, world_size=2, timeout_s=3.0)
+        except BaseException as e:
+            failed.append(e)
+
+    t = threading.Thread(target=rank0)
+    t.start()
+    try:
+        _grow_and_fail(node, small_tmpfs, stall, model, t, failed)
+    finally:
+        stall.unlink(missing_ok=True)
+        t.join(30)
+        node.kill()  # before its tmpfs goes
+
+
+def _grow_and_fail(node, small_tmpfs, stall, model, t, failed) -> None:
+    table = os.path.join(small_tmpfs, os.path.basename(node.table_dir))
+    wait_until(lambda: [[s["state"] for s in r["slots"]] for r in node.status().ranks] == [["allocating"] * 2], 10,
+               "rank 0's slots to be growing")
+    # served meanwhile: a ping, and rank 1, whose slots grow beside rank 0's
+    assert isinstance(node.request(P.Ping()), P.Ok)
+    replies = []  # Allocating, then Ok
+    wait_until(lambda: isinstance(replies.append(node.request(P.Reserve(node.job, 1, 2, 1 << 20))) or replies[-1], P.Ok),
+               10, "rank 1's slots")
+    reply = replies[-1]
+    assert [capacity for _, capacity in reply.info["slots"]] == [1 << 20] * 2
+    # what rank 0's growth is about to take counts as taken
+    with pytest.raises(DaemonError, match=r"\[ShmSpaceError\] rank 1: 2 snapshot slot\(s\) of 3.0 MiB need 4.0 MiB more"
+                                          r" shared memory, but .* MiB free once the 4.0 MiB being allocated for other"):
+        node.request(P.Reserve(node.job, 1, 2, 3 << 20))
+    t.join(30)
+    assert not t.is_alive() and len(failed) == 1, failed
+    assert isinstance(failed[0], DaemonError)
+    assert re.search(r"waited 3 s for the daemon to reserve this rank's snapshot slots \(0 of 4 MiB so far, after \d+ s\)"
+                     r" without progress", str(failed[0])), failed[0]
+
+    # the memory goes elsewhere; then the growth goes on, and fails
+    with open(os.path.join(small_tmpfs, "filler"), "wb") as f:
+        f.write(bytes(os.statvfs(small_tmpfs).f_bavail * os.statvfs(small_tmpfs).f_frsize))
+    stall.unlink()
+    with pytest.raises(DaemonError, match=r"refused Reserve: \[ShmSpaceError\] could not allocate 2.0 MiB for .*No space"):
+        node.guard(model, None, rng=False, world_size=2, timeout_s=10.0)
+    st = node.status().ranks[0]["slots"]
+    assert [(s["state"], s["capacity"]) for s in st] == [("free", 0)] * 2
+    assert not [n for n in os.listdir(table) if n.endswith(".new")], "a failed growth leaves no file behind"
+
+    os.unlink(os.path.join(small_tmpfs, "filler"))
+    g = node.guard(model, None, rng=False, world_size=2, timeout_s=10.0)
+    try:
+        g.snapshot(0)
+        g.wait()
+        assert node.held()[0] == [0]
+    finally:
+        g.close()
 
 
 # ---- crashes ---------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import typing
 
 import msgpack
@@ -27,6 +26,7 @@ SAMPLES = [
     P.Error("LayoutError", "rank 1: bad"),
     P.Welcome("n0", 99, "/dev/shm/snapguard-job-n0"),
     P.Granted(1, "/dev/shm/x", 4096),
+    P.Allocating(1 << 30, 3 << 30),
     P.Wait(5, 4),
     P.Sealed(17, 16),
     P.Steps([15, 16], ["rank 0: shard for step 17 has checksum ..."]),
@@ -42,7 +42,7 @@ def raw(d: dict) -> bytes:
 
 
 def fields_of(msg: P.Message) -> dict:
-    return {"v": P.VERSION, "type": msg.TYPE, **{f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}}
+    return {"v": P.VERSION, "type": msg.TYPE, **P.fields_of(msg)}
 
 
 @pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: m.TYPE)
@@ -53,18 +53,19 @@ def test_every_message_roundtrips(msg):
 
 def test_samples_cover_every_trainer_daemon_message():
     core = {"Ping", "Hello", "Reserve", "Begin", "Seal", "Inventory", "Open", "Drop", "Status", "Shutdown",
-            "Ok", "Error", "Welcome", "Granted", "Wait", "Sealed", "Steps", "Shard", "Loading", "StatusReport"}
+            "Ok", "Error", "Welcome", "Granted", "Allocating", "Wait", "Sealed", "Steps", "Shard", "Loading",
+            "StatusReport"}
     assert {m.TYPE for m in SAMPLES} == core
 
 
 def test_a_message_is_one_msgpack_map_with_version_and_type():
     d = msgpack.unpackb(P.encode(P.Begin("job", 0, 4, 17, 4096)), raw=False)
-    assert d == {"v": 2, "type": "Begin", "job": "job", "rank": 0, "world_size": 4, "step": 17, "nbytes": 4096}
+    assert d == {"v": 3, "type": "Begin", "job": "job", "rank": 0, "world_size": 4, "step": 17, "nbytes": 4096}
 
 
 def test_fields_with_defaults_may_be_left_out():
-    assert P.decode(raw({"v": 2, "type": "Shutdown"})) == P.Shutdown(remove=True)
-    assert P.decode(raw({"v": 2, "type": "Ok"})) == P.Ok({})
+    assert P.decode(raw({"v": 3, "type": "Shutdown"})) == P.Shutdown(remove=True)
+    assert P.decode(raw({"v": 3, "type": "Ok"})) == P.Ok({})
 
 
 BEGIN = fields_of(P.Begin("job", 0, 4, 17, 4096))
@@ -78,11 +79,11 @@ BEGIN = fields_of(P.Begin("job", 0, 4, 17, 4096))
     (raw([1, "Ping"]), "must be a map, got list"),
     (raw(7), "must be a map, got int"),
     (raw({"type": "Ping"}), "version None is not supported"),
-    (raw({"v": 1, "type": "Ping"}), "version 1 is not supported"),
+    (raw({"v": 2, "type": "Ping"}), "version 2 is not supported"),
     (raw({"v": "1", "type": "Ping"}), "version '1' is not supported"),
-    (raw({"v": 2, "type": "Bogus"}), "unknown message type 'Bogus'"),
-    (raw({"v": 2, "type": 5}), "unknown message type 5"),
-    (raw({"v": 2, "type": "Message"}), "unknown message type"),        # the base class is no message
+    (raw({"v": 3, "type": "Bogus"}), "unknown message type 'Bogus'"),
+    (raw({"v": 3, "type": 5}), "unknown message type 5"),
+    (raw({"v": 3, "type": "Message"}), "unknown message type"),        # the base class is no message
     (raw({**BEGIN, "extra": 1}), r"Begin has unknown fields \['extra'\]"),
     (raw({k: v for k, v in BEGIN.items() if k != "step"}), "Begin lacks field 'step'"),
     (raw({**BEGIN, "step": "17"}), "Begin.step has type str, expected int"),
@@ -98,9 +99,10 @@ BEGIN = fields_of(P.Begin("job", 0, 4, 17, 4096))
      "Hello.lock must be 16 lowercase hex digits"),
     (raw({**fields_of(P.Seal("job", 0, 1, 0, {})), "manifest": [1]}), "Seal.manifest has type list, expected dict"),
     (raw({**fields_of(P.Seal("job", 0, 1, 0, {})), "slot": -2}), "Seal.slot must be >= 0"),
+    (raw({**fields_of(P.Allocating(0, 1)), "done": -1}), "Allocating.done must be >= 0"),
     (raw({**fields_of(P.Steps([1], [])), "steps": [1, "2"]}), r"Steps.steps\[1\] has type str, expected int"),
     (raw({**fields_of(P.Steps([1], [])), "steps": 1}), "Steps.steps has type int"),
-    (raw({"v": 2, "type": "Shutdown", "remove": 1}), "Shutdown.remove has type int, expected bool"),
+    (raw({"v": 3, "type": "Shutdown", "remove": 1}), "Shutdown.remove has type int, expected bool"),
     (raw(fields_of(P.Loading(1, 5, 4))), "Loading.done 5 exceeds Loading.total 4"),
     (raw({**fields_of(P.Loading(1, 0, 4)), "source": "tape"}), "Loading.source 'tape' is neither 'disk' nor 'peers'"),
 ])
@@ -115,7 +117,7 @@ def test_decode_refuses_an_unexpected_type():
 
 
 def test_decode_refuses_oversized_frames_before_parsing():
-    big = raw({"v": 2, "type": "Error", "code": "x", "message": "y" * 100}) + b"\x00" * P.MAX_HEADER_BYTES
+    big = raw({"v": 3, "type": "Error", "code": "x", "message": "y" * 100}) + b"\x00" * P.MAX_HEADER_BYTES
     with pytest.raises(ProtocolError, match=f"over the {P.MAX_HEADER_BYTES}-byte limit"):
         P.decode(big)
 
@@ -124,7 +126,7 @@ def test_decode_never_unpickles():
     import pickle
 
     with pytest.raises(ProtocolError, match="not valid msgpack|must be a map"):
-        P.decode(pickle.dumps({"v": 2, "type": "Ping"}))
+        P.decode(pickle.dumps({"v": 3, "type": "Ping"}))
 
 
 def test_every_registered_field_type_has_a_validator():

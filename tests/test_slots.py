@@ -130,6 +130,17 @@ def shm_dir():
 def table(shm_dir):
     t = SlotTable(unique_id("slots"), "n0", shm_dir)
     yield t
+    t.stop_growing()
+
+
+def reserved(table: SlotTable, rank: int, nbytes: int, timeout_s: float = 10.0) -> list:
+    """`reserve` again until `rank`'s slots have grown in the grower threads, as the daemon does on every Reserve a
+    Guard sends; its slots."""
+    deadline = time.monotonic() + timeout_s
+    while table.reserve(rank, nbytes) != (0, 0):
+        assert time.monotonic() < deadline, f"rank {rank}'s slots did not grow to {nbytes} bytes in {timeout_s} s"
+        time.sleep(0.01)
+    return table.ranks[rank]
 
 
 def payload(step: int, rank: int, n: int = 4096) -> bytes:
@@ -157,13 +168,15 @@ def mode(path: str) -> int:
 
 
 def test_reserve_allocates_private_files_of_the_asked_size(table):
-    slots = table.reserve(0, 1 << 20)
+    assert table.reserve(0, 1 << 20) == (0, 2 << 20), "it grows in the background: nothing reserved yet"
+    assert [s.state for s in table.ranks[0]] == ["allocating"] * 2
+    slots = reserved(table, 0, 1 << 20)
     assert len(slots) == 2 and mode(table.dir) == 0o700
     for s in slots:
         assert os.path.getsize(s.path) == 1 << 20 and mode(s.path) == 0o600 and s.state == FREE
         assert os.stat(s.path).st_blocks * 512 >= 1 << 20, "slot memory must be allocated up front"
     assert table.used_bytes() == 2 << 20
-    table.reserve(0, 1 << 10)  # smaller: nothing shrinks or moves
+    assert table.reserve(0, 1 << 10) == (0, 0)  # smaller: nothing shrinks or moves
     assert [s.capacity for s in table.ranks[0]] == [1 << 20, 1 << 20]
 
 
@@ -300,7 +313,7 @@ def test_the_jobs_epoch_outlives_the_daemon_in_a_private_file(table, shm_dir, ca
 
 def test_remove_all_deletes_every_file_and_the_directory(table):
     write_and_seal(table, 0, 0)
-    table.reserve(1, 4096)
+    reserved(table, 1, 4096)
     assert os.listdir(table.dir)
     table.remove_all()
     assert not os.path.exists(table.dir)
@@ -314,7 +327,7 @@ def test_a_configured_limit_refuses_slots_saying_how_much_is_needed_and_free(shm
     assert "rank 0: 2 snapshot slot(s) of 2.0 MiB need 4.0 MiB more shared memory" in msg
     assert "the daemon's limit of 3.0 MiB leaves 3.0 MiB" in msg and "--shm-size" in msg
     assert os.listdir(t.dir) == [], "nothing may be allocated when the space is not there"
-    t.reserve(0, 1 << 20)  # what fits, fits
+    reserved(t, 0, 1 << 20)  # what fits, fits
     assert t.used_bytes() == 2 << 20
     with pytest.raises(ShmSpaceError, match="leaves 1.0 MiB"):
         t.reserve(1, 1 << 20)

@@ -1,0 +1,116 @@
+"""Reserving a node's slots: how long until every rank has its slots, and how long the daemon leaves a request
+unanswered meanwhile.
+
+Starts one real daemon; `--ranks` clients, one per rank as each rank's Guard() would, ask it at once for
+`--slots-per-rank` slots of `--gib` GiB each (a Reserve, asked again while the daemon answers Allocating),
+while another client pings it every 20 ms. The slots are reserved only (posix_fallocate), never touched: the
+trainers' first touch (their MAP_POPULATE) is their own, in parallel, and not measured here.
+
+    .venv/bin/python bench/reserve.py [--ranks 4] [--gib 1] [--slots-per-rank 2] [--reps 3] [--timeout 600]
+
+`--timeout` is each client's request timeout (a Guard's `timeout_s`): a rank whose request is not answered
+within it gives up, as its Guard() would, and is counted.
+
+Works against any snapguard that speaks the same protocol version, so that a tree from before the daemon
+reserved slots in threads can be measured with the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+
+from snapguard import protocol as P
+from snapguard.client import DaemonClient
+from snapguard.config import Endpoint
+from snapguard.errors import SnapGuardError
+from snapguard.procs import spawn_daemon
+
+GiB = 1 << 30
+
+
+def one_run(ranks: int, nbytes: int, slots: int, timeout_s: float) -> dict:
+    run_dir = tempfile.mkdtemp(prefix="sg-bench-reserve-")
+    shm = f"/dev/shm/sg-bench-reserve-{secrets.token_hex(3)}"
+    os.makedirs(shm, mode=0o700)
+    ep = Endpoint(f"reserve{secrets.token_hex(2)}", "n0", run_dir)
+    proc = spawn_daemon(ep, shm, ["--slots-per-rank", str(slots)])
+    done: dict[int, float] = {}
+    gave_up: list[str] = []
+    pings: list[float] = []
+    stop = threading.Event()
+
+    def rank(r: int, start: float) -> None:
+        c = DaemonClient(ep.address, timeout_s=timeout_s)
+        try:
+            while not isinstance(c.request(P.Reserve(ep.job, r, ranks, nbytes)), P.Ok):
+                time.sleep(0.05)
+            done[r] = time.monotonic() - start
+        except SnapGuardError as e:
+            gave_up.append(f"rank {r}: {e}")
+        finally:
+            c.close()
+
+    def pinger() -> None:
+        c = DaemonClient(ep.address, timeout_s=600)
+        try:
+            while not stop.is_set():
+                t = time.monotonic()
+                c.request(P.Ping())
+                pings.append(time.monotonic() - t)
+                time.sleep(0.02)
+        finally:
+            c.close()
+
+    try:
+        p = threading.Thread(target=pinger)
+        p.start()
+        time.sleep(0.2)
+        start = time.monotonic()
+        threads = [threading.Thread(target=rank, args=(r, start)) for r in range(ranks)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stop.set()
+        p.join()
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        shutil.rmtree(shm, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return {"all": max(done.values(), default=float("nan")), "first": min(done.values(), default=float("nan")),
+            "ping_max": max(pings), "ping_median": statistics.median(pings), "gave_up": gave_up}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ranks", type=int, default=4)
+    ap.add_argument("--gib", type=float, default=1.0, help="GiB per slot")
+    ap.add_argument("--slots-per-rank", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--timeout", type=float, default=600.0, help="each rank's request timeout, s (a Guard's timeout_s)")
+    a = ap.parse_args()
+    nbytes = int(a.gib * GiB)
+    total = a.ranks * a.slots_per_rank * nbytes
+    print(f"# bench/reserve.py: {a.ranks} ranks x {a.slots_per_rank} slots x {a.gib:g} GiB = {total / GiB:g} GiB"
+          f" reserved at once, {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(f"| rep | ranks that gave up (timeout {a.timeout:g} s) | every other rank has its slots, s | first rank, s |"
+          " longest ping, s | median ping, s |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    for i in range(a.reps):
+        r = one_run(a.ranks, nbytes, a.slots_per_rank, a.timeout)
+        print(f"| {i + 1} | {len(r['gave_up'])} | {r['all']:.2f} | {r['first']:.2f} | {r['ping_max']:.3f} |"
+              f" {r['ping_median']:.4f} |", flush=True)
+        for why in r["gave_up"]:
+            print(f"#   {why}")
+
+
+if __name__ == "__main__":
+    main()
