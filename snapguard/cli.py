@@ -47,13 +47,13 @@ def status_table(reports: list[P.StatusReport]) -> str:
                                  " node's shards")
                 else:
                     lines.append(f"  rank {x['rank']} reads step {rd['step']} from disk: {done}")
-        lines.append(f"  {'rank':>5}  {'slot':>4}  {'state':<8} {'step':>7}  {'size':>10}  {'age':>8}  {'of ranks':>8}")
+        lines.append(f"  {'rank':>5}  {'slot':>4}  {'state':<10} {'step':>7}  {'size':>10}  {'age':>8}  {'of ranks':>8}")
         for rank in r.ranks:
             for s in rank["slots"]:
                 age = f"{s['age_s']:.1f} s" if s["age_s"] >= 0 else "-"
                 step = s["step"] if s["step"] >= 0 else "-"
                 world = s.get("world_size") or "-"  # of the job that took the step: one of another size is not restored
-                lines.append(f"  {rank['rank']:>5}  {s['slot']:>4}  {s['state']:<8} {step:>7}  {_fmt_bytes(s['nbytes']):>10}"
+                lines.append(f"  {rank['rank']:>5}  {s['slot']:>4}  {s['state']:<10} {step:>7}  {_fmt_bytes(s['nbytes']):>10}"
                              f"  {age:>8}  {world:>8}")
         if not r.ranks:
             lines.append("  (no ranks yet)")

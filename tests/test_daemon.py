@@ -430,22 +430,24 @@ def test_slots_grow_in_the_background_while_the_daemon_serves_and_a_failed_growt
     t.start()
     try:
         _grow_and_fail(node, small_tmpfs, stall, model, t, failed)
-    finally:
+    finally:  # the Guard's thread ends, and the daemon goes before its tmpfs does
         stall.unlink(missing_ok=True)
         t.join(30)
-        node.kill()  # before its tmpfs goes
+        node.kill()
 
 
-def _grow_and_fail(node, small_tmpfs, stall, model, t, failed) -> None:
+def _grow_and_fail(node: Node, small_tmpfs: str, stall, model, t: threading.Thread, failed: list) -> None:
     table = os.path.join(small_tmpfs, os.path.basename(node.table_dir))
     wait_until(lambda: [[s["state"] for s in r["slots"]] for r in node.status().ranks] == [["allocating"] * 2], 10,
                "rank 0's slots to be growing")
     # served meanwhile: a ping, and rank 1, whose slots grow beside rank 0's
     assert isinstance(node.request(P.Ping()), P.Ok)
-    replies = []  # Allocating, then Ok
-    wait_until(lambda: isinstance(replies.append(node.request(P.Reserve(node.job, 1, 2, 1 << 20))) or replies[-1], P.Ok),
-               10, "rank 1's slots")
-    reply = replies[-1]
+
+    def rank1_slots() -> P.Ok | None:
+        reply = node.request(P.Reserve(node.job, 1, 2, 1 << 20))  # Allocating until they are ready
+        return reply if isinstance(reply, P.Ok) else None
+
+    reply = wait_until(rank1_slots, 10, "rank 1's slots")
     assert [capacity for _, capacity in reply.info["slots"]] == [1 << 20] * 2
     # what rank 0's growth is about to take counts as taken
     with pytest.raises(DaemonError, match=r"\[ShmSpaceError\] rank 1: 2 snapshot slot\(s\) of 3.0 MiB need 4.0 MiB more"
@@ -473,6 +475,26 @@ def _grow_and_fail(node, small_tmpfs, stall, model, t, failed) -> None:
         g.snapshot(0)
         g.wait()
         assert node.held()[0] == [0]
+    finally:
+        g.close()
+
+
+def test_a_daemon_killed_while_it_grows_slots_leaves_only_what_a_restarted_daemon_removes(node):
+    """SIGKILL while a grower thread reserves a rank's slot: the trainer's Guard() fails saying the daemon closed the
+    connection; the half-reserved file stays behind, and the restarted daemon removes it and grows the slots anew."""
+    node.start(faults="daemon.reserve.piece@0")
+    model = torch.nn.Linear(256, 256, bias=False)
+    with pytest.raises(DaemonError, match="closed the connection while Reserve waited"):
+        node.guard(model, None, rng=False, timeout_s=5.0)
+    assert node.proc.wait(10) == -9
+    assert [n for n in os.listdir(node.table_dir) if n.endswith(".new")], "the killed growth left its file"
+    node.start()
+    assert sorted(os.listdir(node.table_dir)) == [], "the restarted daemon removed the half-reserved files"
+    g = node.guard(model, None, rng=False)
+    try:
+        g.snapshot(0)
+        g.wait()
+        assert node.held() == {0: [0]}
     finally:
         g.close()
 
