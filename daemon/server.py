@@ -412,8 +412,8 @@ class Daemon:
             return P.Welcome(self.cfg.node, os.getpid(), t.dir, sorted(n for n, _ in self.cfg.peers))
         if isinstance(msg, P.Reserve):
             self._note_world(msg)
-            self._read_out()  # a free slot that grows gets a new file
-            done, total = t.reserve(msg.rank, msg.nbytes)
+            # a free slot that grows gets a new file: read out first, once as a growth starts, not on each poll
+            done, total = t.reserve(msg.rank, msg.nbytes, before_growing=self._read_out)
             if total:
                 return P.Allocating(done, total)
             return P.Ok({"slots": [[s.path, s.capacity] for s in t.ranks[msg.rank]]})

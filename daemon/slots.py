@@ -331,12 +331,12 @@ class SlotTable:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
 
-    def reserve(self, rank: int, nbytes: int) -> tuple[int, int]:
+    def reserve(self, rank: int, nbytes: int, before_growing: Callable[[], None] | None = None) -> tuple[int, int]:
         """Make `rank`'s slots able to hold `nbytes` each: free slots that are too small grow, in grower threads, since
         reserving memory takes a while (0.3 s per GiB on the dev VM: minutes for a node's slots of a large model) and
         the daemon serves on meanwhile. Return (bytes reserved, bytes to reserve) of `rank`'s growth under way: (0, 0)
         once none is, and then every free slot holds `nbytes`; call again until then. A growth that failed (no memory
-        after all) raises its error here, once."""
+        after all) raises its error here, once. `before_growing` runs only when a growth is about to start."""
         self._ensure_rank(rank)
         self.settle_growth()
         if rank in self._grow_failed:
@@ -345,6 +345,8 @@ class SlotTable:
         if not mine:
             grow = [s for s in self.ranks[rank] if s.state == FREE and s.capacity < nbytes]
             self._check_space(rank, sum(nbytes - s.capacity for s in grow), len(grow), nbytes)
+            if grow and before_growing is not None:
+                before_growing()
             mine = [self._grow(s, nbytes) for s in grow]
         return sum(g.done for g in mine), sum(g.nbytes for g in mine)
 
@@ -531,7 +533,6 @@ class SlotTable:
 
     def _reserve_file(self, g: _Growth) -> None:
         """In a grower thread: reserve `g`'s new file, counting its progress, and put it in the old one's place."""
-        t0 = time.monotonic()
 
         def progress(n: int) -> None:
             if self._stop_growing:
@@ -540,15 +541,19 @@ class SlotTable:
             if n < g.nbytes:
                 fault_point("daemon.reserve.piece", g.slot.rank)
 
-        create_slot(g.slot.path, g.nbytes, progress=progress)
-        log.info("%s allocated rank %d slot %d: %.1f MiB in %.2f s", self.who, g.slot.rank, g.slot.index,
-                 g.nbytes / MiB, time.monotonic() - t0)
+        self._create(g.slot, g.nbytes, progress=progress)
 
     def _allocate(self, slot: Slot, nbytes: int, before_replace: Callable[[], None] | None = None) -> None:
         slot.unmap()
-        t0 = time.monotonic()
-        create_slot(slot.path, nbytes, before_replace)
+        self._create(slot, nbytes, before_replace)
         slot.capacity = nbytes
+
+    def _create(self, slot: Slot, nbytes: int, before_replace: Callable[[], None] | None = None,
+                progress: Callable[[int], None] | None = None) -> None:
+        """`create_slot` for `slot`, timed and logged; the caller sets its capacity (a grower thread leaves that to
+        the daemon's loop, `settle_growth`)."""
+        t0 = time.monotonic()
+        create_slot(slot.path, nbytes, before_replace, progress)
         log.info("%s allocated rank %d slot %d: %.1f MiB in %.2f s", self.who, slot.rank, slot.index,
                  nbytes / MiB, time.monotonic() - t0)
 
