@@ -47,6 +47,9 @@ class Fault:
     restart: ClassVar[bool] = True  # a correct system restarts the ranks after this fault
     min_m: ClassVar[int] = 1  # the parity chunks a cluster needs for this fault to be survivable
     expect_failure: ClassVar[bool] = False  # a correct system stops with a clear error
+    # it destroys data or parity the daemons hold, so the cluster tolerates fewer losses until every daemon has
+    # protected a newer step: the next fault waits for that, else it could be one loss more than m covers
+    takes_redundancy: ClassVar[bool] = False
 
     def __init__(self, **kw: Any):
         self.kw = kw
@@ -165,6 +168,7 @@ class KillDaemon(Fault):
     kind = "kill_daemon"
     params = {"node": str}
     restart = False  # either outcome is correct: ranks ride it out, or restart and restore
+    takes_redundancy = True  # the parity the daemon held for its peers lived in its memory
 
     def inject(self, run: "Run", rnd: random.Random) -> Injected:
         node = self.kw.get("node") or rnd.choice(run.cluster.names)
@@ -186,6 +190,7 @@ class LoseNode(Fault):
 
     kind = "lose_node"
     params = {"node": str}
+    takes_redundancy = True
 
     def inject(self, run: "Run", rnd: random.Random) -> Injected:
         self.node = self.kw.get("node") or rnd.choice(run.cluster.names)
@@ -270,6 +275,7 @@ class CorruptSlot(Fault):
 
     kind = "corrupt_slot"
     params = {"node": str, "rank": int, "nbytes": int}
+    takes_redundancy = True  # the flipped chunk of its step is one erasure for that step's rebuilds
     SEAL_GRACE_S = 0.5  # for a Seal the rank sent before it died: the daemon still handles it
 
     def inject(self, run: "Run", rnd: random.Random) -> Injected:
@@ -433,6 +439,7 @@ class FillShm(Fault):
 
     kind = "fill_shm"
     params = {"node": str, "free": str, "attempts": int}
+    takes_redundancy = True  # the node is lost
 
     def evidence_needed(self, run: "Run", rec: "FaultRecord") -> str | None:
         return "daemon"  # the ShmSpaceError
@@ -485,6 +492,7 @@ class LoseMoreThanM(Fault):
 
     kind = "lose_more_than_m"
     params = {"nodes": list}
+    takes_redundancy = True  # with persistence the job goes on, and every node's parity is new
     persisting = False
 
     def arm(self, run: "Run", index: int) -> None:

@@ -56,6 +56,7 @@ class FaultRecord:
     detected_by: list[str] = field(default_factory=list)
     restarted: bool = False
     failed_attempts: int = 0  # attempts that died because of it (the restart, and any that failed before training)
+    reprotected_s: float | None = None  # for faults that take redundancy: until every daemon protected a newer step
     restored_step: int | None = None
     steps_lost: int | None = None  # steps trained before the failure that had to be trained again
     recovery_s: float | None = None  # from the fault to the first step of the attempt that trained on
@@ -103,6 +104,9 @@ class LossLog:
 class Run:
     """One protected run of a scenario. Faults reach the cluster, proxy and logs through this object."""
 
+    PROTECT_POLL_S = 0.1  # while a fault waits for redundancy: how often the daemons are asked what they protect
+    STATUS_TIMEOUT_S = 0.5  # and how long each may take to answer
+
     def __init__(self, scenario: Scenario, workdir: str, reference_out: str, seed: int | None = None,
                  say: Callable[[str], None] = print):
         self.scenario, self.conf = scenario, scenario.cluster
@@ -138,6 +142,8 @@ class Run:
         self._progress_line = 0
         self._attempt_offsets: dict[int, dict[str, int]] = {}
         self._inject_tries = 0
+        self._last_protect_poll = 0.0
+        self._awaiting_protection: set[int] = set()
         self.completed = False
         self.end_reason = ""
 
@@ -170,15 +176,56 @@ class Run:
     # ---- the supervisor's callbacks ------------------------------------------------------------
 
     def _settled(self, rec: FaultRecord, attempt: int, progress: int) -> bool:
-        """Has the fault played out, so the next one may be injected?"""
+        """Has the fault played out, so the next one may be injected? For a fault that took data or parity
+        away, that includes every daemon protecting a step newer than the fault: until then the cluster
+        survives fewer losses than m, and the next fault could be one too many."""
         if rec.status == "armed":
             return False
         if rec.attempt is None:
             return True
-        if attempt > rec.attempt:
-            return attempt in self.losses.first_t
         f = self.faults[rec.index]
-        return not f.restart and not f.expect_failure and progress >= (rec.step or 0) + 2
+        if attempt > rec.attempt:
+            if attempt not in self.losses.first_t:
+                return False
+        elif f.restart or f.expect_failure or progress < (rec.step or 0) + 2:
+            return False
+        if not f.takes_redundancy or rec.reprotected_s is not None:
+            return True
+        if rec.index not in self._awaiting_protection:
+            self._awaiting_protection.add(rec.index)
+            self.say(f"#{rec.index} {rec.label}: the next fault waits until every daemon protects step"
+                     f" {self._reprotect_step(rec)} or newer", "wait")
+        return False
+
+    @staticmethod
+    def _reprotect_step(rec: FaultRecord) -> int:
+        # rec.step is the slowest rank's newest logged step; a faster one may have sealed the next one, whose
+        # protection may predate the fault (parity of it now lost, or holding a chunk since corrupted)
+        return (rec.step or 0) + 2
+
+    def _watch_protection(self) -> None:
+        """For each fault that took redundancy away: note when every daemon protects a step after it again."""
+        waiting = [r for r, f in zip(self.records, self.faults)
+                   if f.takes_redundancy and r.status == "injected" and r.reprotected_s is None]
+        now = time.monotonic()
+        if not waiting or now - self._last_protect_poll < self.PROTECT_POLL_S:
+            return
+        self._last_protect_poll = now
+        lowest = None
+        for node in self.cluster.names:
+            d = self.cluster.daemons.get(node)
+            if d is None or d.poll() is not None:
+                return  # down: it protects nothing
+            try:
+                p = self.cluster.status(node, timeout_s=self.STATUS_TIMEOUT_S).protected
+            except SnapGuardError:  # too busy to answer (a restore, a rebuild): it protects nothing new yet
+                return
+            lowest = p if lowest is None else min(lowest, p)
+        for rec in waiting:
+            if lowest is not None and lowest >= self._reprotect_step(rec):
+                rec.reprotected_s = round(time.time() - rec.wall, 2)
+                self.say(f"#{rec.index} {rec.label}: every daemon protects step {lowest} or newer again,"
+                         f" {rec.reprotected_s} s after the fault", "info")
 
     def tick(self, cluster: Cluster) -> None:
         now = time.monotonic()
@@ -197,6 +244,7 @@ class Run:
             self._progress_line = p - p % 10
             self.say(f"all {world} ranks have trained step {p}", "step")
         self._check_armed(a, p)
+        self._watch_protection()
         self.on_tick[:] = [cb for cb in self.on_tick if cb(self)]
         if self.next >= len(self.records):
             return
@@ -332,6 +380,11 @@ class Run:
             if rec.status != "injected":
                 rec.status = "not injected" if rec.status == "pending" else "armed, never fired"
                 rec.outcome, rec.ok = f"{rec.status}: the run ended first", False
+                prev = self.records[rec.index - 1] if rec.index else None
+                if rec.status == "not injected" and prev and prev.index in self._awaiting_protection \
+                        and prev.reprotected_s is None:
+                    rec.outcome += (f", while #{prev.index} {prev.label} waited for every daemon to protect step"
+                                    f" {self._reprotect_step(prev)}")
                 continue
             rec.detected_by += [d for d in f.detect(self, rec.offsets) if d not in rec.detected_by]
             later = sorted(a for a in by_attempt if a > rec.attempt)

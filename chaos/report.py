@@ -13,13 +13,14 @@ def _fmt(v, unit: str = "") -> str:
 
 
 def table(report: dict) -> str:
-    rows = [("#", "fault", "step", "t", "detected by", "restored", "lost", "recovery", "outcome")]
+    rows = [("#", "fault", "step", "t", "detected by", "restored", "lost", "recovery", "re-protected", "outcome")]
     for f in report["faults"]:
         detected = "; ".join(f["detected_by"]) or "-"
         if len(detected) > 70:
             detected = detected[:67] + "..."
         rows.append((str(f["index"]), f["label"], _fmt(f["step"]), _fmt(f["t"], " s"), detected,
-                     _fmt(f["restored_step"]), _fmt(f["steps_lost"]), _fmt(f["recovery_s"], " s"), f["outcome"]))
+                     _fmt(f["restored_step"]), _fmt(f["steps_lost"]), _fmt(f["recovery_s"], " s"),
+                     _fmt(f.get("reprotected_s"), " s"), f["outcome"]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

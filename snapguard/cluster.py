@@ -193,8 +193,8 @@ class Cluster:
             d.kill()
             d.wait(10)
 
-    def status(self, node: str) -> P.StatusReport:
-        c = DaemonClient(self.endpoint(node).address, timeout_s=10)
+    def status(self, node: str, timeout_s: float = 10) -> P.StatusReport:
+        c = DaemonClient(self.endpoint(node).address, timeout_s=timeout_s)
         try:
             return c.request(P.Status())
         finally:

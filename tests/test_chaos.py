@@ -171,25 +171,39 @@ def test_every_survivable_fault_is_detected_and_nothing_is_lost(tmp_path, refere
         assert len(sent) == 1 and len(refused) == 1, f
         assert 1 <= refused[0][0] <= refused[0][1] <= sent[0], f
     assert rep["proxy"]["dropped"] > 0 and rep["proxy"]["delayed"] > 0 and rep["proxy"]["duplicated"] > 0
+    _assert_waited_for_redundancy(rep)
     assert os.path.getsize(rep["files"]["png"]) > 10_000
     with open(rep["files"]["json"]) as f:
         assert json.load(f)["verdict"] == "PASS"
 
 
+def _assert_waited_for_redundancy(rep: dict) -> None:
+    """Each fault that took data or parity away was followed by the next fault only once every daemon protected a
+    newer step again: two faults closer than that are more losses at once than m covers."""
+    for f, nxt in zip(rep["faults"], rep["faults"][1:]):
+        if KINDS[f["kind"]].takes_redundancy:
+            assert f["reprotected_s"] is not None and f["reprotected_s"] > 0, f
+            assert nxt["t"] >= f["t"] + f["reprotected_s"] - 0.01, (f, nxt)
+
+
 @pytest.mark.timeout(400)
 def test_a_node_lost_in_another_nodes_rebuild_is_recovered_and_losing_more_than_m_is_an_expected_failure(
         tmp_path, tmp_path_factory):
-    """4 nodes, m=2. First node0 is lost, and the first peer to serve a piece of its rebuild is lost as it serves
+    """4 nodes, m=2. A daemon is killed and ridden out, taking the parity in its memory with it. Once every daemon
+    protects a newer step, node0 is lost, and the first peer to serve a piece of its rebuild is lost as it serves
     it: node0's replacement counts that peer as lost and finishes from the other two; the peer is rebuilt next, and
     nothing is lost. Then three nodes are lost at once: more than m, the job must stop with a clear error."""
     reference = str(tmp_path_factory.mktemp("chaos-ref-g4"))
     rep = _run(tmp_path, reference, [
+        {"kind": "kill_daemon", "at_step": 2, "node": "node3"},
         {"kind": "lose_node_in_rebuild", "at_step": 3, "node": "node0"},
         {"kind": "lose_more_than_m", "at_step": 8},
     ], nodes=4, m=2, steps=16)
     assert rep["verdict"] == "PASS", rep["problems"]
     assert rep["expected_failure"] and not rep["completed"]
-    first, last = rep["faults"]
+    _assert_waited_for_redundancy(rep)
+    killed, first, last = rep["faults"]
+    assert killed["ok"], killed
     second = first["outcome"].removeprefix("recovered; ").removesuffix(" lost in the middle of the rebuild")
     assert first["ok"] and first["restarted"] and second in ("node1", "node2", "node3"), first
     # evidence from the two replacements' logs: node0's counted the peer lost mid-rebuild; both rebuilt
