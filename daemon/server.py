@@ -679,6 +679,9 @@ class Daemon:
         t.drop(rank, step)  # the rank rewinds to `step`: what it holds newer goes, as on every restore
         if t.plan(rank, step)[0].action != "grant":
             t.drop(rank, -1)  # every slot holds an older step: none is restored once this one is
+        growing = self._grow_for(step, {rank: man.nbytes}, man.nbytes, "disk")
+        if growing is not None:
+            return growing
         self._read_out()  # the slot may be one whose chunks are on their way to parity holders
         index = t.install_begin(rank, man)
         self._load_failed.pop((rank, step), None)
@@ -744,6 +747,13 @@ class Daemon:
         """Start rebuilding this node's shards of `step` from the peers (`Rebuild`, driven by `_pump_rebuild` on every
         turn of the loop): the ranks restore `step`, and this node holds no good copy of a rank's shard. Its ranks
         ask again (Open) until their slots are sealed; the daemon serves on meanwhile."""
+        blob = self.protector.rebuildable(self._stocks()).get(step)  # asked of the peers at most once a second
+        if blob is not None:
+            sizes = {rank: Manifest.from_wire(wire).nbytes for rank, _, wire in blob["ranks"]
+                     if step not in self.table.sealed_steps(rank)}
+            growing = self._grow_for(step, sizes, blob["nbytes"], "peers")
+            if growing is not None:
+                return growing
         stocks = self._stocks(max_age_s=0.0)
         blob = self.protector.rebuildable(stocks).get(step)
         if blob is None:
@@ -762,6 +772,29 @@ class Daemon:
                  rb.total / (1 << 20))
         self._pump_rebuild()  # the first fetches go out now
         return P.Loading(step, rb.done, rb.total, source="peers")
+
+    def _grow_for(self, step: int, sizes: dict[int, int], total: int, source: str) -> P.Loading | None:
+        """Before a read from disk or a rebuild writes `step` into the slots of the ranks in `sizes` (rank -> bytes of
+        its shard): grow the free slot each will write into, if it is too small, in the grower threads
+        (`SlotTable.reserve`) as a Reserve does; the rank's other slots grow at its Reserve after the restore. Done
+        in this loop, reserving the memory would leave the trainers and the peers unanswered for as long (0.3 s per
+        GiB on the dev VM). None once each is big enough; until then Loading with nothing loaded yet, so that the
+        ranks ask again."""
+        started = []
+
+        def before_growing() -> None:
+            self._read_out()  # a free slot that grows gets a new file
+            started.append(True)
+
+        growing = sum(self.table.reserve(rank, nbytes, before_growing, for_step=step)[1]
+                      for rank, nbytes in sizes.items())
+        if not growing:
+            return None
+        if started:
+            log.info("%s grows a slot of ranks %s to hold their shards of step %d (%.1f MiB to reserve) before it"
+                     " %s", self.who, sorted(sizes), step, growing / (1 << 20),
+                     "reads them from disk" if source == "disk" else "rebuilds them from its peers")
+        return P.Loading(step, 0, total, source=source)
 
     def _pump_rebuild(self) -> None:
         """Move the rebuild on; once it is done, seal its slots, or keep why it failed for the ranks' next Open."""

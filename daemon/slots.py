@@ -331,19 +331,25 @@ class SlotTable:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
 
-    def reserve(self, rank: int, nbytes: int, before_growing: Callable[[], None] | None = None) -> tuple[int, int]:
+    def reserve(self, rank: int, nbytes: int, before_growing: Callable[[], None] | None = None,
+                for_step: int | None = None) -> tuple[int, int]:
         """Make `rank`'s slots able to hold `nbytes` each: free slots that are too small grow, in grower threads, since
         reserving memory takes a while (0.3 s per GiB on the dev VM: minutes for a node's slots of a large model) and
         the daemon serves on meanwhile. Return (bytes reserved, bytes to reserve) of `rank`'s growth under way: (0, 0)
         once none is, and then every free slot holds `nbytes`; call again until then. A growth that failed (no memory
-        after all) raises its error here, once. `before_growing` runs only when a growth is about to start."""
+        after all) raises its error here, once. `before_growing` runs only when a growth is about to start.
+        `for_step`: grow only the slot that a `begin` of that step would take, if it is free (a restore writes one)."""
         self._ensure_rank(rank)
         self.settle_growth()
         if rank in self._grow_failed:
             raise self._grow_failed.pop(rank)
         mine = [g for g in self._growing.values() if g.slot.rank == rank]
         if not mine:
-            grow = [s for s in self.ranks[rank] if s.state == FREE and s.capacity < nbytes]
+            if for_step is None:
+                grow = [s for s in self.ranks[rank] if s.state == FREE and s.capacity < nbytes]
+            else:
+                slot = self.plan(rank, for_step)[1]
+                grow = [slot] if slot is not None and slot.state == FREE and slot.capacity < nbytes else []
             self._check_space(rank, sum(nbytes - s.capacity for s in grow), len(grow), nbytes)
             if grow and before_growing is not None:
                 before_growing()

@@ -34,6 +34,7 @@ from snapguard.daemon.peers import (AuthError as PeerAuthError, ConnectionGate, 
 from snapguard.codec import Codec
 from snapguard.daemon.protect import PIECE
 from snapguard.errors import DaemonUnavailable, RestoreError, SnapGuardError
+from snapguard.faults import ENV_FAULTS
 from snapguard.guard import Guard
 from snapguard.procs import TrainerLock, spawn_daemon
 
@@ -916,6 +917,43 @@ def test_a_replacement_daemon_serves_on_while_it_rebuilds_from_its_peers_and_res
             guard.close()
         finally:
             quick.close()
+            holder.close()
+
+
+def test_slots_too_small_for_a_shard_to_rebuild_grow_in_the_background_first(tmp_path, monkeypatch):
+    """The rank of lost node a reserved slots for less than its shard before restoring (an optimizer's state appears
+    at its first step): a's replacement grows the one it rebuilds the shard into in its grower threads first,
+    answering Open with Loading (nothing loaded yet) and every other request at once meanwhile. Reserving the
+    memory in its loop would leave the trainers and the peers unanswered for as long. Then the rebuild restores
+    step 2 bit-exact."""
+    stall = tmp_path / "stall"  # rank 0's slots stop growing before their first byte while this file exists
+    stall.touch()
+    with _pair(tmp_path) as pair:
+        ep, net, client, log = pair
+        holder = _Holder(net)
+        try:
+            monkeypatch.setenv(ENV_FAULTS, f"daemon.reserve.piece@0%{stall}")  # the replacement's only
+            saved = _lose_a_after_two_steps(pair, holder)
+            monkeypatch.delenv(ENV_FAULTS)
+            assert isinstance(client.request(P.Reserve(ep.job, 0, 1, 0)), P.Ok)
+            total = holder.blobs[2]["nbytes"]
+            for _ in range(3):
+                assert client.request(P.Open(ep.job, 0, 2)) == P.Loading(2, 0, total, source="peers")
+            st = client.request(P.Status()).ranks[0]
+            states = [s["state"] for s in st["slots"]]  # the slot the shard will be rebuilt into grows
+            assert states == ["allocating"] + ["free"] * (len(states) - 1) and not st["reading"], st
+            assert isinstance(client.request(P.Ping()), P.Ok)
+            assert holder.fetched == [], "nothing is fetched before there is a slot to write it into"
+            assert "grows a slot of ranks [0] to hold their shards of step 2" in log.read_text()
+            stall.unlink()
+            state = {"w": torch.zeros(1 << 16, dtype=torch.float32)}
+            guard = _guard(ep, state, gate_timeout_s=30)
+            assert guard.restore() == 2
+            assert torch.equal(state["w"], saved[2])
+            assert "rebuilt step 2 of ranks [0] from peers ['b']" in log.read_text()
+            guard.close()
+        finally:
+            stall.unlink(missing_ok=True)
             holder.close()
 
 

@@ -177,8 +177,10 @@ def test_a_step_on_disk_is_read_in_the_background_while_the_daemon_serves_on(nod
     start(node, disk, every=3, faults=f"daemon.persist.read@6%{stall}")
     node.request(P.Reserve(node.job, 0, 1, 0))
     assert node.request(P.Inventory(node.job, 0)).persisted == [3, 6]
-    first = node.request(P.Open(node.job, 0, 6))
+    first = node.request(P.Open(node.job, 0, 6))  # and again, until the slots are grown and the read starts
     assert isinstance(first, P.Loading) and (first.step, first.total) == (6, len(data)), first
+    wait_until(lambda: node.request(P.Open(node.job, 0, 6)) and node.status().ranks[0]["reading"], 10,
+               "the read of step 6 to start")
     assert isinstance(node.request(P.Ping()), P.Ok)
     reading = node.status().ranks[0]["reading"]
     assert reading["step"] == 6 and reading["total"] == len(data) and 0 <= reading["done"] <= len(data), reading
@@ -200,6 +202,35 @@ def test_a_step_on_disk_is_read_in_the_background_while_the_daemon_serves_on(nod
     assert open(shard.path, "rb").read()[:len(data)] == data, "the slot holds the bytes on disk"
     assert shard.manifest["step"] == 3 and node.held() == {0: [3]}
     assert "rank 0 reads step 3 from disk" in node.log() and "rank 0 restores step 3 from disk" in node.log()
+
+
+def test_slots_too_small_for_a_step_on_disk_grow_in_the_background_before_it_is_read(node, disk, tmp_path):
+    """A rank restoring from disk on a new node reserved slots for less than its shard (an optimizer's state appears
+    at its first step): the daemon grows the slot it will read into in its grower threads first, answering Open with
+    Loading (nothing read yet) and every other request at once meanwhile, as it does for a Reserve; then it reads
+    the step."""
+    start(node, disk, every=3)
+    train(node, disk, range(7), 6)
+    node.request(P.Shutdown(remove=True))  # the node's memory is gone
+    node.proc.wait(30)
+    data = open(os.path.join(disk, f"snapguard-{node.job}", "r0.s6.data"), "rb").read()
+
+    stall = tmp_path / "stall"  # rank 0's slots stop growing before their first byte while this file exists
+    stall.touch()
+    start(node, disk, every=3, faults=f"daemon.reserve.piece@0%{stall}")
+    assert isinstance(node.request(P.Reserve(node.job, 0, 1, 0)), P.Ok)
+    for _ in range(3):
+        assert node.request(P.Open(node.job, 0, 6)) == P.Loading(6, 0, len(data), source="disk")
+    st = node.status().ranks[0]
+    assert [s["state"] for s in st["slots"]] == ["allocating", "free"] and not st["reading"], st  # the one to read into
+    assert isinstance(node.request(P.Ping()), P.Ok)
+    assert "grows a slot of ranks [0] to hold their shards of step 6 (" in node.log()
+    stall.unlink()
+    answers, shard = open_from_disk(node, 6)
+    assert open(shard.path, "rb").read()[:len(data)] == data
+    # the other slot grows at the rank's next Reserve, as it would after a restore
+    assert [s["capacity"] >= len(data) for s in node.status().ranks[0]["slots"]] == [True, False]
+    assert "rank 0 restores step 6 from disk" in node.log()
 
 
 def test_a_begin_refused_as_stale_leaves_a_read_from_disk_going(node, disk, tmp_path):
@@ -231,7 +262,9 @@ def test_a_finished_read_is_sealed_and_shown_so_before_the_rank_asks_again(node,
     node.request(P.Shutdown(remove=True))
     node.proc.wait(30)
     start(node, disk, every=3)
-    node.request(P.Reserve(node.job, 0, 1, 0))
+    nbytes = os.path.getsize(os.path.join(disk, f"snapguard-{node.job}", "r0.s3.data"))
+    # slots big enough for the shard, so that the first Open starts the read (else it grows them first)
+    wait_until(lambda: isinstance(node.request(P.Reserve(node.job, 0, 1, nbytes)), P.Ok), 30, "rank 0's slots")
     assert isinstance(node.request(P.Open(node.job, 0, 3)), P.Loading)
     wait_until(lambda: node.held() == {0: [3]}, 30, "the daemon to seal step 3 read from disk, unasked")
     assert node.status().ranks[0]["reading"] == {}
