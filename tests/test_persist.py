@@ -177,7 +177,7 @@ def test_a_step_on_disk_is_read_in_the_background_while_the_daemon_serves_on(nod
     start(node, disk, every=3, faults=f"daemon.persist.read@6%{stall}")
     node.request(P.Reserve(node.job, 0, 1, 0))
     assert node.request(P.Inventory(node.job, 0)).persisted == [3, 6]
-    first = node.request(P.Open(node.job, 0, 6))  # and again, until the slots are grown and the read starts
+    first = node.request(P.Open(node.job, 0, 6))  # and again, until the slot is grown and the read starts
     assert isinstance(first, P.Loading) and (first.step, first.total) == (6, len(data)), first
     wait_until(lambda: node.request(P.Open(node.job, 0, 6)) and node.status().ranks[0]["reading"], 10,
                "the read of step 6 to start")
