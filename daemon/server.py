@@ -778,23 +778,23 @@ class Daemon:
         its shard): grow the free slot each will write into, if it is too small, in the grower threads
         (`SlotTable.reserve`) as a Reserve does; the rank's other slots grow at its Reserve after the restore. Done
         in this loop, reserving the memory would leave the trainers and the peers unanswered for as long (0.3 s per
-        GiB on the dev VM). None once each is big enough; until then Loading with nothing loaded yet, so that the
-        ranks ask again."""
+        GiB on the dev VM). None once each is big enough; until then Loading with how far the reservation is and
+        nothing loaded yet, so that the ranks ask again."""
         started = []
 
         def before_growing() -> None:
             self._read_out()  # a free slot that grows gets a new file
             started.append(True)
 
-        growing = sum(self.table.reserve(rank, nbytes, before_growing, for_step=step)[1]
-                      for rank, nbytes in sizes.items())
+        progress = [self.table.reserve(rank, nbytes, before_growing, for_step=step) for rank, nbytes in sizes.items()]
+        reserved, growing = sum(done for done, _ in progress), sum(n for _, n in progress)
         if not growing:
             return None
         if started:
             log.info("%s grows a slot of ranks %s to hold their shards of step %d (%.1f MiB to reserve) before it"
                      " %s", self.who, sorted(sizes), step, growing / (1 << 20),
                      "reads them from disk" if source == "disk" else "rebuilds them from its peers")
-        return P.Loading(step, 0, total, source=source)
+        return P.Loading(step, 0, total, source=source, reserved=reserved, slot=growing)
 
     def _pump_rebuild(self) -> None:
         """Move the rebuild on; once it is done, seal its slots, or keep why it failed for the ranks' next Open."""

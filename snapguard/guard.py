@@ -686,14 +686,15 @@ class Guard:
         another rank's Open failed (its error says why, and every rank stops after the next gather).
 
         A step on disk only is read in the daemon's background, and a step this node lost is rebuilt there from
-        its peers (it answers Loading meanwhile): this asks again until the shard is in a slot, saying every 10 s
-        how far the daemon is, and gives up once it has made no progress for `gate_timeout_s`. Meanwhile the ranks
-        gather every `_OPEN_ROUND_S` whether each has its answer, so that a rank whose shard is ready waits for the
-        others as long as their loads move, each gather far shorter than the collectives' timeout."""
+        its peers (it answers Loading meanwhile, and first reserves the memory of a slot too small for the shard):
+        this asks again until the shard is in a slot, saying every 10 s how far the daemon is, and gives up once it
+        has made no progress for `gate_timeout_s`. Meanwhile the ranks gather every `_OPEN_ROUND_S` whether each has
+        its answer, so that a rank whose shard is ready waits for the others as long as their loads move, each
+        gather far shorter than the collectives' timeout."""
         got: P.Shard | None = None
         error: SnapGuardError | None = None
         loading: P.Loading | None = None
-        moved, read, pause = time.monotonic(), -1, 0.002
+        moved, seen, pause = time.monotonic(), None, 0.002
         told = moved
         round_s = min(_OPEN_ROUND_S, self.timeout_s / 2, self.config.gate_timeout_s / 2)
         rnd = 0
@@ -711,20 +712,26 @@ class Guard:
                     got = reply
                     break
                 now = time.monotonic()
-                mib = f"{loading.done / (1 << 20):.0f} of {loading.total / (1 << 20):.0f} MiB"
-                what = ("rebuilt {} of the node's shards from its peers" if loading.source == "peers"
-                        else "read {} of this rank's shard from disk")
-                if loading.done != read:
-                    moved, read = now, loading.done
-                elif now - moved > self.config.gate_timeout_s:
+                if loading.slot:  # the memory of the slots to write into comes first
+                    what = (f"reserved {loading.reserved / (1 << 20):.0f} of {loading.slot / (1 << 20):.0f} MiB of"
+                            f" shared memory for the slots it {'rebuilds' if loading.source == 'peers' else 'reads'}"
+                            f" the {loading.total / (1 << 20):.0f} MiB into")
+                    stuck = "is the node short of memory?"
+                else:
+                    mib = f"{loading.done / (1 << 20):.0f} of {loading.total / (1 << 20):.0f} MiB"
+                    what = (f"rebuilt {mib} of the node's shards from its peers" if loading.source == "peers"
+                            else f"read {mib} of this rank's shard from disk")
                     stuck = ("its peers stopped sending chunks?" if loading.source == "peers"
                              else "is the disk under --persist-dir stuck?")
-                    error = RestoreError(f"{self.who} restoring step {step}: the daemon has {what.format(mib)}, and"
-                                         f" moved no further for {self.config.gate_timeout_s:.0f} s; {stuck}")
+                if (loading.done, loading.reserved, loading.slot) != seen:
+                    moved, seen = now, (loading.done, loading.reserved, loading.slot)
+                elif now - moved > self.config.gate_timeout_s:
+                    error = RestoreError(f"{self.who} restoring step {step}: the daemon has {what}, and moved no"
+                                         f" further for {self.config.gate_timeout_s:.0f} s; {stuck}")
                     break
                 if now - told >= 10.0:
                     told = now
-                    log.info("%s restoring step %d: the daemon has %s", self.who, step, what.format(mib))
+                    log.info("%s restoring step %d: the daemon has %s", self.who, step, what)
                 if now >= until:
                     break
                 time.sleep(pause)

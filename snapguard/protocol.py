@@ -19,7 +19,7 @@ import msgpack
 
 from snapguard.errors import ProtocolError
 
-VERSION = 3  # 2: Welcome.peers, StatusReport.memory_bytes, PeerFetch's fields; 3: Allocating
+VERSION = 4  # 2: Welcome.peers, StatusReport.memory_bytes, PeerFetch's fields; 3: Allocating; 4: Loading.reserved/slot
 MAX_HEADER_BYTES = 16 << 20  # manifests of models with many tensors fit comfortably
 MAX_FRAMES = 16
 MAX_WORLD_SIZE = 1 << 24  # ranks in one job: far beyond any real one, small enough to loop over
@@ -254,16 +254,21 @@ class Shard(Message):
 class Loading(Message):
     """The answer to Open while the daemon brings the step into a slot in the background: ask again. `source`
     "disk": it reads the rank's shard from disk, `done` of `total` bytes so far; "peers": it rebuilds the node's
-    shards (all its ranks') from its peers, `done` of `total` bytes decoded so far."""
+    shards (all its ranks') from its peers, `done` of `total` bytes decoded so far. With `slot` > 0 it is still
+    reserving the memory of the slots to write into first, `reserved` of `slot` bytes so far (`done` is 0)."""
     step: int
     done: int
     total: int
     source: str = "disk"
+    reserved: int = 0
+    slot: int = 0
 
     def check(self):
-        _nonneg(self, "step", "done", "total")
+        _nonneg(self, "step", "done", "total", "reserved", "slot")
         if self.done > self.total:
             raise ProtocolError(f"Loading.done {self.done} exceeds Loading.total {self.total}")
+        if self.reserved > self.slot:
+            raise ProtocolError(f"Loading.reserved {self.reserved} exceeds Loading.slot {self.slot}")
         if self.source not in ("disk", "peers"):
             raise ProtocolError(f"Loading.source {self.source!r} is neither 'disk' nor 'peers'")
 

@@ -233,8 +233,8 @@ def bad_requests(node: Node) -> dict[str, tuple[bytes, str, str]]:
     """name -> (header frame, expected error code, text the error must contain)."""
     job = node.job
     seal = P.encode(P.Seal(job, 1, 1, 1, good_manifest(node, 1, 1)))
-    begin = {"v": 3, "type": "Begin", "job": job, "rank": 0, "world_size": 2, "step": 9, "nbytes": 8192}
-    sealf = {"v": 3, "type": "Seal", "job": job, "rank": 1, "step": 1, "slot": 1}
+    begin = {"v": 4, "type": "Begin", "job": job, "rank": 0, "world_size": 2, "step": 9, "nbytes": 8192}
+    sealf = {"v": 4, "type": "Seal", "job": job, "rank": 1, "step": 1, "slot": 1}
     return {
         "malformed-byte": (b"\xc1", "ProtocolError", "not valid msgpack"),
         "malformed-text": (b"GET / HTTP/1.1\r\n\r\n", "ProtocolError", "not valid msgpack"),
@@ -244,7 +244,7 @@ def bad_requests(node: Node) -> dict[str, tuple[bytes, str, str]]:
         "oversized": (enc({**begin, "pad": b"\0" * (P.MAX_HEADER_BYTES + 1)}), "ProtocolError", "over the"),
         "wrong-version": (enc({**begin, "v": 2}), "ProtocolError", "version 2 is not supported"),
         "no-version": (enc({k: v for k, v in begin.items() if k != "v"}), "ProtocolError", "version None"),
-        "unknown-type": (enc({"v": 3, "type": "FormatDisk", "job": job}), "ProtocolError", "unknown message type"),
+        "unknown-type": (enc({"v": 4, "type": "FormatDisk", "job": job}), "ProtocolError", "unknown message type"),
         "not-a-map": (enc(["Begin", job, 0]), "ProtocolError", "must be a map"),
         "str-for-int": (enc({**begin, "step": "9"}), "ProtocolError", "Begin.step has type str"),
         "bool-for-int": (enc({**begin, "rank": True}), "ProtocolError", "Begin.rank has type bool"),

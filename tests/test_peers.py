@@ -938,7 +938,9 @@ def test_slots_too_small_for_a_shard_to_rebuild_grow_in_the_background_first(tmp
             assert isinstance(client.request(P.Reserve(ep.job, 0, 1, 0)), P.Ok)
             total = holder.blobs[2]["nbytes"]
             for _ in range(3):
-                assert client.request(P.Open(ep.job, 0, 2)) == P.Loading(2, 0, total, source="peers")
+                loading = client.request(P.Open(ep.job, 0, 2))
+                assert (loading.step, loading.done, loading.total, loading.source) == (2, 0, total, "peers"), loading
+                assert loading.reserved == 0 and loading.slot >= saved[2].numel() * 4, loading
             st = client.request(P.Status()).ranks[0]
             states = [s["state"] for s in st["slots"]]  # the slot the shard will be rebuilt into grows
             assert states == ["allocating"] + ["free"] * (len(states) - 1) and not st["reading"], st

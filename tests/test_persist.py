@@ -220,7 +220,8 @@ def test_slots_too_small_for_a_step_on_disk_grow_in_the_background_before_it_is_
     start(node, disk, every=3, faults=f"daemon.reserve.piece@0%{stall}")
     assert isinstance(node.request(P.Reserve(node.job, 0, 1, 0)), P.Ok)
     for _ in range(3):
-        assert node.request(P.Open(node.job, 0, 6)) == P.Loading(6, 0, len(data), source="disk")
+        assert node.request(P.Open(node.job, 0, 6)) == P.Loading(6, 0, len(data), source="disk", reserved=0,
+                                                                 slot=len(data))
     st = node.status().ranks[0]
     assert [s["state"] for s in st["slots"]] == ["allocating", "free"] and not st["reading"], st  # the one to read into
     assert isinstance(node.request(P.Ping()), P.Ok)
@@ -231,6 +232,29 @@ def test_slots_too_small_for_a_step_on_disk_grow_in_the_background_before_it_is_
     # the other slot grows at the rank's next Reserve, as it would after a restore
     assert [s["capacity"] >= len(data) for s in node.status().ranks[0]["slots"]] == [True, False]
     assert "rank 0 restores step 6 from disk" in node.log()
+
+
+def test_a_slot_for_a_restore_that_stops_growing_ends_restore_with_an_error_that_says_so(node, disk, tmp_path):
+    """The wait for the slot's memory has the read's timeout (`gate_timeout_s` without progress), and its error says
+    what was awaited: the memory, not the disk."""
+    start(node, disk, every=3)
+    train(node, disk, range(4), 3)
+    node.request(P.Shutdown(remove=True))
+    node.proc.wait(30)
+    stall = tmp_path / "stall"  # rank 0's slots stop growing before their first byte while this file exists
+    start(node, disk, every=3, faults=f"daemon.reserve.piece@0%{stall}")
+    model, opt = make_model()  # its Adam moments come at its first step: the slots Guard() reserved are too small
+    g = node.guard(model, opt, {"step": -1}, rng=False, gate_timeout_s=1.0)
+    stall.touch()
+    try:
+        with pytest.raises(RestoreError, match=r"restoring step 3: the daemon has reserved 0 of [\d.]+ MiB of shared"
+                                               r" memory for the slots it reads the [\d.]+ MiB into, and moved no"
+                                               r" further for 1 s; is the node short of memory\?"):
+            g.restore()
+    finally:
+        stall.unlink()
+        g.close()
+    assert isinstance(node.request(P.Ping()), P.Ok)
 
 
 def test_a_begin_refused_as_stale_leaves_a_read_from_disk_going(node, disk, tmp_path):

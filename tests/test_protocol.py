@@ -33,6 +33,7 @@ SAMPLES = [
     P.Shard("/dev/shm/x", {"k": "v"}),
     P.Loading(16, 1 << 20, 4 << 20),
     P.Loading(16, 0, 4 << 20, source="peers"),
+    P.Loading(16, 0, 4 << 20, reserved=1 << 20, slot=8 << 20),
     P.StatusReport("n0", "job", 1, "/dev/shm/d", 10, 20, [{"rank": 0, "slots": []}], -1),
 ]
 
@@ -60,12 +61,12 @@ def test_samples_cover_every_trainer_daemon_message():
 
 def test_a_message_is_one_msgpack_map_with_version_and_type():
     d = msgpack.unpackb(P.encode(P.Begin("job", 0, 4, 17, 4096)), raw=False)
-    assert d == {"v": 3, "type": "Begin", "job": "job", "rank": 0, "world_size": 4, "step": 17, "nbytes": 4096}
+    assert d == {"v": 4, "type": "Begin", "job": "job", "rank": 0, "world_size": 4, "step": 17, "nbytes": 4096}
 
 
 def test_fields_with_defaults_may_be_left_out():
-    assert P.decode(raw({"v": 3, "type": "Shutdown"})) == P.Shutdown(remove=True)
-    assert P.decode(raw({"v": 3, "type": "Ok"})) == P.Ok({})
+    assert P.decode(raw({"v": 4, "type": "Shutdown"})) == P.Shutdown(remove=True)
+    assert P.decode(raw({"v": 4, "type": "Ok"})) == P.Ok({})
 
 
 BEGIN = fields_of(P.Begin("job", 0, 4, 17, 4096))
@@ -81,9 +82,9 @@ BEGIN = fields_of(P.Begin("job", 0, 4, 17, 4096))
     (raw({"type": "Ping"}), "version None is not supported"),
     (raw({"v": 2, "type": "Ping"}), "version 2 is not supported"),
     (raw({"v": "1", "type": "Ping"}), "version '1' is not supported"),
-    (raw({"v": 3, "type": "Bogus"}), "unknown message type 'Bogus'"),
-    (raw({"v": 3, "type": 5}), "unknown message type 5"),
-    (raw({"v": 3, "type": "Message"}), "unknown message type"),        # the base class is no message
+    (raw({"v": 4, "type": "Bogus"}), "unknown message type 'Bogus'"),
+    (raw({"v": 4, "type": 5}), "unknown message type 5"),
+    (raw({"v": 4, "type": "Message"}), "unknown message type"),        # the base class is no message
     (raw({**BEGIN, "extra": 1}), r"Begin has unknown fields \['extra'\]"),
     (raw({k: v for k, v in BEGIN.items() if k != "step"}), "Begin lacks field 'step'"),
     (raw({**BEGIN, "step": "17"}), "Begin.step has type str, expected int"),
@@ -102,9 +103,10 @@ BEGIN = fields_of(P.Begin("job", 0, 4, 17, 4096))
     (raw({**fields_of(P.Allocating(0, 1)), "done": -1}), "Allocating.done must be >= 0"),
     (raw({**fields_of(P.Steps([1], [])), "steps": [1, "2"]}), r"Steps.steps\[1\] has type str, expected int"),
     (raw({**fields_of(P.Steps([1], [])), "steps": 1}), "Steps.steps has type int"),
-    (raw({"v": 3, "type": "Shutdown", "remove": 1}), "Shutdown.remove has type int, expected bool"),
+    (raw({"v": 4, "type": "Shutdown", "remove": 1}), "Shutdown.remove has type int, expected bool"),
     (raw(fields_of(P.Loading(1, 5, 4))), "Loading.done 5 exceeds Loading.total 4"),
     (raw({**fields_of(P.Loading(1, 0, 4)), "source": "tape"}), "Loading.source 'tape' is neither 'disk' nor 'peers'"),
+    (raw({**fields_of(P.Loading(1, 0, 4)), "reserved": 9, "slot": 8}), "Loading.reserved 9 exceeds Loading.slot 8"),
 ])
 def test_decode_refuses_malformed_messages_saying_why(frame, match):
     with pytest.raises(ProtocolError, match=match):
@@ -117,7 +119,7 @@ def test_decode_refuses_an_unexpected_type():
 
 
 def test_decode_refuses_oversized_frames_before_parsing():
-    big = raw({"v": 3, "type": "Error", "code": "x", "message": "y" * 100}) + b"\x00" * P.MAX_HEADER_BYTES
+    big = raw({"v": 4, "type": "Error", "code": "x", "message": "y" * 100}) + b"\x00" * P.MAX_HEADER_BYTES
     with pytest.raises(ProtocolError, match=f"over the {P.MAX_HEADER_BYTES}-byte limit"):
         P.decode(big)
 
@@ -126,7 +128,7 @@ def test_decode_never_unpickles():
     import pickle
 
     with pytest.raises(ProtocolError, match="not valid msgpack|must be a map"):
-        P.decode(pickle.dumps({"v": 3, "type": "Ping"}))
+        P.decode(pickle.dumps({"v": 4, "type": "Ping"}))
 
 
 def test_every_registered_field_type_has_a_validator():
