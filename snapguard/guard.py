@@ -713,12 +713,12 @@ class Guard:
                     break
                 now = time.monotonic()
                 if loading.slot:  # the memory of the slots to write into comes first
-                    what = (f"reserved {loading.reserved / (1 << 20):.0f} of {loading.slot / (1 << 20):.0f} MiB of"
+                    what = (f"reserved {loading.reserved / MiB:.0f} of {loading.slot / MiB:.0f} MiB of"
                             f" shared memory for the slots it {'rebuilds' if loading.source == 'peers' else 'reads'}"
-                            f" the {loading.total / (1 << 20):.0f} MiB into")
+                            f" the {loading.total / MiB:.0f} MiB into")
                     stuck = "is the node short of memory?"
                 else:
-                    mib = f"{loading.done / (1 << 20):.0f} of {loading.total / (1 << 20):.0f} MiB"
+                    mib = f"{loading.done / MiB:.0f} of {loading.total / MiB:.0f} MiB"
                     what = (f"rebuilt {mib} of the node's shards from its peers" if loading.source == "peers"
                             else f"read {mib} of this rank's shard from disk")
                     stuck = ("its peers stopped sending chunks?" if loading.source == "peers"
