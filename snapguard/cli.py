@@ -11,14 +11,7 @@ import sys
 from snapguard import protocol as P
 from snapguard.config import default_job, default_run_dir
 from snapguard.errors import SnapGuardError
-
-
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+from snapguard.shm import fmt_bytes
 
 
 def _step(s: int) -> str:
@@ -28,12 +21,12 @@ def _step(s: int) -> str:
 def status_table(reports: list[P.StatusReport]) -> str:
     lines = []
     for r in reports:
-        lines.append(f"daemon {r.job}/{r.node}  pid {r.pid}  shm {r.shm_dir}  used {_fmt_bytes(r.shm_used)}"
-                     f"  free {_fmt_bytes(r.shm_free)}  daemon memory outside shm {_fmt_bytes(r.memory_bytes)}"
+        lines.append(f"daemon {r.job}/{r.node}  pid {r.pid}  shm {r.shm_dir}  used {fmt_bytes(r.shm_used)}"
+                     f"  free {fmt_bytes(r.shm_free)}  daemon memory outside shm {fmt_bytes(r.memory_bytes)}"
                      f"  newest step held by all ranks: {r.common if r.common >= 0 else '-'}")
         if r.peers:
             lines.append(f"  erasure coding with {', '.join(r.peers)}: newest sealed here {_step(r.sealed)},"
-                         f" newest protected {_step(r.protected)}, parity held {_fmt_bytes(r.parity_bytes)},"
+                         f" newest protected {_step(r.protected)}, parity held {fmt_bytes(r.parity_bytes)},"
                          f" peer messages refused {r.rejected}")
         if r.persist_dir:
             disk = "; ".join(f"rank {x['rank']}: {', '.join(map(str, x.get('persisted', []))) or '-'}" for x in r.ranks)
@@ -41,7 +34,7 @@ def status_table(reports: list[P.StatusReport]) -> str:
         for x in r.ranks:
             rd = x.get("reading")
             if rd:
-                done = f"{_fmt_bytes(rd['done'])} of {_fmt_bytes(rd['total'])}"
+                done = f"{fmt_bytes(rd['done'])} of {fmt_bytes(rd['total'])}"
                 if rd.get("source") == "peers":
                     lines.append(f"  rank {x['rank']}: step {rd['step']} is rebuilt from the peers: {done} of the"
                                  " node's shards")
@@ -53,7 +46,7 @@ def status_table(reports: list[P.StatusReport]) -> str:
                 age = f"{s['age_s']:.1f} s" if s["age_s"] >= 0 else "-"
                 step = s["step"] if s["step"] >= 0 else "-"
                 world = s.get("world_size") or "-"  # of the job that took the step: one of another size is not restored
-                lines.append(f"  {rank['rank']:>5}  {s['slot']:>4}  {s['state']:<10} {step:>7}  {_fmt_bytes(s['nbytes']):>10}"
+                lines.append(f"  {rank['rank']:>5}  {s['slot']:>4}  {s['state']:<10} {step:>7}  {fmt_bytes(s['nbytes']):>10}"
                              f"  {age:>8}  {world:>8}")
         if not r.ranks:
             lines.append("  (no ranks yet)")

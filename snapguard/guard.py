@@ -41,7 +41,7 @@ from snapguard.layout import (DEFAULT_CHUNK, MANIFEST_VERSION, ChunkHasher, Layo
 from snapguard.memcopy import STREAM_KIND, address_view, native, stream_copy
 from snapguard.procs import TrainerLock, spawn_daemon
 from snapguard.plan import check_agreement, plan_restore
-from snapguard.shm import MiB, map_file
+from snapguard.shm import fmt_bytes, map_file
 from snapguard.state import RNGState, TORCH_DTYPES, as_stateful, check_compatible, flatten, pack_tree, tensor_spec, unflatten, unpack_tree
 
 log = logging.getLogger(__name__)
@@ -309,7 +309,7 @@ class Guard:
             if capacity and self._mapping(path, capacity)[1]:
                 fresh += capacity
         if fresh:
-            log.info("%s mapped and pre-faulted %.0f MiB of snapshot slots in %.2f s", self.who, fresh / MiB,
+            log.info("%s mapped and pre-faulted %s of snapshot slots in %.2f s", self.who, fmt_bytes(fresh),
                      time.monotonic() - t0)
         self._reserved = max(self._reserved, nbytes)
 
@@ -325,8 +325,8 @@ class Guard:
             now = time.monotonic()
             if reply.done != seen:
                 seen, moved = reply.done, now
-            what = (f"the daemon to reserve this rank's snapshot slots ({reply.done / MiB:.0f} of"
-                    f" {reply.total / MiB:.0f} MiB so far, after {now - start:.0f} s)")
+            what = (f"the daemon to reserve this rank's snapshot slots ({fmt_bytes(reply.done)} of"
+                    f" {fmt_bytes(reply.total)} so far, after {now - start:.0f} s)")
             if now - moved > self.timeout_s:
                 raise DaemonError(f"{self.who}: waited {self.timeout_s:.0f} s for {what} without progress")
             if now > notice:
@@ -713,14 +713,14 @@ class Guard:
                     break
                 now = time.monotonic()
                 if loading.slot:  # the memory of the slots to write into comes first
-                    what = (f"reserved {loading.reserved / MiB:.0f} of {loading.slot / MiB:.0f} MiB of"
-                            f" shared memory for the slots it {'rebuilds' if loading.source == 'peers' else 'reads'}"
-                            f" the {loading.total / MiB:.0f} MiB into")
+                    what = (f"reserved {fmt_bytes(loading.reserved)} of {fmt_bytes(loading.slot)} of shared memory"
+                            f" for the slots it {'rebuilds' if loading.source == 'peers' else 'reads'} the"
+                            f" {fmt_bytes(loading.total)} into")
                     stuck = "is the node short of memory?"
                 else:
-                    mib = f"{loading.done / MiB:.0f} of {loading.total / MiB:.0f} MiB"
-                    what = (f"rebuilt {mib} of the node's shards from its peers" if loading.source == "peers"
-                            else f"read {mib} of this rank's shard from disk")
+                    done = f"{fmt_bytes(loading.done)} of {fmt_bytes(loading.total)}"
+                    what = (f"rebuilt {done} of the node's shards from its peers" if loading.source == "peers"
+                            else f"read {done} of this rank's shard from disk")
                     stuck = ("its peers stopped sending chunks?" if loading.source == "peers"
                              else "is the disk under --persist-dir stuck?")
                 if (loading.done, loading.reserved, loading.slot) != seen:

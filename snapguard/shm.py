@@ -12,6 +12,15 @@ from snapguard.errors import ShmSpaceError
 MiB = 1 << 20
 
 
+def fmt_bytes(n: float) -> str:
+    """`n` bytes for a person: "512 B", "48.0 KiB", "1.1 GiB"."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
 IN_MEMORY = ("tmpfs", "ramfs", "hugetlbfs")  # file systems whose files are memory, never written back to a disk
 
 

@@ -456,7 +456,7 @@ def _grow_and_fail(node: Node, small_tmpfs: str, stall, model, t: threading.Thre
     t.join(30)
     assert not t.is_alive() and len(failed) == 1, failed
     assert isinstance(failed[0], DaemonError)
-    assert re.search(r"waited 3 s for the daemon to reserve this rank's snapshot slots \(0 of 4 MiB so far, after \d+ s\)"
+    assert re.search(r"waited 3 s for the daemon to reserve this rank's snapshot slots \(0 B of 4.0 MiB so far, after \d+ s\)"
                      r" without progress", str(failed[0])), failed[0]
 
     # the memory goes elsewhere; then the growth goes on, and fails

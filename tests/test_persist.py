@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from snapguard import protocol as P
-from snapguard.cli import _fmt_bytes
 from snapguard.daemon.persist import Persister
 from snapguard.daemon.slots import SEALED, plan_begin
 from snapguard.demo import state_digest
 from snapguard.errors import ChecksumError, DaemonError, RestoreError, SnapGuardError, WorldSizeChanged
+from snapguard.shm import fmt_bytes
 
 from conftest import flip_bits, wait_until
 from test_daemon import make_model, mode, train_and_snapshot, train_step
@@ -186,7 +186,7 @@ def test_a_step_on_disk_is_read_in_the_background_while_the_daemon_serves_on(nod
     assert reading["step"] == 6 and reading["total"] == len(data) and 0 <= reading["done"] <= len(data), reading
     out = subprocess.run([sys.executable, "-m", "snapguard.cli", "status", "--job", node.job, "--run-dir", node.run_dir],
                          capture_output=True, text=True, timeout=60)
-    assert "rank 0 reads step 6 from disk: " in out.stdout and f"of {_fmt_bytes(len(data))}\n" in out.stdout, out
+    assert "rank 0 reads step 6 from disk: " in out.stdout and f"of {fmt_bytes(len(data))}\n" in out.stdout, out
     stall.unlink()
     # the rank restarts from step 5 instead: the read stops (or, if it is done, its step goes), and so does step 6
     # on disk, which lies on the timeline the rank left
@@ -247,9 +247,9 @@ def test_a_slot_for_a_restore_that_stops_growing_ends_restore_with_an_error_that
     g = node.guard(model, opt, {"step": -1}, rng=False, gate_timeout_s=1.0)
     stall.touch()
     try:
-        with pytest.raises(RestoreError, match=r"restoring step 3: the daemon has reserved 0 of [\d.]+ MiB of shared"
-                                               r" memory for the slots it reads the [\d.]+ MiB into, and moved no"
-                                               r" further for 1 s; is the node short of memory\?"):
+        with pytest.raises(RestoreError, match=r"restoring step 3: the daemon has reserved 0 B of [\d.]+ [KM]iB of"
+                                               r" shared memory for the slots it reads the [\d.]+ [KM]iB into, and moved"
+                                               r" no further for 1 s; is the node short of memory\?"):
             g.restore()
     finally:
         stall.unlink()
@@ -308,9 +308,9 @@ def test_a_read_from_disk_that_stops_moving_ends_restore_with_an_error_that_says
     g = node.guard(model, opt, {"step": -1}, rng=False, gate_timeout_s=1.0)
     try:
         t0 = time.monotonic()
-        with pytest.raises(RestoreError, match=r"restoring step 3: the daemon has read [\d.]+ of [\d.]+ MiB of this"
-                                               r" rank's shard from disk, and moved no further for 1 s; is the disk"
-                                               r" under --persist-dir stuck\?"):
+        with pytest.raises(RestoreError, match=r"restoring step 3: the daemon has read [\d.]+ [KM]?i?B of [\d.]+ [KM]iB"
+                                               r" of this rank's shard from disk, and moved no further for 1 s; is the"
+                                               r" disk under --persist-dir stuck\?"):
             g.restore()
         assert time.monotonic() - t0 < 30
     finally:
