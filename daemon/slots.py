@@ -337,13 +337,14 @@ class SlotTable:
         reserving memory takes a while (0.3 s per GiB on the dev VM: minutes for a node's slots of a large model) and
         the daemon serves on meanwhile. Return (bytes reserved, bytes to reserve) of `rank`'s growth under way: (0, 0)
         once none is, and then every free slot holds `nbytes`; call again until then. A growth that failed (no memory
-        after all) raises its error here, once. `before_growing` runs only when a growth is about to start.
+        after all) raises its error here, once, when none of the rank's slots grows any more (so that the next call
+        starts afresh). `before_growing` runs only when a growth is about to start.
         `for_step`: grow only the slot that a `begin` of that step would take, if it is free (a restore writes one)."""
         self._ensure_rank(rank)
         self.settle_growth()
-        if rank in self._grow_failed:
-            raise self._grow_failed.pop(rank)
         mine = [g for g in self._growing.values() if g.slot.rank == rank]
+        if rank in self._grow_failed and not mine:
+            raise self._grow_failed.pop(rank)
         if not mine:
             if for_step is None:
                 grow = [s for s in self.ranks[rank] if s.state == FREE and s.capacity < nbytes]
