@@ -66,6 +66,9 @@ class Persister:
         self._done: collections.deque = collections.deque()  # (rank, step, error or "") from the thread
         self._timeline: dict[int, int] = collections.defaultdict(int)  # rank -> bumped when a restore rewinds it
         self._claim = threading.Lock()  # held to write a manifest, and to rewind
+        # (rank, step) -> (the files' identity, the manifest or why it is unusable): read once per file, not per Status
+        self._read: dict[tuple[int, int], tuple[tuple, Manifest | Exception]] = {}
+        self._reading = threading.Lock()  # the loop and the thread (pruning) both list
         self.direct: bool | None = None  # whether the last write went around the page cache (O_DIRECT)
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="snapguard-persist", daemon=True)
@@ -103,13 +106,8 @@ class Persister:
 
     def steps(self, rank: int, world_size: int) -> list[int]:
         """The steps persisted whole for `rank` by a job of `world_size` ranks, oldest first."""
-        out = []
-        for step, man in self._listing(rank):
-            if isinstance(man, Exception):
-                log.warning("%s persisted step %d of rank %d is unusable: %s", self.who, step, rank, man)
-            elif man.world_size == world_size:
-                out.append(step)
-        return out
+        return [step for step, man in self._listing(rank)
+                if not isinstance(man, Exception) and man.world_size == world_size]
 
     def other_world(self, rank: int, world_size: int) -> tuple[int, int] | None:
         """(world size, step) of the newest step persisted for `rank` by a job of another size, None if none."""
@@ -207,13 +205,33 @@ class Persister:
         return sorted(step for step, kind, _ in self._files(rank) if kind == "manifest")
 
     def _listing(self, rank: int) -> list[tuple[int, Manifest | Exception]]:
-        """Each step of `rank` with a manifest on disk, oldest first, with its manifest or why it is unusable."""
-        out: list[tuple[int, Manifest | Exception]] = []
-        for step in self._complete(rank):
-            try:
-                out.append((step, self._manifest(rank, step)))
-            except (SnapGuardError, ValueError, OSError, msgpack.UnpackException) as e:
-                out.append((step, e))
+        """Each step of `rank` with a manifest on disk, oldest first, with its manifest or why it is unusable. A
+        manifest is read again only when its file or its data's size changed (a Status lists every rank's steps;
+        a large shard's manifest takes milliseconds to read); an unusable one is logged when it is read."""
+        with self._reading:
+            out: list[tuple[int, Manifest | Exception]] = []
+            steps = self._complete(rank)
+            for step in steps:
+                base = self._base(rank, step)
+                try:
+                    st, data = os.stat(base + ".manifest"), os.stat(base + ".data")
+                    key: tuple | None = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, data.st_size)
+                except OSError:  # read below, which says what is missing
+                    key = None
+                cached = self._read.get((rank, step))
+                if key is not None and cached is not None and cached[0] == key:
+                    out.append((step, cached[1]))
+                    continue
+                try:
+                    man: Manifest | Exception = self._manifest(rank, step)
+                except (SnapGuardError, ValueError, OSError, msgpack.UnpackException) as e:
+                    log.warning("%s persisted step %d of rank %d is unusable: %s", self.who, step, rank, e)
+                    man = e
+                if key is not None:
+                    self._read[rank, step] = key, man
+                out.append((step, man))
+            for gone in [k for k in self._read if k[0] == rank and k[1] not in steps]:
+                self._read.pop(gone, None)
         return out
 
     def _remove(self, rank: int, step: int) -> None:

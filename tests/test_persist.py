@@ -474,27 +474,36 @@ def test_bad_persist_settings_stop_the_daemon_with_a_clear_error(node, disk, eve
     assert not os.path.exists(os.path.join(disk, f"snapguard-{node.job}"))
 
 
-def test_persisted_steps_of_another_world_size_or_unreadable_are_not_offered(tmp_path):
+def test_persisted_steps_of_another_world_size_or_unreadable_are_not_offered(tmp_path, caplog):
     from test_slots import manifest_for, payload
 
     import msgpack
+
+    def write(step: int, data: bytes, manifest: bytes) -> None:
+        with open(os.path.join(p.dir, f"r0.s{step}.data"), "wb") as f:
+            f.write(data)
+        with open(os.path.join(p.dir, f"r0.s{step}.manifest"), "wb") as f:
+            f.write(manifest)
 
     p = Persister(str(tmp_path), "job-a", every=1)
     try:
         assert mode(p.dir) == 0o700 and p.steps(0, 1) == []
         data = payload(5, 0)
         man = manifest_for(p, 0, 2, 5, data)  # a job of 2 ranks took it
-        with open(os.path.join(p.dir, "r0.s5.data"), "wb") as f:
-            f.write(data)
-        with open(os.path.join(p.dir, "r0.s5.manifest"), "wb") as f:
-            f.write(msgpack.packb(man.to_wire(), use_bin_type=True))
+        write(5, data, msgpack.packb(man.to_wire(), use_bin_type=True))
         assert p.steps(0, 2) == [5] and p.steps(0, 1) == [] and p.steps(1, 2) == []
-        with open(os.path.join(p.dir, "r0.s7.manifest"), "wb") as f:
-            f.write(b"\x93not a manifest")
-        open(os.path.join(p.dir, "r0.s7.data"), "wb").close()
-        assert p.steps(0, 2) == [5], "an unreadable manifest is skipped"
+        write(7, b"", b"\x93not a manifest")
+        with caplog.at_level(logging.WARNING, logger=Persister.__module__):
+            for _ in range(3):  # a Status lists the steps every time it is asked
+                assert p.steps(0, 2) == [5], "an unreadable manifest is skipped"
+        assert len([r for r in caplog.records if "step 7 of rank 0 is unusable" in r.message]) == 1, caplog.text
+        data7 = payload(7, 0)
+        write(7, data7, msgpack.packb(manifest_for(p, 0, 2, 7, data7).to_wire(), use_bin_type=True))
+        assert p.steps(0, 2) == [5, 7], "a manifest written again is read again"
         os.truncate(os.path.join(p.dir, "r0.s5.data"), len(data) - 1)
-        assert p.steps(0, 2) == [], "a data file shorter than its manifest says is skipped"
+        assert p.steps(0, 2) == [7], "a data file shorter than its manifest says is skipped"
+        os.unlink(os.path.join(p.dir, "r0.s7.data"))
+        assert p.steps(0, 2) == [], "a manifest without its data is skipped"
     finally:
         p.close()
 
