@@ -1053,10 +1053,14 @@ import os, sys, time
 from snapguard.config import Endpoint
 from snapguard.procs import TrainerLock
 life = TrainerLock(Endpoint(*sys.argv[1:4]), int(sys.argv[5]), int(sys.argv[6]))
+forked, ready = os.pipe()
 child = os.fork() if sys.argv[4] == "fork" else 0
 if sys.argv[4] == "fork" and child == 0:
+    os.write(ready, b"1")  # os.fork returns in the child after its at-fork hooks: its copy of the lock is closed
     time.sleep(120)
     os._exit(0)
+if child:
+    os.read(forked, 1)  # a parent killed before its child ran its hooks would leave the lock with the child a while
 print(life.token, child, flush=True)
 time.sleep(120)
 """
