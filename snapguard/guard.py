@@ -252,19 +252,24 @@ class Guard:
     def _check_daemons_are_peers(self, welcome: P.Welcome) -> None:
         """Refuse a job whose ranks run on several nodes whose daemons are not all peers: a daemon lets a rank
         overwrite its older slot only once every rank of the job has sealed a newer step, and hears of other
-        nodes' ranks only from its peers, so the third snapshot would wait for a slot until gate_timeout_s.
-        Collective: every rank learns every rank's node, then which daemons lack some of them."""
+        nodes' ranks only from its peers, so the third snapshot would wait for a slot until gate_timeout_s. Refuse
+        one whose ranks on two machines name the same node, which would look like one node here and fail the same
+        way. Collective: every rank learns every rank's node and machine, then which daemons lack some nodes."""
         if self._pg is None:
             return
-        # Eight bytes per rank while all is well (a job of thousands of ranks gathers them on every rank); the
+        # Sixteen bytes per rank while all is well (a job of thousands of ranks gathers them on every rank); the
         # names only to say what is wrong.
-        out = self._all_gather(torch.tensor([_node_hash(welcome.node)], dtype=torch.int64),
-                               "every rank's node, as its daemon names it (constructing the Guard)")
+        out = self._all_gather(torch.tensor([_node_hash(welcome.node), _machine_hash()], dtype=torch.int64),
+                               "every rank's node, as its daemon names it, and machine (constructing the Guard)")
+        machines: dict[int, dict[int, list[int]]] = {}  # node hash -> machine hash -> ranks
+        for r, (node, machine) in sorted(out.items()):
+            machines.setdefault(node, {}).setdefault(machine, []).append(r)
+        shared = {h: by for h, by in machines.items() if len(by) > 1}  # node names that several machines use
         known = {_node_hash(n) for n in (welcome.node, *welcome.peers)}
-        strangers = {o[0] for o in out.values()} - known  # hashes of the job's nodes this rank's daemon lacks
+        strangers = set(machines) - known  # hashes of the job's nodes this rank's daemon lacks
         out = self._all_gather(torch.tensor([len(strangers)], dtype=torch.int64),
                                "whether every rank's daemon is a peer of every other node's (constructing the Guard)")
-        if not any(o[0] for o in out.values()):
+        if not shared and not any(o[0] for o in out.values()):
             return
         lacks = {r for r, o in out.items() if o[0]}
         t = torch.zeros(_NODE_NAME_BYTES, dtype=torch.uint8)
@@ -272,6 +277,17 @@ class Guard:
         t[:len(name)] = torch.tensor(list(name), dtype=torch.uint8)
         out = self._all_gather(t, "every rank's node name (constructing the Guard)")
         nodes = {r: bytes(b for b in row if b).decode(errors="replace") for r, row in out.items()}
+        if shared:
+            where = "; ".join(f"node {nodes[next(iter(by.values()))[0]]}: "
+                              + " and ".join(f"rank{'s' if len(rs) > 1 else ''} {_spans(rs)}" for rs in by.values())
+                              for by in shared.values())
+            raise ConfigError(
+                f"{self.who} this job's ranks on different machines name the same node ({where}, each group on a"
+                " machine of its own, by its kernel's boot id). A daemon hears of other machines' ranks only from its"
+                " peers, which know each daemon by its node name, so snapshots would soon wait for a slot for good:"
+                " give each machine's daemon and trainers a node name of their own (snapguard-daemon --node,"
+                " Guard(node=...) or SNAPGUARD_NODE; the default is the host name up to its first dot, which machines"
+                " named alike in different domains share).")
         lacking = sorted({nodes[r] for r in lacks})
         unknown = sorted({n for n in nodes.values() if _node_hash(n) in strangers})
         ranks: dict[str, list[int]] = {}
@@ -922,6 +938,16 @@ class _ListState:
 
 def _node_hash(node: str) -> int:
     return int.from_bytes(hashlib.blake2b(node.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def _machine_hash() -> int:
+    """This machine, as its kernel's boot id (a rank and its daemon share a kernel: they talk over an IPC socket;
+    containers on one machine share it too); 0 where there is none to read, which tells no machine apart."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return _node_hash(f.read().strip())
+    except OSError:
+        return 0
 
 
 def _spans(ranks: list[int]) -> str:

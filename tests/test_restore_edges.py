@@ -142,6 +142,17 @@ elif phase == "not-peers":  # rank 1 on node n1, whose daemon is no peer of n0's
     except SnapGuardError as e:
         result["error"] = f"{type(e).__name__}: {e}"
     result["elapsed"] = time.monotonic() - t0
+elif phase == "same-name":  # rank 1 on another machine whose host name gives the same node name, n0
+    import snapguard.guard as guard_module
+    if rank:  # one machine has one kernel: rank 1 stands for another machine by the boot id it reads
+        guard_module._machine_hash = lambda: 12345
+    t0 = time.monotonic()
+    try:
+        guard({"w": torch.zeros(4)}, **(own if rank else {}))
+        result["built"] = True
+    except SnapGuardError as e:
+        result["error"] = f"{type(e).__name__}: {e}"
+    result["elapsed"] = time.monotonic() - t0
 elif phase == "save":
     state = {"w": torch.full((4,), float(rank))}
     g = guard(state)
@@ -295,6 +306,21 @@ def test_ranks_on_nodes_whose_daemons_are_not_peers_are_refused_when_they_build_
         assert got[r]["elapsed"] < 20, got
     assert "This rank's daemon, of node n0, has no peers, so not n1." in got[0]["error"], got
     assert "This rank's daemon, of node n1, has no peers, so not n0." in got[1]["error"], got
+
+
+def test_ranks_on_two_machines_that_name_the_same_node_are_refused_when_they_build_their_guards(pair):
+    # Each machine's daemon would hear only of its own ranks, and the check above would see one node: without this
+    # the job would train until the third snapshot, then wait gate_timeout_s for a slot.
+    got = pair("same-name")
+    for r in (0, 1):
+        assert "built" not in got[r], got
+        assert got[r]["error"].startswith("ConfigError: "), got
+        assert ("this job's ranks on different machines name the same node (node n0: rank 0 and rank 1, each group"
+                " on a machine of its own, by its kernel's boot id)") in got[r]["error"], got
+        assert "give each machine's daemon and trainers a node name of their own" in got[r]["error"], got
+        assert got[r]["elapsed"] < 20, got
+    # Ranks of one node name on one machine are not refused, though they use two daemons here: the "inventory-fails"
+    # and "unfinished" phases below build their Guards that way.
 
 
 def test_ranks_in_messages_are_runs():
