@@ -95,11 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     st.set_defaults(fn=cmd_status)
     de = sub.add_parser("demo", help="train on several ranks, SIGKILL trainers at random moments (--kills),"
                         " restore, compare with an unbroken run")
-    de.add_argument("--nproc", type=int, default=4)
-    de.add_argument("--steps", type=int, default=40)
+    de.add_argument("--nproc", type=int, default=4, help="ranks of the job (default 4)")
+    de.add_argument("--steps", type=int, default=40, help="training steps (default 40; at least --kills + 2)")
     de.add_argument("--kills", type=int, default=2, help="how many trainers to SIGKILL, at random moments (default 2)")
-    de.add_argument("--seed", type=int, default=None)
-    de.add_argument("--workdir", default=None)
+    de.add_argument("--seed", type=int, default=None, help="seed of which rank dies when (default: random, printed)")
+    de.add_argument("--workdir", default=None, help="keep the runs and their logs here (default: a temporary"
+                    " directory, removed after a PASS)")
     de.set_defaults(fn=cmd_demo)
     from snapguard.chaos.run import add_parser as add_chaos_parser
 

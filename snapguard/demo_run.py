@@ -21,7 +21,7 @@ from snapguard.demo import MAX_STEPS_LOST, JobSpec, compare, launch, progress, r
 from snapguard.procs import spawn_daemon
 from snapguard import protocol as P
 from snapguard.client import DaemonClient
-from snapguard.errors import SnapGuardError
+from snapguard.errors import ConfigError, SnapGuardError
 
 RUN_TIMEOUT_S = 600
 
@@ -39,7 +39,18 @@ def _pid_of(out: str, rank: int) -> int:
         return int(f.read().split()[0])
 
 
+def check_args(a) -> None:
+    """Refuse a demo that cannot run as asked, before anything starts."""
+    if a.nproc < 1 or a.steps < 1 or a.kills < 0:
+        raise ConfigError(f"demo: need --nproc >= 1, --steps >= 1 and --kills >= 0, got {a.nproc}, {a.steps}"
+                          f" and {a.kills}")
+    if a.kills and a.steps < a.kills + 2:
+        raise ConfigError(f"demo: {a.kills} SIGKILL(s) need at least {a.kills + 2} steps, got --steps {a.steps}: each"
+                          " falls in a step of its own, after the first and before the last")
+
+
 def run_demo(a) -> int:
+    check_args(a)
     seed = a.seed if a.seed is not None else random.randrange(1 << 30)
     rnd = random.Random(seed)
     work = a.workdir or tempfile.mkdtemp(prefix="snapguard-demo-")
@@ -73,7 +84,14 @@ def run_demo(a) -> int:
             rank = rnd.randrange(a.nproc)
             pid = _pid_of(run.out, rank)
             step = progress(run.out, a.nproc)
-            os.kill(pid, signal.SIGKILL)
+            try:
+                if proc.poll() is not None:
+                    raise ProcessLookupError
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                print(f"      rank {rank} had finished its steps before SIGKILL {i + 1} of {a.kills}: no more"
+                      " failures injected", flush=True)
+                break
             killed.append((rank, step))
             print(f"      SIGKILL rank {rank} (pid {pid}) near step {step}", flush=True)
             # wait for the launcher to restart every rank before the next fault

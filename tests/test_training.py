@@ -16,6 +16,8 @@ import random
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -317,3 +319,17 @@ def test_a_node_that_loses_its_memory_restores_from_disk_and_trains_on_bit_ident
     with open(os.path.join(spec.out, "launcher.log"), errors="replace") as f:
         assert len(re.findall(r"\] restored step 20 from disk in ", f.read())) == NPROC
     assert sorted(re.findall(r"rank (\d) restores step 20 from disk", node.log())) == [str(r) for r in range(NPROC)]
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["--nproc", "0"], "need --nproc >= 1, --steps >= 1 and --kills >= 0, got 0, 40 and 2"),
+    (["--steps", "0"], "need --nproc >= 1, --steps >= 1 and --kills >= 0, got 4, 0 and 2"),
+    (["--kills", "-1"], "need --nproc >= 1, --steps >= 1 and --kills >= 0, got 4, 40 and -1"),
+    (["--steps", "3"], "2 SIGKILL(s) need at least 4 steps, got --steps 3"),
+])
+def test_a_demo_that_cannot_run_as_asked_is_refused_before_it_starts(tmp_path, args, said):
+    work = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "snapguard.cli", "demo", *args, "--workdir", str(work)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not work.exists(), "nothing ran"
