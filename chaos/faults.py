@@ -565,3 +565,20 @@ def check_params(kind: str, params: dict, conf: Any, where: str) -> None:
     for k in ("probability",):
         if k in params and not 0 < params[k] <= 1:
             raise ConfigError(f"{where}: {k} must be in (0, 1], got {params[k]}")
+    # NaN fails every comparison, so each bound is written to refuse it
+    if "duration_s" in params and not 0 < params["duration_s"] <= 3600:
+        raise ConfigError(f"{where}: duration_s must be in (0, 3600] seconds, got {params['duration_s']}")
+    if "delay_ms" in params and not 0 <= params["delay_ms"] <= 60_000:
+        raise ConfigError(f"{where}: delay_ms must be in [0, 60000], got {params['delay_ms']}")
+    for k, least in (("nbytes", 1), ("attempts", 0)):
+        if k in params and params[k] < least:
+            raise ConfigError(f"{where}: {k} must be at least {least}, got {params[k]}")
+    if "free" in params:
+        import argparse
+
+        from snapguard.daemon.__main__ import parse_size
+
+        try:
+            parse_size(params["free"])
+        except argparse.ArgumentTypeError as e:
+            raise ConfigError(f"{where}: free: {e}") from None

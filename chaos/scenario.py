@@ -221,6 +221,9 @@ def generate(seed: int, faults: int, mtbf_steps: float, nodes: int = 3, ranks_pe
     """
     if faults < 1 or mtbf_steps <= 0:
         raise ConfigError(f"need faults >= 1 and mtbf_steps > 0, got {faults} and {mtbf_steps}")
+    where = f"random scenario (seed {seed})"
+    # the shape is checked before anything is drawn; `steps` here is the fewest the draw below can give
+    _cluster_conf({"nodes": nodes, "ranks_per_node": ranks_per_node, "m": m, "steps": 2 * faults + 7, **cluster}, where)
     rnd = random.Random(seed)
     kinds = tuple(k for k in kinds if KINDS[k].min_m <= m)
     names = [f"node{i}" for i in range(nodes)]
@@ -249,4 +252,4 @@ def generate(seed: int, faults: int, mtbf_steps: float, nodes: int = 3, ranks_pe
     d = {"name": f"random-seed{seed}", "seed": seed,
          "cluster": {"nodes": nodes, "ranks_per_node": ranks_per_node, "m": m, "steps": at + 6, **cluster},
          "fault": out}
-    return from_dict(d, where=f"random scenario (seed {seed})")
+    return from_dict(d, where=where)

@@ -89,6 +89,16 @@ def test_scenarios_refuse_unknown_keys_kinds_and_places():
     with pytest.raises(ConfigError, match="matches no daemon-to-daemon link"):
         from_dict({"fault": [{"kind": "net_drop", "at_step": 3, "link": "node0->node7"}]})
     assert from_dict({"fault": [{"kind": "net_drop", "at_step": 3, "link": "node0->*"}]}).faults
+    # values a fault could not act on (a window that never ends, a size the daemon would refuse mid-run)
+    for fault, said in [({"kind": "net_drop", "duration_s": float("inf")}, r"duration_s must be in \(0, 3600\]"),
+                        ({"kind": "net_duplicate", "duration_s": float("nan")}, r"duration_s must be in \(0, 3600\]"),
+                        ({"kind": "net_delay", "delay_ms": -5}, r"delay_ms must be in \[0, 60000\], got -5"),
+                        ({"kind": "corrupt_slot", "nbytes": 0}, "nbytes must be at least 1, got 0"),
+                        ({"kind": "fill_shm", "attempts": -1}, "attempts must be at least 0, got -1"),
+                        ({"kind": "fill_shm", "free": "lots"}, "free: 'lots' is not a size such as 8G")]:
+        with pytest.raises(ConfigError, match=said):
+            from_dict({"fault": [{**fault, "at_step": 3}]})
+    assert from_dict({"fault": [{"kind": "fill_shm", "at_step": 3, "free": "1M", "attempts": 0}]}).faults
 
 
 def test_a_missing_scenario_file_is_a_usage_error(tmp_path):
@@ -116,6 +126,18 @@ def test_random_scenarios_are_reproducible_and_recoverable():
     # two nodes lost, one in the other's rebuild, only where m >= 2 makes it survivable
     assert "lose_node_in_rebuild" not in {f.kind for f in a.faults}
     assert "lose_node_in_rebuild" in {f.kind for f in generate(11, 50, 3.0, nodes=4, m=2).faults}
+
+
+@pytest.mark.parametrize(("shape", "bad"), [({"nodes": 0}, "nodes=0"), ({"ranks_per_node": 0}, "ranks_per_node=0"),
+                                            ({"nodes": 2, "m": 2}, "m=2")])
+def test_a_random_scenario_of_an_impossible_shape_is_a_clear_error(tmp_path, shape, bad):
+    with pytest.raises(ConfigError, match=rf"need nodes >= 2, ranks_per_node >= 1, 1 <= m < nodes.*{bad}"):
+        generate(5, 3, 3.0, **shape)
+    flags = [x for k, v in shape.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    proc = subprocess.run([sys.executable, "-m", "snapguard.cli", "chaos", "run", "--faults", "3", *flags,
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "need nodes >= 2" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert os.listdir(tmp_path) == [], "nothing ran"
 
 
 def test_shipped_scenario_files_load():
