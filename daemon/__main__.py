@@ -9,8 +9,8 @@ import sys
 
 import zmq
 
-from snapguard.config import (Endpoint, check_name, daemon_who, default_job, default_node, default_run_dir,
-                              default_shm_dir, within)
+from snapguard.config import (Endpoint, check_name, check_seconds, daemon_who, default_job, default_node,
+                              default_run_dir, default_shm_dir, within)
 from snapguard.daemon.peers import ENV_SECRET, load_secret
 from snapguard.daemon.server import AlreadyRunning, Daemon, DaemonConfig, NodeLock
 from snapguard.errors import ConfigError, SnapGuardError
@@ -138,7 +138,8 @@ def resolve_peers(a: argparse.Namespace, job: str, node: str):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="snapguard-daemon", description=__doc__)
     ap.add_argument("--job", help="job id (default: $SNAPGUARD_JOB, $TORCHELASTIC_RUN_ID, 'default')")
-    ap.add_argument("--node", help="node id (default: $SNAPGUARD_NODE or the host name)")
+    ap.add_argument("--node", help="node id (default: $SNAPGUARD_NODE or the host name up to its first dot;"
+                    " machines named alike in different domains need one each)")
     ap.add_argument("--run-dir", help="0700 directory of the IPC socket (default: $SNAPGUARD_RUN_DIR or /tmp/snapguard-UID)")
     ap.add_argument("--shm-dir", help="where slots live (default: $SNAPGUARD_SHM_DIR or /dev/shm)")
     ap.add_argument("--shm-limit", type=parse_size, help="most shared memory this daemon may allocate, e.g. 8G")
@@ -189,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         for flag, value in (("--persist-every", a.persist_every), ("--persist-keep", a.persist_keep)):
             if value < 1:
                 raise ConfigError(f"{flag} must be at least 1 step, got {value}")
+        for flag, secs in (("--peer-timeout", a.peer_timeout), ("--rendezvous-timeout", a.rendezvous_timeout)):
+            if secs is not None:
+                check_seconds(flag, secs)
         secret = load_secret(a.secret_file) if a.peer_bind else b""  # before a rendezvous: fail alone, not the job
         run_dir = default_run_dir(a.run_dir)
         # The node's lock before the rendezvous: a second daemon of this job and node stops here, without joining.

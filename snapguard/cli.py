@@ -9,7 +9,7 @@ import os
 import sys
 
 from snapguard import protocol as P
-from snapguard.config import default_job, default_run_dir
+from snapguard.config import check_seconds, default_job, default_run_dir
 from snapguard.errors import SnapGuardError
 from snapguard.shm import fmt_bytes
 
@@ -56,6 +56,7 @@ def status_table(reports: list[P.StatusReport]) -> str:
 def cmd_status(a: argparse.Namespace) -> int:
     from snapguard.client import DaemonClient
 
+    timeout_s = check_seconds("--timeout", a.timeout)
     run_dir = default_run_dir(a.run_dir)
     pattern = f"{default_job(a.job)}@*.sock" if a.job or os.environ.get("SNAPGUARD_JOB") else "*.sock"
     socks = sorted(glob.glob(os.path.join(run_dir, pattern)))
@@ -64,7 +65,7 @@ def cmd_status(a: argparse.Namespace) -> int:
         return 1
     reports, rc = [], 0
     for s in socks:
-        c = DaemonClient(f"ipc://{s}", timeout_s=a.timeout)
+        c = DaemonClient(f"ipc://{s}", timeout_s=timeout_s)
         try:
             reports.append(c.request(P.Status()))
         except SnapGuardError as e:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from snapguard.errors import ConfigError
 
 ENV_JOB = "SNAPGUARD_JOB"  # job id; falls back to TORCHELASTIC_RUN_ID, then "default"
-ENV_NODE = "SNAPGUARD_NODE"  # node id; falls back to the host name
+ENV_NODE = "SNAPGUARD_NODE"  # node id; falls back to the host name up to its first dot
 ENV_RUN_DIR = "SNAPGUARD_RUN_DIR"  # directory (0700) of the daemons' IPC sockets
 ENV_SHM_DIR = "SNAPGUARD_SHM_DIR"  # where slots live; /dev/shm by default
 ENV_TIMEOUT = "SNAPGUARD_TIMEOUT_S"  # trainer-side timeout for every daemon request
@@ -52,16 +52,21 @@ def default_shm_dir(shm_dir: str | None = None) -> str:
     return shm_dir or os.environ.get(ENV_SHM_DIR) or "/dev/shm"
 
 
-def default_timeout(timeout_s: float | None = None) -> float:
-    where = "timeout_s" if timeout_s is not None else f"${ENV_TIMEOUT}"
-    value = timeout_s if timeout_s is not None else os.environ.get(ENV_TIMEOUT, "60")
+def check_seconds(where: str, value: object) -> float:
+    """A timeout as a float: more than 0 and finite (every wait ends, and not before it began)."""
     try:
-        t = float(value)
+        t = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         t = float("nan")
     if not 0 < t < 1e7:  # NaN too; ZeroMQ takes whole milliseconds in an int
         raise ConfigError(f"{where} must be a number of seconds, more than 0 and finite, got {value!r}")
     return t
+
+
+def default_timeout(timeout_s: float | None = None) -> float:
+    if timeout_s is not None:
+        return check_seconds("timeout_s", timeout_s)
+    return check_seconds(f"${ENV_TIMEOUT}", os.environ.get(ENV_TIMEOUT, "60"))
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ import xxhash
 
 from snapguard import protocol as P
 from snapguard.client import DaemonClient
-from snapguard.config import Endpoint, default_shm_dir, default_timeout
+from snapguard.config import Endpoint, check_seconds, default_shm_dir, default_timeout
 from snapguard.errors import (ChecksumError, ConfigError, DaemonError, DaemonUnavailable, RestoreError, SnapGuardError,
                               UnrecoverableError, WorldSizeChanged)
 from snapguard.faults import fault_point
@@ -136,6 +136,7 @@ class Guard:
         self.config = cfg
         self.endpoint = Endpoint.resolve(cfg.job, cfg.node, cfg.run_dir)
         self.timeout_s = default_timeout(cfg.timeout_s)
+        check_seconds("gate_timeout_s", cfg.gate_timeout_s)
         if dist.is_available() and dist.is_initialized():
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         else:

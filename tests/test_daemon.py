@@ -39,6 +39,7 @@ from snapguard.client import DaemonClient
 from snapguard.config import Endpoint, default_timeout
 from snapguard.demo import state_digest
 from snapguard.errors import ConfigError, DaemonError, DaemonUnavailable, RestoreError, SnapGuardError, WorldSizeChanged
+from snapguard.guard import Guard
 from snapguard.layout import MANIFEST_VERSION, Manifest, TensorEntry, align, chunk_checksums
 from snapguard.procs import TrainerLock, daemon_command
 
@@ -859,6 +860,13 @@ def test_socket_paths_too_long_for_unix_sockets_and_bad_timeouts_are_clear_error
             default_timeout()
     monkeypatch.setenv("SNAPGUARD_TIMEOUT_S", "2.5")
     assert default_timeout() == 2.5 and default_timeout(7) == 7.0
+    for bad in (-1, 0, float("nan")):  # before it looks for a daemon (there is none)
+        with pytest.raises(ConfigError, match=r"gate_timeout_s must be a number of seconds, more than 0 and finite"):
+            Guard(states={"s": {"x": torch.zeros(2)}}, rng=False, run_dir="/tmp/no-such-dir", gate_timeout_s=bad)
+    r = subprocess.run([sys.executable, "-m", "snapguard.cli", "status", "--timeout", "nan"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "--timeout must be a number of seconds, more than 0 and finite, got nan" in r.stderr, \
+        r.stderr
 
 
 # ---- memory: pre-faulted slots, in-place restore -------------------------------------------------
@@ -1255,6 +1263,17 @@ def test_spawn_daemon_reports_a_daemon_that_exits_at_once_with_its_exit_code_and
     msg = str(e.value)
     assert f"daemon {node.job}/n0 (pid " in msg and "exited with code 2 before it answered" in msg, msg
     assert node.log_path in msg and "--hash-threads must be at least 1, got 0" in msg, msg
+
+
+@pytest.mark.parametrize(("flag", "value", "got"), [("--peer-timeout", "0", "0.0"), ("--peer-timeout", "-1", "-1.0"),
+                                                    ("--rendezvous-timeout", "inf", "inf"),
+                                                    ("--rendezvous-timeout", "nan", "nan")])
+def test_a_timeout_that_is_not_a_positive_number_of_seconds_stops_the_daemon_at_once(node, flag, value, got):
+    r = subprocess.run(daemon_command(node.ep, node.shm_dir) + [flag, value], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 2 and f"{flag} must be a number of seconds, more than 0 and finite, got {got}" in r.stderr, \
+        r.stderr
+    assert not os.path.exists(node.ep.socket_path) and not os.path.exists(node.table_dir)
 
 
 def test_spawn_daemon_kills_a_daemon_that_does_not_answer_in_time(node, monkeypatch):
