@@ -6,6 +6,7 @@ import argparse
 import glob
 import json
 import os
+import socket
 import sys
 
 from snapguard import protocol as P
@@ -53,6 +54,20 @@ def status_table(reports: list[P.StatusReport]) -> str:
     return "\n".join(lines)
 
 
+def _listens(path: str) -> bool:
+    """Whether a process accepts connections on the Unix socket at `path`: a daemon that was SIGKILLed leaves its
+    socket file behind, and a connection to it is refused at once (ZeroMQ would retry until the timeout)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError:
+            return True  # a full backlog, a timeout: something is there; the request says more
+    return True
+
+
 def cmd_status(a: argparse.Namespace) -> int:
     from snapguard.client import DaemonClient
 
@@ -65,6 +80,14 @@ def cmd_status(a: argparse.Namespace) -> int:
         return 1
     reports, rc = [], 0
     for s in socks:
+        if not _listens(s):
+            job, _, node = os.path.basename(s).removesuffix(".sock").partition("@")
+            print(f"{s}: no daemon listens on it: the daemon of job {job} on node {node} that left it was killed or"
+                  f" crashed. The snapshots it sealed stay in shared memory until a daemon of that job and node starts"
+                  f" again (`snapguard-daemon --job {job} --node {node}`, with the same --shm-dir) and re-adopts them",
+                  file=sys.stderr)
+            rc = 1
+            continue
         c = DaemonClient(f"ipc://{s}", timeout_s=timeout_s)
         try:
             reports.append(c.request(P.Status()))
@@ -73,7 +96,8 @@ def cmd_status(a: argparse.Namespace) -> int:
             rc = 1
         finally:
             c.close()
-    print(json.dumps([P.fields_of(r) for r in reports], indent=1) if a.json else status_table(reports))
+    if reports or a.json:
+        print(json.dumps([P.fields_of(r) for r in reports], indent=1) if a.json else status_table(reports))
     return rc
 
 

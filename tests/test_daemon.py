@@ -783,6 +783,26 @@ def test_status_cli_shows_ranks_steps_sizes_and_ages(daemon):
     assert all(0 <= a < 60 for a in ages[:3]) and ages[3] == -1
 
 
+def test_status_cli_says_at_once_that_a_killed_daemon_left_its_socket_and_how_to_get_its_snapshots_back(node):
+    node.start()
+    seal_raw(node, 0, 1, 0)
+    node.kill()  # SIGKILL: the socket file and the slots stay
+    assert os.path.exists(node.ep.socket_path)
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "snapguard.cli", "status", "--run-dir", node.run_dir, "--job", node.job,
+                        "--timeout", "60"], capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - t0 < 30, "status waited out its timeout for a daemon that is gone"
+    assert r.returncode == 1 and r.stdout == "", r.stdout
+    assert (f"{node.ep.socket_path}: no daemon listens on it: the daemon of job {node.job} on node {node.node} that"
+            " left it was killed or crashed") in r.stderr, r.stderr
+    assert f"`snapguard-daemon --job {node.job} --node {node.node}`" in r.stderr, r.stderr
+    node.start()  # as the message says: the next daemon re-adopts the sealed step
+    assert node.held() == {0: [0]}
+    r = subprocess.run([sys.executable, "-m", "snapguard.cli", "status", "--run-dir", node.run_dir, "--job", node.job],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and f"daemon {node.job}/{node.node}" in r.stdout, r.stderr
+
+
 def test_jobs_and_nodes_whose_ids_run_together_get_daemons_of_their_own(node):
     """Job 'J.x' on node 'c' and job 'J' on node 'x.c' name different daemons: both run, each with its own
     socket, lock and slots, and `snapguard status --job J` shows only job J's."""
