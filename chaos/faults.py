@@ -402,6 +402,10 @@ class NetDelay(_Net):
 
 
 _REPLAY = re.compile(r"daemon\.(\S+)\.log: .*replayed message from (\S+) \(boot (\d+), seq (\d+);")
+# A copy queued for a daemon that died reaches its next run, which refuses both copies of holdings and chunks as
+# sent to an earlier run (a request it answers, and refuses the second copy of as a replay)
+_EARLIER_RUN = re.compile(r"daemon\.(\S+)\.log: .*Peer\w+ from (\S+) \(boot (\d+), seq (\d+)\)"
+                          r" (?:was sent to an earlier run|may predate this run)")
 
 
 class NetDuplicate(_Net):
@@ -415,13 +419,19 @@ class NetDuplicate(_Net):
         found = super().detect(run, since)
         # The logs are read to the end of the run: count the refusals of this window's copies, not a later one's.
         twice = run.proxy.sent_twice(self.window)
-        refused = set()
-        for hit in _grep(run, since, "daemon", "replayed message from "):
-            m = _REPLAY.match(hit)
-            if m and (m[1], m[2], int(m[3]), int(m[4])) in twice:
-                refused.add((m[1], m[2], int(m[3]), int(m[4])))
-        if refused:
-            found.append(f"daemon: {len(refused)} of {len(twice)} duplicated request(s) refused as replays")
+        refused: dict[re.Pattern, set] = {_REPLAY: set(), _EARLIER_RUN: set()}
+        for pattern, needle in ((_REPLAY, "replayed message from "), (_EARLIER_RUN, ") was sent to an earlier run"),
+                                (_EARLIER_RUN, ") may predate this run")):
+            for hit in _grep(run, since, "daemon", needle):
+                m = pattern.match(hit)
+                if m and (m[1], m[2], int(m[3]), int(m[4])) in twice:
+                    refused[pattern].add((m[1], m[2], int(m[3]), int(m[4])))
+        replays, later = refused[_REPLAY], refused[_EARLIER_RUN] - refused[_REPLAY]
+        if replays:
+            found.append(f"daemon: {len(replays)} of {len(twice)} duplicated request(s) refused as replays")
+        if later:
+            found.append(f"daemon: {len(later)} of {len(twice)} duplicated request(s) refused by the next run of a"
+                         " daemon that died, as sent to its earlier run")
         return found
 
     def evidence_needed(self, run: "Run", rec: "FaultRecord") -> str | None:

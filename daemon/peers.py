@@ -406,12 +406,15 @@ class PeerNet:
         if isinstance(msg, (P.PeerHeld, P.PeerChunk)):
             # `_seen` starts empty in every run: without these two checks, a message captured during an earlier run
             # would be taken once more. Requests change nothing here and are answered.
+            # Both name the message as a replay does (its sender's boot and sequence number): the chaos harness
+            # matches a duplicate that reached the next run of a daemon to the copy it sent.
+            sent = f"{msg.TYPE} from {msg.node} (boot {msg.boot}, seq {msg.seq})"
             if msg.to_boot not in (0, self.boot):
-                raise AuthError(f"{msg.TYPE} from {msg.node} was sent to an earlier run of this daemon (boot"
-                                f" {msg.to_boot}, this run's is {self.boot})")
+                raise AuthError(f"{sent} was sent to an earlier run of this daemon (boot {msg.to_boot}, this run's is"
+                                f" {self.boot})")
             if msg.to_boot == 0 and msg.boot < self.boot:
-                raise AuthError(f"{msg.TYPE} from {msg.node} may predate this run of this daemon: its sender (boot"
-                                f" {msg.boot}) started before this run (boot {self.boot}) and had not heard from it")
+                raise AuthError(f"{sent} may predate this run of this daemon: its sender started before this run"
+                                f" (boot {self.boot}) and had not heard from it")
         link = (msg.node, isinstance(msg, P.PeerChunk))
         last = self._seen.get(link, (0, 0))
         if (msg.boot, msg.seq) <= last:

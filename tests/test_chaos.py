@@ -140,6 +140,37 @@ def test_a_random_scenario_of_an_impossible_shape_is_a_clear_error(tmp_path, sha
     assert os.listdir(tmp_path) == [], "nothing ran"
 
 
+def test_duplicates_that_reach_the_next_run_of_a_daemon_that_died_count_as_refused(tmp_path):
+    """A copy the proxy sends twice to a daemon that dies before it reads them reaches its next run, which refuses
+    both copies of a chunk or holding as sent to its earlier run, and logs no replay: that is the duplicate refused
+    too. Refusals of messages the window did not duplicate, or of another daemon's copies, count for nothing."""
+    from types import SimpleNamespace
+
+    from snapguard.chaos.faults import NetDuplicate
+
+    twice = {("node1", "node0", 7, 41), ("node1", "node2", 9, 5), ("node2", "node0", 7, 12)}
+    proxy = SimpleNamespace(stats=lambda w: {"dropped": 0, "delayed": 0, "duplicated": 3, "duplicated_requests": 3},
+                            sent_twice=lambda w: set(twice))
+    run = SimpleNamespace(proxy=proxy, cluster=SimpleNamespace(spec=SimpleNamespace(workdir=str(tmp_path))))
+    who = "WARNING snapguard.daemon.server: [job/node1 daemon] unauthenticated or malformed peer message:"
+    (tmp_path / "daemon.node1.log").write_text("\n".join([
+        f"{who} PeerChunk from node0 (boot 7, seq 41) was sent to an earlier run of this daemon (boot 3, this run's"
+        " is 8)",
+        f"{who} PeerHeld from node2 (boot 9, seq 5) may predate this run of this daemon: its sender started before"
+        " this run (boot 10) and had not heard from it",
+        f"{who} PeerChunk from node0 (boot 7, seq 40) was sent to an earlier run of this daemon (boot 3, this run's"
+        " is 8)",  # not one the window duplicated
+    ]) + "\n")
+    (tmp_path / "daemon.node2.log").write_text(
+        f"{who.replace('node1', 'node2')} replayed message from node0 (boot 7, seq 12; already saw boot 7, seq 12)\n")
+    f = NetDuplicate(probability=0.5)
+    f.window = 1
+    found = f.detect(run, {})
+    assert "daemon: 1 of 3 duplicated request(s) refused as replays" in found, found
+    assert ("daemon: 2 of 3 duplicated request(s) refused by the next run of a daemon that died, as sent to its"
+            " earlier run") in found, found
+
+
 def test_shipped_scenario_files_load():
     here = os.path.join(os.path.dirname(__file__), "..", "chaos", "scenarios")
     names = sorted(n for n in os.listdir(here) if n.endswith(".toml"))

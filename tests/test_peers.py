@@ -370,13 +370,15 @@ def test_a_chunk_sent_to_an_earlier_run_of_a_daemon_is_refused_after_it_restarts
     dealer = net._dealer("a")
     dealer.send_multipart(seal_frames(net.secret, bytes(8), chunk(net, 3, data[3], to="a"), [data[3]]))
     assert wait_parity(client, [[0, 1, 3]]).parity == [[0, 1, 3]]
-    captured = seal_frames(net.secret, bytes(8), chunk(net, 4, data[4], to="a"), [data[4]])
+    m4 = chunk(net, 4, data[4], to="a")
+    captured = seal_frames(net.secret, bytes(8), m4, [data[4]])
 
     pair.restart()
     dealer.send_multipart(captured)
     st = status_after(client, 1)
     assert st.rejected == 1 and [0, 1, 4] not in st.parity, st
-    assert f"PeerChunk from b was sent to an earlier run of this daemon (boot {first}, this run's is" in log.read_text()
+    assert (f"PeerChunk from b (boot {m4.boot}, seq {m4.seq}) was sent to an earlier run of this daemon (boot {first},"
+            " this run's is") in log.read_text()
     # once b hears from a's new run, its chunks are taken again
     wait_until(lambda: _boot_of_a(net) > first, 10, "a heartbeat of a's new run")
     dealer.send_multipart(seal_frames(net.secret, bytes(8), chunk(net, 5, data[5], to="a"), [data[5]]))
@@ -393,13 +395,15 @@ def test_a_chunk_sent_before_its_sender_heard_from_a_daemon_is_refused_after_the
     dealer = net._dealer("a")
     dealer.send_multipart(seal_frames(net.secret, bytes(8), chunk(net, 3, data[3]), [data[3]]))
     assert wait_parity(client, [[0, 1, 3]]).parity == [[0, 1, 3]], "b started after a: what it sends before it hears"
-    captured = seal_frames(net.secret, bytes(8), chunk(net, 4, data[4]), [data[4]])
+    m4 = chunk(net, 4, data[4])
+    captured = seal_frames(net.secret, bytes(8), m4, [data[4]])
 
     pair.restart()
     dealer.send_multipart(captured)
     st = status_after(client, 1)
     assert st.rejected == 1 and [0, 1, 4] not in st.parity, st
-    assert "PeerChunk from b may predate this run of this daemon: its sender (boot" in log.read_text()
+    assert (f"PeerChunk from b (boot {m4.boot}, seq {m4.seq}) may predate this run of this daemon: its sender started"
+            " before this run") in log.read_text()
     # once b hears from a's new run, its chunks are taken again
     wait_until(lambda: _boot_of_a(net), 10, "a heartbeat of a's new run")
     dealer.send_multipart(seal_frames(net.secret, bytes(8), chunk(net, 5, data[5], to="a"), [data[5]]))
