@@ -351,9 +351,11 @@ class Run:
             self.end_reason = str(e)
             self.say(f"the run failed: {e}", "end")
         finally:
-            # A second Ctrl-C must not leave daemons and ranks behind: clean up with SIGINT ignored.
+            # A second Ctrl-C (or SIGTERM, which `snapguard` turns into one) must not leave daemons and ranks
+            # behind: clean up with those signals ignored.
             main = threading.current_thread() is threading.main_thread()
-            old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+            stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+            old = [signal.signal(s, signal.SIG_IGN) for s in stops] if main else []
             try:
                 for f in self.faults:
                     f.settle(self)
@@ -363,8 +365,8 @@ class Run:
                 finally:
                     self.proxy.close()
             finally:
-                if main:
-                    signal.signal(signal.SIGINT, old)
+                for s, handler in zip(stops, old):
+                    signal.signal(s, signal.SIG_DFL if handler is None else handler)
         self.say(f"protected run over: {self.end_reason}", "end")
 
     # ---- the verdict ---------------------------------------------------------------------------

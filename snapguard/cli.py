@@ -6,6 +6,7 @@ import argparse
 import glob
 import json
 import os
+import signal
 import socket
 import sys
 
@@ -107,6 +108,19 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return run_demo(a)
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a scheduler's or a closed terminal's end): raised in the main thread, so that a command
+    unwinds as on Ctrl-C, stopping the daemons and ranks it started and freeing their shared memory."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise Stopped(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="snapguard")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -131,8 +145,15 @@ def main(argv: list[str] | None = None) -> int:
 
     add_chaos_parser(sub)
     a = ap.parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop)
     try:
         return a.fn(a)
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+        print(f"snapguard: stopped by {signal.Signals(signum).name}; the processes it had started are stopped",
+              file=sys.stderr)
+        return 128 + signum
     except SnapGuardError as e:
         print(f"snapguard: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 
@@ -26,12 +27,28 @@ from snapguard.errors import ConfigError, SnapGuardError
 RUN_TIMEOUT_S = 600
 
 
+def _stop(proc) -> None:
+    """Stop a job torchrun still runs: SIGTERM, on which it stops its workers and exits; SIGKILL its process group
+    if it has not within 30 s."""
+    if proc.poll() is not None:
+        return
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # not reaped yet: the group is still its
+        proc.wait(10)
+
+
 def _wait(proc, what: str, timeout_s: float) -> int:
     try:
         return proc.wait(timeout_s)
-    except Exception:
-        os.killpg(proc.pid, signal.SIGKILL)
+    except subprocess.TimeoutExpired:
+        _stop(proc)
         raise SnapGuardError(f"{what} did not finish within {timeout_s:.0f} s") from None
+    except BaseException:  # Ctrl-C, or SIGTERM through snapguard.cli: no job outlives the demo
+        _stop(proc)
+        raise
 
 
 def _pid_of(out: str, rank: int) -> tuple[int, int]:
@@ -105,6 +122,7 @@ def run_demo(a) -> int:
                 time.sleep(0.05)
         rc = _wait(proc, "the protected run", RUN_TIMEOUT_S)
     finally:
+        _stop(proc)  # still running only when a kill above failed or the demo was interrupted
         c = DaemonClient(ep.address, timeout_s=5)
         try:
             c.request(P.Shutdown(remove=True))

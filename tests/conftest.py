@@ -52,6 +52,24 @@ def wait_until(cond: Callable[[], object], timeout_s: float, what: str, interval
         time.sleep(interval_s)
 
 
+def stop_with_sigterm(proc: subprocess.Popen, kids: list, timeout_s: float = 90) -> str:
+    """SIGTERM a `snapguard` command started in a session of its own, with its output piped: it must exit as
+    stopped by SIGTERM, and every process of `kids` (psutil processes it had started) must be gone. Its output."""
+    import psutil
+
+    try:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=timeout_s)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "snapguard: stopped by SIGTERM; the processes it had started are stopped" in out, out[-3000:]
+    _, alive = psutil.wait_procs(kids, timeout=10)
+    assert not alive, f"left running: {alive}"
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _hermetic_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """No SNAPGUARD_* setting from the outside world leaks into a test or the processes it starts."""

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tomllib
@@ -169,6 +170,51 @@ def test_duplicates_that_reach_the_next_run_of_a_daemon_that_died_count_as_refus
     assert "daemon: 1 of 3 duplicated request(s) refused as replays" in found, found
     assert ("daemon: 2 of 3 duplicated request(s) refused by the next run of a daemon that died, as sent to its"
             " earlier run") in found, found
+
+
+def _descendants_once(proc: subprocess.Popen, want, timeout_s: float = 120) -> list:
+    """The processes `proc` has started (recursively), once `want(their command lines)` holds."""
+    import psutil
+
+    from conftest import wait_until
+
+    me = psutil.Process(proc.pid)
+
+    def ready():
+        assert proc.poll() is None, f"exited early with code {proc.returncode}: {proc.stdout.read()[-3000:]}"
+        kids = me.children(recursive=True)
+        lines = []
+        for k in kids:
+            try:
+                lines.append(" ".join(k.cmdline()))
+            except psutil.Error:
+                pass
+        return kids if want(lines) else None
+
+    return wait_until(ready, timeout_s, "the processes the command starts")
+
+
+def test_sigterm_stops_a_chaos_run_with_every_daemon_and_rank_it_started(tmp_path, reference):
+    """A scheduler's or CI's timeout ends a run with SIGTERM: the harness must stop its daemons and ranks and free
+    their shared memory as it does on Ctrl-C, not leave them running."""
+    from conftest import stop_with_sigterm
+
+    scenario = tmp_path / "s.toml"
+    scenario.write_text("[cluster]\n" + "".join(f"{k} = {v!r}\n" for k, v in CLUSTER.items())
+                        + '[[fault]]\nkind = "kill_rank"\nat_step = 30\n')
+    proc = subprocess.Popen([sys.executable, "-m", "snapguard.cli", "chaos", "run", "--scenario", str(scenario),
+                             "--reference", reference, "--out", str(tmp_path / "out")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        kids = _descendants_once(proc, lambda lines: sum("snapguard.daemon" in x for x in lines) == 3
+                                 and sum("snapguard.demo worker" in x for x in lines) == 3)
+        shm = {d for d in os.listdir("/dev/shm") if d.startswith(f"snapguard-cluster-{proc.pid}-")}
+        assert shm, "the run's shared memory"
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    stop_with_sigterm(proc, kids, 60)
+    assert not shm & set(os.listdir("/dev/shm")), "shared memory left behind"
 
 
 def test_shipped_scenario_files_load():

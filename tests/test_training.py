@@ -25,7 +25,7 @@ import pytest
 from snapguard import protocol as P
 from snapguard.demo import JobSpec, compare, read_losses
 
-from conftest import Jobs, Node, is_worker_of, wait_until, worker_pids
+from conftest import Jobs, Node, is_worker_of, stop_with_sigterm, wait_until, worker_pids
 
 NPROC = 4
 STEPS = 30
@@ -333,3 +333,27 @@ def test_a_demo_that_cannot_run_as_asked_is_refused_before_it_starts(tmp_path, a
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not work.exists(), "nothing ran"
+
+
+def test_sigterm_stops_the_demo_and_the_job_it_runs(tmp_path):
+    """Stopped by SIGTERM while its reference run trains, the demo stops that job (torchrun and its workers, which
+    run in sessions of their own) as on Ctrl-C, and says so."""
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-m", "snapguard.cli", "demo", "--nproc", "2", "--steps", "400",
+                             "--workdir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        def started():  # each worker writes its pid file once it has joined the process group
+            assert proc.poll() is None, f"the demo exited with code {proc.returncode}"
+            if not all((tmp_path / "reference" / f"pid.r{r}").exists() for r in range(2)):
+                return None
+            kids = psutil.Process(proc.pid).children(recursive=True)
+            pids = {int((tmp_path / "reference" / f"pid.r{r}").read_text().split()[0]) for r in range(2)}
+            return kids if pids <= {k.pid for k in kids} else None
+
+        kids = wait_until(started, 120, "the demo's reference run to start its workers")
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    stop_with_sigterm(proc, kids)
