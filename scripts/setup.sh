@@ -43,6 +43,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "$want" > "$stamp"
 fi
 
+# Byte-compile the project's own modules (quick when nothing changed): the tests and the demo start hundreds of
+# Python processes that import them, and where PYTHONDONTWRITEBYTECODE is set, none would keep what it compiled.
+"$VPY" -m compileall -q -j 0 snapguard daemon integrations chaos tests examples >/dev/null || true
+
 case "${1:-}" in
     demo) shift; exec "$VENV/bin/snapguard" chaos run "$@" ;;
     test) shift; exec "$VPY" -m pytest "$@" ;;
