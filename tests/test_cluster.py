@@ -121,7 +121,8 @@ def test_g3_m1_xor_survives_the_loss_of_one_node_and_then_of_another(tmp_path_fa
 
 
 def test_losing_more_nodes_than_m_is_a_clear_error_not_a_fresh_start(tmp_path):
-    c = Cluster(ClusterSpec(workdir=str(tmp_path), nodes=3, m=1, steps=40, step_sleep=0.03, job="lossy"))
+    c = Cluster(ClusterSpec(workdir=str(tmp_path), nodes=3, ranks_per_node=1, m=1, steps=40, step_sleep=0.03,
+                            job="lossy"))
     lost = []
 
     def tick(cl: Cluster) -> None:
