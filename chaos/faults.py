@@ -419,14 +419,13 @@ class NetDuplicate(_Net):
         found = super().detect(run, since)
         # The logs are read to the end of the run: count the refusals of this window's copies, not a later one's.
         twice = run.proxy.sent_twice(self.window)
-        refused: dict[re.Pattern, set] = {_REPLAY: set(), _EARLIER_RUN: set()}
-        for pattern, needle in ((_REPLAY, "replayed message from "), (_EARLIER_RUN, ") was sent to an earlier run"),
-                                (_EARLIER_RUN, ") may predate this run")):
-            for hit in _grep(run, since, "daemon", needle):
+        replays, earlier = set(), set()
+        for hit in _grep(run, since, "daemon", ", seq "):  # both kinds of refusal name the copy's boot and seq
+            for pattern, refused in ((_REPLAY, replays), (_EARLIER_RUN, earlier)):
                 m = pattern.match(hit)
                 if m and (m[1], m[2], int(m[3]), int(m[4])) in twice:
-                    refused[pattern].add((m[1], m[2], int(m[3]), int(m[4])))
-        replays, later = refused[_REPLAY], refused[_EARLIER_RUN] - refused[_REPLAY]
+                    refused.add((m[1], m[2], int(m[3]), int(m[4])))
+        later = earlier - replays
         if replays:
             found.append(f"daemon: {len(replays)} of {len(twice)} duplicated request(s) refused as replays")
         if later:
