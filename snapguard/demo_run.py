@@ -103,11 +103,13 @@ def run_demo(a) -> int:
             rank = rnd.randrange(a.nproc)
             pid, attempt = _pid_of(run.out, rank)
             step = progress(run.out, a.nproc)
-            try:
-                if proc.poll() is not None:
-                    raise ProcessLookupError
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
+            finished = proc.poll() is not None
+            if not finished:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    finished = True
+            if finished:
                 print(f"      rank {rank} had finished its steps before SIGKILL {i + 1} of {a.kills}: no more"
                       " failures injected", flush=True)
                 break

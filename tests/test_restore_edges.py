@@ -134,21 +134,17 @@ if phase == "cycle":  # a process that builds and closes Guards over and over
         g.restore()
         g.close()
         result["fds"].append(len(os.listdir("/proc/self/fd")))
-elif phase == "not-peers":  # rank 1 on node n1, whose daemon is no peer of n0's
+elif phase in ("not-peers", "same-name"):
+    if phase == "not-peers":  # rank 1 on node n1, whose daemon is no peer of n0's
+        kw = {"node": "n1", "start_daemon": True, "shm_dir": shm_dir} if rank else {}
+    else:  # rank 1 on another machine whose host name gives the same node name, n0
+        import snapguard.guard as guard_module
+        if rank:  # one machine has one kernel: rank 1 stands for another machine by the boot id it reads
+            guard_module._machine_hash = lambda: 12345
+        kw = own if rank else {}
     t0 = time.monotonic()
     try:
-        guard({"w": torch.zeros(4)}, **({"node": "n1", "start_daemon": True, "shm_dir": shm_dir} if rank else {}))
-        result["built"] = True
-    except SnapGuardError as e:
-        result["error"] = f"{type(e).__name__}: {e}"
-    result["elapsed"] = time.monotonic() - t0
-elif phase == "same-name":  # rank 1 on another machine whose host name gives the same node name, n0
-    import snapguard.guard as guard_module
-    if rank:  # one machine has one kernel: rank 1 stands for another machine by the boot id it reads
-        guard_module._machine_hash = lambda: 12345
-    t0 = time.monotonic()
-    try:
-        guard({"w": torch.zeros(4)}, **(own if rank else {}))
+        guard({"w": torch.zeros(4)}, **kw)
         result["built"] = True
     except SnapGuardError as e:
         result["error"] = f"{type(e).__name__}: {e}"
