@@ -196,6 +196,7 @@ class Daemon:
         self._stop = False
         self._remove = cfg.remove_on_exit
         self._lock: NodeLock | None = None
+        self._slots_fd: int | None = None  # the slot directory, locked (`_lock_slots`)
         self._sock = None
         self.started = time.time()
         self.net: PeerNet | None = None
@@ -222,6 +223,7 @@ class Daemon:
         """Take the node's lock (or the one given: taken before a rendezvous), re-adopt the sealed slots, bind."""
         ep = self.cfg.endpoint
         self._lock = lock or NodeLock(ep)
+        self._lock_slots()
         self.table.adopt()  # creates the directory: a --shm-dir it cannot use fails here, with no word of its type
         kind = filesystem_type(self.table.dir)
         if kind and kind not in IN_MEMORY:
@@ -362,16 +364,35 @@ class Daemon:
         if self._remove:
             self.table.remove_all()
             log.info("%s removed its shared memory", self.who)
+        if self._slots_fd is not None:
+            os.close(self._slots_fd)
+            self._slots_fd = None
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+    def _lock_slots(self) -> None:
+        """Lock the slot directory itself (a flock on the directory, no file in it), so that a daemon of this job and
+        node started with another --run-dir, whose lock file is elsewhere, does not adopt, hand out and remove the
+        slots this one serves."""
+        ensure_private_dir(self.table.dir)
+        fd = os.open(self.table.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise AlreadyRunning(f"{self.who} another daemon already serves this job's slots in {self.table.dir}"
+                                     f" (with a --run-dir other than {self.cfg.run_dir})") from None
+            raise
+        self._slots_fd = fd
 
     def abandon(self) -> None:
         """Undo a start() that failed after taking the lock: close the sockets, remove the socket and lock files.
         The slots stay (sealed ones are an earlier daemon's, for the next one to re-adopt); an empty slot
         directory goes."""
         self._remove = False
-        held = self._lock is not None
+        held = self._slots_fd is not None  # not when another daemon holds the directory, however empty
         self.close()
         if held:
             with contextlib.suppress(OSError):
@@ -388,8 +409,8 @@ class Daemon:
             msg = P.decode(frames[2])
             reply = self.dispatch(msg)
         except SnapGuardError as e:
-            log.warning("%s refused a request: %s", self.who, e)
-            reply = P.Error(type(e).__name__, str(e))
+            reply = P.Error(type(e).__name__, str(e))  # cut short if the request made it long
+            log.warning("%s refused a request: %s", self.who, reply.message)
         except Exception as e:  # a bug must not take the daemon, and every trainer's snapshots, down
             log.exception("%s internal error", self.who)
             reply = P.Error("InternalError", f"{type(e).__name__}: {e}")

@@ -2,10 +2,10 @@
 
 Decisions are pure functions over plain tuples (`plan_begin`, `common_step`); `SlotTable` carries
 them out on files. A slot is FREE, WRITING (granted to a trainer, manifest removed) or SEALED
-(verified, manifest written beside it), or ALLOCATING while a bigger file for it is reserved in the
-background. The manifest file is the commit marker: it is deleted before a slot is handed out for
-writing and written last when a shard is sealed, so a crash at any moment leaves either the old
-sealed shard or no claim at all, never a torn one.
+(verified, manifest written beside it), or ALLOCATING while its file grows in the background. The
+manifest file is the commit marker: it is deleted before a slot is handed out for writing and written
+last when a shard is sealed, so a crash at any moment leaves either the old sealed shard or no claim at
+all, never a torn one.
 
 A job that restarts with another number of ranks under the same job id cannot restore what the job before
 it sealed (snapguard restores only into the world size that took a snapshot). Such slots are of an old
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import errno
 import glob
 import logging
 import os
@@ -33,12 +34,12 @@ from snapguard.errors import (ChecksumError, ConfigError, LayoutError, ManifestV
                               SnapGuardError)
 from snapguard.faults import fault_point
 from snapguard.layout import Manifest, verify_checksums
-from snapguard.shm import MiB, create_slot, free_bytes, map_file, write_private
+from snapguard.shm import MiB, create_slot, fmt_bytes, free_bytes, map_file, write_private
 
 log = logging.getLogger(__name__)
 
 FREE, WRITING, SEALED = "free", "writing", "sealed"
-ALLOCATING = "allocating"  # a free slot whose bigger file is being reserved in the background (`SlotTable.reserve`)
+ALLOCATING = "allocating"  # a free slot whose file grows in the background (`SlotTable.reserve`)
 GROWERS = 4  # threads that reserve slot files at once (posix_fallocate on files of their own runs in parallel)
 OLD_WORLD = "old-world"  # as `plan_begin` sees a sealed slot of a job of another world size: taken when none is free
 _DATA = re.compile(r"^r(\d+)\.s(\d+)\.data$")
@@ -87,6 +88,12 @@ def plan_begin(slots: tuple[tuple[str, int], ...], step: int, common: int, prote
     return Decision("wait", need=sealed[1] if len(sealed) > 1 else sealed[0], disk=disk)
 
 
+def manifest_room(nbytes: int) -> int:
+    """What a slot of `nbytes` keeps free beside it for its manifest, whose size the daemon learns only at Seal
+    (a few dozen bytes per tensor and per 4 MiB chunk)."""
+    return max(64 << 10, nbytes >> 10)
+
+
 def common_step(held: dict[int, Iterable[int]], world_size: int) -> int:
     """The newest step that every rank 0..world_size-1 holds sealed, or -1."""
     common: set[int] | None = None
@@ -100,11 +107,11 @@ def common_step(held: dict[int, Iterable[int]], world_size: int) -> int:
 
 @dataclass
 class _Growth:
-    """A slot's bigger file, being reserved by a grower thread (`SlotTable.reserve`)."""
+    """A slot's file, being grown in place by a grower thread (`SlotTable.reserve`)."""
     slot: "Slot"
     nbytes: int
-    extra: int  # what it adds to the slots' memory once it replaces the old file
-    done: int = 0  # bytes of it reserved so far (the grower thread counts them)
+    extra: int  # what it adds to the slots' memory: the file grows in place
+    done: int = 0  # bytes of `extra` reserved so far (the grower thread counts them)
     future: concurrent.futures.Future | None = None
 
 
@@ -217,7 +224,7 @@ class SlotTable:
         for rank, slots in self.ranks.items():
             for i, s in enumerate(slots):
                 if s is None:
-                    slots[i] = Slot(rank, i, self._path(rank, i), 0)
+                    slots[i] = self._new_slot(rank, i)
 
     def set_epoch(self, epoch: int) -> None:
         """Remember the job's timeline, in a file beside the slots, so that a restarted daemon keeps it."""
@@ -273,7 +280,7 @@ class SlotTable:
 
     def growing(self) -> int:
         """Bytes of slot files being reserved in the background, not reserved yet."""
-        return sum(g.nbytes - g.done for g in self._growing.values())
+        return sum(g.extra - g.done for g in self._growing.values())
 
     # ---- actions -------------------------------------------------------------------------------
 
@@ -355,7 +362,7 @@ class SlotTable:
             if grow and before_growing is not None:
                 before_growing()
             mine = [self._grow(s, nbytes) for s in grow]
-        return sum(g.done for g in mine), sum(g.nbytes for g in mine)
+        return sum(g.done for g in mine), sum(g.extra for g in mine)
 
     def settle_growth(self) -> None:
         """Take the slots the grower threads are done with: grown, or (if it failed) as they were, the error kept for
@@ -380,7 +387,7 @@ class SlotTable:
                 self._grow_failed[slot.rank] = error
 
     def stop_growing(self) -> None:
-        """Stop the grower threads (each at its next GiB) and wait for them: their unfinished files go."""
+        """Stop the grower threads (each at its next GiB) and wait for them: what they had added is given back."""
         self._stop_growing = True
         if self._grower is not None:
             self._grower.shutdown(wait=True)
@@ -401,10 +408,10 @@ class SlotTable:
             return d
         slot = slots[d.slot]
         if slot.capacity < nbytes:
-            # The space is checked and the bigger file reserved before the commit marker goes: a Begin refused
+            # The space is checked and the file grown before the commit marker goes: a Begin refused
             # for lack of memory keeps the sealed step this slot holds.
             self._check_space(rank, nbytes - slot.capacity, 1, nbytes)
-            self._allocate(slot, nbytes, before_replace=lambda: self._forget(slot))
+            self._allocate(slot, nbytes, once_reserved=lambda: self._forget(slot))
         else:
             self._forget(slot)  # the commit marker goes first
         slot.state, slot.step = WRITING, step
@@ -432,7 +439,16 @@ class SlotTable:
                 slot.state, slot.step = FREE, -1
                 raise
         fault_point("daemon.seal.verified", step)
-        write_private(slot.manifest_path, msgpack.packb(manifest.to_wire(), use_bin_type=True))
+        data = msgpack.packb(manifest.to_wire(), use_bin_type=True)
+        try:
+            write_private(slot.manifest_path, data)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            slot.state, slot.step = FREE, -1
+            raise ShmSpaceError(f"rank {rank} step {step}: no room for its manifest ({fmt_bytes(len(data))}) beside its"
+                                f" slot: {self.shm_dir} has {fmt_bytes(free_bytes(self.shm_dir))} free. Give the node"
+                                " more /dev/shm, or keep other files out of it") from None
         slot.state, slot.manifest, slot.sealed_at = SEALED, manifest, time.time()
         self.world_size = max(self.world_size, manifest.world_size)
         log.debug("%s rank %d sealed step %d (%d bytes verified in %.3f s)", self.who, rank, step,
@@ -522,7 +538,14 @@ class SlotTable:
         ensure_private_dir(self.dir)
         slots = self.ranks.setdefault(rank, [])
         while len(slots) < self.slots_per_rank:
-            slots.append(Slot(rank, len(slots), self._path(rank, len(slots)), 0))
+            slots.append(self._new_slot(rank, len(slots)))
+
+    def _new_slot(self, rank: int, index: int) -> Slot:
+        """A slot that holds no step, with its file (empty, until a reserve grows it): a shard of no bytes at all (a
+        state of no tensors) is sealed in a file too, which a restarted daemon finds and re-adopts."""
+        path = self._path(rank, index)
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o600))
+        return Slot(rank, index, path, os.path.getsize(path))
 
     def _forget(self, slot: Slot) -> None:
         if os.path.exists(slot.manifest_path):
@@ -539,50 +562,55 @@ class SlotTable:
         return g
 
     def _reserve_file(self, g: _Growth) -> None:
-        """In a grower thread: reserve `g`'s new file, counting its progress, and put it in the old one's place."""
+        """In a grower thread: grow `g`'s file, counting its progress."""
 
         def progress(n: int) -> None:
             if self._stop_growing:
                 raise SnapGuardError("the daemon stops")
             g.done = n
-            if n < g.nbytes:
+            if n < g.extra:
                 fault_point("daemon.reserve.piece", g.slot.rank)
 
         self._create(g.slot, g.nbytes, progress=progress)
 
-    def _allocate(self, slot: Slot, nbytes: int, before_replace: Callable[[], None] | None = None) -> None:
+    def _allocate(self, slot: Slot, nbytes: int, once_reserved: Callable[[], None] | None = None) -> None:
         slot.unmap()
-        self._create(slot, nbytes, before_replace)
+        self._create(slot, nbytes, once_reserved)
         slot.capacity = nbytes
 
-    def _create(self, slot: Slot, nbytes: int, before_replace: Callable[[], None] | None = None,
+    def _create(self, slot: Slot, nbytes: int, once_reserved: Callable[[], None] | None = None,
                 progress: Callable[[int], None] | None = None) -> None:
         """`create_slot` for `slot`, timed and logged; the caller sets its capacity (a grower thread leaves that to
         the daemon's loop, `settle_growth`)."""
         t0 = time.monotonic()
-        create_slot(slot.path, nbytes, before_replace, progress)
+        create_slot(slot.path, nbytes, once_reserved, progress)
         log.info("%s allocated rank %d slot %d: %.1f MiB in %.2f s", self.who, slot.rank, slot.index,
                  nbytes / MiB, time.monotonic() - t0)
 
     def _check_space(self, rank: int, extra: int, count: int, each: int) -> None:
+        """Refuse `extra` bytes more for `count` slots of `each` bytes unless the shm directory has them, with room
+        for each slot's manifest beside it (written when a step is sealed), and the daemon's limit leaves them."""
         if extra <= 0:
             return
+        room = count * manifest_room(each)
         ahead = self.growing()  # what the grower threads are about to take
         free = free_bytes(self.shm_dir) - ahead
         limit_free = None if self.shm_limit is None else (self.shm_limit - self.used_bytes()
                                                           - sum(g.extra for g in self._growing.values()))
-        avail = free if limit_free is None else min(free, limit_free)
-        if extra > avail and self._reclaim_old_world(rank):
+        short = extra + room > free or (limit_free is not None and extra > limit_free)
+        if short and self._reclaim_old_world(rank):
             self._check_space(rank, extra, count, each)
             return
-        if extra > avail:
+        if short:
+            need = f"{extra / MiB:.1f} MiB more shared memory"
+            if extra + room > free:
+                need += f" (and {fmt_bytes(room)} beside them for their manifests)"
             where = f"{self.shm_dir} has {free / MiB:.1f} MiB free"
             if ahead:
                 where += f" once the {ahead / MiB:.1f} MiB being allocated for other slots are"
             if limit_free is not None:
                 where += f", and the daemon's limit of {self.shm_limit / MiB:.1f} MiB leaves {max(limit_free, 0) / MiB:.1f} MiB"
             raise ShmSpaceError(
-                f"rank {rank}: {count} snapshot slot(s) of {each / MiB:.1f} MiB need {extra / MiB:.1f} MiB more shared"
-                f" memory, but {where}. Give the node more /dev/shm (Docker's default is 64 MiB: run with"
-                f" --shm-size), or snapshot less state per rank"
+                f"rank {rank}: {count} snapshot slot(s) of {each / MiB:.1f} MiB need {need}, but {where}. Give the"
+                f" node more /dev/shm (Docker's default is 64 MiB: run with --shm-size), or snapshot less state per rank"
             )

@@ -557,7 +557,7 @@ class Guard:
             return cached.t, False
         if cached is not None:
             self._unmap(path)
-        mm = map_file(path, writable=True)
+        mm = map_file(path, writable=True) if capacity else b""  # a shard of no bytes: an empty file, never mapped
         t = torch.frombuffer(mm, dtype=torch.uint8) if capacity else torch.empty(0, dtype=torch.uint8)
         self._maps[path] = _Mapped(mm, t, capacity, ino, _host_register(t) if self._pin and capacity else None)
         return t, True

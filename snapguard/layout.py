@@ -108,9 +108,10 @@ class Manifest:
             if e.dtype not in DTYPE_SIZES:
                 raise LayoutError(f"{who}: tensor {e.name!r} has unknown dtype {e.dtype!r}")
             if any(s < 0 for s in e.shape):
-                raise LayoutError(f"{who}: tensor {e.name!r} has a negative dimension {e.shape}")
-            if e.nbytes != math.prod(e.shape) * DTYPE_SIZES[e.dtype]:
-                raise LayoutError(f"{who}: tensor {e.name!r} {e.describe()} claims {e.nbytes} bytes")
+                raise LayoutError(f"{who}: tensor {e.name!r} has a negative dimension")
+            if e.nbytes != _nbytes_within(e.shape, DTYPE_SIZES[e.dtype], self.nbytes):
+                shape = e.describe() if len(e.shape) <= 16 else f"{e.dtype} of {len(e.shape)} dimensions"
+                raise LayoutError(f"{who}: tensor {e.name!r} {shape} claims {e.nbytes} bytes")
             if e.offset % ALIGN or e.offset < end or e.offset + e.nbytes > self.nbytes:
                 raise LayoutError(
                     f"{who}: tensor {e.name!r} at offset {e.offset} (+{e.nbytes}) overlaps, is unaligned,"
@@ -194,6 +195,19 @@ def in_threads(n: int, threads: int, work: Callable[[int, int], None], name: str
         w.join()
     if errors:
         raise next((e for e in errors if isinstance(e, ChecksumError)), errors[0])
+
+
+def _nbytes_within(shape, itemsize: int, limit: int) -> int:
+    """The bytes of a tensor of `shape`, or `limit + 1` once they pass `limit`: a manifest from the wire may claim a
+    shape of any length and size, whose full product would hold up the daemon for minutes."""
+    if 0 in shape:
+        return 0
+    n = itemsize
+    for dim in shape:
+        n *= dim
+        if n > limit:
+            return limit + 1
+    return n
 
 
 def chunk_checksums(buf: memoryview, nbytes: int, chunk_size: int = DEFAULT_CHUNK, threads: int = 1) -> list[int]:

@@ -186,10 +186,20 @@ class Ok(Message):
     info: dict = field(default_factory=dict)
 
 
+MAX_ERROR_CHARS = 8192  # an error's text may quote what a bad request sent: kept far below decode's 1 MiB per string
+
+
 @dataclass(frozen=True)
 class Error(Message):
     code: str
     message: str
+
+    def __post_init__(self):
+        if len(self.message) > MAX_ERROR_CHARS:  # its head and tail say what was wrong; a reply must stay decodable
+            cut = len(self.message) - MAX_ERROR_CHARS
+            half = MAX_ERROR_CHARS // 2
+            object.__setattr__(self, "message", f"{self.message[:half]} ... ({cut} characters left out) ..."
+                                                f" {self.message[-half:]}")
 
 
 @dataclass(frozen=True)

@@ -52,12 +52,13 @@ def free_bytes(directory: str) -> int:
 RESERVE_PIECE = 1 << 30  # bytes reserved per posix_fallocate call: `create_slot` reports progress between them
 
 
-def create_slot(path: str, nbytes: int, before_replace: Callable[[], None] | None = None,
+def create_slot(path: str, nbytes: int, once_reserved: Callable[[], None] | None = None,
                 progress: Callable[[int], None] | None = None) -> None:
-    """Create `path` (0600) holding `nbytes` of reserved memory, replacing what was there; `before_replace` runs
-    once the new file is reserved, just before it takes the old one's place (if the memory is not there, neither
-    happens). `progress(bytes reserved so far)` is called before each RESERVE_PIECE and once all are reserved; it
-    may raise to stop.
+    """Make `path` (0600) hold `nbytes` of reserved memory: create it, or grow it in place, keeping its bytes, so
+    that a growth takes only the memory it adds (a bigger file beside the old one would need both for a while, and
+    a trainer's mapping keeps the old one's pages until it maps the new). `once_reserved` runs once the memory is
+    there; if it is not, the file is left as it was and `once_reserved` does not run. `progress(bytes added so
+    far)` is called before each RESERVE_PIECE and once all are reserved; it may raise to stop.
 
     posix_fallocate reserves the space, so ENOSPC surfaces here as a clear error. On tmpfs it leaves the
     pages unwritten: the first mapping that touches them zeroes them, at a few percent of memcpy speed
@@ -65,28 +66,29 @@ def create_slot(path: str, nbytes: int, before_replace: Callable[[], None] | Non
     maps its slots with MAP_POPULATE at construction, so no snapshot does. Reserving takes time too
     (0.3 s per GiB on the 2-core dev VM), which is why the daemon grows slots in the background.
     """
-    tmp = path + ".new"
-    fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o600)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
     try:
         os.fchmod(fd, 0o600)
-        for off in range(0, nbytes, RESERVE_PIECE):
+        old = os.fstat(fd).st_size
+        try:
+            for off in range(old, nbytes, RESERVE_PIECE):
+                if progress is not None:
+                    progress(off - old)
+                try:
+                    os.posix_fallocate(fd, off, min(RESERVE_PIECE, nbytes - off))
+                except OSError as e:
+                    why = (f"could not allocate {(nbytes - old) / MiB:.1f} MiB more for {path}: {e.strerror};"
+                           f" {free_bytes(os.path.dirname(path)) / MiB:.1f} MiB free")
+                    raise ShmSpaceError(why) from None
             if progress is not None:
-                progress(off)
-            try:
-                os.posix_fallocate(fd, off, min(RESERVE_PIECE, nbytes - off))
-            except OSError as e:
-                raise ShmSpaceError(f"could not allocate {nbytes / MiB:.1f} MiB for {path}: {e.strerror};"
-                                    f" {free_bytes(os.path.dirname(path)) / MiB:.1f} MiB free") from None
-        if progress is not None:
-            progress(nbytes)
-    except BaseException:
+                progress(max(nbytes - old, 0))
+        except BaseException:
+            os.ftruncate(fd, old)  # gives back what this growth added; the bytes before it are untouched
+            raise
+    finally:
         os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    if before_replace is not None:
-        before_replace()
-    os.replace(tmp, path)
+    if once_reserved is not None:
+        once_reserved()
 
 
 def write_private(path: str, data: bytes) -> None:
@@ -94,8 +96,12 @@ def write_private(path: str, data: bytes) -> None:
     and at worst a stray `path.new` (`SlotTable.adopt` removes those)."""
     tmp = path + ".new"
     fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    except BaseException:
+        os.unlink(tmp)
+        raise
     os.replace(tmp, path)
 
 

@@ -218,6 +218,11 @@ def wire(busy):
     assert busy.held() == {0: [0, 1], 1: [0]}
 
 
+def taken(directory: str, prefix: str = "") -> int:
+    """The memory that the files in `directory` (those whose names start with `prefix`) take."""
+    return sum(os.stat(os.path.join(directory, n)).st_blocks * 512 for n in os.listdir(directory) if n.startswith(prefix))
+
+
 def enc(d: dict) -> bytes:
     return msgpack.packb(d, use_bin_type=True)
 
@@ -271,6 +276,13 @@ def bad_requests(node: Node) -> dict[str, tuple[bytes, str, str]]:
         "seal-too-big": (P.encode(P.Seal(job, 1, 1, 1, good_manifest(
             node, 1, 1, over={"nbytes": 1 << 20, "checksums": [0] * 256}))),
             "LayoutError", "does not fit a slot of 8192 bytes"),
+        # a shape whose full product would take the daemon minutes to compute, while it answers no one
+        "seal-shape-of-200k-dims": (P.encode(P.Seal(job, 1, 1, 1, good_manifest(
+            node, 1, 1, over={"entries": [["payload", "uint8", [(1 << 64) - 1] * 200_000, 0, 8192]]}))),
+            "LayoutError", "tensor 'payload' uint8 of 200000 dimensions claims 8192 bytes"),
+        # an error that quotes 1.2 MB of what was sent must still be a reply the sender can decode
+        "unknown-fields-of-1mb": (enc({**begin, "x" * 600_000: 1, "y" * 600_000: 1}), "ProtocolError",
+                                  "characters left out"),
         "seal-no-such-slot": (P.encode(P.Seal(job, 1, 1, 9, good_manifest(node, 1, 1))), "LayoutError", "no slot 9"),
         "seal-offset-past-end": (P.encode(P.Seal(job, 1, 1, 1, good_manifest(
             node, 1, 1, over={"entries": [["payload", "uint8", [8192], 64, 8192]]}))), "LayoutError", "runs past the shard end"),
@@ -369,7 +381,7 @@ def test_shm_limit_is_a_clear_error_before_training_starts(node):
     assert (f"refused Reserve: [ShmSpaceError] rank 0: 2 snapshot slot(s) of {per:.1f} MiB need {2 * per:.1f} MiB"
             " more shared memory") in msg
     assert "the daemon's limit of 1.0 MiB leaves 1.0 MiB" in msg and "--shm-size" in msg
-    assert os.listdir(node.table_dir) == [], "nothing may be allocated for a promise that cannot be kept"
+    assert taken(node.table_dir, "r") == 0, "nothing may be allocated for a promise that cannot be kept"
     assert node.status().shm_used == 0
 
 
@@ -403,9 +415,79 @@ def test_a_real_small_tmpfs_is_a_clear_error_before_training_starts(node, small_
         msg = str(e.value)
         assert f"[ShmSpaceError] rank 0: 2 snapshot slot(s) of {per:.1f} MiB need {2 * per:.1f} MiB more shared memory" in msg
         assert f"but {small_tmpfs} has" in msg and "MiB free" in msg and "--shm-size" in msg
-        assert os.listdir(other.table_dir) == []
+        assert taken(other.table_dir, "r") == 0
     finally:
         other.close()
+
+
+def test_slots_grow_in_place_so_a_tmpfs_that_holds_the_final_state_twice_is_enough(node, small_tmpfs):
+    """A Guard reserves its slots for the parameters; Adam's moments come with the first step, and the slots grow to
+    three times that. A slot's file grows in place, taking only what it adds: the 8 MiB tmpfs holds two slots of the
+    final state, though not those beside the parameters' slots."""
+    node.start(shm_dir=small_tmpfs)
+    model, opt = make_model(width=7168)
+    per = slot_mib(model)
+    assert 2 * (per + 3 * per) > 8 > 2 * 3 * per + 0.25
+    g = node.guard(model, opt, rng=False)
+    try:
+        for step in range(3):
+            train_step(model, opt, step)
+            g.snapshot(step)
+        g.wait()
+        assert node.held() == {0: [1, 2]}
+    finally:
+        g.close()
+
+
+def test_a_slot_keeps_room_for_its_manifest_and_a_seal_without_it_is_a_clear_error(node, small_tmpfs):
+    """Slots that would fill the tmpfs to the last byte are refused: each seal writes its manifest beside its slot.
+    When the room goes to something else anyway, the seal fails saying so, leaves nothing behind, and the next one
+    succeeds once there is room again."""
+    node.start(shm_dir=small_tmpfs)
+    free = os.statvfs(small_tmpfs).f_bavail * os.statvfs(small_tmpfs).f_frsize
+    with pytest.raises(DaemonError, match=r"need .* MiB more shared memory \(and 128.0 KiB beside them for their"
+                                          r" manifests\)"):
+        node.request(P.Reserve(node.job, 0, 1, free // 2))
+    wait_until(lambda: isinstance(node.request(P.Reserve(node.job, 0, 1, 1 << 20)), P.Ok), 10, "rank 0's slots")
+    seal_raw(node, 0, 1, 0)
+    filler = os.path.join(small_tmpfs, "filler")
+    g = node.request(P.Begin(node.job, 0, 1, 1, 8192))
+    with open(filler, "wb") as f:  # every byte left, in pages: the manifest of step 1 finds none
+        f.write(bytes(os.statvfs(small_tmpfs).f_bavail * os.statvfs(small_tmpfs).f_frsize))
+    data = bytes(8192)
+    man = Manifest(MANIFEST_VERSION, node.job, 0, 1, 1, 8192, 4096, [TensorEntry("payload", "uint8", [8192], 0, 8192)],
+                   chunk_checksums(memoryview(data), 8192, 4096), msgpack.packb(None), time.time())
+    with pytest.raises(DaemonError, match=r"\[ShmSpaceError\] rank 0 step 1: no room for its manifest \(.*\) beside its"
+                                          r" slot: .* free. Give the node more /dev/shm"):
+        node.request(P.Seal(node.job, 0, 1, g.slot, man.to_wire()))
+    assert node.held() == {0: [0]}
+    assert not [n for n in os.listdir(os.path.join(small_tmpfs, os.path.basename(node.table_dir))) if n.endswith(".new")]
+    os.unlink(filler)
+    seal_raw(node, 0, 1, 1)
+    assert node.held() == {0: [0, 1]}
+
+
+def test_a_state_of_no_tensors_is_snapshotted_and_restored_after_the_daemon_restarts(node):
+    """A Guard over a model without parameters and a loop-state dict: a shard of no bytes, sealed in an empty file,
+    which a restarted daemon re-adopts like any other."""
+    node.start()
+    loop = {"step": 0, "epoch": 3}
+    g = node.guard(torch.nn.ReLU(), None, loop, rng=False)
+    for step in range(2):
+        loop["step"] = step
+        g.snapshot(step)
+    g.wait()
+    g.close()
+    node.kill()
+    node.start()
+    assert node.held() == {0: [0, 1]}
+    loop = {"step": -1, "epoch": 0}
+    g = node.guard(torch.nn.ReLU(), None, loop, rng=False)
+    try:
+        assert g.restore() == 1
+        assert loop == {"step": 1, "epoch": 3}
+    finally:
+        g.close()
 
 
 def test_slots_grow_in_the_background_while_the_daemon_serves_and_a_failed_growth_is_a_clear_error(node, tmp_path,
@@ -452,7 +534,8 @@ def _grow_and_fail(node: Node, small_tmpfs: str, stall, model, t: threading.Thre
     assert [capacity for _, capacity in reply.info["slots"]] == [1 << 20] * 2
     # what rank 0's growth is about to take counts as taken
     with pytest.raises(DaemonError, match=r"\[ShmSpaceError\] rank 1: 2 snapshot slot\(s\) of 3.0 MiB need 4.0 MiB more"
-                                          r" shared memory, but .* MiB free once the 4.0 MiB being allocated for other"):
+                                          r" shared memory \(and 128.0 KiB beside them for their manifests\), but .* MiB"
+                                          r" free once the 4.0 MiB being allocated for other"):
         node.request(P.Reserve(node.job, 1, 2, 3 << 20))
     t.join(30)
     assert not t.is_alive() and len(failed) == 1, failed
@@ -464,11 +547,12 @@ def _grow_and_fail(node: Node, small_tmpfs: str, stall, model, t: threading.Thre
     with open(os.path.join(small_tmpfs, "filler"), "wb") as f:
         f.write(bytes(os.statvfs(small_tmpfs).f_bavail * os.statvfs(small_tmpfs).f_frsize))
     stall.unlink()
-    with pytest.raises(DaemonError, match=r"refused Reserve: \[ShmSpaceError\] could not allocate 2.0 MiB for .*No space"):
+    with pytest.raises(DaemonError, match=r"refused Reserve: \[ShmSpaceError\] could not allocate 2.0 MiB more for .*No"
+                                          r" space"):
         node.guard(model, None, rng=False, world_size=2, timeout_s=10.0)
     st = node.status().ranks[0]["slots"]
     assert [(s["state"], s["capacity"]) for s in st] == [("free", 0)] * 2
-    assert not [n for n in os.listdir(table) if n.endswith(".new")], "a failed growth leaves no file behind"
+    assert taken(table, "r00000.") == 0, "a failed growth gives back what it had reserved"
 
     os.unlink(os.path.join(small_tmpfs, "filler"))
     g = node.guard(model, None, rng=False, world_size=2, timeout_s=10.0)
@@ -480,19 +564,21 @@ def _grow_and_fail(node: Node, small_tmpfs: str, stall, model, t: threading.Thre
         g.close()
 
 
-def test_a_daemon_killed_while_it_grows_slots_leaves_only_what_a_restarted_daemon_removes(node):
+def test_a_daemon_killed_while_it_grows_slots_leaves_free_slots_that_a_restarted_daemon_grows_on(node):
     """SIGKILL while a grower thread reserves a rank's slot: the trainer's Guard() fails saying the daemon closed the
     connection (or, when it died between two of Guard's Reserve polls, that no daemon took its place within the
-    timeout); the half-reserved file stays behind, and the restarted daemon removes it and grows the slots anew."""
+    timeout); the slot's file holds what had been reserved (it grows in place), and the restarted daemon takes it as
+    a free slot of that size and grows it on."""
     node.start(faults="daemon.reserve.piece@0")
     model = torch.nn.Linear(256, 256, bias=False)
     gone = r"closed the connection while Reserve waited|did not answer Reserve within 5.0 s \(no daemon was connected\)"
     with pytest.raises(DaemonError, match=gone):
         node.guard(model, None, rng=False, timeout_s=5.0)
     assert node.proc.wait(10) == -9
-    assert [n for n in os.listdir(node.table_dir) if n.endswith(".new")], "the killed growth left its file"
     node.start()
-    assert sorted(os.listdir(node.table_dir)) == [], "the restarted daemon removed the half-reserved files"
+    # the growth was killed before it reserved anything: the restarted daemon holds free slots of no memory
+    assert [[(s["state"], s["capacity"]) for s in r["slots"]] for r in node.status().ranks] == [[("free", 0)] * 2]
+    assert taken(node.table_dir, "r") == 0
     g = node.guard(model, None, rng=False)
     try:
         g.snapshot(0)
@@ -743,6 +829,25 @@ def test_files_are_private(node):
     for name in names:
         assert mode(os.path.join(node.table_dir, name)) == 0o600, name
     assert node.job in node.table_dir, "slot files carry the job's name"
+
+
+def test_a_daemon_of_another_run_dir_leaves_the_slots_a_running_one_serves_alone(daemon):
+    """Two daemons of one job and node with different --run-dir (their lock files and sockets apart) but one
+    --shm-dir: the second must not adopt, hand out or remove the first one's slots."""
+    seal_raw(daemon, 0, 1, 0)
+    run_dir, shm_dir = make_dirs("o")
+    try:
+        proc = subprocess.run(daemon_command(Endpoint(daemon.job, daemon.node, run_dir), daemon.shm_dir),
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(shm_dir, ignore_errors=True)
+    assert proc.returncode == 3, proc.stderr
+    assert f"another daemon already serves this job's slots in {daemon.table_dir}" in proc.stderr
+    assert os.path.isdir(daemon.table_dir) and daemon.held() == {0: [0]}
+    daemon.kill()
+    daemon.start()
+    assert daemon.held() == {0: [0]}, "the first daemon's slots are all there for the next one"
 
 
 def test_a_second_daemon_for_the_same_job_refuses_to_start(daemon):
