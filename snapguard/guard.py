@@ -36,7 +36,7 @@ from snapguard.config import Endpoint, check_seconds, default_shm_dir, default_t
 from snapguard.errors import (ChecksumError, ConfigError, DaemonError, DaemonUnavailable, RestoreError, SnapGuardError,
                               UnrecoverableError, WorldSizeChanged)
 from snapguard.faults import fault_point
-from snapguard.layout import (DEFAULT_CHUNK, MANIFEST_VERSION, ChunkHasher, Layout, Manifest, checksum_mismatch,
+from snapguard.layout import (ALIGN, DEFAULT_CHUNK, MANIFEST_VERSION, ChunkHasher, Layout, Manifest, checksum_mismatch,
                               chunk_checksums, default_hash_threads, in_threads, plan_layout, verify_checksums)
 from snapguard.memcopy import STREAM_KIND, address_view, native, stream_copy
 from snapguard.procs import TrainerLock, spawn_daemon
@@ -137,6 +137,9 @@ class Guard:
         self.endpoint = Endpoint.resolve(cfg.job, cfg.node, cfg.run_dir)
         self.timeout_s = default_timeout(cfg.timeout_s)
         check_seconds("gate_timeout_s", cfg.gate_timeout_s)
+        if not isinstance(cfg.chunk_size, int) or isinstance(cfg.chunk_size, bool) or cfg.chunk_size < ALIGN \
+                or cfg.chunk_size % ALIGN:
+            raise ConfigError(f"chunk_size must be a positive multiple of {ALIGN} bytes, got {cfg.chunk_size!r}")
         if dist.is_available() and dist.is_initialized():
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         else:
@@ -196,6 +199,7 @@ class Guard:
         self._queue: queue.Queue = queue.Queue()
         self._closed = False
         self._mixed: str | None = None  # set when a failed restore left chunks of a snapshot in the state
+        self._restoring: int | None = None  # during restore(): the step some of whose chunks it copied into the state
         self.common_step = -1  # newest step every rank holds sealed, as the daemon last reported
         self.last_sealed = -1
         self.restored_from: str | None = None  # where restore() found this rank's shard: "memory" or "disk"
@@ -578,6 +582,21 @@ class Guard:
         peers with bytes that match their checksums, every rank plans again, after the daemons have checked every
         sealed slot and dropped the corrupt ones (and the steps whose rebuild failed): with an older step if need
         be. A step that fails after that check is not tried again."""
+        if self._closed:
+            raise SnapGuardError(f"{self.who} restore() after close(): build a new Guard")
+        if self._pg is None and self.world_size > 1:  # it would plan with this rank's steps alone, and find none
+            raise ConfigError(f"{self.who} restore() in a job of {self.world_size} ranks needs torch.distributed, over"
+                              " which the ranks agree on the step, and it was not initialised when this Guard was built:"
+                              " call init_process_group() first")
+        self._restoring = None
+        try:
+            return self._restore()
+        except BaseException:
+            if self._restoring is not None and self._mixed is None:  # e.g. a gather that timed out after the copy
+                self._touched(self._restoring, {})
+            raise
+
+    def _restore(self) -> int | None:
         try:
             self.wait()  # the copy thread must be done with the tensors before they are written
             unfinished = None
@@ -639,7 +658,7 @@ class Guard:
                     saved_ws = man.world_size
                     if saved_ws == self.world_size:  # else nothing is written: every rank refuses below
                         self.epoch = epoch
-                        loaded = plan.step
+                        self._restoring = loaded = plan.step
                         try:
                             state, shard_nbytes = self._load(shard, man)
                             report = plan.step
@@ -648,6 +667,11 @@ class Guard:
                                         plan.step, e)
             except SnapGuardError as e:
                 error, report = e, _FAILED
+            except Exception as e:  # e.g. a tensor of the live state that cannot be written in place: every rank
+                # must hear of it at the gather below, not wait there for the collective's timeout
+                error = RestoreError(f"{self.who} cannot restore step {plan.step}: {type(e).__name__}: {e}"
+                                     + self._touched(loaded, {}))
+                error.__cause__, report = e, _FAILED
             restored, sizes = self._gather_restored(report, saved_ws, f"restoring step {plan.step}")
             if error is not None:
                 raise error

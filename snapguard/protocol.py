@@ -326,7 +326,7 @@ def decode(frame: bytes, expect: tuple[type[Message], ...] | None = None) -> Mes
         raise ProtocolError(f"message is not valid msgpack: {type(e).__name__}: {e}") from None
     if not isinstance(d, dict):
         raise ProtocolError(f"message must be a map, got {type(d).__name__}")
-    if d.get("v") != VERSION:
+    if type(d.get("v")) is not int or d["v"] != VERSION:  # not 4.0, nor True for 1
         raise ProtocolError(f"message version {d.get('v')!r} is not supported (this side speaks {VERSION})")
     cls = _REGISTRY.get(d.get("type")) if isinstance(d.get("type"), str) else None
     if cls is None:

@@ -26,7 +26,7 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     if hasattr(torch, name)
 }
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
-_MAX_TREE_BYTES = 64 << 20
+_MAX_TREE_BYTES = 8 << 20  # it travels in the Seal message, whose header may hold 16 MiB (protocol.MAX_HEADER_BYTES)
 
 
 @runtime_checkable
@@ -99,8 +99,9 @@ def flatten(tree: Any, path: str = "") -> tuple[list[tuple[str, torch.Tensor]], 
             if type(node) is not torch.Tensor and not isinstance(node, torch.nn.Parameter):
                 raise LayoutError(f"{where}: {type(node).__name__} is not a plain tensor; an integration must turn it into"
                                   " its local shard first")
-            if node.is_sparse or node.is_quantized:
-                raise LayoutError(f"{where}: sparse and quantized tensors are not supported")
+            if node.layout != torch.strided or node.is_quantized:  # sparse (COO, CSR, BSR...), mkldnn
+                raise LayoutError(f"{where}: sparse and quantized tensors are not supported (this one: {node.layout}"
+                                  f"{', quantized' if node.layout == torch.strided else ''})")
             if node.dtype not in DTYPE_NAMES:
                 raise LayoutError(f"{where}: dtype {node.dtype} is not supported")
             return ["T", add(where, keys, node)]
@@ -183,7 +184,9 @@ def _hashable(k: Any) -> Any:
 def pack_tree(tree: Any) -> bytes:
     data = msgpack.packb(tree, use_bin_type=True)
     if len(data) > _MAX_TREE_BYTES:
-        raise LayoutError(f"the non-tensor state packs to {len(data)} bytes, over the {_MAX_TREE_BYTES} limit")
+        raise LayoutError(f"the non-tensor state packs to {len(data)} bytes, over the {_MAX_TREE_BYTES}-byte limit: it"
+                          " travels in a message to the daemon; keep large data in tensors or NumPy arrays, which go"
+                          " into the shared-memory slot")
     return data
 
 

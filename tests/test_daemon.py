@@ -250,6 +250,7 @@ def bad_requests(node: Node) -> dict[str, tuple[bytes, str, str]]:
         "oversized": (enc({**begin, "pad": b"\0" * (P.MAX_HEADER_BYTES + 1)}), "ProtocolError", "over the"),
         "wrong-version": (enc({**begin, "v": 2}), "ProtocolError", "version 2 is not supported"),
         "no-version": (enc({k: v for k, v in begin.items() if k != "v"}), "ProtocolError", "version None"),
+        "float-version": (enc({**begin, "v": 4.0}), "ProtocolError", "version 4.0 is not supported"),
         "unknown-type": (enc({"v": 4, "type": "FormatDisk", "job": job}), "ProtocolError", "unknown message type"),
         "not-a-map": (enc(["Begin", job, 0]), "ProtocolError", "must be a map"),
         "str-for-int": (enc({**begin, "step": "9"}), "ProtocolError", "Begin.step has type str"),
@@ -850,6 +851,15 @@ def test_a_daemon_of_another_run_dir_leaves_the_slots_a_running_one_serves_alone
     assert daemon.held() == {0: [0]}, "the first daemon's slots are all there for the next one"
 
 
+def test_restore_after_close_is_refused(daemon):
+    model, opt = make_model()
+    g = daemon.guard(model, opt, rng=False)
+    g.snapshot(0)
+    g.close()
+    with pytest.raises(SnapGuardError, match=r"restore\(\) after close\(\): build a new Guard"):
+        g.restore()
+
+
 def test_a_second_daemon_for_the_same_job_refuses_to_start(daemon):
     r = subprocess.run(daemon_command(daemon.ep, daemon.shm_dir), capture_output=True, text=True, timeout=60)
     assert r.returncode == 3
@@ -976,7 +986,7 @@ def test_a_daemon_whose_start_fails_leaves_no_socket_lock_or_slot_directory(node
     assert isinstance(node.request(P.Ping()), P.Ok)
 
 
-def test_socket_paths_too_long_for_unix_sockets_and_bad_timeouts_are_clear_errors(monkeypatch):
+def test_socket_paths_too_long_for_unix_sockets_bad_timeouts_and_chunk_sizes_are_clear_errors(monkeypatch):
     with pytest.raises(ConfigError, match=r"Unix sockets allow 107: use a shorter run dir"):
         Endpoint("j" * 60, "n" * 60, "/tmp/x").socket_path
     for bad in ("abc", "inf", "nan", "-1", "0"):
@@ -988,6 +998,9 @@ def test_socket_paths_too_long_for_unix_sockets_and_bad_timeouts_are_clear_error
     for bad in (-1, 0, float("nan")):  # before it looks for a daemon (there is none)
         with pytest.raises(ConfigError, match=r"gate_timeout_s must be a number of seconds, more than 0 and finite"):
             Guard(states={"s": {"x": torch.zeros(2)}}, rng=False, run_dir="/tmp/no-such-dir", gate_timeout_s=bad)
+    for bad in (1000, 0, True, 64.0):  # every seal would be refused, or every copy fail, after the whole copy
+        with pytest.raises(ConfigError, match=r"chunk_size must be a positive multiple of 64 bytes"):
+            Guard(states={"s": {"x": torch.zeros(2)}}, rng=False, run_dir="/tmp/no-such-dir", chunk_size=bad)
     r = subprocess.run([sys.executable, "-m", "snapguard.cli", "status", "--timeout", "nan"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and "--timeout must be a number of seconds, more than 0 and finite, got nan" in r.stderr, \

@@ -17,7 +17,7 @@ import torch
 
 from snapguard import guard as guard_module
 from snapguard.config import Endpoint
-from snapguard.errors import DaemonError, LayoutError, WorldSizeChanged
+from snapguard.errors import ConfigError, DaemonError, LayoutError, WorldSizeChanged
 from snapguard.procs import free_port
 
 from conftest import flip_bits
@@ -74,6 +74,19 @@ def test_numpy_values_come_back_with_their_shape_dtype_order_and_type(daemon):
 def test_a_state_whose_tensor_names_collide_is_refused_when_the_guard_is_built(daemon):
     with pytest.raises(LayoutError, match=r"\['extra'\]\['ints'\]\[1\] and \['extra'\]\['ints'\]\['1'\] would both"):
         daemon.guard(None, None, {"ints": {1: torch.ones(1), "1": torch.zeros(1)}}, rng=False)
+
+
+def test_a_guard_of_several_ranks_built_without_torch_distributed_cannot_restore_and_says_why(daemon):
+    # Its snapshots go on (a daemon serves it as any rank), but a restore would plan with this rank's steps alone
+    g = daemon.guard(None, None, {"w": torch.ones(4)}, rng=False, world_size=2)
+    try:
+        g.snapshot(1)
+        g.wait()
+        with pytest.raises(ConfigError, match=r"restore\(\) in a job of 2 ranks needs torch.distributed, over which the"
+                                              r" ranks agree on the step, .* call init_process_group\(\) first"):
+            g.restore()
+    finally:
+        g.close()
 
 
 def test_a_snapshot_of_another_world_size_is_refused_and_nothing_is_written(daemon):
@@ -158,6 +171,8 @@ elif phase == "save":
     g.close()
 else:
     state = {"w": torch.zeros(5 if phase == "mismatch" and rank == 1 else 4)}
+    if phase == "unwritable" and rank == 1:  # four elements that are one: no copy can write them in place
+        state["w"] = torch.zeros(1).expand(4)
     if phase == "inventory-fails" and rank == 1:  # its own node's daemon, which dies before the restore asks it
         import signal
         from snapguard.config import Endpoint
@@ -191,7 +206,7 @@ else:
     except Exception as e:
         result["other"] = f"{type(e).__name__}: {e}"
     result["elapsed"] = time.monotonic() - t0
-    if "error" in result and phase in ("open-fails", "open-raises"):  # a caller that catches it and trains on
+    if "error" in result and phase in ("open-fails", "open-raises", "unwritable"):  # a caller that catches it, trains on
         try:
             g.snapshot(7)
             result["snapshot"] = "taken"
@@ -287,6 +302,19 @@ def test_a_rank_whose_open_fails_stops_every_rank_before_any_copies_its_shard(pa
     assert "holds verified chunks" not in got[0]["error"], "rank 0 copied its shard, which the job cannot use"
     assert got[0]["snapshot"] == "taken", "a failed restore that copied nothing leaves the state as it was"
     assert got[0]["elapsed"] < 20, got
+
+
+def test_a_rank_whose_state_cannot_take_the_shard_stops_every_rank_at_once_and_none_trains_on(pair):
+    # Not a SnapGuardError (torch's RuntimeError): rank 0 must hear of it at the next gather all the same, not wait
+    # there for the collective's timeout; and both ranks' states hold chunks of the step now.
+    pair("save")
+    got = pair("unwritable")
+    assert got[1]["error"].startswith("RestoreError: "), got
+    assert "cannot restore step 1: RuntimeError: " in got[1]["error"], got
+    assert "cannot restore step 1: it failed on ranks [1] (their errors say why)" in got[0]["error"], got
+    for r in (0, 1):
+        assert got[r]["elapsed"] < 20, got
+        assert got[r]["snapshot"].startswith("RestoreError: "), got  # refused: the state is mixed
 
 
 def test_ranks_on_nodes_whose_daemons_are_not_peers_are_refused_when_they_build_their_guards(pair):

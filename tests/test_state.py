@@ -110,10 +110,19 @@ class Sub(torch.Tensor):
     ({"a": [np.array([object()])]}, "/a/0: NumPy arrays of objects are not supported"),
     ({"t": torch.zeros(2).as_subclass(Sub)}, "Sub is not a plain tensor"),
     ({"t": torch.zeros(2, 2).to_sparse()}, "sparse and quantized tensors are not supported"),
+    ({"t": torch.zeros(2, 2).to_sparse_csr()}, r"/t: sparse and quantized tensors are not supported \(this one:"
+                                               r" torch.sparse_csr\)"),
+    ({"t": torch.zeros(2, 2).to_mkldnn()}, r"not supported \(this one: torch._mkldnn\)"),
 ])
 def test_flatten_refuses_what_it_cannot_store_exactly(state, match):
     with pytest.raises(LayoutError, match=match):
         flatten(state)
+
+
+def test_non_tensor_state_too_large_for_the_seal_message_is_refused_when_it_is_packed():
+    # snapshot() packs it before it returns: the error comes there, not from the daemon after the whole copy
+    with pytest.raises(LayoutError, match=r"over the 8388608-byte limit: it travels in a message to the daemon"):
+        pack_tree(flatten({"sampler": b"\1" * (9 << 20)})[1])
 
 
 def test_dict_state_updates_the_callers_dict_in_place():
