@@ -322,11 +322,17 @@ class Protector:
             return None  # a peer sends a step this node has not sealed yet: join it once sealed
         return full[-1] if full[-1] > self.sent_step else None
 
-    def chunks_to_send(self, step: int) -> OutgoingStep:
+    def chunks_to_send(self, step: int) -> OutgoingStep | None:
         """Every chunk of this node at `step`, for each of its parity holders, in pieces: the first piece of each
         chunk, then the second of each, and so on, so that a window of them holds pieces for every holder. The
-        bytes are read out of the slots as `OutgoingStep` is asked for them."""
+        bytes are read out of the slots as `OutgoingStep` is asked for them.
+
+        None, and nothing is sent, if a slot of the step no longer matches its manifest (memory that changed since
+        the seal): parity of those bytes would count the step as protected, and a rebuild from it would give back
+        bytes that fail their checksums. The slot is dropped, as a restore's check would drop it."""
         layout, parts = self.blob_layout(step)
+        if any(self.table.check_sealed(slot) for _, slot, _ in parts):
+            return None
         sc = ShardChunks(layout["nbytes"], self.k)
         chunks = []
         for word in self.plan.codewords:

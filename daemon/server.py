@@ -578,7 +578,11 @@ class Daemon:
                     or now - self._sent_at < max(2 * self.cfg.heartbeat_s, 2.0)):
                 return
             step, resend = p.sent_step, True
-        self._job = _SendJob(p.chunks_to_send(step), now)
+        out = p.chunks_to_send(step)
+        if out is None:  # a slot of the step failed its check and is dropped: the other nodes hear of it
+            self._held_due = True
+            return
+        self._job = _SendJob(out, now)
         if resend:
             log.info("%s step %d is not protected yet: sending its chunks again", self.who, step)
         else:
@@ -614,6 +618,8 @@ class Daemon:
         """A small message is handled now; a chunk waits its turn behind the chunks read before it, also while
         this daemon waits for a peer's reply: handled out of turn, it would make the replay check refuse them."""
         if len(frames) > 4:  # [identity, request id, header, bulk..., tag]: a chunk (authenticated later)
+            if len(self._chunks) >= CHUNKS_READ_AHEAD:  # while a reply is awaited: in turn, never piling up in memory
+                self._handle_peer(self._chunks.popleft())
             self._chunks.append(frames)
         else:
             self._handle_peer(frames)

@@ -478,15 +478,22 @@ class SlotTable:
         for slot in self.ranks.get(rank, []):
             if not self.current(slot):
                 continue
-            try:
-                verify_checksums(slot.buffer(), slot.manifest, f"rank {rank}", self.hash_threads)
-            except ChecksumError as e:
-                log.warning("%s %s; dropping it, restore will use an older step", self.who, e)
-                dropped.append(str(e))
-                self._forget(slot)
-                continue
-            steps.append(slot.step)
+            why = self.check_sealed(slot)
+            if why:
+                dropped.append(why)
+            else:
+                steps.append(slot.step)
         return sorted(steps), dropped
+
+    def check_sealed(self, slot: Slot) -> str | None:
+        """Check a sealed slot's bytes against its manifest again: None if they match; else drop the slot and say why."""
+        try:
+            verify_checksums(slot.buffer(), slot.manifest, f"rank {slot.rank}", self.hash_threads)
+        except ChecksumError as e:
+            log.warning("%s %s; dropping it, restore will use an older step", self.who, e)
+            self._forget(slot)
+            return str(e)
+        return None
 
     def open(self, rank: int, step: int) -> Slot:
         """The sealed slot of `step`; newer steps of this rank are forgotten (a restore rewinds the rank)."""

@@ -126,9 +126,9 @@ class Cluster:
         if self.spec.persist_every is not None:
             extra += ["--persist-dir", self.persist_dir, "--persist-every", str(self.spec.persist_every)]
         extra += self.daemon_args.get(node, [])
-        os.environ["SNAPGUARD_SECRET"] = self.secret
-        saved = {k: os.environ.get(k) for k in self.daemon_env}
-        os.environ.update(self.daemon_env)
+        env = {**self.daemon_env, "SNAPGUARD_SECRET": self.secret}  # the daemon's only: no trainer started later has it
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
         try:
             self.daemons[node] = spawn_daemon(self.endpoint(node), self.shm_dir(node), extra,
                                               log_path=self.daemon_log(node), wait_s=wait_s)

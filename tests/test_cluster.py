@@ -267,6 +267,7 @@ def test_an_elastic_job_that_shrinks_is_protected_again_and_rebuilt_after_a_node
     c = Cluster(ClusterSpec(workdir=str(tmp_path), nodes=2, m=1, job="shrink"))
     try:
         c.start_daemons(c.names)
+        assert "SNAPGUARD_SECRET" not in os.environ, "the job's secret is the daemons': no trainer started later has it"
         old = _run_ranks(c, script, ["node0", "node0", "node1", "node1"], 4, "old")
         assert all(r["restored"] is None for r in old.values())
         new = _run_ranks(c, script, ["node0", "node1"], 6, "new")

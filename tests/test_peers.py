@@ -118,6 +118,21 @@ def piece(net: PeerNet, step: int, data: bytes, off: int, size: int | None = Non
     return seal_frames(net.secret, bytes(8), msg, [body])
 
 
+def inventory_request(net: PeerNet, timeout_s: float) -> tuple[bytes, bytes] | None:
+    """Wait for a's PeerInventory, as b: (identity, request id) to reply to, None if none came in time."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not net.router.poll(50):
+            continue
+        try:
+            ident, rid, msg, _ = net.receive(recv_frames(net.router))
+        except PeerAuthError:
+            continue
+        if isinstance(msg, P.PeerInventory):
+            return ident, rid
+    return None
+
+
 def fetch(net: PeerNet, step: int, offset: int = 0, length: int = PIECE) -> tuple[P.PeerData, bytes]:
     """b fetches bytes [offset, offset + length) of a's parity of codeword 0 at `step`."""
     reply, bulk = net.request("a", P.PeerFetch(**net.header(), step=step, codeword=0, position=1, offset=offset,
@@ -425,20 +440,12 @@ def test_chunk_pieces_that_arrive_while_the_daemon_waits_for_a_reply_keep_their_
         for off in range(0, (n - 2) * PIECE, PIECE):
             dealer.send_multipart(piece(net, 1, data, off))
         burst.set()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if not net.router.poll(50):
-                continue
-            try:
-                ident, rid, msg, _ = net.receive(recv_frames(net.router))
-            except PeerAuthError:
-                continue
-            if isinstance(msg, P.PeerInventory):
-                for off in range((n - 2) * PIECE, n * PIECE, PIECE):  # the last pieces, before the reply
-                    dealer.send_multipart(piece(net, 1, data, off))
-                net.reply(ident, rid, P.PeerStock("b", [], [], {}))
-                asked.set()
-                return
+        asking = inventory_request(net, 20)
+        if asking is not None:
+            for off in range((n - 2) * PIECE, n * PIECE, PIECE):  # the last pieces, before the reply
+                dealer.send_multipart(piece(net, 1, data, off))
+            net.reply(*asking, P.PeerStock("b", [], [], {}))
+            asked.set()
 
     t = threading.Thread(target=play_b)
     t.start()
@@ -452,6 +459,40 @@ def test_chunk_pieces_that_arrive_while_the_daemon_waits_for_a_reply_keep_their_
     st = wait_parity(client, [[0, 1, 1]])
     assert st.parity == [[0, 1, 1]] and st.rejected == 0, (st, [l for l in log.read_text().splitlines()
                                                                if "refused" in l or "replayed" in l][:5])
+
+
+def test_chunk_pieces_that_arrive_while_the_daemon_waits_for_a_reply_are_not_piled_up_in_memory(pair):
+    """While a waits for b's reply it reads on (b's small messages must get through), but holds no more pieces of
+    chunks unhandled than its loop reads ahead: a peer whose reply is slow, while pieces keep coming, must not make
+    it hold every one of them. (b's pieces here carry a MAC that fails: a refuses them when it handles them.)"""
+    ep, net, client, log = pair
+    with open(ep.lock_path) as f:
+        daemon = psutil.Process(int(f.read()))
+    n = 24  # 384 MiB
+    data = np.random.default_rng(11).integers(0, 1 << 63, n * PIECE // 8, dtype=np.uint64).tobytes()
+    grew: list[int] = []
+
+    def play_b() -> None:
+        dealer = net._dealer("a")
+        asking = inventory_request(net, 30)
+        if asking is not None:
+            rss0 = daemon.memory_info().rss
+            for off in range(0, n * PIECE, PIECE):
+                frames = piece(net, 1, data, off)
+                frames[-1] = bytes(len(frames[-1]))
+                dealer.send_multipart(frames)
+            time.sleep(1.0)  # a has read what it reads
+            grew.append(daemon.memory_info().rss - rss0)
+            net.reply(*asking, P.PeerStock("b", [], [], {}))
+
+    t = threading.Thread(target=play_b)
+    t.start()
+    try:
+        client.request(P.Inventory(ep.job, 0, recheck=False))
+    finally:
+        t.join(40)
+    assert grew and grew[0] < 8 * PIECE, f"a held {grew[0] >> 20} MiB of pieces while it waited for b's reply"
+    assert status_after(client, n).rejected == n
 
 
 def test_a_sender_without_the_jobs_credentials_is_closed_at_its_handshake_and_never_buffered(pair):

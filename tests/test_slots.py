@@ -369,6 +369,23 @@ def test_chunks_on_their_way_are_read_out_before_their_slot_is_handed_out(table)
     assert sent(read_all_first=False)[:len(data)] != data, "the tail was read after the slot was overwritten"
 
 
+def test_a_step_whose_slot_changed_since_its_seal_is_dropped_not_sent_to_its_parity_holders(table):
+    """Parity of bytes that no longer match their manifest would count the step as protected, and a rebuild from it
+    would give back bytes that fail their checksums: the daemon checks a step's slots before its chunks go out."""
+    from snapguard.daemon.protect import Protector
+
+    data = bytes(range(256)) * 64
+    d = table.begin(0, 0, len(data))
+    slot = table.ranks[0][d.slot]
+    slot.buffer()[:len(data)] = data
+    table.seal(0, 0, d.slot, manifest_for(table, 0, 1, 0, data, chunk=4096))
+    p = Protector(table, ["n0", "n1"], "n0", 1)
+    assert p.chunks_to_send(0) is not None
+    slot.buffer()[5000] ^= 0x10  # a bit flipped in memory after the seal
+    assert p.chunks_to_send(0) is None
+    assert table.sealed_steps(0) == [] and p.full_steps() == []
+
+
 def test_a_step_on_its_way_holds_a_window_of_pieces_out_of_the_slots_not_a_copy_of_them(table):
     """g=3, m=1: node n0's blob of 12 pieces is two chunks of 6, each for one parity holder. Pieces are read out of
     the slots only as the window of 8 lets them out: a holder that has its pieces of the window waits for the
