@@ -33,7 +33,7 @@ from snapguard import protocol as P
 from snapguard.codec import Codec, ShardChunks
 from snapguard.errors import ChecksumError, LayoutError, ProtocolError, SnapGuardError, UnrecoverableError
 from snapguard.faults import fault_point
-from snapguard.layout import Manifest, align
+from snapguard.layout import Manifest, align, checksum_mismatch
 from snapguard.stripes import plan_stripes, recoverable
 
 from snapguard.daemon.slots import Slot, SlotTable
@@ -471,7 +471,26 @@ class Protector:
             start = ref.index * chunk_len + min(msg.offset, chunk_len)
             data = np.empty(min(msg.length, (ref.index + 1) * chunk_len - start), np.uint8)
             read_parts(parts, start, start + len(data), data)
+            self._check_served(parts, start, start + len(data))
         return P.PeerData(msg.step, msg.codeword, msg.position, msg.offset, xxhash.xxh3_64_intdigest(data)), data
+
+    def _check_served(self, parts: list[tuple[int, Slot, int]], start: int, stop: int) -> None:
+        """Check the slots' bytes [start, stop) of the blob just read for a fetch against their manifests, whole
+        checksum chunks at a time: a slot that changed since its seal would rebuild another node with bytes that
+        fail their checksums, and the rebuild would give up on the step though another peer could serve it. Such a
+        slot is dropped, and the fetch refused (the rebuild asks another peer)."""
+        for off, slot, n in parts:
+            lo, hi = max(start, off) - off, min(stop, off + n) - off
+            if lo >= hi:
+                continue
+            man, buf = slot.manifest, slot.buffer()
+            cs = man.chunk_size
+            for c in range(lo // cs, (hi - 1) // cs + 1):
+                have = xxhash.xxh3_64_intdigest(buf[c * cs:min((c + 1) * cs, man.nbytes)])
+                if have != man.checksums[c]:
+                    why = checksum_mismatch(man, c, have, f"{self.who} rank {slot.rank}")
+                    self.table.check_sealed(slot)  # drops it, saying so
+                    raise why
 
     # ---- recovery ------------------------------------------------------------------------------
 

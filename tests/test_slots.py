@@ -386,6 +386,37 @@ def test_a_step_whose_slot_changed_since_its_seal_is_dropped_not_sent_to_its_par
     assert table.sealed_steps(0) == [] and p.full_steps() == []
 
 
+def test_a_fetch_of_a_chunk_whose_slot_changed_since_its_seal_is_refused_and_the_slot_dropped(table):
+    """A rebuild of another node fetches this node's chunks in pieces: bytes that no longer match their manifest
+    must not be served (the rebuild would fail its checksums and give up on the step); refused, the rebuild asks
+    another peer."""
+    from snapguard import protocol as P
+    from snapguard.daemon.protect import Protector
+    from snapguard.errors import ChecksumError
+
+    data = bytes(range(256)) * 256  # 64 KiB: 16 checksum chunks of 4 KiB
+    d = table.begin(0, 0, len(data))
+    slot = table.ranks[0][d.slot]
+    slot.buffer()[:len(data)] = data
+    table.seal(0, 0, d.slot, manifest_for(table, 0, 1, 0, data, chunk=4096))
+    p = Protector(table, ["n0", "n1"], "n0", 1)
+    c, pos = next((w.index, ref.position) for w in p.plan.codewords for ref in w.chunks
+                  if ref.node == p.me and not ref.parity)
+
+    def fetch(offset: int, length: int):
+        return p.serve_fetch(P.PeerFetch("j", "n1", 1, 1, step=0, codeword=c, position=pos, offset=offset,
+                                         length=length))
+
+    reply, got = fetch(0, len(data))
+    assert got.tobytes() == data
+    slot.buffer()[40000] ^= 0x10  # a bit flipped in memory after the seal: chunk 9
+    reply, got = fetch(0, 32768)  # chunks 0-7: served
+    assert got.tobytes() == data[:32768]
+    with pytest.raises(ChecksumError, match=r"rank 0: shard for step 0 has checksum .* in chunk 9 \(bytes 36864..\)"):
+        fetch(36000, 4000)  # ends in chunk 9
+    assert table.sealed_steps(0) == []
+
+
 def test_a_step_on_its_way_holds_a_window_of_pieces_out_of_the_slots_not_a_copy_of_them(table):
     """g=3, m=1: node n0's blob of 12 pieces is two chunks of 6, each for one parity holder. Pieces are read out of
     the slots only as the window of 8 lets them out: a holder that has its pieces of the window waits for the
