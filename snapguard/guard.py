@@ -180,6 +180,7 @@ class Guard:
         self._agree_s = self.timeout_s + cfg.gate_timeout_s
         self.client = DaemonClient(self.endpoint.address, self.timeout_s, self.who)
         self._life: TrainerLock | None = None  # held while this Guard lives: the daemon's sign that the trainer runs
+        self._pg = None
         try:
             welcome = self._connect()
             self._pg = self._agreement_group()
@@ -188,6 +189,7 @@ class Guard:
             self.client.close()
             if self._life is not None:
                 self._life.release()
+            self._close_group()  # a refused Guard keeps no connections to the other ranks
             raise
 
         self._layout: Layout | None = None
