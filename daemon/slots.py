@@ -372,9 +372,11 @@ class SlotTable:
                 continue
             del self._growing[key]
             slot, error = g.slot, g.future.exception()
-            if self.ranks.get(slot.rank, [None] * (slot.index + 1))[slot.index] is not slot:  # the rank was removed
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(slot.path)
+            now = self.ranks.get(slot.rank, [])
+            if slot.index >= len(now) or now[slot.index] is not slot:  # the rank was removed (and maybe made anew)
+                if not any(s.path == slot.path for s in now):  # else the file at the path is a new slot's
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(slot.path)
                 continue
             slot.state = FREE
             if error is None:

@@ -320,6 +320,27 @@ def test_remove_all_deletes_every_file_and_the_directory(table):
     assert not os.path.exists(table.dir)
 
 
+def test_a_growth_that_ends_after_its_rank_was_removed_and_made_anew_with_fewer_slots_leaves_the_new_ones(shm_dir):
+    """A rank's slots were growing (here: three, as under erasure coding) when the rank was removed (an old world's
+    rank, retired) and made anew by a daemon of two slots per rank: the daemon's loop takes the finished growths
+    without an IndexError (which would stop it), and leaves the new slots' files alone."""
+    t = SlotTable(unique_id("regrow"), "n0", shm_dir, slots_per_rank=3)
+    try:
+        t.reserve(0, 1 << 20)
+        growing = list(t._growing.values())
+        assert len(growing) == 3
+        for g in growing:
+            g.future.result(10)
+        t._remove_rank(0)
+        t.slots_per_rank = 2
+        t.reserve(0, 0)  # the rank anew: two empty slots
+        t.settle_growth()
+        assert [os.path.exists(s.path) for s in t.ranks[0]] == [True, True]
+        assert not t._growing
+    finally:
+        t.stop_growing()
+
+
 def test_a_configured_limit_refuses_slots_saying_how_much_is_needed_and_free(shm_dir):
     t = SlotTable(unique_id("limit"), "n0", shm_dir, shm_limit=3 << 20)
     with pytest.raises(ShmSpaceError) as e:
