@@ -468,7 +468,7 @@ def test_chunk_pieces_that_arrive_while_the_daemon_waits_for_a_reply_are_not_pil
     ep, net, client, log = pair
     with open(ep.lock_path) as f:
         daemon = psutil.Process(int(f.read()))
-    n = 24  # 384 MiB
+    n = 32  # 512 MiB
     data = np.random.default_rng(11).integers(0, 1 << 63, n * PIECE // 8, dtype=np.uint64).tobytes()
     grew: list[int] = []
 
@@ -491,7 +491,8 @@ def test_chunk_pieces_that_arrive_while_the_daemon_waits_for_a_reply_are_not_pil
         client.request(P.Inventory(ep.job, 0, recheck=False))
     finally:
         t.join(40)
-    assert grew and grew[0] < 8 * PIECE, f"a held {grew[0] >> 20} MiB of pieces while it waited for b's reply"
+    # read ahead (4 pieces), the one being handled, ZeroMQ's queues: 80-144 MiB seen; all 32 held: over 512 MiB
+    assert grew and grew[0] < 12 * PIECE, f"a held {grew[0] >> 20} MiB of pieces while it waited for b's reply"
     assert status_after(client, n).rejected == n
 
 
