@@ -9,6 +9,7 @@ snapshot never pickles.
 
 from __future__ import annotations
 
+import collections
 import random
 from typing import Any, Protocol, runtime_checkable
 
@@ -107,9 +108,9 @@ def flatten(tree: Any, path: str = "") -> tuple[list[tuple[str, torch.Tensor]], 
             return ["T", add(where, keys, node)]
         if isinstance(node, np.generic):  # first: np.float64, np.str_ and np.bytes_ subclass float, str and bytes
             return ["g", node.dtype.str, node.tobytes()]
-        if node is None or isinstance(node, (bool, str, bytes, float)):
+        if node is None or type(node) in (bool, str, bytes, float):
             return node
-        if isinstance(node, int):
+        if type(node) is int:
             return node if -(1 << 63) <= node < (1 << 64) else ["I", str(node)]
         if isinstance(node, np.ndarray):
             if node.dtype == object:
@@ -129,12 +130,17 @@ def flatten(tree: Any, path: str = "") -> tuple[list[tuple[str, torch.Tensor]], 
             return ["D", DTYPE_NAMES.get(node) or str(node)]
         if isinstance(node, torch.device):
             return ["V", str(node)]
-        if isinstance(node, dict):
+        if type(node) in (dict, collections.OrderedDict):  # a state_dict() is an OrderedDict, loaded as well from a dict
             return ["d", [[enc(k, f"{where}/<key>", (*keys, "<key>")), enc(v, f"{where}/{k}", (*keys, k))]
                           for k, v in node.items()]]
-        if isinstance(node, (list, tuple)):
+        if type(node) in (list, tuple):
             items = [enc(v, f"{where}/{i}", (*keys, i)) for i, v in enumerate(node)]
-            return ["t" if isinstance(node, tuple) else "l", items]
+            return ["t" if type(node) is tuple else "l", items]
+        base = next((b for b in (dict, list, tuple, int, float, str, bytes) if isinstance(node, b)), None)
+        if base is not None:  # it would come back as its base type, and code that uses what it adds would fail then
+            raise LayoutError(f"{where or '/'}: a {type(node).__module__}.{type(node).__qualname__} would come back as a"
+                              f" plain {base.__name__} (what it adds, such as a default factory, named fields or an"
+                              f" enum's name, is not stored): snapshot a plain {base.__name__} instead")
         raise LayoutError(f"{where or '/'}: cannot snapshot a {type(node).__module__}.{type(node).__name__};"
                           " state must be tensors, arrays, numbers, strings, bytes and containers of them")
 

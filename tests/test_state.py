@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import enum
 import math
 import random
 
@@ -104,12 +106,26 @@ class Sub(torch.Tensor):
     pass
 
 
+class Phase(enum.IntEnum):
+    WARMUP = 1
+
+
+Point = collections.namedtuple("Point", "epoch batch")
+
+
 @pytest.mark.parametrize(("state", "match"), [
     ({"s": {1, 2}}, r"/s: cannot snapshot a builtins.set"),
     ({"o": object()}, "cannot snapshot a builtins.object"),
     ({"a": [np.array([object()])]}, "/a/0: NumPy arrays of objects are not supported"),
     ({"t": torch.zeros(2).as_subclass(Sub)}, "Sub is not a plain tensor"),
     ({"t": torch.zeros(2, 2).to_sparse()}, "sparse and quantized tensors are not supported"),
+    # subclasses would come back as their base type: a loop would fail only after a crash and a restore
+    ({"counts": collections.defaultdict(int)}, r"/counts: a collections.defaultdict would come back as a plain dict"),
+    ({"pos": Point(3, 17)}, r"/pos: a tests?.*Point would come back as a plain tuple"),
+    ({"phase": Phase.WARMUP}, r"/phase: a .*Phase would come back as a plain int \(what it adds, such as a default"
+                              r" factory, named fields or an enum's name, is not stored\)"),
+    ({"shape": torch.Size([2, 3])}, r"/shape: a torch.Size would come back as a plain tuple"),
+    ({Phase.WARMUP: 1}, r"/<key>: a .*Phase would come back as a plain int"),
     ({"t": torch.zeros(2, 2).to_sparse_csr()}, r"/t: sparse and quantized tensors are not supported \(this one:"
                                                r" torch.sparse_csr\)"),
     ({"t": torch.zeros(2, 2).to_mkldnn()}, r"not supported \(this one: torch._mkldnn\)"),
@@ -123,6 +139,13 @@ def test_non_tensor_state_too_large_for_the_seal_message_is_refused_when_it_is_p
     # snapshot() packs it before it returns: the error comes there, not from the daemon after the whole copy
     with pytest.raises(LayoutError, match=r"over the 8388608-byte limit: it travels in a message to the daemon"):
         pack_tree(flatten({"sampler": b"\1" * (9 << 20)})[1])
+
+
+def test_an_ordered_dict_as_state_dict_returns_it_comes_back_as_a_dict_that_load_state_dict_takes():
+    model = torch.nn.Linear(3, 2)
+    got, _, _ = through_shard({"m": model.state_dict()})
+    assert type(got["m"]) is dict and list(got["m"]) == ["weight", "bias"]
+    torch.nn.Linear(3, 2).load_state_dict(got["m"])
 
 
 def test_dict_state_updates_the_callers_dict_in_place():
