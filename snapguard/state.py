@@ -28,6 +28,7 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 _MAX_TREE_BYTES = 8 << 20  # it travels in the Seal message, whose header may hold 16 MiB (protocol.MAX_HEADER_BYTES)
+_MAX_TREE_READ = 16 << 20  # what a seal could carry before that limit: a step persisted then is read back
 
 
 @runtime_checkable
@@ -197,8 +198,8 @@ def pack_tree(tree: Any) -> bytes:
 
 
 def unpack_tree(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, strict_map_key=False, max_bin_len=_MAX_TREE_BYTES,
-                           max_str_len=_MAX_TREE_BYTES, max_array_len=1 << 24, max_map_len=1 << 24)
+    return msgpack.unpackb(data, raw=False, strict_map_key=False, max_bin_len=_MAX_TREE_READ,
+                           max_str_len=_MAX_TREE_READ, max_array_len=1 << 24, max_map_len=1 << 24)
 
 
 def tensor_spec(name: str, t: torch.Tensor) -> tuple[str, str, list[int]]:

@@ -7,6 +7,7 @@ import enum
 import math
 import random
 
+import msgpack
 import numpy as np
 import pytest
 import torch
@@ -139,6 +140,8 @@ def test_non_tensor_state_too_large_for_the_seal_message_is_refused_when_it_is_p
     # snapshot() packs it before it returns: the error comes there, not from the daemon after the whole copy
     with pytest.raises(LayoutError, match=r"over the 8388608-byte limit: it travels in a message to the daemon"):
         pack_tree(flatten({"sampler": b"\1" * (9 << 20)})[1])
+    # one sealed before that limit (a step on disk) is still read back
+    assert unpack_tree(msgpack.packb({"sampler": b"\1" * (9 << 20)}, use_bin_type=True))["sampler"] == b"\1" * (9 << 20)
 
 
 def test_an_ordered_dict_as_state_dict_returns_it_comes_back_as_a_dict_that_load_state_dict_takes():
