@@ -563,8 +563,11 @@ class Guard:
             return cached.t, False
         if cached is not None:
             self._unmap(path)
-        mm = map_file(path, writable=True) if capacity else b""  # a shard of no bytes: an empty file, never mapped
-        t = torch.frombuffer(mm, dtype=torch.uint8) if capacity else torch.empty(0, dtype=torch.uint8)
+        if capacity:
+            mm = map_file(path, writable=True)
+            t = torch.frombuffer(mm, dtype=torch.uint8)
+        else:  # a shard of no bytes: an empty file, never mapped
+            mm, t = b"", torch.empty(0, dtype=torch.uint8)
         self._maps[path] = _Mapped(mm, t, capacity, ino, _host_register(t) if self._pin and capacity else None)
         return t, True
 
@@ -606,7 +609,6 @@ class Guard:
             unfinished = e
         t0 = time.monotonic()
         dropped: list[str] = []
-        loaded = None  # the step some of whose chunks this rank copied into its state
         failed: set[int] = set()  # steps that failed after the daemons checked their slots again
         recheck = False
         for rnd in range(1, _MAX_RESTORE_ROUNDS + 1):
@@ -620,14 +622,14 @@ class Guard:
                 log.warning("%s a sealed snapshot failed verification and is not used: %s", self.who, why)
             dropped += inv.dropped
             # Every decision below is taken from gathered data, so that every rank takes the same branch.
-            inventories, epoch, touched, stopped, old_world = self._gather_inventories(inv, loaded, rnd,
+            inventories, epoch, touched, stopped, old_world = self._gather_inventories(inv, self._restoring, rnd,
                                                                                        0 if error is None else why_not)
             if error is not None:
                 raise error
             if stopped:
                 raise RestoreError(f"{self.who} cannot restore: " + "; ".join(
                     f"ranks {ranks} {_STOPPED_BEFORE_INVENTORY[why]} (their errors say why)"
-                    for why, ranks in sorted(stopped.items())) + self._touched(loaded, touched))
+                    for why, ranks in sorted(stopped.items())) + self._touched(self._restoring, touched))
             plan = plan_restore(inventories, self.world_size)
             if plan.step is None and (any(inventories.values()) or touched):
                 # Some ranks hold snapshots, but no step is common: starting afresh would silently lose the
@@ -635,7 +637,7 @@ class Guard:
                 detail = "; ".join(dropped)
                 reason = plan.reason if any(inventories.values()) else "every snapshot failed verification"
                 raise RestoreError(f"{self.who} cannot restore: {reason}" + (f". This rank: {detail}" if detail else "")
-                                   + self._touched(loaded, touched))
+                                   + self._touched(self._restoring, touched))
             if plan.step is None:
                 log.info("%s nothing to restore: %s", self.who, plan.reason)
                 self.client.request(P.Drop(self.endpoint.job, self.rank, -1, epoch))  # keeps an old world's steps
@@ -660,7 +662,7 @@ class Guard:
                     saved_ws = man.world_size
                     if saved_ws == self.world_size:  # else nothing is written: every rank refuses below
                         self.epoch = epoch
-                        self._restoring = loaded = plan.step
+                        self._restoring = plan.step
                         try:
                             state, shard_nbytes = self._load(shard, man)
                             report = plan.step
@@ -672,7 +674,7 @@ class Guard:
             except Exception as e:  # e.g. a tensor of the live state that cannot be written in place: every rank
                 # must hear of it at the gather below, not wait there for the collective's timeout
                 error = RestoreError(f"{self.who} cannot restore step {plan.step}: {type(e).__name__}: {e}"
-                                     + self._touched(loaded, {}))
+                                     + self._touched(self._restoring, {}))
                 error.__cause__, report = e, _FAILED
             restored, sizes = self._gather_restored(report, saved_ws, f"restoring step {plan.step}")
             if error is not None:
@@ -680,13 +682,14 @@ class Guard:
             if _FAILED in restored.values():
                 ranks = sorted(r for r, s in restored.items() if s == _FAILED)
                 raise RestoreError(f"{self.who} cannot restore step {plan.step}: it failed on ranks {ranks} (their"
-                                   " errors say why)" + self._touched(loaded, {}))
+                                   " errors say why)" + self._touched(self._restoring, {}))
             wrong = {r: n for r, n in sizes.items() if n != self.world_size}
             if wrong:
                 r, n = min(wrong.items())
                 raise RestoreError(f"{self.who} cannot restore step {plan.step}: it was taken by a job of {n} ranks"
                                    f" (rank {r}'s shard says so), this job has {self.world_size}; snapguard restores"
-                                   f" only into the world size that took the snapshot" + self._touched(loaded, {}))
+                                   " only into the world size that took the snapshot"
+                                   + self._touched(self._restoring, {}))
             if _CORRUPT in restored.values():
                 if recheck:
                     failed.add(plan.step)
@@ -709,7 +712,7 @@ class Guard:
             return plan.step
         raise RestoreError(f"{self.who} steps {sorted(failed)} failed verification or could not be rebuilt on some"
                            " ranks even after the daemons checked their sealed slots again (this rank's warnings and"
-                           " the daemons' logs say why)" + self._touched(loaded, {}))
+                           " the daemons' logs say why)" + self._touched(self._restoring, {}))
 
     def _touched(self, loaded: int | None, others: dict[int, int]) -> str:
         """What a failed restore left in the state: this rank's, or other ranks' (`others`: rank -> step). A mixed

@@ -82,17 +82,14 @@ def seal_raw(node: Node, rank: int, world: int, step: int, nbytes: int = 8192, s
     """Act as a trainer without torch: get a slot, write a recognisable payload, seal it. Returns the slot."""
     g = node.request(P.Begin(node.job, rank, world, step, nbytes))
     assert isinstance(g, P.Granted), g
-    data = bytes((step * 13 + rank * 101 + i) % 256 for i in range(nbytes))
     fd = os.open(g.path, os.O_RDWR)
     try:
-        os.pwrite(fd, data, 0)
+        os.pwrite(fd, payload(rank, step, nbytes), 0)
     finally:
         os.close(fd)
     if seal:
-        man = Manifest(MANIFEST_VERSION, node.job, rank, world, step, nbytes, 4096,
-                       [TensorEntry("payload", "uint8", [nbytes], 0, nbytes)],
-                       chunk_checksums(memoryview(data), nbytes, 4096), msgpack.packb(None), time.time())
-        reply = node.request(P.Seal(node.job, rank, step, g.slot, man.to_wire()))
+        reply = node.request(P.Seal(node.job, rank, step, g.slot,
+                                    good_manifest(node, rank, step, nbytes, over={"world_size": world})))
         assert isinstance(reply, P.Sealed) and reply.step == step
     return g.slot
 
@@ -227,8 +224,14 @@ def enc(d: dict) -> bytes:
     return msgpack.packb(d, use_bin_type=True)
 
 
+def payload(rank: int, step: int, nbytes: int) -> bytes:
+    """The recognisable bytes of `rank`'s shard of `step` (`seal_raw` writes them)."""
+    return bytes((step * 13 + rank * 101 + i) % 256 for i in range(nbytes))
+
+
 def good_manifest(node: Node, rank: int, step: int, nbytes: int = 8192, over: dict | None = None) -> dict:
-    data = bytes((step * 13 + rank * 101 + i) % 256 for i in range(nbytes))
+    """The wire manifest of `payload(rank, step, nbytes)` in a job of 2 ranks (`over` replaces fields)."""
+    data = payload(rank, step, nbytes)
     man = Manifest(MANIFEST_VERSION, node.job, rank, 2, step, nbytes, 4096,
                    [TensorEntry("payload", "uint8", [nbytes], 0, nbytes)],
                    chunk_checksums(memoryview(data), nbytes, 4096), msgpack.packb(None), time.time())
@@ -452,15 +455,12 @@ def test_a_slot_keeps_room_for_its_manifest_and_a_seal_without_it_is_a_clear_err
     wait_until(lambda: isinstance(node.request(P.Reserve(node.job, 0, 1, 1 << 20)), P.Ok), 10, "rank 0's slots")
     seal_raw(node, 0, 1, 0)
     filler = os.path.join(small_tmpfs, "filler")
-    g = node.request(P.Begin(node.job, 0, 1, 1, 8192))
+    slot = seal_raw(node, 0, 1, 1, seal=False)
     with open(filler, "wb") as f:  # every byte left, in pages: the manifest of step 1 finds none
         f.write(bytes(os.statvfs(small_tmpfs).f_bavail * os.statvfs(small_tmpfs).f_frsize))
-    data = bytes(8192)
-    man = Manifest(MANIFEST_VERSION, node.job, 0, 1, 1, 8192, 4096, [TensorEntry("payload", "uint8", [8192], 0, 8192)],
-                   chunk_checksums(memoryview(data), 8192, 4096), msgpack.packb(None), time.time())
     with pytest.raises(DaemonError, match=r"\[ShmSpaceError\] rank 0 step 1: no room for its manifest \(.*\) beside its"
                                           r" slot: .* free. Give the node more /dev/shm"):
-        node.request(P.Seal(node.job, 0, 1, g.slot, man.to_wire()))
+        node.request(P.Seal(node.job, 0, 1, slot, good_manifest(node, 0, 1, over={"world_size": 1})))
     assert node.held() == {0: [0]}
     assert not [n for n in os.listdir(os.path.join(small_tmpfs, os.path.basename(node.table_dir))) if n.endswith(".new")]
     os.unlink(filler)

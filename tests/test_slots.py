@@ -356,6 +356,15 @@ def test_a_configured_limit_refuses_slots_saying_how_much_is_needed_and_free(shm
         t.reserve(1, 1 << 20)
 
 
+def sealed_step0(table: SlotTable, data: bytes, chunk: int):
+    """Rank 0 of a one-rank job seals step 0 holding `data` (checksummed in chunks of `chunk` bytes); its slot."""
+    d = table.begin(0, 0, len(data))
+    slot = table.ranks[0][d.slot]
+    slot.buffer()[:len(data)] = data
+    table.seal(0, 0, d.slot, manifest_for(table, 0, 1, 0, data, chunk=chunk))
+    return slot
+
+
 def test_chunks_on_their_way_are_read_out_before_their_slot_is_handed_out(table):
     """A daemon reads a step's chunks out of the slots a piece at a time while sending them. Before a trainer may
     overwrite one of those slots, the daemon reads the rest (`read_all`): what is sent is the sealed step,
@@ -365,10 +374,7 @@ def test_chunks_on_their_way_are_read_out_before_their_slot_is_handed_out(table)
     from snapguard.daemon.protect import PIECE, Protector
 
     data = np.random.default_rng(0).integers(0, 256, PIECE + 4096, dtype=np.uint8).tobytes()
-    d = table.begin(0, 0, len(data))
-    slot = table.ranks[0][d.slot]
-    slot.buffer()[:len(data)] = data
-    table.seal(0, 0, d.slot, manifest_for(table, 0, 1, 0, data, chunk=1 << 20))
+    slot = sealed_step0(table, data, 1 << 20)
     p = Protector(table, ["n0", "n1"], "n0", 1)  # k = 1: the one chunk is the whole shard, in two pieces
 
     def sent(read_all_first: bool) -> bytes:
@@ -396,10 +402,7 @@ def test_a_step_whose_slot_changed_since_its_seal_is_dropped_not_sent_to_its_par
     from snapguard.daemon.protect import Protector
 
     data = bytes(range(256)) * 64
-    d = table.begin(0, 0, len(data))
-    slot = table.ranks[0][d.slot]
-    slot.buffer()[:len(data)] = data
-    table.seal(0, 0, d.slot, manifest_for(table, 0, 1, 0, data, chunk=4096))
+    slot = sealed_step0(table, data, 4096)
     p = Protector(table, ["n0", "n1"], "n0", 1)
     assert p.chunks_to_send(0) is not None
     slot.buffer()[5000] ^= 0x10  # a bit flipped in memory after the seal
@@ -416,10 +419,7 @@ def test_a_fetch_of_a_chunk_whose_slot_changed_since_its_seal_is_refused_and_the
     from snapguard.errors import ChecksumError
 
     data = bytes(range(256)) * 256  # 64 KiB: 16 checksum chunks of 4 KiB
-    d = table.begin(0, 0, len(data))
-    slot = table.ranks[0][d.slot]
-    slot.buffer()[:len(data)] = data
-    table.seal(0, 0, d.slot, manifest_for(table, 0, 1, 0, data, chunk=4096))
+    slot = sealed_step0(table, data, 4096)
     p = Protector(table, ["n0", "n1"], "n0", 1)
     c, pos = next((w.index, ref.position) for w in p.plan.codewords for ref in w.chunks
                   if ref.node == p.me and not ref.parity)
