@@ -14,6 +14,7 @@ from snapguard import protocol as P
 from snapguard.errors import DaemonError, DaemonUnavailable, ProtocolError
 
 _LAST_REPLY_MS = 100  # how long a request whose daemon closed the connection still looks for the reply it sent first
+_ABORT_POLL_MS = 100  # how soon a request that waits for its reply notices `abort()`
 
 
 class DaemonClient:
@@ -30,6 +31,7 @@ class DaemonClient:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._sock = self._monitor = self._poller = None
+        self._aborted = False
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
@@ -57,6 +59,9 @@ class DaemonClient:
         request waits for one at most the client's own timeout."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
         with self._lock:
+            if self._aborted:
+                raise DaemonUnavailable(f"{self.who}: {msg.TYPE} not sent: the connection to the daemon at"
+                                        f" {self.address} was given up (abort)")
             sock = self._socket()
             rid = next(self._ids)
             start = time.monotonic()
@@ -71,7 +76,11 @@ class DaemonClient:
                                         f" within {timeout:.1f} s (sending {msg.TYPE})") from None
             while True:
                 left = start + limit - time.monotonic()
-                ready = dict(self._poller.poll(int(left * 1000) + 1)) if left > 0 else {}
+                ready = dict(self._poller.poll(min(int(left * 1000) + 1, _ABORT_POLL_MS))) if left > 0 else {}
+                if self._aborted:
+                    self._reset()
+                    raise DaemonUnavailable(f"{self.who}: {msg.TYPE} was given up while it waited for its reply"
+                                            f" from the daemon at {self.address} (abort)")
                 if sock in ready:  # a reply is taken first: a daemon may answer (Shutdown) and then close
                     reply = self._take_reply(sock, rid, msg)
                     if reply is not None:
@@ -90,6 +99,8 @@ class DaemonClient:
                                                 f" while {msg.TYPE} waited for its reply (it died or was restarted)")
                     if self._up:
                         limit = timeout  # a daemon connected: it has the whole timeout to answer
+                    continue
+                if left > 0:
                     continue
                 up = self._up
                 self._reset()
@@ -141,3 +152,9 @@ class DaemonClient:
     def close(self) -> None:
         with self._lock:
             self._reset()
+
+    def abort(self) -> None:
+        """Close for good, from any thread: a request that waits for its reply gives up within 0.1 s, and no
+        request is sent any more. For a thread whose work must not reach the daemon after its owner stopped."""
+        self._aborted = True
+        self.close()

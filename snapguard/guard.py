@@ -919,6 +919,12 @@ class Guard:
             for h in self._hooks:
                 h.remove()
             self._queue.put(None)
+            job = self._job
+            given_up = job is not None and not job.sealed.is_set()
+            if given_up:
+                # The last snapshot did not seal in time. Once close() returns, the state may change under a copy
+                # that is still running: its seal must never reach the daemon (nor any later request of the thread).
+                self.client.abort()
             self._worker.join(self.timeout_s)
             if self._worker.is_alive():
                 # Its (GPU) copy may still write into a slot: page-locked memory must not be released under it.
@@ -929,7 +935,13 @@ class Guard:
                     self._unmap(path)
             try:
                 if shutdown_daemon:
-                    self.client.request(P.Shutdown(remove=True))
+                    # (an aborted client sends nothing: a client of its own then)
+                    client = DaemonClient(self.endpoint.address, self.timeout_s, self.who) if given_up else self.client
+                    try:
+                        client.request(P.Shutdown(remove=True))
+                    finally:
+                        if client is not self.client:
+                            client.close()
             finally:
                 self.client.close()
                 self._life.release()

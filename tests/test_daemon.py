@@ -694,6 +694,51 @@ def test_a_request_sent_after_the_daemon_died_waits_the_clients_timeout_not_a_lo
     assert isinstance(c.request(P.Ping(), timeout_s=300), P.Ok)
 
 
+def test_abort_ends_a_request_that_waits_and_refuses_every_later_one(node):
+    """`abort()` from another thread ends a request that waits for its reply at once, and no request is sent
+    after it: the client is closed for good (a plain `close()` lets the next request connect again)."""
+    node.start()
+    c = node.client(timeout_s=60)
+    assert isinstance(c.request(P.Ping()), P.Ok)
+    os.kill(node.proc.pid, signal.SIGSTOP)  # no answer comes
+    try:
+        aborter = threading.Timer(0.5, c.abort)
+        aborter.start()
+        t0 = time.monotonic()
+        with pytest.raises(DaemonUnavailable, match="Ping was given up while it waited for its reply"):
+            c.request(P.Ping())
+        assert time.monotonic() - t0 < 10, "abort() must end the waiting request, not its 60 s timeout"
+        aborter.join()
+    finally:
+        os.kill(node.proc.pid, signal.SIGCONT)
+    with pytest.raises(DaemonUnavailable, match="Ping not sent: the connection to the daemon at .* was given up"):
+        c.request(P.Ping())
+
+
+def test_a_snapshot_that_close_gave_up_on_is_never_sealed_after_close(daemon, monkeypatch, tmp_path):
+    """close() while the last snapshot is still not sealed (here: its copy thread stalls before the seal, as on
+    a slow hash): close() says so and returns. Once it has returned the training loop may change the state under
+    a copy that is still running, so the thread, going on later, must not seal that step."""
+    from snapguard import faults
+
+    stall = tmp_path / "stall"
+    stall.touch()
+    monkeypatch.setattr(faults, "_FAULTS", faults._parse(f"trainer.copy.done@1%{stall}"))
+    model, opt = make_model()
+    g = daemon.guard(model, opt, rng=False, timeout_s=1.0, gate_timeout_s=1.0)
+    try:
+        train_and_snapshot(g, model, opt, {"step": -1}, range(1))
+        train_step(model, opt, 1)
+        g.snapshot(1)  # its copy thread stops before sending the seal
+        with pytest.raises(SnapGuardError, match="waited 2 s for step 1 to be sealed"):
+            g.close()
+    finally:
+        stall.unlink()  # the copy thread goes on to its seal
+    wait_until(lambda: not any(t.name == "snapguard-copy-r0" for t in threading.enumerate()), 10,
+               "the copy thread to end")
+    assert daemon.held() == {0: [0]}, "a step was sealed after close() had given up on it"
+
+
 def test_a_restarted_daemon_readopts_sealed_slots_after_verifying_them(node, caplog):
     node.start()
     model, opt = make_model()
