@@ -12,6 +12,7 @@ import zmq
 from snapguard.config import (Endpoint, check_name, check_seconds, daemon_who, default_job, default_node,
                               default_run_dir, default_shm_dir, within)
 from snapguard.daemon.peers import ENV_SECRET, load_secret
+from snapguard.daemon.protect import KEEP_COMPLETE_BYTES, KEEP_COMPLETE_STEPS
 from snapguard.daemon.server import AlreadyRunning, Daemon, DaemonConfig, NodeLock
 from snapguard.errors import ConfigError, SnapGuardError
 
@@ -167,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --peer: the failure domain (rack, switch, host) of each node, this one included"
                     " (default: every node its own)")
     ap.add_argument("--ec-m", type=int, help="parity chunks per codeword: lost nodes the group survives (default: 1)")
+    ap.add_argument("--ec-keep-mib", type=int, default=KEEP_COMPLETE_BYTES >> 20, metavar="MIB",
+                    help="complete parity kept of steps newer than the group's protected one, per parity chunk held,"
+                    f" once more than the newest {KEEP_COMPLETE_STEPS} are kept (default: %(default)s)")
     ap.add_argument("--rendezvous", metavar="HOST:PORT", help="meet the job's other daemons in the torch.distributed"
                     " TCPStore at HOST:PORT instead of listing them with --peer")
     ap.add_argument("--nodes", type=int, help="with --rendezvous: how many daemons the job has")
@@ -190,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         for flag, value in (("--persist-every", a.persist_every), ("--persist-keep", a.persist_keep)):
             if value < 1:
                 raise ConfigError(f"{flag} must be at least 1 step, got {value}")
+        if a.ec_keep_mib < 0:
+            raise ConfigError(f"--ec-keep-mib must be 0 or more, got {a.ec_keep_mib}")
         for flag, secs in (("--peer-timeout", a.peer_timeout), ("--rendezvous-timeout", a.rendezvous_timeout)):
             if secs is not None:
                 check_seconds(flag, secs)
@@ -203,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                                default_shm_dir(a.shm_dir), a.shm_limit, a.slots_per_rank, not a.keep_on_exit,
                                hash_threads=a.hash_threads,
                                peer_bind=a.peer_bind, peers=peers, ec_group=group, ec_m=a.ec_m,
+                               ec_keep_bytes=a.ec_keep_mib << 20,
                                secret=secret, peer_timeout_s=a.peer_timeout, persist_dir=a.persist_dir,
                                persist_every=a.persist_every, persist_keep=a.persist_keep)
             d = Daemon(cfg)

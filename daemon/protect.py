@@ -41,6 +41,13 @@ from snapguard.daemon.slots import Slot, SlotTable
 log = logging.getLogger(__name__)
 
 MAX_PENDING_STEPS = 4  # steps a holder accumulates at once per codeword, besides its newest complete one
+# Complete parity a holder keeps of steps newer than the group's protected step, per parity chunk it holds: the
+# newest KEEP_COMPLETE_STEPS of them, and more while they fit in `keep_bytes` (--ec-keep-mib). A holder that
+# lags completes the steps the others did a little later; how much later is bounded by what the queues between
+# a sender and it hold, a few pieces (`RECV_HWM`, the daemon's read-ahead), far less than the default 256 MiB.
+# A holder that stops completing steps altogether would otherwise make every other holder keep all of them.
+KEEP_COMPLETE_STEPS = 4
+KEEP_COMPLETE_BYTES = 256 << 20
 
 
 PIECE = 16 << 20  # chunks travel in pieces of this size: folding one in keeps the daemon's loop busy for milliseconds
@@ -199,7 +206,8 @@ class OutgoingStep:
 
 
 class Protector:
-    def __init__(self, table: SlotTable, group: list[str], node: str, m: int, backend: str = "auto"):
+    def __init__(self, table: SlotTable, group: list[str], node: str, m: int, backend: str = "auto",
+                 keep_bytes: int = KEEP_COMPLETE_BYTES):
         if node not in group:
             raise LayoutError(f"node {node!r} is not in its EC group {group}")
         if len(set(group)) != len(group):
@@ -229,6 +237,8 @@ class Protector:
         self.sent_bytes = 0
         self.rejected: list[str] = []
         self.failed_rebuilds: set[int] = set()  # steps whose rebuilt bytes failed their checksums: never offered again
+        self.keep_bytes = keep_bytes
+        self._capped_at = -2  # the protected step when prune() last said it dropped complete parity above it
 
     # ---- what this node holds ------------------------------------------------------------------
 
@@ -414,11 +424,29 @@ class Protector:
     def prune(self) -> None:
         """Drop parity older than the group's protected step. Codewords complete at different paces, so a
         codeword's older complete parity stays until one step is complete on every holder of every
-        codeword: until then, that older step may be the only one a lost node can be rebuilt to."""
+        codeword: until then, that older step may be the only one a lost node can be rebuilt to. Of the complete
+        steps newer than it, the newest few are kept (KEEP_COMPLETE_STEPS, `keep_bytes`): only the newest steps are
+        still sealed in the ranks' slots, the others could never be restored, and while some holder stops
+        completing steps the protected step stays where it is."""
         floor = self.protected_step()
+        capped: set[int] = set()  # complete steps past the newest kept on some parity chunk: never protected here
         for steps in self.parity.values():
-            for st in [st for st in steps if st < floor]:
+            newer = sorted((st for st, e in steps.items() if st > floor and e.complete(self.k)), reverse=True)
+            held = 0
+            for i, st in enumerate(newer):
+                held += steps[st].buf.nbytes
+                if i >= KEEP_COMPLETE_STEPS and held > self.keep_bytes:
+                    capped.update(newer[i:])
+                    break
+        for steps in self.parity.values():
+            for st in [st for st in steps if st < floor or st in capped]:
                 self._spare = steps.pop(st).buf
+        if capped and self._capped_at != floor:
+            self._capped_at = floor
+            log.warning("%s protection is stuck at step %d: a holder of the group's parity completes no newer step"
+                        " (its log says why). Of the newer steps' complete parity this node keeps the newest %d, or"
+                        " as many as fit in --ec-keep-mib %d; dropped now: %d step(s), %d to %d", self.who, floor,
+                        KEEP_COMPLETE_STEPS, self.keep_bytes >> 20, len(capped), min(capped), max(capped))
 
     def note_peer(self, msg: P.PeerHeld, now: float) -> None:
         """Take what a peer holds. Decoding checked the rows' shapes (`PeerHeld.check`); this checks that the parity a

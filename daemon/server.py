@@ -33,7 +33,7 @@ from snapguard.shm import IN_MEMORY, filesystem_type, free_bytes
 from snapguard.daemon.peers import AuthError as PeerAuthError
 from snapguard.daemon.peers import PeerNet, recv_frames
 from snapguard.daemon.persist import Persister, Reading
-from snapguard.daemon.protect import OutgoingPiece, OutgoingStep, Protector, Rebuild
+from snapguard.daemon.protect import KEEP_COMPLETE_BYTES, OutgoingPiece, OutgoingStep, Protector, Rebuild
 from snapguard.daemon.slots import SEALED, SlotTable
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class DaemonConfig:
     peers: tuple[tuple[str, str], ...] = ()  # (node, address) of every other daemon of the job
     ec_group: tuple[str, ...] = ()  # the EC group this node belongs to, in the same order on every member
     ec_m: int = 1
+    ec_keep_bytes: int = KEEP_COMPLETE_BYTES  # complete parity kept above the protected step (`Protector.prune`)
     secret: bytes = b""
     peer_timeout_s: float = 10.0
     heartbeat_s: float = 1.0
@@ -257,7 +258,8 @@ class Daemon:
             if missing:
                 raise SnapGuardError(f"{self.who} EC group members {missing} have no peer address")
             self.net = PeerNet(self.cfg.job, self.cfg.node, self.cfg.secret, self.cfg.peer_bind, peers)
-            self.protector = Protector(self.table, group, self.cfg.node, self.cfg.ec_m)
+            self.protector = Protector(self.table, group, self.cfg.node, self.cfg.ec_m,
+                                       keep_bytes=self.cfg.ec_keep_bytes)
             log.info("%s erasure coding in group %s with m=%d, listening for peers on %s; %d slots per rank",
                      self.who, group, self.cfg.ec_m, self.cfg.peer_bind, self.table.slots_per_rank)
             if self.table.slots_per_rank < 3:

@@ -1459,6 +1459,13 @@ def test_a_timeout_that_is_not_a_positive_number_of_seconds_stops_the_daemon_at_
     assert not os.path.exists(node.ep.socket_path) and not os.path.exists(node.table_dir)
 
 
+def test_a_negative_parity_budget_stops_the_daemon_at_once(node):
+    r = subprocess.run(daemon_command(node.ep, node.shm_dir) + ["--ec-keep-mib", "-1"], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 2 and "--ec-keep-mib must be 0 or more, got -1" in r.stderr, r.stderr
+    assert not os.path.exists(node.ep.socket_path) and not os.path.exists(node.table_dir)
+
+
 def test_spawn_daemon_kills_a_daemon_that_does_not_answer_in_time(node, monkeypatch):
     """A daemon waiting in a rendezvous that never completes neither answers nor exits: spawn_daemon must not
     leave it running in its own session with no handle for the caller."""

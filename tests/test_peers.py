@@ -267,6 +267,34 @@ def test_a_step_still_arriving_is_dropped_once_a_newer_one_completes(pair):
         assert b"".join(fetch(net, step, off)[1] for off in (0, PIECE)) == data[step]
 
 
+def test_a_holder_keeps_the_newest_complete_steps_while_protection_is_stuck(tmp_path):
+    """b never completes the parity it holds (of a's chunks), so the group's protected step stays at -1 while a
+    completes step after step of b's. a keeps the newest 4 complete steps, more while they fit in --ec-keep-mib,
+    not every step: only the newest steps are still in the ranks' slots. Once b reports a complete step, a keeps
+    that step and the newer ones, and what it kept is b's data, byte for byte."""
+    rng = np.random.default_rng(9)
+    big = {step: rng.integers(0, 256, 512 << 10, dtype=np.uint8).tobytes() for step in range(1, 7)}
+    small = {step: rng.integers(0, 256, 64 << 10, dtype=np.uint8).tobytes() for step in range(7, 17)}
+    with _pair(tmp_path, ("--ec-keep-mib", "1")) as (ep, net, client, log):
+        dealer = net._dealer("a")
+        for step, data in big.items():  # 2 MiB for the newest 4: more than 1 MiB, but never fewer than 4 steps
+            dealer.send_multipart(seal_frames(net.secret, bytes(8), chunk(net, step, data), [data]))
+        st = wait_parity(client, [[0, 1, s] for s in range(3, 7)])
+        assert st.parity == [[0, 1, s] for s in range(3, 7)] and st.protected == -1
+        assert st.parity_bytes == 4 * (512 << 10)
+        assert "protection is stuck at step -1" in log.read_text()
+        for step, data in small.items():  # 10 steps of 64 KiB fit in 1 MiB; with step 6 they would not
+            dealer.send_multipart(seal_frames(net.secret, bytes(8), chunk(net, step, data), [data]))
+        st = wait_parity(client, [[0, 1, s] for s in range(7, 17)])
+        assert st.parity == [[0, 1, s] for s in range(7, 17)] and st.parity_bytes == 10 * (64 << 10)
+        dealer.send_multipart(seal_frames(net.secret, bytes(8), P.PeerHeld(**net.header(), held=[],
+                                                                           parity=[[1, 1, 14]])))
+        st = wait_parity(client, [[0, 1, s] for s in range(14, 17)])
+        assert st.parity == [[0, 1, 14], [0, 1, 15], [0, 1, 16]] and st.protected == 14
+        for step in (14, 15, 16):
+            assert fetch(net, step, 0, 64 << 10)[1] == small[step]
+
+
 def held_frames(net: PeerNet, to: str | None = None, **fields) -> list:
     """The frames of a PeerHeld from b (to `to`: naming its run as b heard it), authenticated, whatever its fields
     hold."""
