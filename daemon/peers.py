@@ -12,6 +12,8 @@ Every message also carries the receiver's boot as the sender last heard it (`to_
 heard from it): a daemon refuses a PeerHeld or PeerChunk sent to an earlier run of itself, which its
 replay check, reset at every start, would otherwise take once more. Until a peer hears of the new
 run (from its first heartbeat or request, within a second) its messages are refused, and sent again.
+A daemon that hears its own boot named as a later one than its run's (an earlier run on a clock that ran
+ahead) moves its boot past it: its peers take only boots later than the newest they saw.
 A message sent before its sender heard from the receiver at all carries 0, and is taken only if its
 sender started after the receiver (boots are start times): a message captured before a run started
 was sent by an older sender. Of two daemons, the older one's first messages to the newer are refused
@@ -403,6 +405,8 @@ class PeerNet:
             raise AuthError(f"message for job {msg.job!r}, this daemon serves {self.job!r}")
         if msg.node not in self.peers:
             raise AuthError(f"message from unknown node {msg.node!r}")
+        if msg.to_boot > self.boot:
+            self._behind(msg)
         if isinstance(msg, (P.PeerHeld, P.PeerChunk)):
             # `_seen` starts empty in every run: without these two checks, a message captured during an earlier run
             # would be taken once more. Requests change nothing here and are answered.
@@ -423,6 +427,16 @@ class PeerNet:
         self._seen[link] = (msg.boot, msg.seq)
         self.boots[msg.node] = max(self.boots.get(msg.node, 0), msg.boot)
         return ident, rid, msg, bulk
+
+    def _behind(self, msg: P.PeerMessage) -> None:
+        """`msg` names a run of this daemon with a later boot than this run's: an earlier run, on a clock that ran
+        ahead of this one (a replacement machine's, or one set back since). Its peers keep that boot as this node's
+        newest and take only later ones: this run's messages would be refused as replays for good. Boots need
+        only grow, so this run's moves past it; messages sent under the old one are refused, and sent again."""
+        was, self.boot = self.boot, msg.to_boot + 1
+        log.warning("%s %s knew an earlier run of this daemon with a later start (boot %d, this run's %d: this"
+                    " node's clock is %.1f s behind that run's, at least); this run's boot is now %d", self.who,
+                    msg.node, msg.to_boot, was, (msg.to_boot - was) / 1e9, self.boot)
 
     def reply(self, ident: bytes, rid: bytes, msg: P.Message, bulk: list = ()) -> None:
         """Answer a peer's request. ZeroMQ sends `bulk` in place (a frame above its copy threshold is not copied):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -451,6 +452,48 @@ def test_a_chunk_sent_before_its_sender_heard_from_a_daemon_is_refused_after_the
     wait_until(lambda: _boot_of_a(net), 10, "a heartbeat of a's new run")
     dealer.send_multipart(seal_frames(net.secret, bytes(8), chunk(net, 5, data[5], to="a"), [data[5]]))
     wait_until(lambda: [0, 1, 5] in client.request(P.Status()).parity, 10, "parity of step 5")
+
+
+def test_a_daemon_restarted_on_a_clock_that_runs_behind_is_taken_by_its_peers(pair, monkeypatch, caplog):
+    """b restarts on a machine whose clock is a minute behind the one it ran on: its new run's boot (its start
+    time) is earlier than its last run's, which a keeps as b's newest. a would refuse every message of the new run
+    as a replay, and b every one of a's, which names that later boot as b's: b was cut off for good. b moves its
+    boot past the one a names; a then takes b's chunks, and still refuses what b's earlier run sent."""
+    ep, net, client, log = pair
+    wait_until(lambda: _boot_of_a(net), 10, "a's first heartbeat to b")
+    rng = np.random.default_rng(13)
+    data = {s: rng.integers(0, 256, 4096, dtype=np.uint8).tobytes() for s in (3, 4, 5)}
+    net._dealer("a").send_multipart(seal_frames(net.secret, bytes(8), chunk(net, 3, data[3], to="a"), [data[3]]))
+    assert wait_parity(client, [[0, 1, 3]]).parity == [[0, 1, 3]]
+    m4 = chunk(net, 4, data[4], to="a")
+    captured = seal_frames(net.secret, bytes(8), m4, [data[4]])
+
+    first = net.boot
+    bind = net.router.getsockopt(zmq.LAST_ENDPOINT).decode()
+    net.close()
+    with monkeypatch.context() as m:
+        m.setattr(time, "time_ns", lambda: first - 60 * 10**9)
+        b = PeerNet(net.job, "b", net.secret, bind, net.peers)
+    try:
+        assert b.boot < first
+
+        def heard() -> bool:  # b's heartbeat, as its daemon sends every second; whether a's replies name b's run
+            b.send("a", P.PeerHeld(**b.header("a"), held=[], parity=[]))
+            return _heard_from_b(b)
+
+        with caplog.at_level(logging.WARNING, logger="snapguard.daemon.peers"):
+            wait_until(heard, 10, "a to take a message of b's new run")
+        assert b.boot == first + 1, "b moves its boot just past the one a names"
+        assert "knew an earlier run of this daemon with a later start" in caplog.text
+        b._dealer("a").send_multipart(seal_frames(b.secret, bytes(8), chunk(b, 5, data[5], to="a"), [data[5]]))
+        wait_until(lambda: [0, 1, 5] in client.request(P.Status()).parity, 10, "parity of b's step 5")
+        rejected = client.request(P.Status()).rejected
+        b._dealer("a").send_multipart(captured)  # held up since b's earlier run
+        st = status_after(client, rejected + 1)
+        assert st.rejected == rejected + 1 and [0, 1, 4] not in st.parity, st
+        assert f"replayed message from b (boot {first}, seq {m4.seq}" in log.read_text()
+    finally:
+        b.close()
 
 
 def test_chunk_pieces_that_arrive_while_the_daemon_waits_for_a_reply_keep_their_turn(pair):
