@@ -13,13 +13,14 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
+import msgpack
 import xxhash
 
 from snapguard.errors import ChecksumError, LayoutError, ManifestVersionError
 
 ALIGN = 64
 DEFAULT_CHUNK = 4 << 20
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: a digest of the manifest's own fields (`manifest_digest`)
 
 DTYPE_SIZES = {
     "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
@@ -120,12 +121,14 @@ class Manifest:
             end = e.offset + e.nbytes
 
     def to_wire(self) -> dict:
-        return {
+        d = {
             "version": self.version, "job": self.job, "rank": self.rank, "world_size": self.world_size,
             "step": self.step, "nbytes": self.nbytes, "chunk_size": self.chunk_size,
             "entries": [[e.name, e.dtype, list(e.shape), e.offset, e.nbytes] for e in self.entries],
             "checksums": list(self.checksums), "tree": self.tree, "created": self.created, "meta": self.meta,
         }
+        d["digest"] = manifest_digest(d)
+        return d
 
     @classmethod
     def from_wire(cls, d: object) -> "Manifest":
@@ -138,7 +141,7 @@ class Manifest:
             raise ManifestVersionError(f"manifest version {version}, this snapguard reads version {MANIFEST_VERSION}")
         want = {"version": int, "job": str, "rank": int, "world_size": int, "step": int, "nbytes": int,
                 "chunk_size": int, "entries": list, "checksums": list, "tree": bytes, "created": float,
-                "meta": dict}
+                "meta": dict, "digest": int}
         if set(d) != set(want):
             raise LayoutError(f"manifest fields {sorted(map(str, d))} differ from {sorted(want)}")
         for k, t in want.items():
@@ -157,8 +160,22 @@ class Manifest:
             entries.append(TensorEntry(raw[0], raw[1], list(raw[2]), raw[3], raw[4]))
         if not all(_is_int(c) and 0 <= c < 1 << 64 for c in d["checksums"]):
             raise LayoutError("manifest checksums must be unsigned 64-bit integers")
+        if d["digest"] != manifest_digest(d):
+            raise ChecksumError(f"the manifest of rank {d['rank']} step {d['step']} does not match its digest: it"
+                                " changed after it was written (its tensors' places and shapes, checksums or"
+                                " non-tensor state cannot be trusted)")
         return cls(d["version"], d["job"], d["rank"], d["world_size"], d["step"], d["nbytes"], d["chunk_size"],
                    entries, list(d["checksums"]), d["tree"], float(d["created"]), dict(d["meta"]))
+
+
+_DIGESTED = ("version", "job", "rank", "world_size", "step", "nbytes", "chunk_size", "entries", "checksums", "tree",
+             "created", "meta")
+
+
+def manifest_digest(d: dict) -> int:
+    """xxh3 of a wire manifest's fields but its digest, in a fixed order. The chunk checksums cover a shard's bytes;
+    this covers what says where its tensors are and what they are, their checksums, and the non-tensor state."""
+    return xxhash.xxh3_64_intdigest(msgpack.packb([d[k] for k in _DIGESTED], use_bin_type=True))
 
 
 def _is_int(v: object) -> bool:

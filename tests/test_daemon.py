@@ -40,7 +40,7 @@ from snapguard.config import Endpoint, default_timeout
 from snapguard.demo import state_digest
 from snapguard.errors import ConfigError, DaemonError, DaemonUnavailable, RestoreError, SnapGuardError, WorldSizeChanged
 from snapguard.guard import Guard
-from snapguard.layout import MANIFEST_VERSION, Manifest, TensorEntry, align, chunk_checksums
+from snapguard.layout import MANIFEST_VERSION, Manifest, TensorEntry, align, chunk_checksums, manifest_digest
 from snapguard.procs import TrainerLock, daemon_command
 
 from conftest import Node, flip_bits, make_dirs, unique_id, wait_until
@@ -235,7 +235,8 @@ def good_manifest(node: Node, rank: int, step: int, nbytes: int = 8192, over: di
     man = Manifest(MANIFEST_VERSION, node.job, rank, 2, step, nbytes, 4096,
                    [TensorEntry("payload", "uint8", [nbytes], 0, nbytes)],
                    chunk_checksums(memoryview(data), nbytes, 4096), msgpack.packb(None), time.time())
-    return {**man.to_wire(), **(over or {})}
+    wire = {**man.to_wire(), **(over or {})}
+    return {**wire, "digest": manifest_digest(wire)}  # numbers a buggy trainer might send, under a digest that fits
 
 
 def bad_requests(node: Node) -> dict[str, tuple[bytes, str, str]]:
@@ -739,13 +740,19 @@ def test_a_snapshot_that_close_gave_up_on_is_never_sealed_after_close(daemon, mo
     assert daemon.held() == {0: [0]}, "a step was sealed after close() had given up on it"
 
 
-def test_a_restarted_daemon_readopts_sealed_slots_after_verifying_them(node, caplog):
+def sealed_steps_0_to_2(node: Node) -> dict[int, dict]:
+    """Start the daemon, train and snapshot steps 0-2 with a loop state, close; each step's state digest."""
     node.start()
     model, opt = make_model()
     loop = {"step": -1}
     g = node.guard(model, opt, loop, rng=False)
     digests = train_and_snapshot(g, model, opt, loop, range(3))
     g.close()
+    return digests
+
+
+def test_a_restarted_daemon_readopts_sealed_slots_after_verifying_them(node, caplog):
+    digests = sealed_steps_0_to_2(node)
     before = observable(node)[:3], files_of(node)
     assert node.held() == {0: [1, 2]}
     assert node.kill() == -9
@@ -776,6 +783,31 @@ def test_a_restarted_daemon_readopts_sealed_slots_after_verifying_them(node, cap
     assert g3.restore() == 1
     assert state_digest(model3, opt3) == digests[1]
     g3.close()
+
+
+def test_a_manifest_changed_in_shared_memory_is_refused_at_readoption_not_restored(node):
+    """The chunk checksums cover a shard's bytes; its manifest says where its tensors are, and carries the
+    non-tensor state. While the daemon is dead, one byte of step 2's manifest changes: the loop state's step
+    reads 3. The next daemon must refuse the slot, as it refuses rotten bytes, and restore gives step 1 whole."""
+    digests = sealed_steps_0_to_2(node)
+    path = node.slot_file(0, 2).removesuffix(".data") + ".manifest"
+    node.kill()
+    with open(path, "rb") as f:
+        raw = f.read()
+    tree = msgpack.unpackb(raw, raw=False)["tree"]
+    at = raw.index(tree) + tree.index(b"\xa4step\x02") + 5  # the loop state's step, a msgpack fixint
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(b"\x03")
+    node.start()
+    assert node.held() == {0: [1]}
+    assert "does not match its digest" in node.log()
+    model2, opt2 = make_model(seed=97)
+    loop2: dict = {}
+    g2 = node.guard(model2, opt2, loop2, rng=False)
+    assert g2.restore() == 1
+    assert loop2 == {"step": 1} and state_digest(model2, opt2) == digests[1]
+    g2.close()
 
 
 @pytest.mark.parametrize("how", ["Shutdown", "SIGTERM"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import random
@@ -68,7 +69,7 @@ def test_manifest_roundtrips_through_msgpack():
 
 
 @pytest.mark.parametrize(("over", "match"), [
-    ({"version": 2}, "manifest version 2, expected 1"),
+    ({"version": MANIFEST_VERSION + 1}, f"manifest version {MANIFEST_VERSION + 1}, expected {MANIFEST_VERSION}"),
     ({"rank": 4}, "out of range"),
     ({"step": -1}, "out of range"),
     ({"world_size": 0}, "out of range"),
@@ -119,6 +120,24 @@ def test_manifest_from_wire_checks_every_field_type(mutate, match):
     d = make_manifest().to_wire()
     mutate(d)
     with pytest.raises(LayoutError, match=match):
+        Manifest.from_wire(d)
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda d: d.update(tree=d["tree"][:-1] + b"\x91"),
+    lambda d: d["entries"][1].__setitem__(3, d["entries"][1][3] + 64),  # y's bytes are 64 further on
+    lambda d: d["entries"][0][2].__setitem__(0, 450),  # x is a view of other bytes
+    lambda d: d["checksums"].__setitem__(2, 5),
+    lambda d: d.update(step=8),
+    lambda d: d.update(meta={"k": 2}),
+    lambda d: d.update(digest=d["digest"] ^ 1),
+], ids=["tree", "offset", "shape", "checksum", "step", "meta", "digest"])
+def test_a_manifest_that_changed_after_it_was_written_fails_its_digest(mutate):
+    """Every field of a manifest counts: a changed one that still makes sense on its own is refused."""
+    d = make_manifest(checksums=[1, 2, 3, 4]).to_wire()
+    Manifest.from_wire(copy.deepcopy(d))
+    mutate(d)
+    with pytest.raises(ChecksumError, match="rank 1 step [78] does not match its digest"):
         Manifest.from_wire(d)
 
 

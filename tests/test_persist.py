@@ -500,6 +500,12 @@ def test_persisted_steps_of_another_world_size_or_unreadable_are_not_offered(tmp
         data7 = payload(7, 0)
         write(7, data7, msgpack.packb(manifest_for(p, 0, 2, 7, data7).to_wire(), use_bin_type=True))
         assert p.steps(0, 2) == [5, 7], "a manifest written again is read again"
+        data9 = payload(9, 0)
+        wire9 = manifest_for(p, 0, 2, 9, data9).to_wire()
+        write(9, data9, msgpack.packb({**wire9, "created": wire9["created"] + 1}, use_bin_type=True))
+        with caplog.at_level(logging.WARNING, logger=Persister.__module__):
+            assert p.steps(0, 2) == [5, 7], "a manifest that changed after it was written is skipped"
+        assert "step 9 of rank 0 is unusable: the manifest of rank 0 step 9 does not match its digest" in caplog.text
         os.truncate(os.path.join(p.dir, "r0.s5.data"), len(data) - 1)
         assert p.steps(0, 2) == [7], "a data file shorter than its manifest says is skipped"
         os.unlink(os.path.join(p.dir, "r0.s7.data"))

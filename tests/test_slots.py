@@ -17,7 +17,7 @@ import pytest
 
 from snapguard.daemon.slots import FREE, SEALED, WRITING, SlotTable, common_step, plan_begin
 from snapguard.errors import ChecksumError, ConfigError, LayoutError, ShmSpaceError
-from snapguard.layout import MANIFEST_VERSION, Manifest, TensorEntry, chunk_checksums
+from snapguard.layout import MANIFEST_VERSION, Manifest, TensorEntry, chunk_checksums, manifest_digest
 
 from conftest import SHM_ROOT, unique_id
 
@@ -618,7 +618,8 @@ def test_adopt_refuses_a_manifest_of_another_job_or_rank(table, shm_dir, caplog)
     with open(s0.manifest_path, "rb") as f:
         wire = msgpack.unpackb(f.read(), raw=False)
     with open(s0.manifest_path, "wb") as f:
-        f.write(msgpack.packb({**wire, "job": "other"}, use_bin_type=True))
+        other = {**wire, "job": "other"}  # another job's intact manifest, copied here
+        f.write(msgpack.packb({**other, "digest": manifest_digest(other)}, use_bin_type=True))
     for suffix in (".data", ".manifest"):  # rank 0's shard, under rank 1's name
         os.rename(s1.path[:-len(".data")] + suffix, os.path.join(table.dir, "r00001.s1" + suffix))
     again = SlotTable(table.job, table.node, shm_dir)
