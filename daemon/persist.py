@@ -35,7 +35,8 @@ import msgpack
 import xxhash
 
 from snapguard.config import ensure_private_dir
-from snapguard.errors import ChecksumError, ConfigError, LayoutError, RestoreError, SnapGuardError
+from snapguard.errors import (ChecksumError, ConfigError, LayoutError, ManifestVersionError, RestoreError,
+                              SnapGuardError)
 from snapguard.faults import fault_point
 from snapguard.layout import Manifest, checksum_mismatch, verify_checksums
 
@@ -155,9 +156,11 @@ class Persister:
         belong to a timeline left behind, and go; so does any write of them still running."""
         with self._claim:
             self._timeline[rank] += 1
-            # newer steps of this job, and unusable ones; another job's are not this timeline's to drop
+            # newer steps of this job, and unusable ones; another job's are not this timeline's to drop, nor those
+            # another snapguard version wrote (a job that found none it could read starts afresh: -1)
             gone = [s for s, man in self._listing(rank)
-                    if s > step and (isinstance(man, Exception) or man.world_size == world_size)]
+                    if s > step and not isinstance(man, ManifestVersionError)
+                    and (isinstance(man, Exception) or man.world_size == world_size)]
             for s in gone:
                 self._remove(rank, s)
         if gone:

@@ -20,7 +20,7 @@ from snapguard.errors import ChecksumError, LayoutError, ManifestVersionError
 
 ALIGN = 64
 DEFAULT_CHUNK = 4 << 20
-MANIFEST_VERSION = 2  # 2: a digest of the manifest's own fields (`manifest_digest`)
+MANIFEST_VERSION = 1
 
 DTYPE_SIZES = {
     "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
@@ -142,9 +142,12 @@ class Manifest:
         want = {"version": int, "job": str, "rank": int, "world_size": int, "step": int, "nbytes": int,
                 "chunk_size": int, "entries": list, "checksums": list, "tree": bytes, "created": float,
                 "meta": dict, "digest": int}
-        if set(d) != set(want):
+        # "digest" is optional: manifests written before it (the version is the same) are read as they were
+        if not set(want) - {"digest"} <= set(d) <= set(want):
             raise LayoutError(f"manifest fields {sorted(map(str, d))} differ from {sorted(want)}")
         for k, t in want.items():
+            if k not in d:
+                continue
             v = d[k]
             if t is float and isinstance(v, int) and not isinstance(v, bool):
                 continue
@@ -160,7 +163,7 @@ class Manifest:
             entries.append(TensorEntry(raw[0], raw[1], list(raw[2]), raw[3], raw[4]))
         if not all(_is_int(c) and 0 <= c < 1 << 64 for c in d["checksums"]):
             raise LayoutError("manifest checksums must be unsigned 64-bit integers")
-        if d["digest"] != manifest_digest(d):
+        if "digest" in d and d["digest"] != manifest_digest(d):
             raise ChecksumError(f"the manifest of rank {d['rank']} step {d['step']} does not match its digest: it"
                                 " changed after it was written (its tensors' places and shapes, checksums or"
                                 " non-tensor state cannot be trusted)")

@@ -532,6 +532,17 @@ def test_a_rewound_rank_drops_the_persisted_steps_of_the_timeline_it_left(tmp_pa
         p.rewind(0, 1, world_size=1)  # the job restored step 1: steps 2 and 3 are a future that did not happen
         assert p.steps(0, 1) == [1] and sorted(os.listdir(p.dir)) == ["r0.s1.data", "r0.s1.manifest"]
         assert not p.due(0, 1, 1) and p.due(0, 2, 1), "the next seal of step 2 is persisted again"
+        # A step another snapguard version wrote is not this one's to read, nor to drop: a job that found no step it
+        # could read and starts afresh leaves it for that version.
+        import msgpack
+
+        wire = {**manifest_for(p, 0, 1, 9, payload(9, 0)).to_wire(), "version": 99}
+        (tmp_path / "disk").joinpath(os.path.basename(p.dir), "r0.s9.manifest").write_bytes(
+            msgpack.packb(wire, use_bin_type=True))
+        (tmp_path / "disk").joinpath(os.path.basename(p.dir), "r0.s9.data").write_bytes(payload(9, 0))
+        assert p.steps(0, 1) == [1]
+        p.rewind(0, -1, world_size=1)
+        assert sorted(os.listdir(p.dir)) == ["r0.s9.data", "r0.s9.manifest"]
     finally:
         p.close()
 
