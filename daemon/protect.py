@@ -239,6 +239,10 @@ class Protector:
         self.failed_rebuilds: set[int] = set()  # steps whose rebuilt bytes failed their checksums: never offered again
         self.keep_bytes = keep_bytes
         self._capped_at = -2  # the protected step when prune() last said it dropped complete parity above it
+        # The newest step protected across the group so far (this timeline). The protected step falls back when a
+        # member reports less parity (a replacement node starts with none): the step it fell from is the one a lost
+        # node is rebuilt to, so parity at or below this mark is never dropped to keep newer steps within bounds.
+        self._protected_high = -1
 
     # ---- what this node holds ------------------------------------------------------------------
 
@@ -305,6 +309,7 @@ class Protector:
                 self._spare = steps.pop(st).buf
                 dropped.add(st)
         self.table.set_epoch(epoch)
+        self._protected_high = min(self._protected_high, step)
         self.failed_rebuilds = {s for s in self.failed_rebuilds if s <= step}  # newer ones are trained again
         self.sent_step = min(self.sent_step, step)
         self.remote_sending = {n: (s, at) for n, (s, at) in self.remote_sending.items() if s <= step}
@@ -425,13 +430,15 @@ class Protector:
         """Drop parity older than the group's protected step. Codewords complete at different paces, so a
         codeword's older complete parity stays until one step is complete on every holder of every
         codeword: until then, that older step may be the only one a lost node can be rebuilt to. Of the complete
-        steps newer than it, the newest few are kept (KEEP_COMPLETE_STEPS, `keep_bytes`): only the newest steps are
-        still sealed in the ranks' slots, the others could never be restored, and while some holder stops
-        completing steps the protected step stays where it is."""
+        steps newer than any step protected so far, the newest few are kept (KEEP_COMPLETE_STEPS, `keep_bytes`):
+        only the newest steps are still sealed in the ranks' slots, the others could never be restored, and while
+        some holder stops completing steps the protected step stays where it is."""
         floor = self.protected_step()
+        self._protected_high = max(self._protected_high, floor)
         capped: set[int] = set()  # complete steps past the newest kept on some parity chunk: never protected here
         for steps in self.parity.values():
-            newer = sorted((st for st, e in steps.items() if st > floor and e.complete(self.k)), reverse=True)
+            newer = sorted((st for st, e in steps.items() if st > self._protected_high and e.complete(self.k)),
+                           reverse=True)
             held = 0
             for i, st in enumerate(newer):
                 held += steps[st].buf.nbytes
@@ -443,10 +450,12 @@ class Protector:
                 self._spare = steps.pop(st).buf
         if capped and self._capped_at != floor:
             self._capped_at = floor
-            log.warning("%s protection is stuck at step %d: a holder of the group's parity completes no newer step"
-                        " (its log says why). Of the newer steps' complete parity this node keeps the newest %d, or"
-                        " as many as fit in --ec-keep-mib %d; dropped now: %d step(s), %d to %d", self.who, floor,
-                        KEEP_COMPLETE_STEPS, self.keep_bytes >> 20, len(capped), min(capped), max(capped))
+            log.warning("%s protection has not passed step %d while this node completed parity of many newer steps:"
+                        " some member of the group completes no newer step, or only steps long gone here (a holder"
+                        " that gets no chunks, a sender far behind; its log says why). Of the newer steps' complete"
+                        " parity this node keeps the newest %d, or as many as fit in --ec-keep-mib %d; dropped now:"
+                        " %d step(s), %d to %d", self.who, floor, KEEP_COMPLETE_STEPS, self.keep_bytes >> 20,
+                        len(capped), min(capped), max(capped))
 
     def note_peer(self, msg: P.PeerHeld, now: float) -> None:
         """Take what a peer holds. Decoding checked the rows' shapes (`PeerHeld.check`); this checks that the parity a

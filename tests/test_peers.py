@@ -283,7 +283,7 @@ def test_a_holder_keeps_the_newest_complete_steps_while_protection_is_stuck(tmp_
         st = wait_parity(client, [[0, 1, s] for s in range(3, 7)])
         assert st.parity == [[0, 1, s] for s in range(3, 7)] and st.protected == -1
         assert st.parity_bytes == 4 * (512 << 10)
-        assert "protection is stuck at step -1" in log.read_text()
+        assert "protection has not passed step -1 while this node completed parity of many newer" in log.read_text()
         for step, data in small.items():  # 10 steps of 64 KiB fit in 1 MiB; with step 6 they would not
             dealer.send_multipart(seal_frames(net.secret, bytes(8), chunk(net, step, data), [data]))
         st = wait_parity(client, [[0, 1, s] for s in range(7, 17)])
@@ -294,6 +294,15 @@ def test_a_holder_keeps_the_newest_complete_steps_while_protection_is_stuck(tmp_
         assert st.parity == [[0, 1, 14], [0, 1, 15], [0, 1, 16]] and st.protected == 14
         for step in (14, 15, 16):
             assert fetch(net, step, 0, 64 << 10)[1] == small[step]
+        # b is replaced and reports no parity: the protected step falls to -1, and step 14, which a lost node would
+        # be rebuilt to, must stay while a keeps newer steps within bounds
+        dealer.send_multipart(seal_frames(net.secret, bytes(8), P.PeerHeld(**net.header(), held=[], parity=[])))
+        later = {step: rng.integers(0, 256, 128 << 10, dtype=np.uint8).tobytes() for step in range(17, 31)}
+        for step, data in later.items():  # the newest 8 fill 1 MiB
+            dealer.send_multipart(seal_frames(net.secret, bytes(8), chunk(net, step, data), [data]))
+        st = wait_parity(client, [[0, 1, s] for s in [14, *range(23, 31)]])
+        assert st.parity == [[0, 1, s] for s in [14, *range(23, 31)]] and st.protected == -1
+        assert fetch(net, 14, 0, 64 << 10)[1] == small[14]
 
 
 def held_frames(net: PeerNet, to: str | None = None, **fields) -> list:
