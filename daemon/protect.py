@@ -579,7 +579,8 @@ class Protector:
 
     def rebuild_failed(self, step: int, e: ChecksumError) -> None:
         """Rebuilt bytes of `step` failed their checksums (a peer's slot or parity holds bytes that changed after
-        they were sealed, or a peer answered with another chunk): the step is never offered again (`rebuildable`),
+        they were sealed, or a peer answered with another chunk), or a manifest of it that a peer keeps fails its
+        digest: the step is never offered again (`rebuildable`),
         so that the restore that asked for it plans again with an older step."""
         self.failed_rebuilds.add(step)
         log.warning("%s step %d cannot be rebuilt: %s; it is not offered again, restore must use an older step",

@@ -930,22 +930,26 @@ class _Holder:
         self._thread.join(10)
 
 
-@pytest.mark.parametrize("peer", ["rots", "answers with another chunk"])
+@pytest.mark.parametrize("peer", ["rots", "answers with another chunk", "holds a changed manifest"])
 def test_a_rebuild_whose_bytes_fail_their_checksums_makes_restore_use_an_older_step(tmp_path, peer):
     """a's rank sealed steps 1 and 2, and b holds the parity of both. a's slot of step 2 rots, and so does b's
-    parity of it, or b answers the fetch of it with its parity of step 1. The restore finds the slot corrupt; a
-    rebuilds step 2 from b; the rebuilt bytes fail the checksums the trainer recorded (or b's answer is not
-    the chunk asked for), so they are never loaded: a stops offering step 2, and the ranks restore step 1,
-    which a still holds, instead of failing the same way on every restart."""
+    parity of it, or b answers the fetch of it with its parity of step 1, or the manifest of step 2 that b keeps
+    for a's rebuild changed. The restore finds the slot corrupt; a rebuilds step 2 from b; the rebuilt bytes fail
+    the checksums the trainer recorded (or b's answer is not the chunk asked for, or the manifest its digest), so
+    they are never loaded: a stops offering step 2, and the ranks restore step 1, which a still holds, instead of
+    failing the same way on every restart."""
     with _pair(tmp_path) as (ep, net, client, log):
         holder = _Holder(net)
         try:
             saved = _seal_two_steps(ep, [holder], 4096)
             if peer == "rots":
                 holder.rot_both(client, rank=0, step=2)
-            else:
+            elif peer == "answers with another chunk":
                 holder.rot_a(client, rank=0, step=2)
                 holder.answer_with[2] = 1
+            else:
+                holder.rot_a(client, rank=0, step=2)
+                holder.blobs[2]["ranks"][0][2]["created"] += 1
 
             state = {"w": torch.zeros(4096, dtype=torch.float32)}
             guard = _guard(ep, state)
@@ -954,11 +958,14 @@ def test_a_rebuild_whose_bytes_fail_their_checksums_makes_restore_use_an_older_s
                 assert torch.equal(state["w"], saved[1])
             finally:
                 guard.close()
-            assert holder.fetched == [2], "a rebuilt step 2 once, and never offered it again"
+            changed = peer == "holds a changed manifest"
+            assert holder.fetched == ([] if changed else [2]), "a rebuilt step 2 once, and never offered it again"
             text = log.read_text()
             assert "dropping it, restore will use an older step" in text
             assert "step 2 cannot be rebuilt" in text and "it is not offered again" in text
-            if peer != "rots":
+            if changed:
+                assert "the manifest of rank 0 step 2 does not match its digest" in text
+            elif peer != "rots":
                 assert "peer b answered the fetch of chunk 1 of codeword 1 of step 2 at offset 0 with chunk 1 of" \
                        " codeword 1 of step 1 at offset 0, in 1 frame(s) of 16384 bytes (16384 asked)" in text, text
         finally:
