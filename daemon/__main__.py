@@ -102,7 +102,17 @@ def resolve_peers(a: argparse.Namespace, job: str, node: str):
         if not a.peer_bind:
             raise ConfigError("--rendezvous needs --peer-bind: the address this daemon announces to its peers")
         from snapguard.rendezvous import Member, join, open_store, plan_peers
+        from snapguard.stripes import plan_groups, plan_stripes
 
+        # What --nodes, --ec-g and --ec-m allow is known before the rendezvous: say it now, not after waiting for
+        # the others (or the rendezvous timeout); the failure domains are known only once all have joined.
+        g = a.nodes if a.ec_g is None else a.ec_g
+        try:
+            plan_groups([str(i) for i in range(a.nodes)], g)
+            plan_stripes(g, a.ec_m)
+        except ConfigError as e:
+            raise ConfigError(f"--nodes {a.nodes}" + ("" if a.ec_g is None else f" --ec-g {a.ec_g}")
+                              + f" --ec-m {a.ec_m}: {e}") from None
         me = Member(node, a.peer_bind, a.domain or node)
         timeout_s = RENDEZVOUS_TIMEOUT_S if a.rendezvous_timeout is None else a.rendezvous_timeout
         store = open_store(a.rendezvous, timeout_s, host=a.rendezvous_host)

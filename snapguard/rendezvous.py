@@ -270,7 +270,8 @@ def _check_same_daemon(store, job: str, me: Member) -> None:
 
 
 def _refuse_other_daemon(job: str, me: Member, theirs: Member, when: str) -> None:
-    """ConfigError when ``theirs``, the store's record of ``me.node``, is a daemon at another address.
+    """ConfigError when ``theirs``, the store's record of ``me.node``, is a daemon at another address or in another
+    failure domain.
 
     A daemon of the same node at the same address (a restarted daemon, or a replacement node that took over
     the lost one's name and address) is the same member and may rejoin. One at another address is not: it
@@ -283,6 +284,11 @@ def _refuse_other_daemon(job: str, me: Member, theirs: Member, when: str) -> Non
             f" {theirs.address} {when}. Two daemons cannot share a node name (the default is the short"
             f" host name): give each a unique --node. A node that joins again must come back at the address its"
             f" peers know ({theirs.address})")
+    if theirs.domain != me.domain:  # the others planned their groups with the domain it joined with first
+        raise ConfigError(
+            f"job {job}'s rendezvous: node {me.node} cannot join in failure domain {me.domain!r}: a daemon of node"
+            f" {me.node} {when} in domain {theirs.domain!r}, and the job's EC groups were planned with it. A node"
+            f" that joins again must give the same --domain ({theirs.domain!r}; the default is the node id)")
 
 
 def _claim_slot(store, job: str, node: str, nodes: int) -> int:

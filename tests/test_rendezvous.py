@@ -139,6 +139,11 @@ def test_two_daemons_of_one_node_name_at_different_addresses_are_refused(store):
     rosters = join_all(address, "job", [member(0), first], 2)
     assert all(r == (member(0), first) for r in rosters), rosters
     assert isinstance(join_one(address, "job", second, 2), ConfigError), "a complete job refuses it too"
+    # nor may it rejoin in another failure domain (its --domain forgotten): the others planned with the first one
+    moved = Member(first.node, first.address, "rack9")
+    e = join_one(address, "job", moved, 2)
+    assert isinstance(e, ConfigError) and f"node n1 cannot join in failure domain 'rack9': a daemon of node n1 has"         f" joined already in domain {first.domain!r}" in str(e), e
+    assert Member.from_wire(s.get(key("job", "member", "n1")), "") == first
 
 
 def test_a_daemon_whose_record_is_overwritten_while_it_joins_is_refused(store):
@@ -263,6 +268,13 @@ PEERS = ["--peer-bind", "tcp://127.0.0.1:7100", "--peer", "b=tcp://127.0.0.1:710
       "--failure-domain", "d=r1", *PEERS], "cannot form 2 EC group(s) of g=2 from 4 nodes"),
     (["--ec-g", "3", *PEERS], "4 nodes do not split into EC groups of g=3"),
     (["--ec-g", "2", "--failure-domain", "a=r0", "--failure-domain", "a=r1", *PEERS], "gives node a twice"),
+    # known before the rendezvous (here: a store no one serves), so said at once
+    (["--rendezvous", "127.0.0.1:1", "--nodes", "4", "--ec-g", "3", "--peer-bind", "tcp://127.0.0.1:7100"],
+     "--nodes 4 --ec-g 3 --ec-m 1: 4 nodes do not split into EC groups of g=3"),
+    (["--rendezvous", "127.0.0.1:1", "--nodes", "3", "--ec-m", "3", "--peer-bind", "tcp://127.0.0.1:7100"],
+     "--nodes 3 --ec-m 3: parity chunks m must be an int in 1..g-1 = 1..2 for g=3, got 3"),
+    (["--rendezvous", "127.0.0.1:1", "--nodes", "1", "--peer-bind", "tcp://127.0.0.1:7100"],
+     "--nodes 1 --ec-m 1: EC group size g must be an int >= 2, got 1"),
 ])
 def test_conflicting_flags_and_impossible_groups_stop_the_daemon_with_a_clear_message(flags, error, capsys,
                                                                                      monkeypatch, tmp_path):
