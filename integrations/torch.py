@@ -161,8 +161,11 @@ class OptimizerState:
                     raise LayoutError(f"tensor {name!r}: the snapshot holds a shard of {saved[1]} as {saved[0]},"
                                       f" the model's parameter {fqn!r} is not sharded")
                 state[fqn][key] = _as_dtensor(value, template, saved, name)
+        # Not strict: a parameter that has had no gradient yet (a head used later, an expert never routed to) has
+        # no optimizer state, in the snapshot as in the optimizer that took it. The live state was checked against
+        # the snapshot's tensors before this (`check_compatible`).
         set_optimizer_state_dict(self.model, self.optimizer, {"state": state, "param_groups": sd["param_groups"]},
-                                 options=_options())
+                                 options=StateDictOptions(full_state_dict=False, cpu_offload=False, strict=False))
 
     def _load_param_groups(self, groups: list[dict]) -> None:
         """Load a snapshot without per-parameter state: its param_groups, and no state (as it held none)."""

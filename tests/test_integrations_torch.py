@@ -118,3 +118,45 @@ def test_sgd_without_momentum_restores_the_learning_rate_a_scheduler_set():
             assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
             assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
         guard2.close()
+
+
+def test_a_parameter_the_optimizer_has_no_state_for_yet_restores_and_trains_on_alike():
+    """A parameter that has had no gradient yet (a head used later, an expert never routed to) has no
+    optimizer state. The snapshot holds none for it; restore must take it as it is, and training that then
+    uses that parameter too must follow the run that never broke."""
+    import torch
+
+    from integration_helpers import private_daemon
+    from snapguard.integrations.torch import protect
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.ModuleDict({"a": torch.nn.Linear(8, 8), "later": torch.nn.Linear(8, 8)})
+        return model, torch.optim.Adam(model.parameters(), lr=0.1)
+
+    def train(model, opt, step, both=False):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
+        y = model["a"](x)
+        (model["later"](y) if both else y).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    with private_daemon("unused") as d:
+        options = dict(job=d.job, node="n0", run_dir=d.run_dir, rank=0, world_size=1, timeout_s=10)
+        model, opt = build()
+        guard = protect(model, opt, **options)
+        for step in range(3):
+            train(model, opt, step)
+            guard.snapshot(step)
+        guard.close()
+        assert len(opt.state) == 2, "only a's weight and bias have state"
+
+        model2, opt2 = build()
+        guard2 = protect(model2, opt2, **options)
+        assert guard2.restore() == 2
+        assert len(opt2.state) == 2
+        for step in range(3, 5):
+            train(model, opt, step, both=True)
+            train(model2, opt2, step, both=True)
+            assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+        guard2.close()
