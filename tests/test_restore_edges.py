@@ -176,6 +176,18 @@ else:
     state = {"w": torch.zeros(5 if phase == "mismatch" and rank == 1 else 4)}
     if phase == "unwritable" and rank == 1:  # four elements that are one: no copy can write them in place
         state["w"] = torch.zeros(1).expand(4)
+    if phase == "refused" and rank == 1:  # an object of rank 1's that cannot take the state it is given
+        class Refuses:
+            w = torch.zeros(4)
+
+            def state_dict(self):
+                return {"w": self.w}
+
+            def load_state_dict(self, sd):
+                from snapguard.errors import LayoutError
+                raise LayoutError("the layout changed since the snapshot")
+
+        state = Refuses()
     if phase == "inventory-fails" and rank == 1:  # its own node's daemon, which dies before the restore asks it
         import signal
         from snapguard.config import Endpoint
@@ -318,6 +330,20 @@ def test_a_rank_whose_state_cannot_take_the_shard_stops_every_rank_at_once_and_n
     for r in (0, 1):
         assert got[r]["elapsed"] < 20, got
         assert got[r]["snapshot"].startswith("RestoreError: "), got  # refused: the state is mixed
+
+
+def test_a_state_one_rank_refuses_to_load_stops_every_rank(pair):
+    # Rank 1's own object refuses the state: rank 0, whose objects took theirs, must not train on alone (it would
+    # wait in the job's next collective), and both states are mixed.
+    pair("save")
+    got = pair("refused")
+    assert got[1]["error"].startswith("RestoreError: "), got
+    assert "cannot restore step 1: 's' refused it: LayoutError: the layout changed since the snapshot" \
+        in got[1]["error"], got
+    assert "cannot restore step 1: ranks [1] could not load it into their objects" in got[0]["error"], got
+    assert "restored" not in got[0], got
+    for r in (0, 1):
+        assert "must not train on" in got[r]["error"] and got[r]["elapsed"] < 20, got
 
 
 def test_ranks_on_nodes_whose_daemons_are_not_peers_are_refused_when_they_build_their_guards(pair):
