@@ -206,7 +206,9 @@ def protect(model: torch.nn.Module, optimizer: torch.optim.Optimizer | list[torc
     """Protect a DDP, FSDP2 (or unwrapped) model and its optimizer(s). Called on every rank, after
     torch.distributed is initialised and the model is wrapped.
 
-    `extra`: a dict of loop state (restored in place) or any Stateful; `states`: more named Statefuls.
+    `extra`: a dict of loop state (restored in place) or any Stateful; `states`: more named Statefuls. An lr
+    scheduler or an AMP GradScaler is not found from the model and optimizer: pass it here (e.g.
+    `states={"scheduler": scheduler, "scaler": scaler}`), or a resumed run follows another schedule or loss scale.
     `guard_options` go to snapguard.Guard (job=, node=, run_dir=, start_daemon=, timeout_s=, rng=, config=).
     Returns the Guard: `snapshot(step)` after each optimizer step, `restore()` before training, `close()`.
     """
