@@ -697,18 +697,18 @@ class Guard:
                 continue
             # An object may refuse the state (a layout it cannot take, a scheduler on one side only), on some ranks
             # only: every rank must hear of it, or the others would train on and wait in their next collective.
-            refused = None
+            refused: tuple[str, Exception] | None = None
             try:
                 for name, st in self.states.items():
                     st.load_state_dict(state[name])
             except Exception as e:
-                refused = RestoreError(f"{self.who} cannot restore step {plan.step}: {name!r} refused it:"
-                                       f" {type(e).__name__}: {e}")
-                refused.__cause__ = e
+                refused = name, e
             loaded, _ = self._gather_restored(_FAILED if refused else plan.step, self.world_size,
                                               f"loading step {plan.step}")
             if refused is not None:
-                raise RestoreError(f"{refused}{self._touched(self._restoring, {})}") from refused.__cause__
+                name, e = refused
+                raise RestoreError(f"{self.who} cannot restore step {plan.step}: {name!r} refused it:"
+                                   f" {type(e).__name__}: {e}" + self._touched(self._restoring, {})) from e
             if _FAILED in loaded.values():
                 ranks = sorted(r for r, s in loaded.items() if s == _FAILED)
                 raise RestoreError(f"{self.who} cannot restore step {plan.step}: ranks {ranks} could not load it into"
