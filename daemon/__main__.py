@@ -113,6 +113,7 @@ def resolve_peers(a: argparse.Namespace, job: str, node: str):
         except ConfigError as e:
             raise ConfigError(f"--nodes {a.nodes}" + ("" if a.ec_g is None else f" --ec-g {a.ec_g}")
                               + f" --ec-m {a.ec_m}: {e}") from None
+        _check_bindable(a.peer_bind)
         me = Member(node, a.peer_bind, a.domain or node)
         timeout_s = RENDEZVOUS_TIMEOUT_S if a.rendezvous_timeout is None else a.rendezvous_timeout
         store = open_store(a.rendezvous, timeout_s, host=a.rendezvous_host)
@@ -163,9 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--persist-dir", help="also write sealed steps to this directory, in the background, and restore"
                     " from it when memory holds no step that every rank can restore (a shared file system serves a"
                     " job of several nodes)")
-    ap.add_argument("--persist-every", type=int, default=100, metavar="N", help="with --persist-dir: write one step"
+    ap.add_argument("--persist-every", type=int, metavar="N", help="with --persist-dir: write one step"
                     " in every N of each rank (default: 100)")
-    ap.add_argument("--persist-keep", type=int, default=2, metavar="K", help="with --persist-dir: keep the newest K"
+    ap.add_argument("--persist-keep", type=int, metavar="K", help="with --persist-dir: keep the newest K"
                     " persisted steps of each rank (default: 2)")
     ap.add_argument("--peer-bind", help="TCP address peers reach this daemon at, e.g. tcp://10.0.0.5:7100")
     ap.add_argument("--peer", action="append", default=[], metavar="NODE=ADDRESS",
@@ -178,9 +179,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --peer: the failure domain (rack, switch, host) of each node, this one included"
                     " (default: every node its own)")
     ap.add_argument("--ec-m", type=int, help="parity chunks per codeword: lost nodes the group survives (default: 1)")
-    ap.add_argument("--ec-keep-mib", type=int, default=KEEP_COMPLETE_BYTES >> 20, metavar="MIB",
+    ap.add_argument("--ec-keep-mib", type=int, metavar="MIB",
                     help="complete parity kept of steps newer than the group's protected one, per parity chunk held,"
-                    f" once more than the newest {KEEP_COMPLETE_STEPS} are kept (default: %(default)s)")
+                    f" once more than the newest {KEEP_COMPLETE_STEPS} are kept (default: {KEEP_COMPLETE_BYTES >> 20})")
     ap.add_argument("--rendezvous", metavar="HOST:PORT", help="meet the job's other daemons in the torch.distributed"
                     " TCPStore at HOST:PORT instead of listing them with --peer")
     ap.add_argument("--nodes", type=int, help="with --rendezvous: how many daemons the job has")
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rendezvous-timeout", type=float,
                     help=f"seconds to wait for every daemon to join (default: {RENDEZVOUS_TIMEOUT_S:.0f})")
     ap.add_argument("--secret-file", help=f"file (0600) with the job's secret for peer traffic (default: ${ENV_SECRET})")
-    ap.add_argument("--peer-timeout", type=float, default=10.0, help="seconds before a silent peer counts as lost"
+    ap.add_argument("--peer-timeout", type=float, help="seconds before a silent peer counts as lost"
                     " (default: 10)")
     ap.add_argument("--log-level", default="INFO", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     a = ap.parse_args(argv)
@@ -202,13 +203,22 @@ def main(argv: list[str] | None = None) -> int:
         if a.hash_threads is not None and a.hash_threads < 1:
             raise ConfigError(f"--hash-threads must be at least 1, got {a.hash_threads}")
         for flag, value in (("--persist-every", a.persist_every), ("--persist-keep", a.persist_keep)):
-            if value < 1:
+            if value is not None and value < 1:
                 raise ConfigError(f"{flag} must be at least 1 step, got {value}")
-        if a.ec_keep_mib < 0:
+        if a.ec_keep_mib is not None and a.ec_keep_mib < 0:
             raise ConfigError(f"--ec-keep-mib must be 0 or more, got {a.ec_keep_mib}")
         for flag, secs in (("--peer-timeout", a.peer_timeout), ("--rendezvous-timeout", a.rendezvous_timeout)):
             if secs is not None:
                 check_seconds(flag, secs)
+        # A flag that only means something with another one would be ignored without it: say so instead.
+        for needed, given, flags in (("--peer-bind", a.peer_bind, (("--secret-file", a.secret_file),
+                                                                   ("--peer-timeout", a.peer_timeout),
+                                                                   ("--ec-keep-mib", a.ec_keep_mib))),
+                                     ("--persist-dir", a.persist_dir, (("--persist-every", a.persist_every),
+                                                                       ("--persist-keep", a.persist_keep)))):
+            unused = [flag for flag, value in flags if value is not None]
+            if unused and not given:
+                raise ConfigError(f"{', '.join(unused)} need(s) {needed}: without it this daemon would ignore them")
         secret = load_secret(a.secret_file) if a.peer_bind else b""  # before a rendezvous: fail alone, not the job
         run_dir = default_run_dir(a.run_dir)
         # The node's lock before the rendezvous: a second daemon of this job and node stops here, without joining.
@@ -219,9 +229,11 @@ def main(argv: list[str] | None = None) -> int:
                                default_shm_dir(a.shm_dir), a.shm_limit, a.slots_per_rank, not a.keep_on_exit,
                                hash_threads=a.hash_threads,
                                peer_bind=a.peer_bind, peers=peers, ec_group=group, ec_m=a.ec_m,
-                               ec_keep_bytes=a.ec_keep_mib << 20,
-                               secret=secret, peer_timeout_s=a.peer_timeout, persist_dir=a.persist_dir,
-                               persist_every=a.persist_every, persist_keep=a.persist_keep)
+                               ec_keep_bytes=KEEP_COMPLETE_BYTES if a.ec_keep_mib is None else a.ec_keep_mib << 20,
+                               secret=secret, persist_dir=a.persist_dir,
+                               **{k: v for k, v in (("peer_timeout_s", a.peer_timeout),  # else DaemonConfig's default
+                                                    ("persist_every", a.persist_every),
+                                                    ("persist_keep", a.persist_keep)) if v is not None})
             d = Daemon(cfg)
         except BaseException:
             lock.release()
@@ -239,6 +251,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     d.serve_forever()
     return 0
+
+
+def _check_bindable(address: str) -> None:
+    """Listen at `address` once, before the rendezvous announces it to the other daemons: a port in use is said now.
+    Found only when the daemon starts to serve, it stopped the daemon after the others had planned with the address,
+    and the rendezvous then refuses this node at any other one."""
+    ctx = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.bind(address)
+        except zmq.ZMQError as e:
+            raise ConfigError(f"--peer-bind {address}: cannot listen there: {os.strerror(e.errno)}; this daemon did not join the"
+                              " rendezvous") from None
+        finally:
+            sock.close(0)
+    finally:
+        ctx.term()
 
 
 def _naming_its_option(a: argparse.Namespace, e: Exception) -> str:

@@ -275,6 +275,10 @@ PEERS = ["--peer-bind", "tcp://127.0.0.1:7100", "--peer", "b=tcp://127.0.0.1:710
      "--nodes 3 --ec-m 3: parity chunks m must be an int in 1..g-1 = 1..2 for g=3, got 3"),
     (["--rendezvous", "127.0.0.1:1", "--nodes", "1", "--peer-bind", "tcp://127.0.0.1:7100"],
      "--nodes 1 --ec-m 1: EC group size g must be an int >= 2, got 1"),
+    # flags that would be ignored without the one they belong to
+    (["--peer-timeout", "5"], "--peer-timeout need(s) --peer-bind: without it this daemon would ignore them"),
+    (["--secret-file", "/nowhere", "--ec-keep-mib", "9"], "--secret-file, --ec-keep-mib need(s) --peer-bind"),
+    (["--persist-every", "5", "--persist-keep", "3"], "--persist-every, --persist-keep need(s) --persist-dir"),
 ])
 def test_conflicting_flags_and_impossible_groups_stop_the_daemon_with_a_clear_message(flags, error, capsys,
                                                                                      monkeypatch, tmp_path):
@@ -282,6 +286,23 @@ def test_conflicting_flags_and_impossible_groups_stop_the_daemon_with_a_clear_me
     rc = daemon_main(["--job", "j", "--node", "a", "--run-dir", str(tmp_path), *flags])
     assert rc == 2
     assert error in capsys.readouterr().err
+
+
+def test_a_peer_port_in_use_is_said_before_the_rendezvous_announces_it(capsys, monkeypatch, tmp_path):
+    # Found only once the daemon serves, the others would have planned with this address, and the rendezvous would
+    # refuse the node at any other one. Here no store is served at all: the daemon must not get as far as asking it.
+    import socket
+
+    monkeypatch.setenv("SNAPGUARD_SECRET", SECRET)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        rc = daemon_main(["--job", "j", "--node", "a", "--run-dir", str(tmp_path), "--rendezvous", "127.0.0.1:1",
+                          "--nodes", "2", "--rendezvous-timeout", "2", "--peer-bind", f"tcp://127.0.0.1:{port}"])
+    assert rc == 2
+    assert f"--peer-bind tcp://127.0.0.1:{port}: cannot listen there: Address already in use; this daemon did not" \
+           " join the rendezvous" in capsys.readouterr().err
 
 
 @pytest.fixture
