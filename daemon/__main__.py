@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nodes", type=int, help="with --rendezvous: how many daemons the job has")
     ap.add_argument("--domain", help="with --rendezvous: this node's failure domain (default: the node id)")
     ap.add_argument("--rendezvous-host", action="store_true", help="host the TCPStore at --rendezvous in this daemon"
-                    " (tests, small jobs: if this node is lost, a replacement cannot rejoin)")
+                    " (tests, small jobs: the store lives and dies with it, so if this daemon restarts or its node is"
+                    " lost, the new one finds an empty store and waits for daemons that do not join again)")
     ap.add_argument("--rendezvous-timeout", type=float,
                     help=f"seconds to wait for every daemon to join (default: {RENDEZVOUS_TIMEOUT_S:.0f})")
     ap.add_argument("--secret-file", help=f"file (0600) with the job's secret for peer traffic (default: ${ENV_SECRET})")

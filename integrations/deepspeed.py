@@ -8,6 +8,9 @@
         loss = engine(batch(step)); engine.backward(loss); engine.step()
         guard.snapshot()                                 # after engine.step(); returns at once
 
+At stages 1 and 2 the engine's optimizer must be DeepSpeed's ZeRO optimizer: an engine that uses another one
+(DeepSpeed's `BF16_Optimizer`, which some bf16 configurations select) is refused by protect(), naming it.
+
 With gradient accumulation, call `guard.snapshot()` after every `engine.step()`: it snapshots only
 after the steps that updated the weights (when `engine.global_steps` moved), and the loop resumes
 from `engine.global_steps` optimizer steps, i.e. `global_steps * gradient_accumulation_steps()`
