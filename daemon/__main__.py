@@ -265,8 +265,8 @@ def _check_bindable(address: str) -> None:
         try:
             sock.bind(address)
         except zmq.ZMQError as e:
-            raise ConfigError(f"--peer-bind {address}: cannot listen there: {os.strerror(e.errno)}; this daemon did not join the"
-                              " rendezvous") from None
+            raise ConfigError(f"--peer-bind {address}: cannot listen there: {os.strerror(e.errno)}; this daemon did"
+                              " not join the rendezvous") from None
         finally:
             sock.close(0)
     finally:

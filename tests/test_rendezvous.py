@@ -142,7 +142,9 @@ def test_two_daemons_of_one_node_name_at_different_addresses_are_refused(store):
     # nor may it rejoin in another failure domain (its --domain forgotten): the others planned with the first one
     moved = Member(first.node, first.address, "rack9")
     e = join_one(address, "job", moved, 2)
-    assert isinstance(e, ConfigError) and f"node n1 cannot join in failure domain 'rack9': a daemon of node n1 has"         f" joined already in domain {first.domain!r}" in str(e), e
+    assert isinstance(e, ConfigError), e
+    assert f"node n1 cannot join in failure domain 'rack9': a daemon of node n1 has joined already in domain" \
+           f" {first.domain!r}" in str(e), e
     assert Member.from_wire(s.get(key("job", "member", "n1")), "") == first
 
 
