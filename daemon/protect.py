@@ -532,15 +532,24 @@ class Protector:
     # ---- recovery ------------------------------------------------------------------------------
 
     def rebuildable(self, stocks: dict[str, P.PeerStock]) -> dict[int, dict]:
-        """Steps this node can rebuild from the peers' stocks: step -> its blob layout."""
+        """Steps this node can rebuild from the peers' stocks: step -> its blob layout. A step whose blob holds a
+        manifest that fails its digest (changed in a peer's memory since it was sent) is as bad as rotten bytes:
+        never offered again (`rebuild_failed`)."""
         out = {}
         candidates: dict[int, dict] = {}
         for st in stocks.values():
             for step, blob in st.blobs.items():
                 candidates[int(step)] = blob
         for step, blob in candidates.items():
-            if step not in self.failed_rebuilds and self._sources(step, stocks) is not None:
-                out[step] = blob
+            if step in self.failed_rebuilds or self._sources(step, stocks) is None:
+                continue
+            try:
+                for _, _, wire in blob["ranks"]:
+                    Manifest.from_wire(wire)
+            except ChecksumError as e:
+                self.rebuild_failed(step, e)
+                continue
+            out[step] = blob
         return out
 
     def _sources(self, step: int, stocks: dict[str, P.PeerStock]) -> dict[int, list[tuple[int, str]]] | None:
@@ -580,8 +589,8 @@ class Protector:
     def rebuild_failed(self, step: int, e: ChecksumError) -> None:
         """Rebuilt bytes of `step` failed their checksums (a peer's slot or parity holds bytes that changed after
         they were sealed, or a peer answered with another chunk), or a manifest of it that a peer keeps fails its
-        digest: the step is never offered again (`rebuildable`),
-        so that the restore that asked for it plans again with an older step."""
+        digest (`rebuildable`): the step is never offered again, so that the restore that asked for it plans again
+        with an older step."""
         self.failed_rebuilds.add(step)
         log.warning("%s step %d cannot be rebuilt: %s; it is not offered again, restore must use an older step",
                     self.who, step, e)

@@ -778,12 +778,8 @@ class Daemon:
         ask again (Open) until their slots are sealed; the daemon serves on meanwhile."""
         blob = self.protector.rebuildable(self._stocks()).get(step)  # asked of the peers at most once a second
         if blob is not None:
-            try:
-                sizes = {rank: Manifest.from_wire(wire).nbytes for rank, _, wire in blob["ranks"]
-                         if step not in self.table.sealed_steps(rank)}
-            except ChecksumError as e:  # a manifest a peer keeps changed since it was sent: as bad as rotten bytes
-                self.protector.rebuild_failed(step, e)
-                raise
+            sizes = {rank: Manifest.from_wire(wire).nbytes for rank, _, wire in blob["ranks"]
+                     if step not in self.table.sealed_steps(rank)}
             growing = self._grow_for(step, sizes, blob["nbytes"], "peers")
             if growing is not None:
                 return growing
@@ -797,11 +793,7 @@ class Daemon:
             self._rebuilding.cancel(self.net)
             self._rebuilding = None
         rb = Rebuild(self.protector, step, blob, stocks)
-        try:
-            rb.begin()
-        except ChecksumError as e:
-            self.protector.rebuild_failed(step, e)
-            raise
+        rb.begin()
         self._rebuilding = rb
         for r in rb.ranks:
             self._load_failed.pop((r, step), None)
