@@ -37,8 +37,8 @@ from snapguard.integrations._common import AdapterGuard, add_user_states, optimi
 __all__ = ["protect", "ModelState", "OptimizerState"]
 
 
-def _options() -> StateDictOptions:
-    return StateDictOptions(full_state_dict=False, cpu_offload=False)
+def _options(strict: bool = True) -> StateDictOptions:
+    return StateDictOptions(full_state_dict=False, cpu_offload=False, strict=strict)
 
 
 def _describe(t: DTensor) -> str:
@@ -165,7 +165,7 @@ class OptimizerState:
         # no optimizer state, in the snapshot as in the optimizer that took it. The live state was checked against
         # the snapshot's tensors before this (`check_compatible`).
         set_optimizer_state_dict(self.model, self.optimizer, {"state": state, "param_groups": sd["param_groups"]},
-                                 options=StateDictOptions(full_state_dict=False, cpu_offload=False, strict=False))
+                                 options=_options(strict=False))
 
     def _load_param_groups(self, groups: list[dict]) -> None:
         """Load a snapshot without per-parameter state: its param_groups, and no state (as it held none)."""
