@@ -22,6 +22,7 @@ while the daemon serves on; the daemon seals the slot once its bytes match.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import glob
 import logging
@@ -70,6 +71,8 @@ class Persister:
         # (rank, step) -> (the files' identity, the manifest or why it is unusable): read once per file, not per Status
         self._read: dict[tuple[int, int], tuple[tuple, Manifest | Exception]] = {}
         self._reading = threading.Lock()  # the loop and the thread (pruning) both list
+        self._unreadable: dict[tuple[int, int], str] = {}  # (rank, step) -> why its manifest could not be read
+        self._held: collections.Counter = collections.Counter()  # (rank, step) being read back: never pruned
         self.direct: bool | None = None  # whether the last write went around the page cache (O_DIRECT)
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="snapguard-persist", daemon=True)
@@ -123,6 +126,8 @@ class Persister:
         fail)."""
         man = self._manifest(rank, step)
         path = self._base(rank, step) + ".data"
+        with self._claim:
+            self._held[rank, step] += 1
 
         def fill(buf: memoryview, progress=None) -> None:
             n = man.nbytes
@@ -151,6 +156,13 @@ class Persister:
 
         return man, fill
 
+    def release(self, rank: int, step: int) -> None:
+        """The read of `rank`'s `step` that `load` started is over: the step may be pruned again."""
+        with self._claim:
+            self._held[rank, step] -= 1
+            if self._held[rank, step] <= 0:
+                del self._held[rank, step]
+
     def rewind(self, rank: int, step: int, world_size: int) -> None:
         """`rank` restored `step` (or started afresh: -1): its persisted steps of this world size newer than that
         belong to a timeline left behind, and go; so does any write of them still running."""
@@ -158,11 +170,17 @@ class Persister:
             self._timeline[rank] += 1
             # newer steps of this job, and unusable ones; another job's are not this timeline's to drop, nor those
             # another snapguard version wrote (a job that found none it could read starts afresh: -1)
-            gone = [s for s, man in self._listing(rank)
-                    if s > step and not isinstance(man, ManifestVersionError)
+            listing = self._listing(rank)
+            gone = [s for s, man in listing
+                    if s > step and not isinstance(man, (ManifestVersionError, OSError))
                     and (isinstance(man, Exception) or man.world_size == world_size)]
             for s in gone:
                 self._remove(rank, s)
+            # a manifest that could not be read may hold a step of this timeline or of another job: not offered
+            # again (it may be of the timeline left behind), not deleted either
+            for s, man in listing:
+                if s > step and isinstance(man, OSError):
+                    self._set_aside(rank, s, man)
         if gone:
             log.info("%s rank %d restored step %d: removed its persisted steps %s of the timeline left behind",
                      self.who, rank, step, gone)
@@ -227,14 +245,20 @@ class Persister:
                     continue
                 try:
                     man: Manifest | Exception = self._manifest(rank, step)
-                except (SnapGuardError, ValueError, OSError, msgpack.UnpackException) as e:
-                    log.warning("%s persisted step %d of rank %d is unusable: %s", self.who, step, rank, e)
+                except Exception as e:  # anything a damaged or foreign file makes the reader raise: not offered
+                    if self._unreadable.get((rank, step)) != str(e):
+                        log.warning("%s persisted step %d of rank %d is unusable: %s: %s", self.who, step, rank,
+                                    type(e).__name__, e)
                     man = e
-                if key is not None:
+                if isinstance(man, OSError):  # the file may be readable later (an I/O error): read it again then
+                    self._unreadable[rank, step] = str(man)
+                elif key is not None:
+                    self._unreadable.pop((rank, step), None)
                     self._read[rank, step] = key, man
                 out.append((step, man))
-            for gone in [k for k in self._read if k[0] == rank and k[1] not in steps]:
+            for gone in [k for k in (*self._read, *self._unreadable) if k[0] == rank and k[1] not in steps]:
                 self._read.pop(gone, None)
+                self._unreadable.pop(gone, None)
         return out
 
     def _remove(self, rank: int, step: int) -> None:
@@ -244,6 +268,15 @@ class Persister:
                 os.unlink(base + ext)
             except FileNotFoundError:
                 pass
+
+    def _set_aside(self, rank: int, step: int, why: Exception) -> None:
+        """Rename a step whose manifest could not be read out of the listing, to `.unreadable`, keeping its bytes."""
+        base = self._base(rank, step)
+        log.warning("%s rank %d's persisted step %d could not be read (%s): it is no longer offered; its files are kept"
+                    " as %s.*.unreadable", self.who, rank, step, why, base)
+        for ext in (".manifest", ".data"):  # the manifest first: it is the claim
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(base + ext, base + ext + ".unreadable")
 
     def _manifest(self, rank: int, step: int) -> Manifest:
         base = self._base(rank, step)
@@ -268,14 +301,19 @@ class Persister:
             error = ""
             try:
                 t0 = time.monotonic()
-                self._write(rank, step, path, man, timeline)
+                try:
+                    self._write(rank, step, path, man, timeline)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        self._remove_strays(rank)  # a full disk gets back what the write took
+                    raise
                 log.info("%s persisted rank %d step %d to %s (%.1f MiB in %.2f s, %s)", self.who, rank, step, self.dir,
                          man.nbytes / (1 << 20), time.monotonic() - t0,
                          "O_DIRECT" if self.direct else "through the page cache")
                 self._prune(rank, man.world_size)
             except Exception as e:  # reported, never fatal: memory still holds the step
                 error = f"{type(e).__name__}: {e}"
-                log.warning("%s could not persist rank %d step %d: %s", self.who, rank, step, error)
+                log.warning("%s could not persist rank %d step %d to %s: %s", self.who, rank, step, self.dir, error)
             self._done.append((rank, step, man.world_size, error))
 
     def _write(self, rank: int, step: int, path: str, man: Manifest, timeline: int) -> None:
@@ -320,23 +358,39 @@ class Persister:
         _fsync_dir(self.dir)
 
     def _prune(self, rank: int, world_size: int) -> None:
-        """Keep the newest `keep` persisted steps of `rank` of a job of `world_size` ranks; remove older ones, those of
-        a job of another size once this one has `keep` (a job restarted with another number of ranks cannot restore
-        them), and data left without a manifest."""
-        ours = self.steps(rank, world_size)
-        gone = ours[:-self.keep]
+        """Keep the newest `keep` persisted steps of `rank` of a job of `world_size` ranks, and the newest step that
+        every rank with steps here has too (a rank whose writes lag or fail may hold nothing newer); remove older
+        ones, those of a job of another size once this one has `keep` (a job restarted with another number of ranks
+        cannot restore them), and data left without a manifest. A step being read back stays."""
+        listing = self._listing(rank)
+        ours = [s for s, man in listing if not isinstance(man, Exception) and man.world_size == world_size]
+        common = self._common_step(world_size)
+        gone = [s for s in ours[:-self.keep] if s != common]
         if len(ours) >= self.keep:
-            others = sorted(set(self._complete(rank)) - set(ours))
+            # not one whose manifest could not be read: it may be this job's (`rewind` sets such steps aside)
+            others = [s for s, man in listing if s not in ours and not isinstance(man, OSError)]
             if others:
                 log.info("%s removing rank %d's persisted steps %s, of a job of another world size or unreadable: this"
                          " job of %d ranks has persisted %d of its own", self.who, rank, others, world_size, len(ours))
             gone += others
-        for step in gone:
-            self._remove(rank, step)
+        with self._claim:
+            for step in gone:
+                if (rank, step) not in self._held:
+                    self._remove(rank, step)
         claimed = set(self._complete(rank))
         for step, kind, path in self._files(rank):
             if kind == "data" and step not in claimed:
                 os.unlink(path)  # a write that died between its data and its manifest
+
+    def _common_step(self, world_size: int) -> int | None:
+        """The newest step that every rank below `world_size` with a manifest here has a manifest of, by file names."""
+        by_rank: dict[int, set[int]] = collections.defaultdict(set)
+        for name in os.listdir(self.dir):
+            m = _FILE.match(name)
+            if m and m.group(3) == "manifest" and int(m.group(1)) < world_size:
+                by_rank[int(m.group(1))].add(int(m.group(2)))
+        common = set.intersection(*by_rank.values()) if by_rank else set()
+        return max(common, default=None)
 
     def _remove_strays(self, rank: int) -> None:
         """Remove `rank`'s `.new` files: only this daemon writes this rank's, and it writes one at a time."""

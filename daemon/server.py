@@ -34,7 +34,7 @@ from snapguard.daemon.peers import AuthError as PeerAuthError
 from snapguard.daemon.peers import PeerNet, recv_frames
 from snapguard.daemon.persist import Persister, Reading
 from snapguard.daemon.protect import KEEP_COMPLETE_BYTES, OutgoingPiece, OutgoingStep, Protector, Rebuild
-from snapguard.daemon.slots import SEALED, SlotTable
+from snapguard.daemon.slots import ALLOCATING, SEALED, WRITING, SlotTable
 
 log = logging.getLogger(__name__)
 
@@ -521,6 +521,11 @@ class Daemon:
                 raise RestoreError(f"rank {msg.rank}: step {msg.step} was taken by a job of {man.world_size} ranks,"
                                     f" this job has {t.world_size}; snapguard restores only into the world size"
                                     " that took the snapshot")
+            # Opening frees the rank's other slots: a read or a rebuild of another step must not write into one after
+            if msg.rank in self._reads:
+                self._stop_reads(msg.rank)
+            if self._rebuilding is not None and self._rebuilding.step != msg.step:
+                self._stop_rebuild(msg.rank)
             s = t.open(msg.rank, msg.step)
             if self.persister is not None:
                 self.persister.rewind(msg.rank, msg.step, t.world_size)
@@ -703,19 +708,27 @@ class Daemon:
         """Start reading `rank`'s persisted `step` from disk into one of its slots, in a thread (`Reading`): the
         ranks restore `step`, and no memory here or at the peers holds it. The rank asks again (Open) until the
         step is sealed there, which `_settle_reads` does once its bytes match their checksums."""
-        man, fill = self.persister.load(rank, step)
-        t = self.table
-        t.drop(rank, step)  # the rank rewinds to `step`: what it holds newer goes, as on every restore
-        if t.plan(rank, step)[0].action != "grant":
-            t.drop(rank, -1)  # every slot holds an older step: none is restored once this one is
-        growing = self._grow_for(step, {rank: man.nbytes}, man.nbytes, "disk")
-        if growing is not None:
-            return growing
-        self._read_out()  # the slot may be one whose chunks are on their way to parity holders
-        index = t.install_begin(rank, man)
-        self._load_failed.pop((rank, step), None)
-        self._reads[rank] = Reading(rank, step, index, man, fill, t.ranks[rank][index].buffer()[:man.nbytes],
-                                    t.hash_threads, self.who)
+        man, fill = self.persister.load(rank, step)  # `step` is kept on disk until released
+        try:
+            t = self.table
+            t.drop(rank, step)  # the rank rewinds to `step`: what it holds newer goes, as on every restore
+            # on disk too: a write of a newer step still under way is of the timeline left, and prunes nothing
+            self.persister.rewind(rank, step, t.world_size)
+            if t.plan(rank, step)[0].action != "grant" and all(s.state != ALLOCATING for s in t.ranks[rank]):
+                t.drop(rank, -1)  # every slot holds an older step: none is restored once this one is
+            growing = self._grow_for(step, {rank: man.nbytes}, man.nbytes, "disk")
+            if growing is not None:
+                self.persister.release(rank, step)
+                return growing
+            self._read_out()  # the slot may be one whose chunks are on their way to parity holders
+            index = t.install_begin(rank, man)
+            self._load_failed.pop((rank, step), None)
+            self._reads[rank] = Reading(rank, step, index, man, fill, t.ranks[rank][index].buffer()[:man.nbytes],
+                                        t.hash_threads, self.who)
+        except BaseException:
+            if rank not in self._reads or self._reads[rank].step != step:
+                self.persister.release(rank, step)
+            raise
         log.info("%s rank %d reads step %d from disk (%s, %.1f MiB)", self.who, rank, step, self.persister.dir,
                  man.nbytes / (1 << 20))
         return P.Loading(step, 0, man.nbytes)
@@ -729,14 +742,25 @@ class Daemon:
                 self._settle(r)
 
     def _settle(self, r: Reading) -> None:
+        self.persister.release(r.rank, r.step)
         t = self.table
+        slot = t.ranks[r.rank][r.index]
+        ours = slot.state == WRITING and slot.step == r.step
         if r.error is None and not r.stopped:
-            t.seal(r.rank, r.step, r.index, r.manifest, verified=True)
-            log.warning("%s rank %d restores step %d from disk (%s, %.1f MiB in %.2f s): shared memory holds no good"
-                        " copy of it", self.who, r.rank, r.step, self.persister.dir, r.manifest.nbytes / (1 << 20),
-                        time.monotonic() - r.t0)
-            return
-        t.abort(r.rank, r.index)
+            try:
+                if not ours:
+                    raise RestoreError(f"{self.who} rank {r.rank}: the slot step {r.step} was read into from disk was"
+                                       " freed meanwhile")
+                t.seal(r.rank, r.step, r.index, r.manifest, verified=True)
+            except SnapGuardError as e:  # e.g. no room left for its manifest: the next Open of the step says so
+                r.error = e
+            else:
+                log.warning("%s rank %d restores step %d from disk (%s, %.1f MiB in %.2f s): shared memory holds no"
+                            " good copy of it", self.who, r.rank, r.step, self.persister.dir,
+                            r.manifest.nbytes / (1 << 20), time.monotonic() - r.t0)
+                return
+        if ours:
+            t.abort(r.rank, r.index)
         if r.stopped:
             return
         if isinstance(r.error, ChecksumError):
@@ -861,7 +885,8 @@ class Daemon:
         """Take the job's world size from a trainer's request. A job changes it only by restarting every rank, so a
         world size other than the one a running trainer of the job said Hello with is refused: ranks beyond a smaller
         world would drop out of `common()`, and a rank could reuse a slot of a step they still need. A Hello replaces
-        its rank's earlier trainer; once no trainer of the old size runs, the job may restart with another. Whether a
+        its rank's earlier trainer once that one no longer runs (or is the same process), and is refused while it
+        does; once no trainer of the old size runs, the job may restart with another. Whether a
         trainer runs is whether it holds its lock file (`procs.TrainerLock`)."""
         hello = isinstance(msg, P.Hello)
         ep = self.cfg.endpoint
@@ -872,7 +897,11 @@ class Daemon:
                                     " restarting every rank")
         replaced = self._trainers.get(msg.rank) if hello else None
         if replaced is not None and replaced.lock != msg.lock:
-            trainer_runs(ep.trainer_lock_path(replaced.lock))  # removes the file of a trainer that died holding it
+            # trainer_runs removes the file of a trainer that died holding it. Two processes writing one rank's slots
+            # would overwrite each other's steps; a Guard built again in the same process replaces its earlier one.
+            if trainer_runs(ep.trainer_lock_path(replaced.lock)) and replaced.pid != msg.pid:
+                    raise ProtocolError(f"rank {msg.rank} of job {ep.job} is taken by a trainer that still runs (pid"
+                                    f" {replaced.pid}); a job that shares this job id must use its own (SNAPGUARD_JOB)")
         self._trainers = {r: t for r, t in self._trainers.items() if t.world_size == msg.world_size}  # others are gone
         if hello:
             self._trainers[msg.rank] = _Trainer(msg.pid, msg.world_size, msg.lock)

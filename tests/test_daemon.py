@@ -1388,6 +1388,35 @@ def test_the_daemon_tells_whether_trainers_in_another_pid_namespace_run(daemon):
     life.release()
 
 
+def test_a_second_process_for_a_rank_whose_trainer_runs_is_refused_and_its_steps_stay(daemon):
+    """Two processes writing one rank's slots (two jobs under one job id) would overwrite each other's snapshots: the
+    second one's Guard is refused, naming the trainer that runs; once that one is gone, a new process takes the rank."""
+    script = textwrap.dedent(f"""
+        import torch
+        from snapguard.guard import Guard
+        g = Guard(model=torch.nn.Linear(8, 8), job={daemon.job!r}, node={daemon.node!r}, run_dir={daemon.run_dir!r},
+                  rank=0, world_size=1, timeout_s=10)
+        print("took rank 0", flush=True)
+        g.close()
+        """)
+    model, opt = make_model()
+    g = daemon.guard(model, opt, rng=False)
+    g.snapshot(0)
+    g.wait()
+    again = daemon.guard(model, opt, rng=False)  # a Guard built again in the same process replaces the first
+    again.snapshot(1)
+    again.wait()
+    other = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert other.returncode != 0
+    assert f"rank 0 of job {daemon.job} is taken by a trainer that still runs (pid {os.getpid()})" in other.stderr, \
+        other.stderr[-3000:]
+    assert daemon.held() == {0: [0, 1]}
+    g.close()
+    again.close()
+    other = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert other.returncode == 0 and "took rank 0" in other.stdout, other.stderr[-3000:]
+
+
 def test_a_rank_of_the_largest_world_waits_without_the_daemon_listing_every_rank(daemon):
     """A Wait reply costs the same in a world of 2**24 ranks (the most a message may name) as in one of two."""
     world = 1 << 24

@@ -12,6 +12,7 @@ import mmap
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -257,11 +258,11 @@ def test_a_slot_for_a_restore_that_stops_growing_ends_restore_with_an_error_that
     assert isinstance(node.request(P.Ping()), P.Ok)
 
 
-def test_a_begin_refused_as_stale_leaves_a_read_from_disk_going(node, disk, tmp_path):
-    # A request the daemon refuses changes nothing: a Begin of a step the rank already holds sealed is refused
-    # before the read of a step from disk (the restore under way) is stopped.
+def reading_six_stalled(node, disk: str, tmp_path) -> tuple[dict[int, dict], object]:
+    """Train steps 0-6 (the disk gets 3 and 6), then leave memory only step 5 and start reading step 6 from disk, the
+    read stalled while the file it returns (a path) exists; return each step's state digest and that file."""
     start(node, disk, every=3)
-    train(node, disk, range(7), 6)
+    digests = train(node, disk, range(7), 6)
     six = node.slot_file(0, 6).removesuffix(".data") + ".manifest"
     node.kill()
     os.unlink(six)  # memory holds step 5, the disk steps 3 and 6
@@ -270,6 +271,13 @@ def test_a_begin_refused_as_stale_leaves_a_read_from_disk_going(node, disk, tmp_
     start(node, disk, every=3, faults=f"daemon.persist.read@6%{stall}")
     assert node.held() == {0: [5]}
     assert isinstance(node.request(P.Open(node.job, 0, 6)), P.Loading)
+    return digests, stall
+
+
+def test_a_begin_refused_as_stale_leaves_a_read_from_disk_going(node, disk, tmp_path):
+    # A request the daemon refuses changes nothing: a Begin of a step the rank already holds sealed is refused
+    # before the read of a step from disk (the restore under way) is stopped.
+    _, stall = reading_six_stalled(node, disk, tmp_path)
     size = node.status().ranks[0]["slots"][0]["capacity"]
     with pytest.raises(DaemonError, match=r"\[BadStep\] rank 0: step 5 is not newer than step 5"):
         node.request(P.Begin(node.job, 0, 1, 5, size))
@@ -505,7 +513,13 @@ def test_persisted_steps_of_another_world_size_or_unreadable_are_not_offered(tmp
         write(9, data9, msgpack.packb({**wire9, "created": wire9["created"] + 1}, use_bin_type=True))
         with caplog.at_level(logging.WARNING, logger=Persister.__module__):
             assert p.steps(0, 2) == [5, 7], "a manifest that changed after it was written is skipped"
-        assert "step 9 of rank 0 is unusable: the manifest of rank 0 step 9 does not match its digest" in caplog.text
+        assert "step 9 of rank 0 is unusable: ChecksumError: the manifest of rank 0 step 9 does not match its digest" \
+            in caplog.text
+        write(11, data, msgpack.packb({(1, 2): 3}))  # a map keyed by an array: the decoder raises TypeError
+        with caplog.at_level(logging.WARNING, logger=Persister.__module__):
+            assert p.steps(0, 2) == [5, 7], "a manifest the decoder cannot even build is skipped, nothing raises"
+        assert "step 11 of rank 0 is unusable: TypeError" in caplog.text
+        os.unlink(os.path.join(p.dir, "r0.s11.manifest"))
         os.truncate(os.path.join(p.dir, "r0.s5.data"), len(data) - 1)
         assert p.steps(0, 2) == [7], "a data file shorter than its manifest says is skipped"
         os.unlink(os.path.join(p.dir, "r0.s7.data"))
@@ -545,6 +559,145 @@ def test_a_rewound_rank_drops_the_persisted_steps_of_the_timeline_it_left(tmp_pa
         assert sorted(os.listdir(p.dir)) == ["r0.s9.data", "r0.s9.manifest"]
     finally:
         p.close()
+
+
+def test_a_manifest_that_cannot_be_read_is_read_again_later_and_set_aside_never_deleted(tmp_path, caplog):
+    """An I/O error is not a verdict on the file: it is tried again at the next listing, logged once meanwhile, and a
+    restore to an older step sets it aside (it may be of the timeline left behind) instead of deleting it."""
+    from test_slots import manifest_for, payload
+
+    import msgpack
+
+    p = Persister(str(tmp_path / "disk"), "job-a", every=1, keep=5)
+    try:
+        wire = {}
+        for step in (1, 3):
+            data = payload(step, 0)
+            (tmp_path / "disk" / os.path.basename(p.dir) / f"r0.s{step}.data").write_bytes(data)
+            wire[step] = msgpack.packb(manifest_for(p, 0, 1, step, data).to_wire(), use_bin_type=True)
+        manifest = os.path.join(p.dir, "r0.s1.manifest")
+        with open(manifest, "wb") as f:
+            f.write(wire[1])
+        unreadable = os.path.join(p.dir, "r0.s3.manifest")
+        os.mkdir(unreadable)  # open() fails with an OSError, as a disk's I/O error or a file of another user would
+        with caplog.at_level(logging.WARNING, logger=Persister.__module__):
+            for _ in range(3):
+                assert p.steps(0, 1) == [1]
+        assert len([r for r in caplog.records if "step 3 of rank 0 is unusable: IsADirectoryError" in r.message]) == 1
+        os.rmdir(unreadable)
+        with open(unreadable, "wb") as f:
+            f.write(wire[3])
+        assert p.steps(0, 1) == [1, 3], "readable again: offered again"
+        os.replace(unreadable, unreadable + ".ok")
+        os.mkdir(unreadable)
+        assert p.steps(0, 1) == [1]
+        p.rewind(0, 1, world_size=1)  # the job restored step 1
+        assert sorted(os.listdir(p.dir)) == ["r0.s1.data", "r0.s1.manifest", "r0.s3.data.unreadable",
+                                             "r0.s3.manifest.ok", "r0.s3.manifest.unreadable"]
+        assert p.steps(0, 1) == [1]
+    finally:
+        p.close()
+
+
+def test_pruning_keeps_the_newest_step_every_rank_has_and_the_step_being_read_back(tmp_path):
+    """Rank 1's writes lag: rank 0 keeps the newest step both ranks have on disk beside its newest `keep`, so that the
+    job still has a step to restore if the node goes; and a step being read back for a restore is never pruned."""
+    from test_slots import manifest_for, payload
+
+    p = Persister(str(tmp_path / "disk"), "job-a", every=10, keep=2)
+    finished = []
+
+    def persist(rank: int, step: int) -> None:
+        data = payload(step, rank)
+        slot = tmp_path / f"slot.r{rank}.s{step}"
+        slot.write_bytes(data)
+        assert p.due(rank, step, 2)
+        p.submit(rank, step, str(slot), manifest_for(p, rank, 2, step, data))
+        wait_until(lambda: finished.extend(p.drain()) or (rank, step, "") in finished, 30, f"rank {rank} step {step}")
+
+    try:
+        persist(1, 80)
+        for step in (80, 90, 100):
+            persist(0, step)
+        assert p.steps(0, 2) == [80, 90, 100], "step 80, the only one rank 1 has, stays"
+        persist(1, 90)
+        persist(0, 110)
+        assert p.steps(0, 2) == [90, 100, 110] and p.steps(1, 2) == [80, 90]
+        man, fill = p.load(0, 90)  # a restore reads step 90 back
+        persist(1, 110)
+        persist(0, 120)
+        assert p.steps(0, 2) == [90, 110, 120], "the step being read stays"
+        buf = mmap.mmap(-1, man.nbytes)  # page-aligned, as a slot is
+        fill(memoryview(buf))
+        assert buf[:] == payload(90, 0)
+        p.release(0, 90)
+        persist(0, 130)
+        assert p.steps(0, 2) == [110, 120, 130]
+    finally:
+        p.close()
+
+
+def test_a_write_that_fails_leaves_no_partial_files_and_names_the_directory(tmp_path, caplog):
+    from test_slots import manifest_for, payload
+
+    p = Persister(str(tmp_path / "disk"), "job-a", every=1)
+    try:
+        data = payload(4, 0, n=64 << 10)
+        slot = tmp_path / "slot"
+        slot.write_bytes(data[:40 << 10])  # the slot file ends before the shard does
+        with caplog.at_level(logging.WARNING, logger=Persister.__module__):
+            p.submit(0, 4, str(slot), manifest_for(p, 0, 1, 4, data, chunk=8192))
+            done: list = []
+            wait_until(lambda: done.extend(p.drain()) or done, 30, "the write to end")
+        assert done[0][:2] == (0, 4) and "cut short" in done[0][2]
+        assert os.listdir(p.dir) == [], "the data written before the failure is removed"
+        assert f"could not persist rank 0 step 4 to {p.dir}: ChecksumError" in caplog.text
+    finally:
+        p.close()
+
+
+def test_opening_a_step_in_memory_stops_a_read_of_another_from_disk_before_its_slot_is_freed(node, disk, tmp_path):
+    """The ranks plan again while a step is read from disk, and open one that memory holds: the read stops before
+    opening frees its slot (it wrote on into a free slot, and sealing that killed the daemon), and the daemon serves on."""
+    digests, stall = reading_six_stalled(node, disk, tmp_path)
+    moves = threading.Timer(1.0, stall.unlink)  # the read moves again, and stops at its next piece
+    moves.start()
+    assert isinstance(node.request(P.Open(node.job, 0, 5), timeout_s=40), P.Shard)
+    moves.join()
+    time.sleep(1.0)  # for as long as the rest of a read that had not stopped would take
+    assert node.proc.poll() is None and node.held() == {0: [5]}
+    model, opt, loop, g = fresh(node)
+    assert g.restore() == 5 and state_digest(model, opt) == digests[5]
+    g.close()
+
+
+def test_asking_again_for_a_step_on_disk_while_its_slot_grows_keeps_the_older_step_in_memory(node, disk, tmp_path):
+    """The free slot is too small for the step on disk, so it grows first, and the rank asks again meanwhile: the step
+    memory holds stays until the read has a slot (had the read failed, the restore would have fallen back past it)."""
+    from test_daemon import seal_raw
+
+    big, small = 1 << 20, 8192
+    args = ["--persist-dir", disk, "--persist-every", "3", "--persist-keep", "2"]
+    node.start(args)
+    for step in range(7):
+        seal_raw(node, 0, 1, step, nbytes=big)
+    wait_until(lambda: on_disk(disk, node.job, 6), 30, "step 6 on disk")
+    assert isinstance(node.request(P.Shutdown(remove=True)), P.Ok)
+    node.proc.wait(30)
+    stall = tmp_path / "stall"
+    node.start(args, faults=f"daemon.reserve.piece@0%{stall}")
+    wait_until(lambda: isinstance(node.request(P.Reserve(node.job, 0, 1, small)), P.Ok), 30, "small slots")
+    seal_raw(node, 0, 1, 4, nbytes=small)  # memory: step 4; the other slot free and small; the disk: 3 and 6
+    stall.touch()
+    for _ in range(2):
+        reply = node.request(P.Open(node.job, 0, 6))
+        assert isinstance(reply, P.Loading) and reply.slot > 0, reply
+        assert node.held() == {0: [4]}
+    flip_bits(os.path.join(disk, f"snapguard-{node.job}", "r0.s6.data"), 100, 0xFF)  # the disk copy of 6 is bad
+    stall.unlink()
+    with pytest.raises(DaemonError, match="ChecksumError"):
+        open_from_disk(node, 6)
+    assert node.request(P.Inventory(node.job, 0)).steps == [3, 4], "memory's step 4 is still there to fall back to"
 
 
 def test_a_corrupt_slot_in_memory_is_restored_from_the_disk_copy_of_the_same_step(node, disk, caplog):
