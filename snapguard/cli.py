@@ -7,7 +7,6 @@ import glob
 import json
 import os
 import signal
-import socket
 import sys
 
 from snapguard import protocol as P
@@ -55,22 +54,9 @@ def status_table(reports: list[P.StatusReport]) -> str:
     return "\n".join(lines)
 
 
-def _listens(path: str) -> bool:
-    """Whether a process accepts connections on the Unix socket at `path`: a daemon that was SIGKILLed leaves its
-    socket file behind, and a connection to it is refused at once (ZeroMQ would retry until the timeout)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1.0)
-        try:
-            probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            return False
-        except OSError:
-            return True  # a full backlog, a timeout: something is there; the request says more
-    return True
-
-
 def cmd_status(a: argparse.Namespace) -> int:
     from snapguard.client import DaemonClient
+    from snapguard.procs import listens
 
     timeout_s = check_seconds("--timeout", a.timeout)
     run_dir = default_run_dir(a.run_dir)
@@ -81,7 +67,7 @@ def cmd_status(a: argparse.Namespace) -> int:
         return 1
     reports, rc = [], 0
     for s in socks:
-        if not _listens(s):
+        if not listens(s):
             job, _, node = os.path.basename(s).removesuffix(".sock").partition("@")
             print(f"{s}: no daemon listens on it: the daemon of job {job} on node {node} that left it was killed or"
                   f" crashed. The snapshots it sealed stay in shared memory until a daemon of that job and node starts"

@@ -39,6 +39,24 @@ def default_job(job: str | None = None) -> str:
     return check_name("job", job)
 
 
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def job_id_caveat(job: str | None = None) -> str | None:
+    """What a user must know of the job id `default_job(job)` takes from torchrun: its default --rdzv-id is shared by
+    every job, and --standalone draws a new one per launch. None for an id given as an argument or SNAPGUARD_JOB."""
+    run_id = None if job or os.environ.get(ENV_JOB) else os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id == "none":
+        return ("the job id is 'none', torchrun's default --rdzv-id, which every torchrun job started without one"
+                " shares: a job restores the snapshots an earlier job of the same shapes left on this node. Set"
+                f" {ENV_JOB} (or --rdzv-id) to one id per job")
+    if run_id and _UUID.fullmatch(run_id):
+        return (f"the job id is {run_id!r}, the random id torchrun --standalone draws for each launch: torchrun's own"
+                " restarts (--max-restarts) restore this job's snapshots, but a new torchrun command does not find"
+                f" them. Set {ENV_JOB} to the same id in every launch of this job to resume across launches")
+    return None
+
+
 def default_node(node: str | None = None) -> str:
     node = node or os.environ.get(ENV_NODE) or socket.gethostname().split(".")[0] or "node"
     return check_name("node", re.sub(r"[^A-Za-z0-9_.-]", "-", node))

@@ -32,14 +32,14 @@ import xxhash
 
 from snapguard import protocol as P
 from snapguard.client import DaemonClient
-from snapguard.config import Endpoint, check_seconds, default_shm_dir, default_timeout
+from snapguard.config import ENV_JOB, Endpoint, check_seconds, default_shm_dir, default_timeout, job_id_caveat
 from snapguard.errors import (ChecksumError, ConfigError, DaemonError, DaemonUnavailable, RestoreError, SnapGuardError,
                               UnrecoverableError, WorldSizeChanged)
 from snapguard.faults import fault_point
 from snapguard.layout import (ALIGN, DEFAULT_CHUNK, MANIFEST_VERSION, ChunkHasher, Layout, Manifest, checksum_mismatch,
                               chunk_checksums, default_hash_threads, in_threads, plan_layout, verify_checksums)
 from snapguard.memcopy import STREAM_KIND, address_view, native, stream_copy
-from snapguard.procs import TrainerLock, spawn_daemon
+from snapguard.procs import TrainerLock, other_jobs_on_node, spawn_daemon
 from snapguard.plan import check_agreement, plan_restore
 from snapguard.shm import fmt_bytes, map_file
 from snapguard.state import RNGState, TORCH_DTYPES, as_stateful, check_compatible, flatten, pack_tree, tensor_spec, unflatten, unpack_tree
@@ -146,6 +146,9 @@ class Guard:
             self.rank = int(os.environ.get("RANK", 0)) if cfg.rank is None else cfg.rank
             self.world_size = int(os.environ.get("WORLD_SIZE", 1)) if cfg.world_size is None else cfg.world_size
         self.who = f"[{self.endpoint.job}/rank {self.rank}]"
+        caveat = job_id_caveat(cfg.job)
+        if caveat and self.rank == 0:
+            log.warning("%s %s", self.who, caveat)
         if not native():
             log.warning("%s snapshots and restores copy with %s, which reads every byte it writes first",
                         self.who, STREAM_KIND)
@@ -640,6 +643,12 @@ class Guard:
                                    + self._touched(self._restoring, touched))
             if plan.step is None:
                 log.info("%s nothing to restore: %s", self.who, plan.reason)
+                others = other_jobs_on_node(self.endpoint) if self.rank == 0 else []
+                if others:
+                    log.warning("%s starts afresh, while daemons of other jobs run on node %s: %s. If one of them"
+                                " holds this job's snapshots (`snapguard status` lists them), start the job with %s"
+                                " set to its id to restore them", self.who, self.endpoint.node, ", ".join(others),
+                                ENV_JOB)
                 self.client.request(P.Drop(self.endpoint.job, self.rank, -1, epoch))  # keeps an old world's steps
                 self.epoch = epoch
                 check_agreement(self._gather_restored(None, self.world_size, "starting afresh")[0])

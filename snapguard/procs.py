@@ -150,6 +150,31 @@ def trainer_of(path: str) -> tuple[int, int, int] | None:
     return (pid, rank, world) if 0 <= rank < world <= MAX_WORLD_SIZE else None
 
 
+def listens(path: str) -> bool:
+    """Whether a process accepts connections on the Unix socket at `path`: a daemon that was SIGKILLed leaves its
+    socket file behind, and a connection to it is refused at once (ZeroMQ would retry until the timeout)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError:
+            return True  # a full backlog, a timeout: something is there; the request says more
+    return True
+
+
+def other_jobs_on_node(ep: Endpoint) -> list[str]:
+    """The job ids of the daemons other than `ep`'s that listen in its run dir for its node."""
+    tail = f"@{ep.node}.sock"
+    try:
+        names = os.listdir(ep.run_dir)
+    except OSError:
+        return []
+    return sorted(n[:-len(tail)] for n in names
+                  if n.endswith(tail) and n[:-len(tail)] != ep.job and listens(os.path.join(ep.run_dir, n)))
+
+
 def daemon_command(ep: Endpoint, shm_dir: str | None = None, extra: tuple[str, ...] | list[str] = ()) -> list[str]:
     cmd = [sys.executable, "-m", "snapguard.daemon", "--job", ep.job, "--node", ep.node, "--run-dir", ep.run_dir]
     if shm_dir:
@@ -173,7 +198,11 @@ def spawn_daemon(ep: Endpoint, shm_dir: str | None = None, extra: tuple[str, ...
         proc = subprocess.Popen(daemon_command(ep, shm_dir, extra), stdin=subprocess.DEVNULL, stdout=logf,
                                 stderr=logf, start_new_session=True)
     if wait_s:
-        _wait_answering(ep, proc, wait_s, log_path, log_start)
+        try:
+            _wait_answering(ep, proc, wait_s, log_path, log_start)
+        except BaseException:  # Ctrl-C, SIGTERM's exception: the caller never gets the process, so it goes here
+            _kill_session(proc)
+            raise
     return proc
 
 

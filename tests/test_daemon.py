@@ -26,6 +26,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import uuid
 
 import msgpack
 import psutil
@@ -36,7 +37,7 @@ import zmq.utils.monitor
 
 from snapguard import protocol as P
 from snapguard.client import DaemonClient
-from snapguard.config import Endpoint, default_timeout
+from snapguard.config import Endpoint, default_timeout, job_id_caveat
 from snapguard.demo import state_digest
 from snapguard.errors import ConfigError, DaemonError, DaemonUnavailable, RestoreError, SnapGuardError, WorldSizeChanged
 from snapguard.guard import Guard
@@ -861,6 +862,53 @@ def test_a_trainer_without_a_daemon_gets_an_error_naming_the_socket(node, caplog
     assert len(waiting) == 1 and node.ep.socket_path in waiting[0], caplog.text
 
 
+def test_a_job_id_torchrun_draws_or_shares_is_warned_of_and_a_fresh_start_names_other_jobs_daemons(monkeypatch, caplog):
+    """Under `torchrun --standalone` the job id is a new random one per launch: a relaunch would start afresh beside
+    the daemon holding its snapshots. Rank 0 says so when it builds its Guard, and a fresh start names the daemons of
+    other jobs that listen on its node (not a dead daemon's socket, not another node's daemon)."""
+    run_dir, shm_dir = make_dirs("jobid")
+    run_id = str(uuid.uuid4())
+    this, other, dead, elsewhere = (Node(job, node, run_dir, shm_dir) for job, node in
+                                    ((run_id, "n1"), (unique_id("other"), "n1"), (unique_id("dead"), "n1"),
+                                     (unique_id("far"), "n2")))
+    try:
+        for n in (this, other, dead, elsewhere):
+            n.start()
+        dead.kill()
+        assert os.path.exists(dead.ep.socket_path)  # left behind, refusing connections
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", run_id)
+        model, opt = make_model()
+        with caplog.at_level(logging.WARNING, logger="snapguard.guard"):
+            g = Guard(model, opt, node="n1", run_dir=run_dir, rank=0, world_size=1, rng=False, timeout_s=10.0)
+            assert g.endpoint.job == run_id
+            assert g.restore() is None
+            g.close()
+        warned = [r.getMessage() for r in caplog.records]
+        assert any(f"the job id is {run_id!r}, the random id torchrun --standalone draws" in w
+                   and "SNAPGUARD_JOB" in w for w in warned), warned
+        fresh = [w for w in warned if "starts afresh, while daemons of other jobs run on node n1" in w]
+        assert len(fresh) == 1 and fresh[0].split(": ", 1)[1].startswith(f"{other.job}. "), fresh
+        assert dead.job not in fresh[0] and elsewhere.job not in fresh[0]
+    finally:
+        for n in (this, other, dead, elsewhere):
+            n.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(shm_dir, ignore_errors=True)
+
+
+def test_job_ids_torchrun_shares_or_draws_per_launch_have_a_caveat_and_given_ones_none(monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    assert "'none', torchrun's default --rdzv-id" in job_id_caveat()
+    assert job_id_caveat("pretrain-7b") is None  # given as an argument
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "f3b0c1de-5a1e-4c2b-9d7e-0123456789ab")
+    assert "torchrun --standalone draws" in job_id_caveat()
+    monkeypatch.setenv("SNAPGUARD_JOB", "pretrain-7b")
+    assert job_id_caveat() is None
+    monkeypatch.delenv("SNAPGUARD_JOB")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "slurm-81234")  # an --rdzv-id of the user's
+    assert job_id_caveat() is None
+
+
 def test_a_shutdown_that_keeps_memory_leaves_it_for_the_next_daemon(daemon):
     seal_raw(daemon, 0, 1, 0)
     before = files_of(daemon)
@@ -1525,6 +1573,41 @@ def test_a_negative_parity_budget_stops_the_daemon_at_once(node):
                        text=True, timeout=30)
     assert r.returncode == 2 and "--ec-keep-mib must be 0 or more, got -1" in r.stderr, r.stderr
     assert not os.path.exists(node.ep.socket_path) and not os.path.exists(node.table_dir)
+
+
+def test_a_launcher_interrupted_while_its_daemon_starts_leaves_no_daemon_behind(node):
+    """Ctrl-C in a launcher (the demo, the chaos harness) while spawn_daemon waits for its daemon to answer: the
+    daemon runs in a session of its own and the launcher never got its handle, so spawn_daemon must kill it."""
+    from snapguard.procs import free_port
+
+    script = textwrap.dedent(f"""
+        from snapguard.config import Endpoint
+        from snapguard.procs import spawn_daemon
+        spawn_daemon(Endpoint({node.job!r}, {node.node!r}, {node.run_dir!r}), {node.shm_dir!r},
+                     ["--peer-bind", "tcp://127.0.0.1:{free_port()}", "--rendezvous", "127.0.0.1:{free_port()}",
+                      "--rendezvous-host", "--nodes", "2", "--rendezvous-timeout", "120"], wait_s=120)
+        """)
+
+    def daemons() -> list[psutil.Process]:
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = p.info["cmdline"] or []
+            if "snapguard.daemon" in cmd and node.job in cmd:
+                found.append(p)
+        return found
+
+    env = dict(os.environ, SNAPGUARD_SECRET="0123456789abcdef0123456789abcdef")
+    launcher = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(daemons, 60, "the launcher's daemon to start")
+        time.sleep(0.5)
+        launcher.send_signal(signal.SIGINT)
+        assert "KeyboardInterrupt" in launcher.communicate(timeout=60)[1]
+        wait_until(lambda: not daemons(), 15, "the daemon to be gone")
+    finally:
+        launcher.kill()
+        for p in daemons():
+            p.kill()
 
 
 def test_spawn_daemon_kills_a_daemon_that_does_not_answer_in_time(node, monkeypatch):
