@@ -77,6 +77,10 @@ class Fault:
         """Anything the report should say about how the fault played out, besides its outcome."""
         return ""
 
+    def failed_attempts_needed(self) -> int:
+        """How many attempts this fault must have ended, as it was armed, for its test to have happened."""
+        return 0
+
     def max_steps_lost(self, run: "Run") -> int | None:
         """How many of the steps trained before this fault a restart may have to train again: the step whose
         snapshot was in flight, and one more (a step some rank had sealed past the newest one every rank
@@ -140,6 +144,9 @@ class KillRank(Fault):
         os.kill(pid, signal.SIGKILL)
         return Injected(f"SIGKILL rank {rank} (pid {pid}){extra}", rank=rank)
 
+    def failed_attempts_needed(self) -> int:
+        return 2 if self.kw.get("phase") == "restore.mid" else 0  # killed, then killed again half-way through restoring
+
     def fired(self, run: "Run") -> float | None:
         once = getattr(self, "once", None)
         if once and os.path.exists(once):
@@ -182,6 +189,9 @@ class KillDaemon(Fault):
     def detect(self, run: "Run", since: dict[str, int]) -> list[str]:
         hits = _first_in(_grep(run, since, "daemon", "re-adopted rank"), getattr(self, "node", None))
         return [f"daemon: {h.split(': ', 1)[0]} re-adopted its slots after the restart" for h in hits]
+
+    def evidence_needed(self, run: "Run", rec: "FaultRecord") -> str | None:
+        return "daemon"  # every rank had sealed a step: the restarted daemon must have taken its slots back
 
 
 class LoseNode(Fault):
@@ -569,8 +579,11 @@ def check_params(kind: str, params: dict, conf: Any, where: str) -> None:
                           f" \"node0->node1\"; shell patterns such as \"node0->*\" work)")
     if "phase" in params and params["phase"] not in PHASES:
         raise ConfigError(f"{where}: phase {params['phase']!r} is not one of {sorted(PHASES)}")
-    if "nodes" in params and (not set(params["nodes"]) <= set(names) or len(params["nodes"]) <= conf.m):
-        raise ConfigError(f"{where}: nodes must be more than m={conf.m} of {names}")
+    if "nodes" in params and (not all(isinstance(n, str) for n in params["nodes"])
+                              or not set(params["nodes"]) <= set(names) or len(set(params["nodes"])) <= conf.m
+                              or len(set(params["nodes"])) < len(params["nodes"])):
+        raise ConfigError(f"{where}: nodes must be more than m={conf.m} different nodes of {names}, got"
+                          f" {params['nodes']}")
     for k in ("probability",):
         if k in params and not 0 < params[k] <= 1:
             raise ConfigError(f"{where}: {k} must be in (0, 1], got {params[k]}")

@@ -19,15 +19,14 @@ import json
 import os
 import random
 import secrets
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from snapguard.cluster import Cluster, ClusterSpec
-from snapguard.demo import compare, read_losses
+from snapguard.demo import compare, read_losses, restarts
 from snapguard.errors import ConfigError, SnapGuardError
+from snapguard.procs import stop_signals_ignored
 
 from snapguard.chaos.faults import KINDS, Fault, Injected
 from snapguard.chaos.proxy import PeerProxy
@@ -352,21 +351,17 @@ class Run:
             self.say(f"the run failed: {e}", "end")
         finally:
             # A second Ctrl-C (or SIGTERM, which `snapguard` turns into one) must not leave daemons and ranks
-            # behind: clean up with those signals ignored.
-            main = threading.current_thread() is threading.main_thread()
-            stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-            old = [signal.signal(s, signal.SIG_IGN) for s in stops] if main else []
-            try:
-                for f in self.faults:
-                    f.settle(self)
-                self.losses.poll()
+            # behind, nor may a fault that fails to settle.
+            with stop_signals_ignored():
                 try:
-                    self.cluster.close()
+                    for f in self.faults:
+                        f.settle(self)
+                    self.losses.poll()
                 finally:
-                    self.proxy.close()
-            finally:
-                for s, handler in zip(stops, old):
-                    signal.signal(s, signal.SIG_DFL if handler is None else handler)
+                    try:
+                        self.cluster.close()
+                    finally:
+                        self.proxy.close()
         self.say(f"protected run over: {self.end_reason}", "end")
 
     # ---- the verdict ---------------------------------------------------------------------------
@@ -413,6 +408,9 @@ class Run:
                 rec.ok, rec.outcome = False, f"FAIL: not detected by the {needs}"
             elif rec.restarted and not later:
                 rec.ok, rec.outcome = False, "FAIL: the job never trained again"
+            elif rec.failed_attempts < (need := f.failed_attempts_needed()):
+                rec.ok, rec.outcome = False, (f"FAIL: it ended {rec.failed_attempts} attempt(s), not {need} as armed:"
+                                              " the recovery it was to interrupt did not happen")
             elif rec.restored_step is not None and rec.restored_step < 0 and (rec.step or 0) >= 1:
                 # every rank had logged step 1, so every rank had sealed step 0: nothing may start from scratch
                 rec.ok, rec.outcome = False, (f"FAIL: the restart started from scratch after step {rec.steps_lost - 1}:"
@@ -432,6 +430,7 @@ class Run:
             problems = compare(self.reference_out, self.cluster.out, world)
         else:
             problems = [f"the run did not finish: {self.end_reason}"]
+        problems += self._unexplained_restarts(rows, by_attempt, expect_failure)
         bad = [f"fault #{r.index} {r.label}: {r.outcome}" for r in self.records if not r.ok]
         passed = not problems and not bad
         ref_rows = read_losses(self.reference_out, world)
@@ -445,6 +444,20 @@ class Run:
             "timeline": self.timeline, "proxy": self.proxy.stats(),
             "losses": {"reference": _mean_curve(ref_rows), "run": _attempt_curves(rows)},
         }
+
+    def _unexplained_restarts(self, rows: list[dict], by_attempt: dict[int, list[dict]],
+                              expect_failure: list[FaultRecord]) -> list[str]:
+        """The restarts no fault's record judges (the first attempt that trained after a fault that restarted the job):
+        a crash nothing injected is a failure of its own, and its restart may have lost anything. After an expected
+        failure, the job may only fail again."""
+        judged = {min(later) for rec in self.records if rec.restarted and rec.attempt is not None
+                  and (later := [a for a in by_attempt if a > rec.attempt])}
+        cutoff = min((r.attempt for r in expect_failure if r.attempt is not None), default=None)
+        return [f"attempt {a} began after a failure no fault explains, and "
+                + (f"started from scratch after step {reached}" if restored < 0 else
+                   f"restored step {restored} after step {reached}")
+                for a, restored, reached in restarts(rows)
+                if a not in judged and (cutoff is None or a <= cutoff)]
 
 
 def _compare_logged(reference: str, run: str, world: int) -> list[str]:

@@ -10,6 +10,8 @@ import tempfile
 import time
 from typing import Callable
 
+from snapguard.errors import ConfigError
+
 from snapguard.chaos import report as R
 from snapguard.chaos.harness import Run, run_reference
 from snapguard.chaos.scenario import Scenario, default, generate, load
@@ -19,7 +21,14 @@ def run_scenario(scenario: Scenario, out_dir: str, seed: int | None = None, refe
                  say: Callable[[str], None] = print) -> dict:
     """Run the reference (or reuse one under reference_dir), then the protected run; write report.json and
     loss.png into out_dir and return the report. The report's "verdict" is "PASS" or "FAIL"."""
-    os.makedirs(out_dir, exist_ok=True)
+    if any(c in os.path.abspath(out_dir) for c in ",%#"):
+        raise ConfigError(f"the output directory {out_dir} holds one of ',', '%', '#', which separate the settings of"
+                          " the ranks' fault points (SNAPGUARD_FAULTS): choose another")
+    for d in filter(None, (out_dir, reference_dir)):
+        try:
+            os.makedirs(d, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot use {d} as a directory: {e.strerror}") from None
     ref = run_reference(scenario.cluster, reference_dir or out_dir, say)
     work = tempfile.mkdtemp(prefix="run-", dir=out_dir)
     if len(work) > 60:  # the daemons' IPC socket paths must stay under the OS limit of 107 bytes

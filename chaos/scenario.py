@@ -97,8 +97,18 @@ def _cluster_conf(d: dict, where: str) -> ClusterConf:
     conf = ClusterConf(**d)
     if conf.nodes < 2 or conf.ranks_per_node < 1 or not 1 <= conf.m < conf.nodes or conf.steps < 2:
         raise ConfigError(f"{where}: need nodes >= 2, ranks_per_node >= 1, 1 <= m < nodes, steps >= 2; got {conf}")
-    if conf.persist_every is not None and conf.persist_every < 1:
-        raise ConfigError(f"{where}: [cluster] persist_every must be at least 1, got {conf.persist_every}")
+    # NaN fails every comparison, so each bound is written to refuse it
+    bounds = (("persist_every", 1, None), ("width", 4, None), ("layers", 1, None), ("max_restarts", 0, None),
+              ("slots_per_rank", 2, None), ("step_sleep", 0, 60), ("hang_timeout_s", 0.1, 3600),
+              ("timeout_s", 1, 7 * 86400))
+    for k, least, most in bounds:
+        v = getattr(conf, k)
+        if v is not None and not (v >= least and (most is None or v <= most)):
+            raise ConfigError(f"{where}: [cluster] {k} must be "
+                              + (f"in [{least}, {most}]" if most is not None else f"at least {least}") + f", got {v!r}")
+    if conf.width % 4:
+        raise ConfigError(f"{where}: [cluster] width must be a multiple of 4 (the model's attention heads), got"
+                          f" {conf.width}")
     return conf
 
 
@@ -106,22 +116,33 @@ def from_dict(d: dict, name: str = "scenario", where: str = "scenario") -> Scena
     unknown = sorted(set(d) - {"name", "seed", "cluster", "fault"})
     if unknown:
         raise ConfigError(f"{where}: unknown top-level key(s) {unknown}; expected name, seed, [cluster], [[fault]]")
+    if not isinstance(d.get("cluster", {}), dict):
+        raise ConfigError(f"{where}: cluster must be a table ([cluster]), got {d['cluster']!r}")
+    listed = d.get("fault", [])
+    if not isinstance(listed, list) or not all(isinstance(f, dict) for f in listed):
+        raise ConfigError(f"{where}: fault must be an array of tables, each fault under a [[fault]] header of its"
+                          f" own, got {listed!r}")
+    seed = d.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"{where}: seed must be an integer, got {seed!r}")
+    if not isinstance(d.get("name", name), str):
+        raise ConfigError(f"{where}: name must be a string, got {d['name']!r}")
     conf = _cluster_conf(d.get("cluster", {}), where)
     faults = []
-    for i, f in enumerate(d.get("fault", [])):
+    for i, f in enumerate(listed):
         f = dict(f)
         kind = f.pop("kind", None)
         if kind not in KINDS:
             raise ConfigError(f"{where}: fault {i} has kind {kind!r}; known kinds: {sorted(KINDS)}")
         at = f.pop("at_step", None)
-        if not isinstance(at, int) or not 0 <= at < conf.steps - 1:
+        if not isinstance(at, int) or isinstance(at, bool) or not 0 <= at < conf.steps - 1:
             raise ConfigError(f"{where}: fault {i} ({kind}) needs an integer at_step in [0, {conf.steps - 1}), got {at!r}")
         check_params(kind, f, conf, where=f"{where}: fault {i} ({kind})")
         faults.append(FaultSpec(kind, at, f))
     steps = [f.at_step for f in faults]
     if steps != sorted(steps):
         raise ConfigError(f"{where}: faults must be listed in the order of their at_step, got {steps}")
-    return Scenario(d.get("name", name), conf, tuple(faults), int(d.get("seed", 0)))
+    return Scenario(d.get("name", name), conf, tuple(faults), seed)
 
 
 def load(path: str) -> Scenario:
@@ -219,7 +240,7 @@ def generate(seed: int, faults: int, mtbf_steps: float, nodes: int = 3, ranks_pe
     Gaps are at least two steps: a fault is injected only after training has moved on from the previous
     recovery.
     """
-    if faults < 1 or mtbf_steps <= 0:
+    if faults < 1 or not 0 < mtbf_steps < math.inf:  # NaN too
         raise ConfigError(f"need faults >= 1 and mtbf_steps > 0, got {faults} and {mtbf_steps}")
     where = f"random scenario (seed {seed})"
     # the shape is checked before anything is drawn; `steps` here is the fewest the draw below can give

@@ -17,9 +17,9 @@ import subprocess
 import tempfile
 import time
 
-from snapguard.config import Endpoint
+from snapguard.config import Endpoint, default_shm_dir, slot_dir_name
 from snapguard.demo import MAX_STEPS_LOST, JobSpec, compare, launch, progress, read_losses, restarts, steps_lost_problems
-from snapguard.procs import spawn_daemon
+from snapguard.procs import spawn_daemon, stop_signals_ignored
 from snapguard import protocol as P
 from snapguard.client import DaemonClient
 from snapguard.errors import ConfigError, SnapGuardError
@@ -124,14 +124,18 @@ def run_demo(a) -> int:
                 time.sleep(0.05)
         rc = _wait(proc, "the protected run", RUN_TIMEOUT_S)
     finally:
-        _stop(proc)  # still running only when a kill above failed or the demo was interrupted
-        c = DaemonClient(ep.address, timeout_s=5)
-        try:
-            c.request(P.Shutdown(remove=True))
-        except SnapGuardError:
-            daemon.kill()
-        c.close()
-        daemon.wait(10)
+        with stop_signals_ignored():  # a second Ctrl-C must not leave the daemon and its memory behind
+            _stop(proc)  # still running only when a kill above failed or the demo was interrupted
+            c = DaemonClient(ep.address, timeout_s=5)
+            try:
+                c.request(P.Shutdown(remove=True))
+                daemon.wait(10)
+            except (SnapGuardError, subprocess.TimeoutExpired):
+                daemon.kill()
+                daemon.wait(10)
+                shutil.rmtree(os.path.join(default_shm_dir(), slot_dir_name(ep.job, ep.node)), ignore_errors=True)
+            finally:
+                c.close()
     print(f"      done in {time.monotonic() - t1:.1f} s (exit code {rc})")
     print("[3/3] verdict")
     rows = read_losses(run.out, a.nproc)

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 from snapguard.client import DaemonClient
@@ -162,6 +163,20 @@ def listens(path: str) -> bool:
         except OSError:
             return True  # a full backlog, a timeout: something is there; the request says more
     return True
+
+
+@contextlib.contextmanager
+def stop_signals_ignored():
+    """Ignore SIGINT, SIGTERM and SIGHUP while cleaning up (in the main thread, where handlers are set): a second
+    Ctrl-C must not leave daemons and ranks behind."""
+    main = threading.current_thread() is threading.main_thread()
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = [signal.signal(s, signal.SIG_IGN) for s in stops] if main else []
+    try:
+        yield
+    finally:
+        for s, handler in zip(stops, old):
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
 
 def other_jobs_on_node(ep: Endpoint) -> list[str]:

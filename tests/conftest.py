@@ -52,13 +52,17 @@ def wait_until(cond: Callable[[], object], timeout_s: float, what: str, interval
         time.sleep(interval_s)
 
 
-def stop_with_sigterm(proc: subprocess.Popen, kids: list, timeout_s: float = 90) -> str:
-    """SIGTERM a `snapguard` command started in a session of its own, with its output piped: it must exit as
-    stopped by SIGTERM, and every process of `kids` (psutil processes it had started) must be gone. Its output."""
+def stop_with_sigterm(proc: subprocess.Popen, kids: list, timeout_s: float = 90, repeat: int = 1) -> str:
+    """SIGTERM a `snapguard` command started in a session of its own, with its output piped (`repeat` times, 20 ms
+    apart): it must exit as stopped by SIGTERM, and every process of `kids` (psutil processes it had started) must
+    be gone. Its output."""
     import psutil
 
     try:
-        proc.send_signal(signal.SIGTERM)
+        for i in range(repeat):
+            proc.send_signal(signal.SIGTERM)
+            if i + 1 < repeat:
+                time.sleep(0.02)
         out = proc.communicate(timeout=timeout_s)[0]
     finally:
         if proc.poll() is None:

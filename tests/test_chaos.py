@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import re
 import shutil
@@ -100,6 +101,54 @@ def test_scenarios_refuse_unknown_keys_kinds_and_places():
         with pytest.raises(ConfigError, match=said):
             from_dict({"fault": [{**fault, "at_step": 3}]})
     assert from_dict({"fault": [{"kind": "fill_shm", "at_step": 3, "free": "1M", "attempts": 0}]}).faults
+
+
+@pytest.mark.parametrize(("scenario", "said"), [
+    ({"fault": {"kind": "kill_rank", "at_step": 3}}, "fault must be an array of tables"),  # [fault], not [[fault]]
+    ({"fault": [1]}, "fault must be an array of tables"),
+    ({"cluster": 3}, "cluster must be a table"),
+    ({"seed": "abc"}, "seed must be an integer"),
+    ({"seed": 1.7}, "seed must be an integer"),
+    ({"seed": True}, "seed must be an integer"),
+    ({"name": 5}, "name must be a string"),
+    ({"cluster": {"hang_timeout_s": math.nan}}, "hang_timeout_s must be in"),
+    ({"cluster": {"hang_timeout_s": 0}}, "hang_timeout_s must be in"),
+    ({"cluster": {"timeout_s": math.inf}}, "timeout_s must be in"),
+    ({"cluster": {"step_sleep": -1}}, "step_sleep must be in"),
+    ({"cluster": {"width": 30}}, "width must be a multiple of 4"),
+    ({"cluster": {"width": 0}}, "width must be at least 4"),
+    ({"cluster": {"layers": 0}}, "layers must be at least 1"),
+    ({"cluster": {"max_restarts": -1}}, "max_restarts must be at least 0"),
+    ({"cluster": {"slots_per_rank": 1}}, "slots_per_rank must be at least 2"),
+    ({"fault": [{"kind": "kill_rank", "at_step": True}]}, "needs an integer at_step"),
+    ({"cluster": {"nodes": 3, "m": 1}, "fault": [{"kind": "lose_more_than_m", "at_step": 3,
+                                                  "nodes": ["node0", "node0"]}]}, "more than m=1 different nodes"),
+    ({"cluster": {"nodes": 3, "m": 1}, "fault": [{"kind": "lose_more_than_m", "at_step": 3, "nodes": [["node0"], 1]}]},
+     "more than m=1 different nodes"),
+])
+def test_scenarios_of_wrong_types_or_values_are_refused_before_anything_runs(scenario, said):
+    with pytest.raises(ConfigError, match=said):
+        from_dict(scenario)
+
+
+@pytest.mark.parametrize("mtbf", [math.nan, math.inf, 0.0])
+def test_a_random_scenario_needs_a_finite_positive_mtbf(mtbf):
+    with pytest.raises(ConfigError, match="mtbf_steps > 0"):
+        generate(1, 3, mtbf)
+
+
+def test_a_scenario_file_of_the_wrong_shape_or_an_unusable_out_dir_is_a_usage_error_not_a_traceback(tmp_path):
+    bad = tmp_path / "single.toml"
+    bad.write_text('[fault]\nkind = "kill_rank"\nat_step = 3\n')
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    for args, said in ((["--scenario", str(bad), "--out", str(tmp_path / "out")], "fault must be an array of tables"),
+                       (["--out", str(taken)], f"cannot use {taken} as a directory"),
+                       (["--out", str(tmp_path / "a,b")], "holds one of ',', '%', '#'")):
+        proc = subprocess.run([sys.executable, "-m", "snapguard.cli", "chaos", "run", *args], capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path)) == ["a-file", "single.toml"], "nothing ran"
 
 
 def test_a_missing_scenario_file_is_a_usage_error(tmp_path):
@@ -333,13 +382,15 @@ def test_losing_more_than_m_nodes_with_persistence_restores_from_disk_and_loses_
 
 
 @pytest.mark.timeout(400)
-def test_a_restore_without_rng_state_makes_the_verdict_fail(tmp_path, reference):
-    """The harness must catch a restore that is wrong but does not crash: the CLI exits 1, naming losses."""
-    scenario = {"name": "broken-restore", "cluster": {**CLUSTER, "steps": 16, "worker_args": ["--no-rng"]},
+def test_a_restore_without_rng_state_or_a_crash_no_fault_explains_makes_the_verdict_fail(tmp_path, reference):
+    """The harness must catch a restore that is wrong but does not crash, and a rank that dies on its own (a failure
+    it did not inject, however well the job recovers): the CLI exits 1, naming losses and that restart."""
+    scenario = {"name": "broken-restore", "cluster": {**CLUSTER, "steps": 16,
+                                                      "worker_args": ["--no-rng", "--crash-once-at", "9"]},
                 "fault": [{"kind": "kill_rank", "at_step": 4, "rank": 1}]}
     path = tmp_path / "broken.toml"
     path.write_text(_toml(scenario))
-    assert load(str(path)).cluster.worker_args == ("--no-rng",)
+    assert load(str(path)).cluster.worker_args == ("--no-rng", "--crash-once-at", "9")
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "snapguard.cli", "chaos", "run", "--scenario", str(path), "--out",
                            str(out), "--reference", reference], capture_output=True, text=True, timeout=380)
@@ -351,6 +402,9 @@ def test_a_restore_without_rng_state_makes_the_verdict_fail(tmp_path, reference)
     assert rep["faults"][0]["outcome"] == "recovered"  # the fault itself was handled; the state was not
     assert any("loss" in p and "reference" in p for p in rep["problems"])
     assert any("final state differs" in p for p in rep["problems"])
+    unexplained = [p for p in rep["problems"] if "a failure no fault explains" in p]
+    assert len(unexplained) == 1 and re.fullmatch(r"attempt 2 began after a failure no fault explains, and restored"
+                                                   r" step [89] after step 9", unexplained[0]), rep["problems"]
 
 
 @pytest.mark.timeout(400)

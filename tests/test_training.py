@@ -335,25 +335,31 @@ def test_a_demo_that_cannot_run_as_asked_is_refused_before_it_starts(tmp_path, a
     assert not work.exists(), "nothing ran"
 
 
-def test_sigterm_stops_the_demo_and_the_job_it_runs(tmp_path):
-    """Stopped by SIGTERM while its reference run trains, the demo stops that job (torchrun and its workers, which
-    run in sessions of their own) as on Ctrl-C, and says so."""
+def test_more_sigterms_while_the_demo_cleans_up_leaves_no_daemon_or_memory_behind(tmp_path):
+    """Stopped by SIGTERM while its protected run trains, the demo stops that job (torchrun and its workers, which run in
+    sessions of their own) and its daemon as on Ctrl-C, and says so; SIGTERM again and again while it does so does not
+    cut that short: the daemon goes, and its slots leave shared memory with it."""
     import psutil
 
-    proc = subprocess.Popen([sys.executable, "-m", "snapguard.cli", "demo", "--nproc", "2", "--steps", "400",
-                             "--workdir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    from snapguard.config import default_shm_dir, slot_dir_name
+
+    proc = subprocess.Popen([sys.executable, "-m", "snapguard.cli", "demo", "--nproc", "2", "--steps", "100",
+                             "--kills", "0", "--workdir", str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        def started():  # each worker writes its pid file once it has joined the process group
+        def protected():  # the daemon runs, and the protected run's workers have started
             assert proc.poll() is None, f"the demo exited with code {proc.returncode}"
-            if not all((tmp_path / "reference" / f"pid.r{r}").exists() for r in range(2)):
+            if not all((tmp_path / "protected" / f"pid.r{r}").exists() for r in range(2)):
                 return None
             kids = psutil.Process(proc.pid).children(recursive=True)
-            pids = {int((tmp_path / "reference" / f"pid.r{r}").read_text().split()[0]) for r in range(2)}
-            return kids if pids <= {k.pid for k in kids} else None
+            return kids if any("snapguard.daemon" in k.cmdline() for k in kids) else None
 
-        kids = wait_until(started, 120, "the demo's reference run to start its workers")
+        kids = wait_until(protected, 180, "the demo's protected run to start")
+        cmd = next(k.cmdline() for k in kids if "snapguard.daemon" in k.cmdline())
+        slots = os.path.join(default_shm_dir(), slot_dir_name(cmd[cmd.index("--job") + 1], "node0"))
+        assert os.path.isdir(slots)
     except BaseException:
         os.killpg(proc.pid, signal.SIGKILL)
         raise
-    stop_with_sigterm(proc, kids)
+    stop_with_sigterm(proc, kids, repeat=100)  # SIGTERM after SIGTERM, while it stops the job and its daemon
+    assert not os.path.exists(slots), os.listdir(slots)
