@@ -1438,14 +1438,21 @@ def test_the_daemon_tells_whether_trainers_in_another_pid_namespace_run(daemon):
 
 def test_a_second_process_for_a_rank_whose_trainer_runs_is_refused_and_its_steps_stay(daemon):
     """Two processes writing one rank's slots (two jobs under one job id) would overwrite each other's snapshots: the
-    second one's Guard is refused, naming the trainer that runs; once that one is gone, a new process takes the rank."""
+    second one's Hello (what a Guard says first) is refused, naming the trainer that runs; once that one is gone, a new
+    process takes the rank."""
     script = textwrap.dedent(f"""
-        import torch
-        from snapguard.guard import Guard
-        g = Guard(model=torch.nn.Linear(8, 8), job={daemon.job!r}, node={daemon.node!r}, run_dir={daemon.run_dir!r},
-                  rank=0, world_size=1, timeout_s=10)
-        print("took rank 0", flush=True)
-        g.close()
+        import os
+        from snapguard import protocol as P
+        from snapguard.client import DaemonClient
+        from snapguard.config import Endpoint
+        from snapguard.procs import TrainerLock
+        ep = Endpoint({daemon.job!r}, {daemon.node!r}, {daemon.run_dir!r})
+        lock, c = TrainerLock(ep, 0, 1), DaemonClient(ep.address, timeout_s=10)
+        try:
+            print(type(c.request(P.Hello(ep.job, 0, 1, os.getpid(), lock.token))).__name__, flush=True)
+        finally:
+            c.close()
+            lock.release()
         """)
     model, opt = make_model()
     g = daemon.guard(model, opt, rng=False)
@@ -1462,7 +1469,7 @@ def test_a_second_process_for_a_rank_whose_trainer_runs_is_refused_and_its_steps
     g.close()
     again.close()
     other = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert other.returncode == 0 and "took rank 0" in other.stdout, other.stderr[-3000:]
+    assert other.returncode == 0 and "Welcome" in other.stdout, other.stderr[-3000:]
 
 
 def test_a_rank_of_the_largest_world_waits_without_the_daemon_listing_every_rank(daemon):
