@@ -49,7 +49,17 @@ fi
 
 case "${1:-}" in
     demo) shift; exec "$VENV/bin/snapguard" chaos run "$@" ;;
-    test) shift; exec "$VPY" -m pytest "$@" ;;
+    test) shift
+        [ $# -eq 0 ] || exec "$VPY" -m pytest "$@"
+        # The whole suite, in two parts. First the tests that run whole jobs of many processes (chaos, training,
+        # the frameworks), whose waits are minutes long: two at a time, side by side. Then the rest, many of them
+        # with waits of seconds, one at a time, so that no other test's load stretches those.
+        heavy=(tests/test_chaos.py tests/test_training.py tests/test_integrations_deepspeed.py
+              tests/test_integrations_torch.py tests/test_integrations_megatron.py)
+        rc=0
+        "$VPY" -m pytest -n 2 --dist loadfile "${heavy[@]}" || rc=$?
+        "$VPY" -m pytest "${heavy[@]/#/--ignore=}" || rc=$((rc ? rc : $?))
+        exit "$rc" ;;
     "") echo "[setup] ready: $VENV" ;;
     *) echo "usage: bash scripts/setup.sh [demo|test] [args...]" >&2; exit 2 ;;
 esac
