@@ -900,7 +900,7 @@ class Daemon:
             # trainer_runs removes the file of a trainer that died holding it. Two processes writing one rank's slots
             # would overwrite each other's steps; a Guard built again in the same process replaces its earlier one.
             if trainer_runs(ep.trainer_lock_path(replaced.lock)) and replaced.pid != msg.pid:
-                    raise ProtocolError(f"rank {msg.rank} of job {ep.job} is taken by a trainer that still runs (pid"
+                raise ProtocolError(f"rank {msg.rank} of job {ep.job} is taken by a trainer that still runs (pid"
                                     f" {replaced.pid}); a job that shares this job id must use its own (SNAPGUARD_JOB)")
         self._trainers = {r: t for r, t in self._trainers.items() if t.world_size == msg.world_size}  # others are gone
         if hello:
