@@ -191,7 +191,9 @@ class KillDaemon(Fault):
         return [f"daemon: {h.split(': ', 1)[0]} re-adopted its slots after the restart" for h in hits]
 
     def evidence_needed(self, run: "Run", rec: "FaultRecord") -> str | None:
-        return "daemon"  # every rank had sealed a step: the restarted daemon must have taken its slots back
+        # past step 0 every rank has sealed a step (the first may still be on its way): the restarted daemon must
+        # have taken its slots back
+        return "daemon" if (rec.step or 0) >= 1 or (rec.attempt or 0) > 0 else None
 
 
 class LoseNode(Fault):

@@ -37,7 +37,7 @@ import xxhash
 
 from snapguard.config import ensure_private_dir
 from snapguard.errors import (ChecksumError, ConfigError, LayoutError, ManifestVersionError, RestoreError,
-                              SnapGuardError)
+                              SnapGuardError, UnrecoverableError)
 from snapguard.faults import fault_point
 from snapguard.layout import Manifest, checksum_mismatch, verify_checksums
 
@@ -123,11 +123,19 @@ class Persister:
         """The manifest of `rank`'s persisted `step`, and a function `fill(buf, progress=None)` that reads its bytes
         into a page-aligned buffer of their size (the slot it is restored into), calling `progress(bytes read)`
         after each read (which may raise to stop it). The caller verifies the checksums (`condemn` it if they
-        fail)."""
-        man = self._manifest(rank, step)
-        path = self._base(rank, step) + ".data"
-        with self._claim:
+        fail). `step` is kept from pruning until `release`; a step gone meanwhile is an UnrecoverableError, after
+        which the ranks plan again."""
+        with self._claim:  # held before its manifest is read: a write's pruning cannot take it from under the read
             self._held[rank, step] += 1
+        try:
+            man = self._manifest(rank, step)
+        except BaseException as e:
+            self.release(rank, step)
+            if isinstance(e, FileNotFoundError):
+                raise UnrecoverableError(f"{self.who} rank {rank}'s persisted step {step} is no longer in {self.dir}")\
+                    from None
+            raise
+        path = self._base(rank, step) + ".data"
 
         def fill(buf: memoryview, progress=None) -> None:
             n = man.nbytes
@@ -362,35 +370,34 @@ class Persister:
         every rank with steps here has too (a rank whose writes lag or fail may hold nothing newer); remove older
         ones, those of a job of another size once this one has `keep` (a job restarted with another number of ranks
         cannot restore them), and data left without a manifest. A step being read back stays."""
-        listing = self._listing(rank)
-        ours = [s for s, man in listing if not isinstance(man, Exception) and man.world_size == world_size]
-        common = self._common_step(world_size)
-        gone = [s for s in ours[:-self.keep] if s != common]
-        if len(ours) >= self.keep:
-            # not one whose manifest could not be read: it may be this job's (`rewind` sets such steps aside)
-            others = [s for s, man in listing if s not in ours and not isinstance(man, OSError)]
-            if others:
-                log.info("%s removing rank %d's persisted steps %s, of a job of another world size or unreadable: this"
-                         " job of %d ranks has persisted %d of its own", self.who, rank, others, world_size, len(ours))
-            gone += others
-        with self._claim:
+        with self._claim:  # decided and done at once: a rewind or a rename aside meanwhile would make it stale
+            listing = self._listing(rank)
+            ours = [s for s, man in listing if not isinstance(man, Exception) and man.world_size == world_size]
+            common = self._common_step(world_size)
+            gone = [s for s in ours[:-self.keep] if s != common]
+            if len(ours) >= self.keep:
+                # not one whose manifest could not be read: it may be this job's (`rewind` sets such steps aside)
+                others = [s for s, man in listing if s not in ours and not isinstance(man, OSError)]
+                if others:
+                    log.info("%s removing rank %d's persisted steps %s, of a job of another world size or unreadable:"
+                             " this job of %d ranks has persisted %d of its own", self.who, rank, others, world_size,
+                             len(ours))
+                gone += others
             for step in gone:
                 if (rank, step) not in self._held:
                     self._remove(rank, step)
-        claimed = set(self._complete(rank))
-        for step, kind, path in self._files(rank):
-            if kind == "data" and step not in claimed:
-                os.unlink(path)  # a write that died between its data and its manifest
+            claimed = set(self._complete(rank))
+            for step, kind, path in self._files(rank):
+                if kind == "data" and step not in claimed:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)  # a write that died between its data and its manifest
 
     def _common_step(self, world_size: int) -> int | None:
-        """The newest step that every rank below `world_size` with a manifest here has a manifest of, by file names."""
-        by_rank: dict[int, set[int]] = collections.defaultdict(set)
-        for name in os.listdir(self.dir):
-            m = _FILE.match(name)
-            if m and m.group(3) == "manifest" and int(m.group(1)) < world_size:
-                by_rank[int(m.group(1))].add(int(m.group(2)))
-        common = set.intersection(*by_rank.values()) if by_rank else set()
-        return max(common, default=None)
+        """The newest step that every rank below `world_size` with usable steps of that world size here can restore."""
+        ranks = {int(m.group(1)) for m in map(_FILE.match, os.listdir(self.dir))
+                 if m and m.group(3) == "manifest" and int(m.group(1)) < world_size}
+        usable = [s for s in (set(self.steps(r, world_size)) for r in sorted(ranks)) if s]
+        return max(set.intersection(*usable), default=None) if usable else None
 
     def _remove_strays(self, rank: int) -> None:
         """Remove `rank`'s `.new` files: only this daemon writes this rank's, and it writes one at a time."""

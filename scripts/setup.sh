@@ -58,6 +58,7 @@ case "${1:-}" in
               tests/test_integrations_torch.py tests/test_integrations_megatron.py)
         rc=0
         "$VPY" -m pytest -n 2 --dist loadfile "${heavy[@]}" || rc=$?
+        [ "$rc" -ne 2 ] || exit 2  # interrupted (Ctrl-C): not the second part either
         "$VPY" -m pytest "${heavy[@]/#/--ignore=}" || rc=$((rc ? rc : $?))
         exit "$rc" ;;
     "") echo "[setup] ready: $VENV" ;;

@@ -23,7 +23,8 @@ from snapguard import protocol as P
 from snapguard.daemon.persist import Persister
 from snapguard.daemon.slots import SEALED, plan_begin
 from snapguard.demo import state_digest
-from snapguard.errors import ChecksumError, DaemonError, RestoreError, SnapGuardError, WorldSizeChanged
+from snapguard.errors import (ChecksumError, DaemonError, RestoreError, SnapGuardError, UnrecoverableError,
+                              WorldSizeChanged)
 from snapguard.shm import fmt_bytes
 
 from conftest import flip_bits, wait_until
@@ -633,6 +634,13 @@ def test_pruning_keeps_the_newest_step_every_rank_has_and_the_step_being_read_ba
         p.release(0, 90)
         persist(0, 130)
         assert p.steps(0, 2) == [110, 120, 130]
+        # rank 1's manifest of a newer step that no one can read does not make that step the one both ranks have
+        (tmp_path / "disk" / os.path.basename(p.dir) / "r1.s130.manifest").write_bytes(b"\x93not a manifest")
+        (tmp_path / "disk" / os.path.basename(p.dir) / "r1.s130.data").write_bytes(payload(130, 1))
+        persist(0, 140)
+        assert p.steps(0, 2) == [110, 130, 140] and p.steps(1, 2) == [90, 110]
+        with pytest.raises(UnrecoverableError, match="persisted step 999 is no longer in"):
+            p.load(0, 999)  # listed by an Inventory, pruned before the Open: the ranks plan again
     finally:
         p.close()
 
