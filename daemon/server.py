@@ -522,8 +522,7 @@ class Daemon:
                                     f" this job has {t.world_size}; snapguard restores only into the world size"
                                     " that took the snapshot")
             # Opening frees the rank's other slots: a read or a rebuild of another step must not write into one after
-            if msg.rank in self._reads:
-                self._stop_reads(msg.rank)
+            self._stop_reads(msg.rank)
             if self._rebuilding is not None and self._rebuilding.step != msg.step:
                 self._stop_rebuild(msg.rank)
             s = t.open(msg.rank, msg.step)
@@ -725,9 +724,8 @@ class Daemon:
             self._load_failed.pop((rank, step), None)
             self._reads[rank] = Reading(rank, step, index, man, fill, t.ranks[rank][index].buffer()[:man.nbytes],
                                         t.hash_threads, self.who)
-        except BaseException:
-            if rank not in self._reads or self._reads[rank].step != step:
-                self.persister.release(rank, step)
+        except BaseException:  # no Reading started: none will release the step
+            self.persister.release(rank, step)
             raise
         log.info("%s rank %d reads step %d from disk (%s, %.1f MiB)", self.who, rank, step, self.persister.dir,
                  man.nbytes / (1 << 20))

@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return a.fn(a)
     except KeyboardInterrupt as e:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # what it started is stopped: just exit now
+        from snapguard.procs import STOP_SIGNALS
+
+        for sig in STOP_SIGNALS:  # what it started is stopped: just exit now
             signal.signal(sig, signal.SIG_IGN)
         signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
         print(f"snapguard: stopped by {signal.Signals(signum).name}; the processes it had started are stopped",

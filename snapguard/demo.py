@@ -166,8 +166,9 @@ def worker_main(argv: list[str] | None = None) -> int:
             guard.snapshot(step)
         losses.write(json.dumps({"attempt": attempt, "step": step, "loss": loss.item().hex(), "t": time.time()}) + "\n")
         losses.flush()
-        if step == a.crash_once_at and rank == 0 and not os.path.exists(os.path.join(a.out, "crashed-once")):
-            open(os.path.join(a.out, "crashed-once"), "w").close()
+        crashed = os.path.join(a.out, "crashed-once")
+        if step == a.crash_once_at and rank == 0 and not os.path.exists(crashed):
+            open(crashed, "w").close()
             os._exit(1)
         if a.step_sleep:
             time.sleep(a.step_sleep)

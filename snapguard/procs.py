@@ -165,17 +165,19 @@ def listens(path: str) -> bool:
     return True
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # what `snapguard` stops on, cleaning up first
+
+
 @contextlib.contextmanager
 def stop_signals_ignored():
-    """Ignore SIGINT, SIGTERM and SIGHUP while cleaning up (in the main thread, where handlers are set): a second
-    Ctrl-C must not leave daemons and ranks behind."""
+    """Ignore STOP_SIGNALS while cleaning up (in the main thread, where handlers are set): a second Ctrl-C must not
+    leave daemons and ranks behind."""
     main = threading.current_thread() is threading.main_thread()
-    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    old = [signal.signal(s, signal.SIG_IGN) for s in stops] if main else []
+    old = [signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS] if main else []
     try:
         yield
     finally:
-        for s, handler in zip(stops, old):
+        for s, handler in zip(STOP_SIGNALS, old):
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
 
