@@ -15,6 +15,7 @@ from snapguard.daemon.peers import ENV_SECRET, load_secret
 from snapguard.daemon.protect import KEEP_COMPLETE_BYTES, KEEP_COMPLETE_STEPS
 from snapguard.daemon.server import AlreadyRunning, Daemon, DaemonConfig, NodeLock
 from snapguard.errors import ConfigError, SnapGuardError
+from snapguard.procs import ALREADY_RUNNING_EXIT
 
 log = logging.getLogger("snapguard.daemon")
 
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
     except AlreadyRunning as e:
         print(e, file=sys.stderr)
-        return 3
+        return ALREADY_RUNNING_EXIT
     except (SnapGuardError, zmq.ZMQError, OSError) as e:  # a busy --peer-bind port, an unusable directory
         print(f"snapguard-daemon: {_naming_its_option(a, e)}", file=sys.stderr)
         return 2

@@ -64,6 +64,8 @@ def cmd_status(a: argparse.Namespace) -> int:
     socks = sorted(glob.glob(os.path.join(run_dir, pattern)))
     if not socks:
         print(f"no snapguard daemon sockets in {run_dir}", file=sys.stderr)
+        if a.json:  # a monitor parses stdout: no daemon is an empty list, not an empty output
+            print("[]")
         return 1
     reports, rc = [], 0
     for s in socks:

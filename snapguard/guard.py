@@ -14,7 +14,9 @@ buffers, RNG states, loop state) are cloned when `snapshot()` is called, so they
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -22,6 +24,7 @@ import queue
 import secrets
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Iterable, NamedTuple
@@ -33,8 +36,8 @@ import xxhash
 from snapguard import protocol as P
 from snapguard.client import DaemonClient
 from snapguard.config import ENV_JOB, Endpoint, check_seconds, default_shm_dir, default_timeout, job_id_caveat
-from snapguard.errors import (ChecksumError, ConfigError, DaemonError, DaemonUnavailable, RestoreError, SnapGuardError,
-                              UnrecoverableError, WorldSizeChanged)
+from snapguard.errors import (ChecksumError, ConfigError, DaemonError, DaemonUnavailable, LayoutError, RestoreError,
+                              SnapGuardError, UnrecoverableError, WorldSizeChanged)
 from snapguard.faults import fault_point
 from snapguard.layout import (ALIGN, DEFAULT_CHUNK, MANIFEST_VERSION, ChunkHasher, Layout, Manifest, checksum_mismatch,
                               chunk_checksums, default_hash_threads, in_threads, plan_layout, verify_checksums)
@@ -42,7 +45,8 @@ from snapguard.memcopy import STREAM_KIND, address_view, native, stream_copy
 from snapguard.procs import TrainerLock, other_jobs_on_node, spawn_daemon
 from snapguard.plan import check_agreement, plan_restore
 from snapguard.shm import fmt_bytes, map_file
-from snapguard.state import RNGState, TORCH_DTYPES, as_stateful, check_compatible, flatten, pack_tree, tensor_spec, unflatten, unpack_tree
+from snapguard.state import (RNGState, TORCH_DTYPES, arrays_in, as_stateful, check_compatible, flatten, pack_tree,
+                             tensor_spec, unflatten, unpack_tree)
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +209,7 @@ class Guard:
         self._closed = False
         self._mixed: str | None = None  # set when a failed restore left chunks of a snapshot in the state
         self._restoring: int | None = None  # during restore(): the step some of whose chunks it copied into the state
+        self._last_step = -1  # the step of the last snapshot() or restore(): the next snapshot must be newer
         self.common_step = -1  # newest step every rank holds sealed, as the daemon last reported
         self.last_sealed = -1
         self.restored_from: str | None = None  # where restore() found this rank's shard: "memory" or "disk"
@@ -217,6 +222,9 @@ class Guard:
         except BaseException:
             self.close()  # no copy thread, hook or socket outlives a Guard that could not start
             raise
+        # A script that ends without close() would stop the copy thread (a daemon thread) mid-copy: its last step lost
+        self._at_exit = functools.partial(_seal_at_exit, weakref.ref(self))
+        atexit.register(self._at_exit)
 
     # ---- connection ------------------------------------------------------------------------------
 
@@ -226,7 +234,6 @@ class Guard:
                 self.client.wait_ready(1.0)
             except DaemonUnavailable:
                 self._spawn_daemon()
-                self.client.wait_ready(self.timeout_s)
         else:
             self._wait_for_daemon()
         self._life = TrainerLock(self.endpoint, self.rank, self.world_size)
@@ -318,8 +325,11 @@ class Guard:
             " --rendezvous." + mine)
 
     def _spawn_daemon(self) -> None:
+        """Start the node's daemon and wait until it (or the one a rank beside this one started first) answers; one
+        that exits (bad daemon_args, an unusable directory) is an error at once, with the end of its log."""
         log.info("%s no daemon answers on %s: starting one", self.who, self.endpoint.socket_path)
-        spawn_daemon(self.endpoint, default_shm_dir(self.config.shm_dir), self.config.daemon_args, wait_s=None)
+        spawn_daemon(self.endpoint, default_shm_dir(self.config.shm_dir), self.config.daemon_args,
+                     wait_s=self.timeout_s, owned=False)
 
     def _reserve(self, nbytes: int | None = None) -> None:
         """Have the daemon allocate and pre-fault this rank's slots for shards of `nbytes` (default: the state
@@ -389,6 +399,9 @@ class Guard:
         if self._mixed:
             raise RestoreError(f"{self.who} snapshot({step}) refused: a failed restore left the state mixed ({self._mixed});"
                                " the job must not train on from it")
+        if step <= self._last_step:  # the daemon refuses it too, but only on the copy thread, after the whole copy
+            raise ConfigError(f"{self.who} snapshot({step}) after snapshot or restore of step {self._last_step}: each"
+                              " snapshot's step must be newer than the last (snapshot once per optimizer step)")
         self.wait()  # one snapshot in flight: the previous one has had a whole step to seal
         named, tree = self._capture()
         guarded = self._guarded_storages()
@@ -411,7 +424,7 @@ class Guard:
             cuda_ready[d].record(torch.cuda.current_stream(d))
         self._pin = self._pin or bool(cuda_ready)
         job = _Job(step, self._layout, tensors, pack_tree(tree), cuda_ready)
-        self._job = job
+        self._job, self._last_step = job, step
         self._queue.put(job)
 
     def before_update(self) -> None:
@@ -596,7 +609,7 @@ class Guard:
             raise ConfigError(f"{self.who} restore() in a job of {self.world_size} ranks needs torch.distributed, over"
                               " which the ranks agree on the step, and it was not initialised when this Guard was built:"
                               " call init_process_group() first")
-        self._restoring = None
+        self._restoring, self._last_step = None, -1  # the daemons forget the steps after the one restored
         try:
             return self._restore()
         except BaseException:
@@ -667,11 +680,10 @@ class Guard:
             try:
                 shard = self._open(plan.step, epoch)
                 if shard is not None:
-                    man = self._manifest(shard)
+                    man = self._manifest(shard, plan.step)
                     saved_ws = man.world_size
                     if saved_ws == self.world_size:  # else nothing is written: every rank refuses below
                         self.epoch = epoch
-                        self._restoring = plan.step
                         try:
                             state, shard_nbytes = self._load(shard, man)
                             report = plan.step
@@ -723,10 +735,15 @@ class Guard:
                 raise RestoreError(f"{self.who} cannot restore step {plan.step}: ranks {ranks} could not load it into"
                                    " their objects (their errors say why)" + self._touched(self._restoring, {}))
             check_agreement(restored)
-            self.last_sealed = self.common_step = plan.step
+            self.last_sealed = self.common_step = self._last_step = plan.step
             self.restored_from = "disk" if plan.step in inv.persisted else "memory"
-            if shard_nbytes > self._reserved:
-                self._reserve(shard_nbytes)  # larger than at construction (optimizer state): pre-fault for it
+            if shard_nbytes > self._reserved:  # larger than at construction (optimizer state): pre-fault for it
+                try:
+                    self._reserve(shard_nbytes)
+                except Exception as e:  # the ranks agreed and hold the step: this rank alone must not stop
+                    log.warning("%s restored step %d, but could not reserve snapshot slots of %s for the next"
+                                " snapshots (the first one tries again, and fails if this persists): %s", self.who,
+                                plan.step, fmt_bytes(shard_nbytes), e)
             if self.restored_from == "disk":
                 log.warning("%s restored step %d from disk in %.2f s: shared memory held no good copy of the newest step"
                             " that every rank can restore (%s)", self.who, plan.step, time.monotonic() - t0, plan.reason)
@@ -840,18 +857,27 @@ class Guard:
             log.warning("%s restoring step %d: %s; the ranks plan again", self.who, step, e)
             return None
 
-    def _manifest(self, shard: P.Shard) -> Manifest:
+    def _manifest(self, shard: P.Shard, step: int) -> Manifest:
         man = Manifest.from_wire(shard.manifest)
         man.validate(os.stat(shard.path).st_size)
-        if man.rank != self.rank:
-            raise RestoreError(f"{self.who} the daemon handed out rank {man.rank}'s shard")
+        if (man.job, man.rank, man.step) != (self.endpoint.job, self.rank, step):
+            raise RestoreError(f"{self.who} asked the daemon for step {step} of this rank, it handed out step {man.step}"
+                               f" of rank {man.rank} of job {man.job!r}")
         return man
 
     def _load(self, shard: P.Shard, man: Manifest) -> tuple[dict, int]:
         """Copy the shard into this process's tensors, verifying each chunk before its bytes are copied; return
         the state dicts to load and the shard's size. Raise ChecksumError at the first corrupt chunk."""
-        current, _ = self._capture()
-        check_compatible(man.entries, current)
+        current, live_tree = self._capture()
+        tree = unpack_tree(man.tree)
+        # A NumPy array comes back as a new array, in the order it was saved in, whatever the live one's order (a
+        # Fortran-ordered array is stored transposed): compared by its logical shape, never a target of the copy.
+        live_arrays, saved_arrays = arrays_in(live_tree), arrays_in(tree)
+        check_compatible([dataclasses.replace(e, shape=e.shape[::-1]) if saved_arrays.get(i) else e
+                          for i, e in enumerate(man.entries)],
+                         [(n, t.permute(*range(t.ndim - 1, -1, -1)) if live_arrays.get(i) else t)
+                          for i, (n, t) in enumerate(current)])
+        arrays = {current[i][0] for i in live_arrays}
         buf, _ = self._mapping(shard.path, os.stat(shard.path).st_size)
         sources = [buf[e.offset:e.offset + e.nbytes].view(TORCH_DTYPES[e.dtype]).view(e.shape) for e in man.entries]
         # Like torch.distributed.checkpoint, load into the tensors the state dicts hold now: parameters and
@@ -860,7 +886,7 @@ class Guard:
         # snapshot is known to hold every state. The state dicts get the live tensors themselves back, not
         # detached aliases: a plain dict's load_state_dict puts its values back, which must be the same objects
         # (a Parameter stays that Parameter, with its requires_grad).
-        live = dict(current)
+        live = {n: t for n, t in current if n not in arrays}
         targets, values, strided = [], [], []
         for e, src in zip(man.entries, sources):
             dst = live.get(e.name)
@@ -868,13 +894,16 @@ class Guard:
                 targets.append(torch.empty_like(src))
                 values.append(targets[-1])
                 continue
-            if dst.is_contiguous() and not (dst.is_conj() or dst.is_neg()):
+            if dst.is_meta:
+                raise LayoutError(f"tensor {e.name!r} is on the meta device, which holds no memory to restore into:"
+                                  " materialize the model (e.g. to_empty()) before restore()")
+            if dst.is_contiguous() and not (dst.is_conj() or dst.is_neg()) and dst.device.type in ("cpu", "cuda"):
                 targets.append(dst.detach())  # the bytes are copied by address: no autograd, no views
             else:
-                targets.append(torch.empty_like(src))  # copied into the live tensor once verified
+                targets.append(torch.empty_like(src))  # copied into the live tensor (or device) once verified
                 strided.append((dst, targets[-1]))
             values.append(dst)
-        state = unflatten(unpack_tree(man.tree), values)
+        state = unflatten(tree, values)
         missing = set(self.states) - set(state)
         if missing:
             raise RestoreError(f"{self.who} the snapshot of step {man.step} holds no state for {sorted(missing)}")
@@ -882,6 +911,7 @@ class Guard:
         # Into GPU tensors the copies are the device's, and hashing is the work: as many threads as a snapshot's.
         on_gpu = any(t.is_cuda for t in targets)
         threads = self._hash_threads() if on_gpu else min(_RESTORE_THREADS, torch.get_num_threads())
+        self._restoring = man.step  # from here on, a failure leaves chunks of this step in the state
         copy_verified(buf, man, targets, threads=max(1, threads))
         with torch.no_grad():
             for dst, verified in strided:
@@ -937,6 +967,8 @@ class Guard:
         """Wait for the last snapshot, stop the copy thread; optionally stop the node's daemon (and free its memory)."""
         if self._closed:
             return
+        if hasattr(self, "_at_exit"):
+            atexit.unregister(self._at_exit)
         try:
             self.wait()
         finally:
@@ -987,6 +1019,19 @@ class Guard:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _seal_at_exit(ref: "weakref.ref[Guard]") -> None:
+    """At interpreter exit, for a Guard that was never closed: wait (a request timeout at most) for its last snapshot
+    to seal, which the copy thread, a daemon thread, would not live to do."""
+    g = ref()
+    job = None if g is None or g._closed else g._job
+    if job is None or (job.sealed.is_set() and job.error is None):
+        return
+    try:
+        g.wait(g.timeout_s)
+    except Exception as e:  # exiting: say it, raise nothing
+        log.error("%s at exit, without close(): the snapshot of step %d was not sealed: %s", g.who, job.step, e)
 
 
 class _ListState:

@@ -199,14 +199,23 @@ def daemon_command(ep: Endpoint, shm_dir: str | None = None, extra: tuple[str, .
     return cmd + list(extra)
 
 
+# snapguard-daemon's exit code when another daemon of its job and node already runs
+ALREADY_RUNNING_EXIT = 3
+
+
 def spawn_daemon(ep: Endpoint, shm_dir: str | None = None, extra: tuple[str, ...] | list[str] = (),
-                 log_path: str | None = None, wait_s: float | None = 30.0) -> subprocess.Popen:
+                 log_path: str | None = None, wait_s: float | None = 30.0, owned: bool = True) -> subprocess.Popen:
     """Start a daemon in a session of its own (it outlives its parent's process group); wait until it answers.
 
     With ``wait_s``: a daemon that exits first (bad flags, a rendezvous refused) is a SnapGuardError with its
     exit code and the last lines of its log, raised as soon as it exits; one that neither answers nor exits
     within ``wait_s`` is killed (its whole session) and reported as DaemonUnavailable. Without ``wait_s`` the
     process is returned at once and the caller owns it.
+
+    ``owned=False``: a daemon started for a trainer, which must outlive it. One that exits because another
+    daemon of its job and node runs (a rank beside this one started it first) is not an error: that daemon is
+    waited for instead. One that does not answer in time is left running (re-adopting large slots takes a
+    while), and so is one whose wait is interrupted.
     """
     ensure_private_dir(ep.run_dir)
     log_path = log_path or os.path.join(ep.run_dir, f"{ep.stem}.log")
@@ -216,28 +225,40 @@ def spawn_daemon(ep: Endpoint, shm_dir: str | None = None, extra: tuple[str, ...
                                 stderr=logf, start_new_session=True)
     if wait_s:
         try:
-            _wait_answering(ep, proc, wait_s, log_path, log_start)
+            _wait_answering(ep, proc, wait_s, log_path, log_start, owned)
         except BaseException:  # Ctrl-C, SIGTERM's exception: the caller never gets the process, so it goes here
-            _kill_session(proc)
+            if owned:
+                _kill_session(proc)
             raise
     return proc
 
 
-def _wait_answering(ep: Endpoint, proc: subprocess.Popen, wait_s: float, log_path: str, log_start: int) -> None:
+def _wait_answering(ep: Endpoint, proc: subprocess.Popen, wait_s: float, log_path: str, log_start: int,
+                    owned: bool = True) -> None:
     who = f"daemon {ep.job}/{ep.node} (pid {proc.pid})"
     deadline = time.monotonic() + wait_s
     c = DaemonClient(ep.address, who=f"waiting for daemon {ep.job}/{ep.node}")
+    other = False  # it found another daemon of its job and node running, and left: wait for that one
     try:
         while True:
-            if proc.poll() is not None:
-                raise SnapGuardError(f"{who} exited with code {proc.returncode} before it answered on {ep.address};"
-                                     f" its log {log_path} ends:\n{_log_tail(log_path, log_start)}")
+            if not other and proc.poll() is not None:
+                other = not owned and proc.returncode == ALREADY_RUNNING_EXIT
+                if not other:
+                    raise SnapGuardError(f"{who} exited with code {proc.returncode} before it answered on {ep.address};"
+                                         f" its log {log_path} ends:\n{_log_tail(log_path, log_start)}")
             try:
                 c.wait_ready(max(0.05, min(0.5, deadline - time.monotonic())))
                 return
             except DaemonUnavailable:
-                if time.monotonic() < deadline or proc.poll() is not None:
+                if time.monotonic() < deadline or (not other and proc.poll() is not None):
                     continue
+                if other:
+                    raise DaemonUnavailable(f"{who} left because another daemon of job {ep.job} on node {ep.node}"
+                                            f" runs, and that one did not answer on {ep.address} within {wait_s:g} s;"
+                                            f" see {log_path}") from None
+                if not owned:
+                    raise DaemonUnavailable(f"{who} did not answer on {ep.address} within {wait_s:g} s; it is left"
+                                            f" running (see {log_path})") from None
                 _kill_session(proc)
                 raise DaemonUnavailable(f"{who} did not answer on {ep.address} within {wait_s:g} s and was killed"
                                         f" (its process group, SIGKILL); see {log_path}") from None

@@ -184,6 +184,28 @@ def unflatten(tree: Any, tensors: list[torch.Tensor]) -> Any:
     return dec(tree)
 
 
+def arrays_in(tree: Any) -> dict[int, bool]:
+    """The NumPy arrays of a flattened state: tensor index -> stored transposed (the array was Fortran-ordered)."""
+    out: dict[int, bool] = {}
+
+    def walk(node: Any) -> None:
+        if not isinstance(node, list):
+            return
+        tag, val = node[0], node[1:]
+        if tag == "N":
+            out[val[0]] = val[1:] == ["F"]
+        elif tag == "d":
+            for k, v in val[0]:
+                walk(k)
+                walk(v)
+        elif tag in ("l", "t"):
+            for v in val[0]:
+                walk(v)
+
+    walk(tree)
+    return out
+
+
 def _hashable(k: Any) -> Any:
     return tuple(_hashable(x) for x in k) if isinstance(k, list) else k
 

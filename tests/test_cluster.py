@@ -347,7 +347,7 @@ class _Group:
         g = self.guards[i]
         assert step in g.client.request(P.Inventory(self.job, i)).steps
         shard = g._open(step, 0)
-        g._load(shard, g._manifest(shard))
+        g._load(shard, g._manifest(shard, step))
 
     def lose_and_restore(self, *lost: int, step: int = 1) -> bool:
         """`lose` the nodes `lost` at once and `restore` their ranks, all at once: whether their states then hold the

@@ -29,6 +29,7 @@ import time
 import uuid
 
 import msgpack
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -39,7 +40,8 @@ from snapguard import protocol as P
 from snapguard.client import DaemonClient
 from snapguard.config import Endpoint, default_timeout, job_id_caveat
 from snapguard.demo import state_digest
-from snapguard.errors import ConfigError, DaemonError, DaemonUnavailable, RestoreError, SnapGuardError, WorldSizeChanged
+from snapguard.errors import (ConfigError, DaemonError, DaemonUnavailable, LayoutError, RestoreError, SnapGuardError,
+                              WorldSizeChanged)
 from snapguard.guard import Guard
 from snapguard.layout import MANIFEST_VERSION, Manifest, TensorEntry, align, chunk_checksums, manifest_digest
 from snapguard.procs import TrainerLock, daemon_command
@@ -976,6 +978,126 @@ def test_a_daemon_of_another_run_dir_leaves_the_slots_a_running_one_serves_alone
     assert daemon.held() == {0: [0]}, "the first daemon's slots are all there for the next one"
 
 
+def test_a_script_that_ends_without_close_still_seals_its_last_snapshot(daemon):
+    """The documented loop calls snapshot() and never close(): the copy thread is a daemon thread, so without a wait at
+    exit the last step would be left half-written, and a restart would restore the one before."""
+    script = textwrap.dedent(f"""
+        import torch, snapguard
+        m = torch.nn.Linear(1024, 1024)
+        o = torch.optim.Adam(m.parameters())
+        g = snapguard.Guard(m, o, job={daemon.job!r}, node={daemon.node!r}, run_dir={daemon.run_dir!r}, rank=0,
+                            world_size=1, timeout_s=30)
+        for step in range(3):
+            m(torch.randn(8, 1024)).sum().backward()
+            o.step()
+            o.zero_grad()
+            g.snapshot(step)
+        """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SNAPGUARD_")}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert daemon.held() == {0: [1, 2]}, daemon.request(P.Status())
+
+
+def test_a_snapshot_of_a_step_not_newer_than_the_last_is_refused_at_once(daemon):
+    """Not on the copy thread after the whole copy, to surface in the next optimizer.step() with advice about restarts."""
+    model, opt = make_model()
+    g = daemon.guard(model, opt, rng=False)
+    g.snapshot(0)
+    g.wait()
+    with pytest.raises(ConfigError, match=r"snapshot\(0\) after snapshot or restore of step 0: each snapshot's step"
+                                          " must be newer than the last"):
+        g.snapshot(0)
+    g.snapshot(1)
+    g.close()
+    g = daemon.guard(model, opt, rng=False)
+    assert g.restore() == 1
+    with pytest.raises(ConfigError, match=r"snapshot\(1\) after snapshot or restore of step 1"):
+        g.snapshot(1)
+    g.snapshot(2)
+    g.wait()
+    # A shard of another step than the one the ranks agreed on (a daemon's fault) is refused, not restored as it
+    shard = daemon.request(P.Open(daemon.job, 0, 2))
+    with pytest.raises(RestoreError, match="asked the daemon for step 3 of this rank, it handed out step 2 of rank 0"):
+        g._manifest(shard, 3)
+    assert g._manifest(shard, 2).step == 2
+    g.close()
+
+
+def test_numpy_arrays_restore_whatever_the_memory_order_of_the_live_ones(daemon):
+    """A Fortran-ordered array is stored transposed. The restarted process's array of the same shape may have the
+    other order: the restore compares logical shapes, and gives back each array as it was saved."""
+    saved = {"f": np.asfortranarray(np.arange(6.0).reshape(2, 3)), "c": np.arange(24, dtype=np.int32).reshape(2, 3, 4)}
+    g = daemon.guard(None, None, extra=dict(saved), rng=False)
+    g.snapshot(0)
+    g.close()
+    live = {"f": np.zeros((2, 3)), "c": np.asfortranarray(np.zeros((2, 3, 4), dtype=np.int32))}
+    g = daemon.guard(None, None, extra=live, rng=False)
+    assert g.restore() == 0
+    for k, want in saved.items():
+        assert np.array_equal(live[k], want) and live[k].dtype == want.dtype, k
+        assert (live[k].flags.f_contiguous, live[k].flags.c_contiguous) == (want.flags.f_contiguous,
+                                                                          want.flags.c_contiguous), k
+    g.close()
+    g = daemon.guard(None, None, extra={"f": np.zeros((3, 2)), "c": saved["c"]}, rng=False)
+    with pytest.raises(LayoutError, match=r"'/extra/f': the snapshot has float64\[2, 3\], the model expects"
+                                          r" float64\[3, 2\]"):
+        g.restore()
+    g.snapshot(1)  # refused before anything was written: the state is not mixed, and snapshots go on
+    g.wait()
+    g.close()
+
+
+def test_a_restore_into_a_model_on_the_meta_device_says_to_materialize_it(daemon):
+    model = torch.nn.Linear(4, 4)
+    g = daemon.guard(model, None, rng=False)
+    g.snapshot(0)
+    g.close()
+    with torch.device("meta"):
+        empty = torch.nn.Linear(4, 4)
+    g = daemon.guard(empty, None, rng=False)
+    with pytest.raises(LayoutError, match="tensor '/model/weight' is on the meta device, which holds no memory to"
+                                          r" restore into: materialize the model \(e.g. to_empty\(\)\) before"):
+        g.restore()
+    empty.to_empty(device="cpu")
+    assert g.restore() == 0
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), empty.state_dict().values()))
+    g.close()
+
+
+def test_a_rank_that_cannot_grow_its_slots_after_the_ranks_agreed_on_a_restore_still_restores(daemon, caplog):
+    """The shard is larger than the slots a fresh optimizer's state needed when the Guard was built, so a restore
+    grows them once every rank has agreed and loaded the step. A failure there (no room in /dev/shm on one node) must
+    not make that rank raise while the others train on: it restores, warns, and the next snapshot tries again."""
+    from snapguard.errors import ShmSpaceError
+
+    model, opt = make_model()
+    train_step(model, opt, 0)
+    g = daemon.guard(model, opt, rng=False)
+    g.snapshot(0)
+    g.close()
+    fresh_model, fresh_opt = make_model(seed=1)
+    g = daemon.guard(fresh_model, fresh_opt, rng=False)
+    tried = []
+
+    def reserve_fails_once(nbytes=None):
+        if not tried:
+            tried.append(nbytes)
+            raise ShmSpaceError("no room (as on a full /dev/shm)")
+        return Guard._reserve(g, nbytes)
+
+    g._reserve = reserve_fails_once
+    with caplog.at_level(logging.WARNING, logger="snapguard"):
+        assert g.restore() == 0
+    assert tried, "the restore did not grow the slots: the test tests nothing"
+    assert "restored step 0, but could not reserve snapshot slots" in caplog.text and "no room" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh_model.state_dict().values()))
+    g.snapshot(1)
+    g.wait()
+    assert daemon.held() == {0: [0, 1]}
+    g.close()
+
+
 def test_restore_after_close_is_refused(daemon):
     model, opt = make_model()
     g = daemon.guard(model, opt, rng=False)
@@ -1036,6 +1158,15 @@ def test_status_cli_says_at_once_that_a_killed_daemon_left_its_socket_and_how_to
     assert (f"{node.ep.socket_path}: no daemon listens on it: the daemon of job {node.job} on node {node.node} that"
             " left it was killed or crashed") in r.stderr, r.stderr
     assert f"`snapguard-daemon --job {node.job} --node {node.node}`" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "snapguard.cli", "status", "--run-dir", node.run_dir, "--job", node.job,
+                        "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and json.loads(r.stdout) == [], r.stdout  # a monitor still gets a list to parse
+    empty = os.path.join(node.run_dir, "empty")
+    os.mkdir(empty, 0o700)
+    r = subprocess.run([sys.executable, "-m", "snapguard.cli", "status", "--run-dir", empty, "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and json.loads(r.stdout) == [], r.stdout
+    assert f"no snapguard daemon sockets in {empty}" in r.stderr, r.stderr
     node.start()  # as the message says: the next daemon re-adopts the sealed step
     assert node.held() == {0: [0]}
     r = subprocess.run([sys.executable, "-m", "snapguard.cli", "status", "--run-dir", node.run_dir, "--job", node.job],
@@ -1562,6 +1693,54 @@ def test_spawn_daemon_reports_a_daemon_that_exits_at_once_with_its_exit_code_and
     msg = str(e.value)
     assert f"daemon {node.job}/n0 (pid " in msg and "exited with code 2 before it answered" in msg, msg
     assert node.log_path in msg and "--hash-threads must be at least 1, got 0" in msg, msg
+
+
+def test_a_guard_that_starts_its_daemon_reports_one_that_exits_at_once_and_waits_for_one_a_neighbour_started(node):
+    """start_daemon=True: a daemon that exits (bad daemon_args) is an error at once, with its exit code and log, not
+    a wait of the Guard's whole timeout. One that exits because a rank beside this one started the node's daemon
+    first is no error: the Guard uses that daemon."""
+    model, opt = make_model()
+    t0 = time.monotonic()
+    with pytest.raises(SnapGuardError) as e:
+        node.guard(model, opt, rng=False, start_daemon=True, shm_dir=node.shm_dir, timeout_s=60,
+                   daemon_args=("--hash-threads", "0"))
+    assert time.monotonic() - t0 < 30, "the Guard waited out its timeout although its daemon had exited"
+    assert "exited with code 2 before it answered" in str(e.value) and "--hash-threads must be at least 1, got 0" \
+        in str(e.value), e.value
+    from snapguard.daemon.server import NodeLock
+    from snapguard.procs import spawn_daemon
+
+    # The neighbour's daemon holds the node's lock but does not answer yet: the one started here leaves (exit 3).
+    lock = NodeLock(node.ep)
+    try:
+        with pytest.raises(SnapGuardError, match="exited with code 3 before it answered"):  # a launcher's own daemon
+            spawn_daemon(node.ep, node.shm_dir, wait_s=30)
+        with pytest.raises(DaemonUnavailable, match=f"left because another daemon of job {node.job} on node"
+                           f" {node.node} runs, and that one did not answer on .* within 2 s"):
+            spawn_daemon(node.ep, node.shm_dir, wait_s=2, owned=False)
+        started = []
+
+        def neighbour_answers_once_ours_left():
+            with open(node.log_path) as f:
+                if f.read().count("already serves") < 3:
+                    return None
+            lock.release()
+            started.append(node.start())
+            return True
+
+        neighbour = threading.Thread(target=lambda: wait_until(neighbour_answers_once_ours_left, 60,
+                                                               "the third daemon to leave"))
+        neighbour.start()
+        late = spawn_daemon(node.ep, node.shm_dir, wait_s=90, owned=False)  # waits for the neighbour's daemon
+        neighbour.join(60)
+        assert started and late.wait(30) == 3 and node.proc.poll() is None
+    finally:
+        lock.release()
+    g = node.guard(model, opt, rng=False, start_daemon=True, shm_dir=node.shm_dir)
+    g.snapshot(0)
+    g.wait()
+    assert node.held() == {0: [0]}
+    g.close()
 
 
 @pytest.mark.parametrize(("flag", "value", "got"), [("--peer-timeout", "0", "0.0"), ("--peer-timeout", "-1", "-1.0"),
