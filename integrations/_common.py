@@ -48,16 +48,35 @@ class AdapterGuard(Guard):
         self._undo.append(handle.remove)
 
     def gate_method(self, obj: Any, name: str) -> None:
-        """Make `obj.name(...)` call before_update() first (an attribute on the instance, removed by close())."""
+        """Make `obj.name(...)` call before_update() first (an attribute on the instance, removed by close()).
+
+        Another Guard may have gated the same method since (a second protect() before this one's close()): its
+        wrapper calls this one, so close() then leaves this wrapper in place, passing calls straight through, and
+        the later close() removes both."""
         original = getattr(obj, name)
         had_own = name in vars(obj)
 
         def gated(*args: Any, **kwargs: Any) -> Any:
-            self.before_update()
+            if gated.live:
+                self.before_update()
             return original(*args, **kwargs)
 
+        gated.live, gated.under = True, (original, had_own)
+
+        def undo() -> None:
+            gated.live = False
+            if vars(obj).get(name) is not gated:  # a later wrapper calls this one: it stays in the chain
+                return
+            inner, own = gated.under
+            while own and not getattr(inner, "live", True):  # wrappers closed before this one
+                inner, own = inner.under
+            if own:
+                setattr(obj, name, inner)
+            else:
+                delattr(obj, name)
+
         setattr(obj, name, gated)
-        self._undo.append(lambda: setattr(obj, name, original) if had_own else delattr(obj, name))
+        self._undo.append(undo)
 
     def restore(self) -> int | None:
         try:

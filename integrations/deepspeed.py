@@ -30,6 +30,10 @@ What each rank snapshots, all local, nothing gathered:
   are on disk, not in memory.
 - `engine`: `global_steps`, `global_samples`, `skipped_steps`, `micro_steps`; `lr_scheduler`: the lr
   scheduler, or that there is none (a restore into an engine that differs is refused).
+- `grad_scaler`: at stage 0 with `torch_autocast` in fp16, the torch GradScaler the engine steps through (its
+  loss scale and growth tracker); `data_sampler`: with curriculum learning (data efficiency), the training
+  data loader's sampler (its curriculum step and difficulties, the samples consumed); `random_ltd`: with
+  random-LTD, its scheduler. DeepSpeed's own checkpoint saves the same three.
 - `deepspeed_rng`: the states of DeepSpeed's model-parallel RNG tracker
   (`deepspeed.checkpointing.get_cuda_rng_tracker()`), when anything seeded it; snapguard's Guard adds the
   Python, NumPy, torch and CUDA RNGs.
@@ -37,7 +41,8 @@ What each rank snapshots, all local, nothing gathered:
 
 The ZeRO optimizer is no torch optimizer, so `protect` wraps `engine.optimizer.step` on the instance:
 it waits first, only while the previous snapshot is still being copied out of the fp32 partitions,
-the optimizer state and the model weights that step rewrites. close() removes the wrapper.
+the optimizer state and the model weights that step rewrites. close() removes the wrapper. At stage 0
+the torch optimizer gets a step pre-hook instead, as with a plain Guard.
 
 Why no `CheckpointEngine`: DeepSpeed lets a CheckpointEngine choose where `save_checkpoint` writes,
 but not what: it hands over pickled-object state dicts (the loss scaler object, the whole config)
@@ -158,6 +163,25 @@ class SchedulerState:
             s.load_state_dict(sd["scheduler"])
 
 
+class GradScalerState:
+    """A torch GradScaler, its scale and growth tracker kept as the tensors it holds: its own state_dict() reads
+    them with .item(), which on a GPU would wait for the optimizer step's kernels at every snapshot."""
+
+    def __init__(self, scaler: Any):
+        self.scaler = scaler
+
+    def state_dict(self) -> dict[str, Any]:
+        sc = self.scaler
+        scale, tracker = getattr(sc, "_scale", None), getattr(sc, "_growth_tracker", None)
+        if not sc.is_enabled() or not isinstance(scale, torch.Tensor) or not isinstance(tracker, torch.Tensor):
+            return sc.state_dict()  # disabled ({}), or before its first step: plain numbers, nothing to wait for
+        return {"scale": scale, "growth_factor": sc.get_growth_factor(), "backoff_factor": sc.get_backoff_factor(),
+                "growth_interval": sc.get_growth_interval(), "_growth_tracker": tracker}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.scaler.load_state_dict({k: v.item() if isinstance(v, torch.Tensor) else v for k, v in sd.items()})
+
+
 class TrackerRNGState:
     """The named RNG states of DeepSpeed's model-parallel tracker (`deepspeed.checkpointing.get_cuda_rng_tracker()`).
 
@@ -191,13 +215,27 @@ class DeepSpeedGuard(AdapterGuard):
             step = self.engine.global_steps
             if step == self._last_global_step:
                 return
-        self._last_global_step = step
         super().snapshot(step)
+        self._last_global_step = step  # once taken: a refused snapshot is not skipped next time
 
     def restore(self) -> int | None:
         step = super().restore()
         self._last_global_step = self.engine.global_steps
         return step
+
+
+def engine_states(engine: Any) -> dict[str, Any]:
+    """The engine's optional parts that DeepSpeed's own checkpoint saves too, where the engine has them."""
+    named: dict[str, Any] = {}
+    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+    if scaler is not None:  # stage 0 with torch_autocast in fp16: the engine steps through a torch GradScaler
+        named["grad_scaler"] = GradScalerState(scaler)
+    loader = getattr(engine, "training_dataloader", None)
+    if loader is not None and engine.curriculum_learning_enabled():
+        named["data_sampler"] = loader.data_sampler  # where the curriculum is, and which samples were consumed
+    if engine.random_ltd_enabled():
+        named["random_ltd"] = engine.random_ltd_scheduler
+    return named
 
 
 def protect(engine: Any, *, client_state: dict | None = None, extra: Any = None,
@@ -247,6 +285,8 @@ def protect(engine: Any, *, client_state: dict | None = None, extra: Any = None,
                              "optimizer": opt_state,
                              "engine": CountersState(engine, ENGINE_COUNTERS), "lr_scheduler": SchedulerState(engine),
                              "deepspeed_rng": TrackerRNGState()}
+    # the engine's own optional parts, unless the user snapshots one under that name already
+    named |= {k: v for k, v in engine_states(engine).items() if k not in (states or {})}
     if client_state is not None:
         named["client"] = client_state
     add_user_states(named, extra, states)
@@ -256,5 +296,8 @@ def protect(engine: Any, *, client_state: dict | None = None, extra: Any = None,
                            layout=lambda: f"ZeRO stage {stage}, global rank {engine.global_rank}, data-parallel size {dp}",
                            **guard_options)
     guard.engine = engine
-    guard.gate_method(opt, "step")
+    if stage == 0:  # a torch optimizer: its step pre-hook, which keeps `step` a bound method (lr schedulers wrap it)
+        guard.gate_optimizer(opt)
+    else:
+        guard.gate_method(opt, "step")
     return guard

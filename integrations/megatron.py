@@ -239,9 +239,15 @@ class MegatronGuard(AdapterGuard):
 
     def snapshot(self, iteration: int, **counters: Any) -> None:  # type: ignore[override]
         """Start a snapshot of the state after `iteration` iterations; returns at once. Called on every rank."""
+        before = dict(self.counters)
         self.counters.update(counters)
         self.counters["iteration"] = iteration
-        super().snapshot(iteration)
+        try:
+            super().snapshot(iteration)
+        except BaseException:  # refused (an iteration not newer than the last, say): the counters stay as they were
+            self.counters.clear()
+            self.counters.update(before)
+            raise
 
     def restore(self) -> int:  # type: ignore[override]
         """Restore the newest iteration every rank holds and return it; 0 (and nothing changed) on a fresh start.

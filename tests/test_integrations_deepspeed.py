@@ -218,3 +218,134 @@ def test_engine_counters_missing_from_a_snapshot_are_refused():
     assert vars(engine) == dict.fromkeys(ENGINE_COUNTERS, 0)  # nothing half-restored
     counters.load_state_dict({"global_steps": 3, "global_samples": 24, "skipped_steps": 1, "micro_steps": 3})
     assert vars(engine) == {"global_steps": 3, "global_samples": 24, "skipped_steps": 1, "micro_steps": 3}
+
+
+# Stage 0 with torch_autocast in fp16: the engine keeps a torch GradScaler and a plain torch optimizer. One process
+# trains 3 steps (the second overflows, and the scaler halves its scale), snapshotting each, then trains 3 more: the
+# run with no failure. A second engine, as a restarted process builds it (with a torch lr scheduler made after
+# protect(), which wraps the optimizer's step), restores and trains the same 3 steps.
+AUTOCAST_EXAMPLE = """
+import json, sys
+import deepspeed, torch
+import torch.nn.functional as F
+from snapguard.integrations.deepspeed import protect
+
+deepspeed.init_distributed(dist_backend="gloo")
+config = {"train_micro_batch_size_per_gpu": 4, "steps_per_print": 10 ** 9, "zero_optimization": {"stage": 0},
+          "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
+          "torch_autocast": {"enabled": True, "dtype": "torch.float16"}}
+
+
+def engine():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
+    return deepspeed.initialize(model=model, config=config, model_parameters=model.parameters())[0]
+
+
+def train(e, guard, steps):
+    losses = []
+    for step in steps:
+        x = torch.randn(4, 16, generator=torch.Generator().manual_seed(step))
+        loss = F.mse_loss(e(x).float(), torch.ones(4, 4))
+        if step == 1:
+            loss = loss * float("inf")  # an overflow: the scaler skips the step and halves its scale
+        e.backward(loss)
+        e.step()
+        if guard is not None:
+            guard.snapshot()
+        losses.append(loss.item())
+    return losses
+
+
+def final(e):
+    return {"losses": None, "scale": e.torch_autocast_z0_gradscaler.get_scale(), "global_steps": e.global_steps,
+            "params": [p.detach().double().sum().item() for p in e.module.parameters()]}
+
+
+a = engine()
+guard = protect(a, start_daemon=False)
+assert guard.restore() is None
+train(a, guard, range(3))
+guard.close()
+saved = a.torch_autocast_z0_gradscaler.get_scale()
+ref = final(a) | {"losses": train(a, None, range(3, 6))}
+ref |= {k: v for k, v in final(a).items() if k != "losses"}
+
+b = engine()
+guard = protect(b, start_daemon=False)
+torch.optim.lr_scheduler.LambdaLR(b.optimizer, lambda s: 1.0)  # wraps b.optimizer.step, which must stay a method
+restored = guard.restore()
+got = {"restored": restored, "scale_restored": b.torch_autocast_z0_gradscaler.get_scale(), "saved": saved,
+       "names": sorted(guard.states)}
+got |= {"losses": train(b, guard, range(3, 6))} | {k: v for k, v in final(b).items() if k != "losses"}
+guard.close()
+print("RESULT " + json.dumps({"ref": ref, "got": got}))
+"""
+
+
+def test_stage0_with_fp16_autocast_restores_the_loss_scale_and_takes_a_scheduler_made_after_protect(tmp_path):
+    import subprocess
+
+    from integration_helpers import SHIMS, private_daemon
+    from snapguard.procs import free_port
+
+    script = tmp_path / "autocast.py"
+    script.write_text(AUTOCAST_EXAMPLE)
+    with private_daemon("autocast") as d:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SNAPGUARD_")} | d.env
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+                   OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", SNAPGUARD_CPU_SHIMS="1",
+                   PYTHONPATH=os.pathsep.join(p for p in (SHIMS, os.environ.get("PYTHONPATH")) if p))
+        r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    out = json.loads(r.stdout.split("RESULT ", 1)[1])
+    ref, got = out["ref"], out["got"]
+    assert "grad_scaler" in got["names"], got["names"]
+    assert got["saved"] < 65536.0, "the overflow should have lowered the scale"  # else the test tests nothing
+    assert got["restored"] == 3 and got["scale_restored"] == got["saved"], got
+    assert got["losses"] == ref["losses"] and got["params"] == ref["params"], (got, ref)
+    assert (got["scale"], got["global_steps"]) == (ref["scale"], ref["global_steps"]), (got, ref)
+
+
+def test_the_engines_optional_parts_are_snapshotted_where_it_has_them():
+    """DeepSpeed's own checkpoint saves the curriculum's data sampler and the random-LTD scheduler when they are on,
+    and the fp16 autocast GradScaler is the stage-0 engine's loss scale: each is a state of the snapshot exactly then."""
+    from snapguard.integrations.deepspeed import engine_states
+
+    sampler, ltd, scaler = object(), object(), object()
+
+    def engine(curriculum: bool, random_ltd: bool, with_scaler: bool) -> SimpleNamespace:
+        return SimpleNamespace(torch_autocast_z0_gradscaler=scaler if with_scaler else None,
+                               training_dataloader=SimpleNamespace(data_sampler=sampler),
+                               curriculum_learning_enabled=lambda: curriculum, random_ltd_enabled=lambda: random_ltd,
+                               random_ltd_scheduler=ltd)
+
+    assert engine_states(engine(False, False, False)) == {}
+    parts = engine_states(engine(True, True, True))
+    assert parts.pop("grad_scaler").scaler is scaler
+    assert parts == {"data_sampler": sampler, "random_ltd": ltd}
+    assert engine_states(engine(True, False, False)) == {"data_sampler": sampler}
+    no_loader = engine(True, False, False)
+    no_loader.training_dataloader = None  # curriculum on, but the engine was given no training data
+    assert engine_states(no_loader) == {}
+
+
+def test_a_grad_scaler_is_snapshotted_as_the_tensors_it_holds_and_restores_its_numbers():
+    """GradScaler.state_dict() reads its scale with .item(): on a GPU, a wait for the step's kernels at every snapshot."""
+    import torch
+
+    from snapguard.integrations.deepspeed import GradScalerState
+
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=0.1)
+    sc = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1)
+    assert GradScalerState(sc).state_dict() == sc.state_dict()  # before its first step: plain numbers
+    for _ in range(2):
+        sc.scale(p.sum()).backward()
+        sc.step(opt)
+        sc.update()
+    sd = GradScalerState(sc).state_dict()
+    assert sd["scale"] is sc._scale and sd["_growth_tracker"] is sc._growth_tracker
+    other = torch.amp.GradScaler("cpu", init_scale=7.0)
+    GradScalerState(other).load_state_dict({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in sd.items()})
+    assert other.state_dict() == sc.state_dict() and sc.get_scale() == 4096.0

@@ -17,6 +17,7 @@ import sys
 import pytest
 
 from integration_helpers import Run, layout_error, run_all, scenarios
+from snapguard.errors import ConfigError
 
 ITERS = 6
 
@@ -150,6 +151,10 @@ def test_megatron_bf16_weights_are_copied_in_place_and_the_step_waits_for_them(m
             weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
             assert weights <= guard._guarded_storages(), "the bf16 weights would be cloned at every snapshot"
             check_step_waits_for_the_copy(monkeypatch, guard, step, model, at=1)
+            guard.snapshot(2, consumed_train_samples=64)
+            with pytest.raises(ConfigError, match=r"snapshot\(2\) after snapshot or restore of step 2"):
+                guard.snapshot(2, consumed_train_samples=96)  # refused: the counters stay those of iteration 2
+            assert guard.counters == {"iteration": 2, "consumed_train_samples": 64}
         finally:
             guard.close()
 

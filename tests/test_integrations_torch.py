@@ -160,3 +160,37 @@ def test_a_parameter_the_optimizer_has_no_state_for_yet_restores_and_trains_on_a
             train(model2, opt2, step, both=True)
             assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
         guard2.close()
+
+
+def test_closing_a_guard_leaves_the_gate_a_later_guard_put_on_the_same_method():
+    """Two adapter guards gate one object's `step` (a second protect() before the first one's close()): the first
+    one's close() must leave the second one's wait in place, and the last close() must leave the method as it was."""
+    from integration_helpers import private_daemon
+    from snapguard.integrations._common import AdapterGuard
+
+    class Stepper:
+        def step(self) -> str:
+            return "stepped"
+
+    calls: list[str] = []
+    with private_daemon("gates") as d:
+        guards = {}
+        for name in ("first", "second"):
+            g = AdapterGuard(states={"x": {"t": __import__("torch").zeros(4)}}, guarded=None, layout=lambda: "",
+                             job=d.job, node="n0", run_dir=d.run_dir, rank=0, world_size=1, timeout_s=10, rng=False)
+            g.before_update = lambda name=name: calls.append(name)
+            guards[name] = g
+        for order in (("first", "second"), ("second", "first")):
+            opt = Stepper()
+            for name in ("first", "second"):
+                guards[name]._undo.clear()
+                guards[name].gate_method(opt, "step")
+            assert opt.step() == "stepped" and calls == ["second", "first"]
+            calls.clear()
+            guards[order[0]]._undo.pop()()  # what close() does with it
+            assert opt.step() == "stepped" and calls == [order[1]], (order, calls)
+            calls.clear()
+            guards[order[1]]._undo.pop()()
+            assert opt.step() == "stepped" and calls == [] and "step" not in vars(opt), (order, calls)
+        for g in guards.values():
+            g.close()
