@@ -407,6 +407,11 @@ class PeerNet:
             raise AuthError(f"message from unknown node {msg.node!r}")
         if msg.to_boot > self.boot:
             self._behind(msg)
+        # The sender's run, from an authentic message even when it is refused below: else two daemons that refuse
+        # each other's heartbeats (one restarted on a clock between its last run's start and the other's: the
+        # other names its last run, and it names no run of the other's) would never learn of each other's runs.
+        # A replay names a run no newer than the one recorded; it changes nothing.
+        self.boots[msg.node] = max(self.boots.get(msg.node, 0), msg.boot)
         if isinstance(msg, (P.PeerHeld, P.PeerChunk)):
             # `_seen` starts empty in every run: without these two checks, a message captured during an earlier run
             # would be taken once more. Requests change nothing here and are answered.
@@ -425,7 +430,6 @@ class PeerNet:
             raise AuthError(f"replayed message from {msg.node} (boot {msg.boot}, seq {msg.seq}; already saw"
                             f" boot {last[0]}, seq {last[1]})")
         self._seen[link] = (msg.boot, msg.seq)
-        self.boots[msg.node] = max(self.boots.get(msg.node, 0), msg.boot)
         return ident, rid, msg, bulk
 
     def _behind(self, msg: P.PeerMessage) -> None:

@@ -293,6 +293,13 @@ class Protector:
                 steps = s if steps is None else steps & s
         return max(steps) if steps else -1
 
+    def step_to_keep(self) -> int:
+        """The step whose slots this node's ranks never reuse (`SlotTable.protected`): the group's protected step,
+        or, while that has fallen back (a replacement node holds no parity yet), the newest step protected so far
+        in this timeline. The holders keep that step's parity (`prune`), and with m >= 2 a second loss is rebuilt
+        from it, with the data of every node that still holds that step."""
+        return max(self.protected_step(), self._protected_high)
+
     def rewind(self, step: int, epoch: int) -> list[int]:
         """The job restored `step` (-1: started afresh) and names the timeline that begins there `epoch`; return
         the steps whose parity this drops.
@@ -393,7 +400,8 @@ class Protector:
             steps = self.parity[(msg.codeword, pos)]
             done = [s for s, e in steps.items() if e.complete(self.k)]
             if done and msg.step < max(done):
-                raise ProtocolError(f"chunk of step {msg.step} from {msg.node} is older than protected step {max(done)}")
+                raise ProtocolError(f"chunk of step {msg.step} from {msg.node} is older than step {max(done)}, whose parity"
+                                    " is complete here")
             e = steps.get(msg.step)
             if e is None:
                 e = steps[msg.step] = ParityEntry(msg.step, self._zeros(msg.chunk_len))
@@ -632,7 +640,7 @@ class Rebuild:
         self.ranks = [rank for rank, _, _ in blob["ranks"]]
         self.total = blob["nbytes"]
         self.done = 0  # bytes of the blob decoded
-        self.lost: list[str] = []
+        self.lost: list[str] = []  # "node: why", for each peer counted as lost
         self.started = time.monotonic()
 
     def begin(self) -> None:
@@ -661,7 +669,7 @@ class Rebuild:
     def _plan(self) -> dict[int, list[tuple[int, str]]]:
         sources = self.p._sources(self.step, self.stocks)
         if sources is None:
-            lost = f" ({', '.join(self.lost)} stopped answering)" if self.lost else ""
+            lost = f" (peers counted as lost: {'; '.join(self.lost)})" if self.lost else ""
             raise UnrecoverableError(f"{self.who} step {self.step} cannot be rebuilt: fewer than k={self.p.k} chunks"
                                      f" of some codeword survive{lost}")
         return sources
@@ -720,7 +728,7 @@ class Rebuild:
         """Count `node` as lost: plan the parts still needed from the other peers. What the others were asked for
         and still serve the new plan stays on its way."""
         log.warning("%s rebuilding step %d: %s; counting peer %s as lost", self.who, self.step, why, node)
-        self.lost.append(node)
+        self.lost.append(f"{node}: {why}")
         self.stocks.pop(node, None)
         self.sources = self._plan()
         keep = {c: {pos for pos, _ in have} for c, have in self.sources.items()}

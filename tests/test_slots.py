@@ -650,3 +650,45 @@ def test_snapshots_of_another_manifest_version_stop_the_daemon_and_stay(table, s
                            "--shm-dir", shm_dir, "--run-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and want in proc.stderr and table.dir in proc.stderr, proc.stderr
     assert {n: open(os.path.join(table.dir, n), "rb").read() for n in os.listdir(table.dir)} == files
+
+
+def test_while_a_replacement_holds_no_parity_the_ranks_keep_the_step_protected_before_it_joined(table):
+    """g=3, m=1. Every holder completed step 5; n2's machine is replaced, and its daemon reports no parity: the group's
+    protected step falls back to none. The other holders keep step 5's parity, so the ranks here must keep step 5's
+    slot too (a second loss with m >= 2 is rebuilt to it), until a newer step is protected on every holder again."""
+    import numpy as np
+
+    from snapguard import protocol as P
+    from snapguard.daemon.protect import ParityEntry, Protector
+    from snapguard.daemon.slots import plan_begin
+
+    p = Protector(table, ["n0", "n1", "n2"], "n0", 1)
+
+    def complete(step: int) -> list[list[int]]:
+        (key,) = p.parity  # g=3, m=1: one parity chunk per node
+        p.parity[key][step] = ParityEntry(step, np.zeros(64, np.uint8), {0: 64, 1: 64}, {(0, 0), (1, 0)}, {})
+        return [[key[0], key[1], step]]
+
+    def peer(node: str, seq: int, parity: list[list[int]]) -> None:
+        p.note_peer(P.PeerHeld(job=table.job, node=node, boot=1, seq=seq, held=[], parity=parity), time.monotonic())
+
+    def others_parity(node: str, steps: list[int]) -> list[list[int]]:
+        c = next(c for c in p.plan.codewords if p.group[c.chunks[-1].node] == node)
+        return [[c.index, c.chunks[-1].position, s] for s in steps]
+
+    complete(5)
+    peer("n1", 1, others_parity("n1", [5]))
+    peer("n2", 1, others_parity("n2", [5]))
+    p.prune()
+    assert p.protected_step() == 5 and p.step_to_keep() == 5
+    peer("n2", 2, [])  # the replacement: no parity yet
+    p.prune()
+    assert p.protected_step() == -1 and p.step_to_keep() == 5
+    assert 5 in [st for steps in p.parity.values() for st in steps], "the parity of step 5 stays here"
+    sealed = ((SEALED, 5), (SEALED, 6), (SEALED, 7))
+    assert plan_begin(sealed, 8, common=7, protected=p.step_to_keep()).slot == 1, "the slot of 6, never 5's"
+    complete(7)
+    peer("n1", 2, others_parity("n1", [5, 7]))
+    peer("n2", 3, others_parity("n2", [7]))
+    p.prune()
+    assert p.protected_step() == 7 and p.step_to_keep() == 7
