@@ -45,6 +45,7 @@ class Fault:
     kind: ClassVar[str] = ""
     params: ClassVar[dict[str, type]] = {}  # accepted parameters and their types
     restart: ClassVar[bool] = True  # a correct system restarts the ranks after this fault
+    rides_out: ClassVar[bool] = False  # a correct system never restarts the ranks for this fault
     min_m: ClassVar[int] = 1  # the parity chunks a cluster needs for this fault to be survivable
     expect_failure: ClassVar[bool] = False  # a correct system stops with a clear error
     # it destroys data or parity the daemons hold, so the cluster tolerates fewer losses until every daemon has
@@ -379,7 +380,7 @@ def _sealed_steps(directory: str, rank: int) -> dict[int, str]:
 
 
 class _Net(Fault):
-    restart = False
+    restart, rides_out = False, True
     action: ClassVar[str] = ""
 
     def inject(self, run: "Run", rnd: random.Random) -> Injected:
@@ -397,6 +398,9 @@ class _Net(Fault):
     def detect(self, run: "Run", since: dict[str, int]) -> list[str]:
         s = run.proxy.stats(self.window)
         return [f"proxy: {s[k]} message(s) {k}" for k in ("dropped", "delayed", "duplicated") if s[k]]
+
+    def evidence_needed(self, run: "Run", rec: "FaultRecord") -> str | None:
+        return "proxy"  # a window in which no message was touched tested nothing
 
 
 class NetDrop(_Net):
@@ -447,7 +451,7 @@ class NetDuplicate(_Net):
 
     def evidence_needed(self, run: "Run", rec: "FaultRecord") -> str | None:
         # A duplicated request must be refused as a replay; a duplicated reply or chunk needs no notice.
-        return "daemon" if run.proxy.stats(getattr(self, "window", -1))["duplicated_requests"] else None
+        return "daemon" if run.proxy.stats(getattr(self, "window", -1))["duplicated_requests"] else "proxy"
 
 
 class FillShm(Fault):

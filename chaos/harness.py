@@ -307,11 +307,13 @@ class Run:
         self.say(why + "; SIGKILL every rank", "detect")
         blamed = self._injected_in(a)
         causes = [r for r in blamed if self.faults[r.index].restart or self.faults[r.index].expect_failure]
-        # a net fault shares an attempt with a kill: the kill caused the restart; else the latest fault did
-        blamed = causes or blamed[-1:]
+        # a net fault shares an attempt with a kill: the kill caused the restart; else the latest fault that may
+        # cause one did (a daemon's kill, before a net fault); else the latest fault, which is then judged for it
+        blamed = causes or [r for r in blamed if not self.faults[r.index].rides_out][-1:] or blamed[-1:]
         if not blamed and a not in self.losses.first_t:
             # an attempt that died before it trained: part of the recovery from the last fault
-            blamed = [r for r in self.records if r.status == "injected" and r.attempt is not None][-1:]
+            injected = [r for r in self.records if r.status == "injected" and r.attempt is not None]
+            blamed = [r for r in injected if not self.faults[r.index].rides_out][-1:] or injected[-1:]
         for rec in blamed:
             rec.detected_by.append(why if rec.attempt == a else f"{why} (attempt {a}, before it trained)")
             rec.restarted = True
@@ -405,7 +407,9 @@ class Run:
                 rec.caught_up_s = round(min(past) - rec.wall, 2) if past else None
             needs = f.evidence_needed(self, rec)
             if needs and not any(d.startswith(needs) for d in rec.detected_by):
-                rec.ok, rec.outcome = False, f"FAIL: not detected by the {needs}"
+                rec.ok, rec.outcome = False, ("FAIL: it touched no message (no daemon-to-daemon traffic in its window):"
+                                              " nothing was tested" if needs == "proxy" else
+                                              f"FAIL: not detected by the {needs}")
             elif rec.restarted and not later:
                 rec.ok, rec.outcome = False, "FAIL: the job never trained again"
             elif rec.failed_attempts < (need := f.failed_attempts_needed()):
@@ -419,6 +423,8 @@ class Run:
                 rec.ok, rec.outcome = False, (f"FAIL: {rec.steps_lost} steps lost: the restart restored step"
                                               f" {rec.restored_step} after step {rec.restored_step + rec.steps_lost}"
                                               f" (at most {bound} may be)")
+            elif f.rides_out and rec.restarted:
+                rec.ok, rec.outcome = False, "FAIL: the ranks restarted after it and no other fault explains that: a correct system rides it out"
             elif f.restart and not rec.restarted:
                 rec.ok, rec.outcome = False, "FAIL: no failure was seen (no restart)"
             else:

@@ -24,6 +24,9 @@ from snapguard import protocol as P
 from snapguard.daemon.peers import ConnectionGate, present_credentials, require_credentials
 from snapguard.errors import SnapGuardError
 
+# How long a window that has touched no message by its end stays open for one (`set_policy`)
+WINDOW_GRACE_S = 60.0
+
 log = logging.getLogger(__name__)
 
 
@@ -32,8 +35,9 @@ class Policy:
     action: str = "pass"  # pass | drop | delay | duplicate
     probability: float = 0.0
     delay_s: float = 0.0
-    until: float = 0.0  # time.monotonic() at which the link goes back to passing everything
+    until: float = 0.0  # time.monotonic() at which the link goes back to passing everything, if the window touched
     window: int = 0  # which set_policy() call this came from: its own counters
+    longest: float = 0.0  # ... and at which it does anyway, having touched no message (no traffic)
 
 
 class _Link:
@@ -85,13 +89,16 @@ class PeerProxy:
 
     def set_policy(self, links: list[tuple[str, str]], action: str, probability: float, delay_s: float,
                    duration_s: float) -> int:
-        """Apply a policy to `links` for a while; returns its window id, for `stats(window)`."""
+        """Apply a policy to `links` for a while; returns its window id, for `stats(window)`. A window that has not
+        dropped, delayed or duplicated any message by its end (a quiet moment, a low probability) stays open until it
+        does, for at most WINDOW_GRACE_S more: else it would have tested nothing."""
         if action not in ("drop", "delay", "duplicate"):
             raise SnapGuardError(f"unknown proxy action {action!r}")
         with self._lock:
             window = len(self._windows) + 1
             self._windows[window] = collections.Counter()
-        p = Policy(action, probability, delay_s, time.monotonic() + duration_s, window)
+        now = time.monotonic()
+        p = Policy(action, probability, delay_s, now + duration_s, window, now + duration_s + WINDOW_GRACE_S)
         for k in links:
             self.links[k].policy = p
         return window
@@ -123,6 +130,11 @@ class PeerProxy:
 
     # ---- the proxy thread ----------------------------------------------------------------------
 
+    def _touched(self, window: int) -> bool:
+        with self._lock:
+            c = self._windows.get(window, collections.Counter())
+            return c["dropped"] + c["delayed"] + c["duplicated"] > 0
+
     def _count(self, key: str, window: int = 0) -> None:
         with self._lock:
             self._counts[key] += 1
@@ -144,7 +156,8 @@ class PeerProxy:
 
     def _forward(self, link: _Link, direction: str, frames: list[bytes]) -> None:
         p = link.policy
-        if p.action != "pass" and time.monotonic() > p.until:
+        now = time.monotonic()
+        if p.action != "pass" and now > p.until and (now > p.longest or self._touched(p.window)):
             p = link.policy = Policy()
         q = link.queues[direction]
         if p.action == "drop" and self._rnd.random() < p.probability:

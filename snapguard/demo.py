@@ -102,9 +102,9 @@ def worker_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-rng", action="store_true", help="snapshot without RNG state (a broken restore, for tests)")
     ap.add_argument("--amnesia", action="store_true",
                     help="every restart trains from step 0 without snapguard (a restart that lost every snapshot, for tests)")
-    ap.add_argument("--crash-once-at", type=int, metavar="STEP",
+    ap.add_argument("--crash-once-at", type=int, metavar="STEP", action="append", default=[],
                     help="rank 0 exits with code 1 the first time it logs STEP (a failure that no fault injected,"
-                         " for tests)")
+                         " for tests); may be given again, for another step")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="where the model trains; cuda: rank LOCAL_RANK's GPU (modulo the GPUs there are)")
     a = ap.parse_args(argv)
@@ -166,8 +166,8 @@ def worker_main(argv: list[str] | None = None) -> int:
             guard.snapshot(step)
         losses.write(json.dumps({"attempt": attempt, "step": step, "loss": loss.item().hex(), "t": time.time()}) + "\n")
         losses.flush()
-        crashed = os.path.join(a.out, "crashed-once")
-        if step == a.crash_once_at and rank == 0 and not os.path.exists(crashed):
+        crashed = os.path.join(a.out, f"crashed-once-at-{step}")
+        if step in a.crash_once_at and rank == 0 and not os.path.exists(crashed):
             open(crashed, "w").close()
             os._exit(1)
         if a.step_sleep:

@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import tomllib
 
 import pytest
@@ -221,6 +222,57 @@ def test_duplicates_that_reach_the_next_run_of_a_daemon_that_died_count_as_refus
             " earlier run") in found, found
 
 
+def test_a_network_fault_whose_window_touched_no_message_is_not_judged_tolerated():
+    """A drop, delay or duplication window with no daemon-to-daemon traffic in it tested nothing: the proxy's count
+    of the messages it touched is the evidence each needs, so such a window fails its fault instead of passing it."""
+    from types import SimpleNamespace
+
+    from snapguard.chaos.faults import NetDelay, NetDrop, NetDuplicate
+
+    for touched in (0, 3):
+        stats = {"dropped": touched, "delayed": touched, "duplicated": touched, "duplicated_requests": 0}
+        run = SimpleNamespace(proxy=SimpleNamespace(stats=lambda w: stats, sent_twice=lambda w: set()),
+                              cluster=SimpleNamespace(spec=SimpleNamespace(workdir="/nonexistent")))
+        for f, what in ((NetDrop(probability=0.3), "dropped"), (NetDelay(delay_ms=40), "delayed"),
+                        (NetDuplicate(probability=0.5), "duplicated")):
+            f.window = 1
+            needs, found = f.evidence_needed(run, None), f.detect(run, {})
+            assert needs == "proxy", (f.kind, needs)
+            assert any(d.startswith(needs) for d in found) == bool(touched), (f.kind, found)
+            assert (f"proxy: 3 message(s) {what}" in found) == bool(touched), (f.kind, found)
+
+
+def test_a_network_window_that_touched_nothing_by_its_end_stays_open_until_it_does_or_its_grace_runs_out(
+        monkeypatch):
+    """A drop, delay or duplication window over a quiet moment (or with a low probability) would end having tested
+    nothing: it stays open past its duration until it has touched a message, for at most WINDOW_GRACE_S more."""
+    import snapguard.chaos.proxy as proxy_mod
+    from snapguard.chaos.proxy import PeerProxy
+
+    proxy = PeerProxy(["a", "b"], lambda node: "tcp://127.0.0.1:9", "job", b"0123456789abcdef0123456789abcdef")
+    link = proxy.links["a", "b"]
+    message = [b"rid", b"header", b"tag"]
+    try:
+        w = proxy.set_policy([("a", "b")], "delay", 1.0, 0.01, duration_s=0.05)
+        time.sleep(0.1)  # its duration is over, and it touched nothing
+        proxy._forward(link, "req", message)
+        assert proxy.stats(w)["delayed"] == 1 and link.policy.action == "delay", "it stayed open for that message"
+        proxy._forward(link, "req", message)  # over, having touched one
+        assert proxy.stats(w)["delayed"] == 1 and link.policy.action == "pass"
+        monkeypatch.setattr(proxy_mod, "WINDOW_GRACE_S", 0.05)
+        link.queues["req"].clear()
+        w = proxy.set_policy([("a", "b")], "delay", 1.0, 0.01, duration_s=0.05)
+        time.sleep(0.15)  # past its duration and its grace: no traffic came at all
+        proxy._forward(link, "req", message)
+        assert proxy.stats(w)["delayed"] == 0 and link.policy.action == "pass"
+    finally:
+        for lk in proxy.links.values():
+            lk.front.close(0)
+            lk.back.close(0)
+        proxy._gate.close()
+        proxy._ctx.term()
+
+
 def _descendants_once(proc: subprocess.Popen, want, timeout_s: float = 120) -> list:
     """The processes `proc` has started (recursively), once `want(their command lines)` holds."""
     import psutil
@@ -384,13 +436,15 @@ def test_losing_more_than_m_nodes_with_persistence_restores_from_disk_and_loses_
 @pytest.mark.timeout(400)
 def test_a_restore_without_rng_state_or_a_crash_no_fault_explains_makes_the_verdict_fail(tmp_path, reference):
     """The harness must catch a restore that is wrong but does not crash, and a rank that dies on its own (a failure
-    it did not inject, however well the job recovers): the CLI exits 1, naming losses and that restart."""
-    scenario = {"name": "broken-restore", "cluster": {**CLUSTER, "steps": 16,
-                                                      "worker_args": ["--no-rng", "--crash-once-at", "9"]},
-                "fault": [{"kind": "kill_rank", "at_step": 4, "rank": 1}]}
+    it did not inject, however well the job recovers): the CLI exits 1, naming losses and that restart. A rank that
+    dies on its own after a network fault, which a correct system rides out, fails that fault."""
+    args = ["--no-rng", "--crash-once-at", "9", "--crash-once-at", "14"]
+    scenario = {"name": "broken-restore", "cluster": {**CLUSTER, "steps": 18, "worker_args": args},
+                "fault": [{"kind": "kill_rank", "at_step": 4, "rank": 1},
+                          {"kind": "net_delay", "at_step": 12, "delay_ms": 20, "duration_s": 1.0}]}
     path = tmp_path / "broken.toml"
     path.write_text(_toml(scenario))
-    assert load(str(path)).cluster.worker_args == ("--no-rng", "--crash-once-at", "9")
+    assert load(str(path)).cluster.worker_args == tuple(args)
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "snapguard.cli", "chaos", "run", "--scenario", str(path), "--out",
                            str(out), "--reference", reference], capture_output=True, text=True, timeout=380)
@@ -405,6 +459,11 @@ def test_a_restore_without_rng_state_or_a_crash_no_fault_explains_makes_the_verd
     unexplained = [p for p in rep["problems"] if "a failure no fault explains" in p]
     assert len(unexplained) == 1 and re.fullmatch(r"attempt 2 began after a failure no fault explains, and restored"
                                                    r" step [89] after step 9", unexplained[0]), rep["problems"]
+    net = rep["faults"][1]
+    assert net["attempt"] == 2 and net["restarted"] and not net["ok"], net
+    assert net["outcome"] == "FAIL: the ranks restarted after it and no other fault explains that: a correct system" \
+        " rides it out", net
+    assert any(d.startswith("proxy: ") and d.endswith(" delayed") for d in net["detected_by"]), net
 
 
 @pytest.mark.timeout(400)
