@@ -290,16 +290,26 @@ def _log_tail(path: str, start: int, lines: int = 5, max_bytes: int = 8192) -> s
     return "\n".join(f"  {line}" for line in tail) if tail else "  (nothing)"
 
 
-def leave_process_group() -> None:
-    """Wait for every rank, destroy the default process group, and give gloo's worker threads the GIL.
+def leave_process_group(timeout_s: float = 300.0) -> None:
+    """Wait for every rank (gloo: at most `timeout_s`), destroy the default process group, and give gloo's worker
+    threads the GIL.
 
     A gloo worker thread frees each collective's work once it is done, and freeing one can need the GIL (the
     work holds tensors and thread-local state that point at Python objects). When the main thread goes straight
     on to exit, the worker may still be waiting for the GIL as the interpreter finalizes; CPython then ends
     that thread with a forced unwind, which C++ turns into std::terminate ("terminate called without an active
     exception", SIGABRT) after all the work was done. Sleeping a moment releases the GIL to it."""
+    from datetime import timedelta
+
     import torch.distributed as dist
 
-    dist.barrier()
+    if dist.get_backend() == "gloo":  # else the backend's own timeout, which an error of its own names
+        try:
+            dist.monitored_barrier(timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
+        except RuntimeError as e:
+            raise SnapGuardError(f"rank {dist.get_rank()} waited {timeout_s:g} s for every rank to reach the end of the"
+                                 f" job: {e}") from e
+    else:
+        dist.barrier()
     dist.destroy_process_group()
     time.sleep(0.05)

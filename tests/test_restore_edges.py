@@ -165,6 +165,18 @@ elif phase in ("not-peers", "same-name"):
             result.setdefault("error", f"{type(e).__name__}: {e}")
         result.setdefault("elapsed", time.monotonic() - t0)
         result["fds"].append(len(os.listdir("/proc/self/fd")))
+elif phase in ("leave", "leave-alone"):  # the end of a job; "leave-alone": rank 1 never comes to it
+    from snapguard.procs import leave_process_group
+    if phase == "leave-alone" and rank == 1:
+        time.sleep(8)
+    else:
+        t0 = time.monotonic()
+        try:
+            leave_process_group(timeout_s=3.0)
+            result["left"] = True
+        except SnapGuardError as e:
+            result["error"] = f"{type(e).__name__}: {e}"
+        result["elapsed"] = time.monotonic() - t0
 elif phase == "save":
     state = {"w": torch.full((4,), float(rank))}
     g = guard(state)
@@ -419,3 +431,12 @@ def test_ranks_whose_restores_went_differently_take_the_same_branch(pair, daemon
         assert got[r]["snapshot"].startswith("RestoreError: "), got
         assert "refused: a failed restore left the state mixed" in got[r]["snapshot"], got
     assert 7 not in sum(daemon.held().values(), []), daemon.held()
+
+
+def test_leaving_the_job_waits_for_every_rank_and_says_so_when_one_never_comes(pair):
+    both = pair("leave")
+    assert both[0].get("left") and both[1].get("left"), both
+    alone = pair("leave-alone")
+    assert "left" not in alone[0] and alone[0]["elapsed"] < 30, alone
+    assert alone[0]["error"].startswith("SnapGuardError: rank 0 waited 3 s for every rank to reach the end of the job:")
+    assert "Ranks 1 failed to pass monitoredBarrier" in alone[0]["error"], alone  # gloo's: the rank that did not come
