@@ -480,6 +480,9 @@ class Guard:
         granted = self._begin(job.step, layout.nbytes)
         job.begin_s = time.monotonic() - t_begin
         buf, _ = self._mapping(granted.path, granted.capacity)
+        if layout.nbytes > min(granted.capacity, buf.numel()):  # the copy writes by address: never past the mapping
+            raise DaemonError(f"{self.who} step {job.step}: the daemon granted a slot of {granted.capacity} bytes"
+                              f" ({buf.numel()} mapped) for a shard of {layout.nbytes}")
         t0 = time.monotonic()
         streams = {}
         for d, ready in job.cuda_ready.items():
@@ -879,6 +882,9 @@ class Guard:
                           for i, (n, t) in enumerate(current)])
         arrays = {current[i][0] for i in live_arrays}
         buf, _ = self._mapping(shard.path, os.stat(shard.path).st_size)
+        if buf.numel() < man.nbytes:  # the file shrank since its size was checked
+            raise LayoutError(f"{self.who} the shard of step {man.step} holds {buf.numel()} bytes, its manifest says"
+                              f" {man.nbytes}")
         sources = [buf[e.offset:e.offset + e.nbytes].view(TORCH_DTYPES[e.dtype]).view(e.shape) for e in man.entries]
         # Like torch.distributed.checkpoint, load into the tensors the state dicts hold now: parameters and
         # existing optimizer state are overwritten in place (one copy, no allocation, no page faults); what
@@ -897,6 +903,9 @@ class Guard:
             if dst.is_meta:
                 raise LayoutError(f"tensor {e.name!r} is on the meta device, which holds no memory to restore into:"
                                   " materialize the model (e.g. to_empty()) before restore()")
+            if dst.numel() * dst.element_size() != e.nbytes:  # check_compatible compared them: never copy past it
+                raise LayoutError(f"tensor {e.name!r}: {e.nbytes} bytes in the snapshot, the live tensor has"
+                                  f" {dst.numel() * dst.element_size()}")
             if dst.is_contiguous() and not (dst.is_conj() or dst.is_neg()) and dst.device.type in ("cpu", "cuda"):
                 targets.append(dst.detach())  # the bytes are copied by address: no autograd, no views
             else:

@@ -101,11 +101,15 @@ class Manifest:
             raise LayoutError(f"{who}: chunk size {self.chunk_size} is not a positive multiple of {ALIGN}")
         if self.nbytes < 0 or (capacity is not None and self.nbytes > capacity):
             raise LayoutError(f"{who}: shard of {self.nbytes} bytes does not fit a slot of {capacity} bytes")
-        want = math.ceil(self.nbytes / self.chunk_size)
+        want = -(-self.nbytes // self.chunk_size)  # exact for any size (a float division is not past 2**53)
         if len(self.checksums) != want:
             raise LayoutError(f"{who}: {len(self.checksums)} checksums for {self.nbytes} bytes, expected {want}")
         end = 0
+        names: set[str] = set()
         for e in self.entries:
+            if e.name in names:  # a restore would copy both into the one live tensor of that name
+                raise LayoutError(f"{who}: tensor {e.name!r} appears twice")
+            names.add(e.name)
             if e.dtype not in DTYPE_SIZES:
                 raise LayoutError(f"{who}: tensor {e.name!r} has unknown dtype {e.dtype!r}")
             if any(s < 0 for s in e.shape):
@@ -234,6 +238,8 @@ def chunk_checksums(buf: memoryview, nbytes: int, chunk_size: int = DEFAULT_CHUN
     """xxh3-64 of each chunk of buf[:nbytes]; `threads` take contiguous runs of at least two chunks. xxhash
     releases the GIL on inputs over 64 KiB, so this runs beside training, and the threads in parallel."""
     view = memoryview(buf)[:nbytes]
+    if len(view) < nbytes:  # slicing would clamp, and the missing chunks would hash as empty ones
+        raise LayoutError(f"cannot checksum {nbytes} bytes of a buffer of {len(view)}")
     starts = range(0, nbytes, chunk_size)
     sums = [0] * len(starts)
 
@@ -285,7 +291,7 @@ class ChunkHasher:
 def verify_checksums(buf: memoryview, manifest: Manifest, who: str = "", threads: int = 1) -> None:
     """Raise ChecksumError naming the first chunk whose bytes differ from what was sealed."""
     got = chunk_checksums(buf, manifest.nbytes, manifest.chunk_size, threads)
-    for i, (want, have) in enumerate(zip(manifest.checksums, got)):
+    for i, (want, have) in enumerate(zip(manifest.checksums, got, strict=True)):
         if want != have:
             raise checksum_mismatch(manifest, i, have, who)
 

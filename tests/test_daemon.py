@@ -1098,6 +1098,21 @@ def test_a_rank_that_cannot_grow_its_slots_after_the_ranks_agreed_on_a_restore_s
     g.close()
 
 
+def test_a_slot_granted_smaller_than_the_shard_fails_the_snapshot_instead_of_writing_past_it(daemon, tmp_path):
+    """The copy writes by address: a grant too small for the shard (a daemon's fault) must never be written past."""
+    model, opt = make_model(width=4096)
+    g = daemon.guard(model, opt, rng=False)
+    small = tmp_path / "small.data"
+    small.write_bytes(bytes(4096))
+    g._begin = lambda step, nbytes: P.Granted(0, str(small), 4096)
+    g.snapshot(0)
+    with pytest.raises(SnapGuardError, match=r"snapshot of step 0 failed: .*the daemon granted a slot of 4096 bytes"
+                                             r" \(4096 mapped\) for a shard of \d+"):
+        g.wait()
+    assert small.read_bytes() == bytes(4096)
+    g.close()
+
+
 def test_restore_after_close_is_refused(daemon):
     model, opt = make_model()
     g = daemon.guard(model, opt, rng=False)

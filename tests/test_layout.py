@@ -97,6 +97,7 @@ def test_manifest_validate_refuses_a_shard_larger_than_its_slot():
     (TensorEntry("y", "float32", [10], 960, 44), "claims 44 bytes"),           # size does not match shape
     (TensorEntry("y", "float32", [-10], 960, 40), "negative dimension"),
     (TensorEntry("y", "pyobject", [10], 960, 40), "unknown dtype 'pyobject'"),
+    (TensorEntry("x", "float32", [10], 960, 40), "tensor 'x' appears twice"),  # both would be copied into live x
 ])
 def test_manifest_validate_refuses_bad_entries(entry, match):
     m = make_manifest()
@@ -160,6 +161,13 @@ def test_chunk_checksums_are_xxh3_of_each_chunk_of_the_used_range():
     want = [xxhash.xxh3_64_intdigest(data[i:min(i + 4096, nbytes)]) for i in range(0, nbytes, 4096)]
     assert got == want and len(got) == 3
     assert chunk_checksums(memoryview(b""), 0, 4096) == []
+
+
+def test_checksums_of_more_bytes_than_the_buffer_holds_are_an_error_not_empty_chunks():
+    """Slicing would clamp to the buffer, and the missing chunks would hash as empty ones."""
+    with pytest.raises(LayoutError, match="cannot checksum 1024 bytes of a buffer of 512"):
+        chunk_checksums(bytes(512), 1024, 256)
+    assert len(chunk_checksums(bytes(1024), 1024, 256)) == 4
 
 
 @settings(max_examples=200, deadline=None)
