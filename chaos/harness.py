@@ -424,7 +424,8 @@ class Run:
                                               f" {rec.restored_step} after step {rec.restored_step + rec.steps_lost}"
                                               f" (at most {bound} may be)")
             elif f.rides_out and rec.restarted:
-                rec.ok, rec.outcome = False, "FAIL: the ranks restarted after it and no other fault explains that: a correct system rides it out"
+                rec.ok, rec.outcome = False, ("FAIL: the ranks restarted after it and no other fault explains that:"
+                                              " a correct system rides it out")
             elif f.restart and not rec.restarted:
                 rec.ok, rec.outcome = False, "FAIL: no failure was seen (no restart)"
             else:
