@@ -293,13 +293,6 @@ class Protector:
                 steps = s if steps is None else steps & s
         return max(steps) if steps else -1
 
-    def step_to_keep(self) -> int:
-        """The step whose slots this node's ranks never reuse (`SlotTable.protected`): the group's protected step,
-        or, while that has fallen back (a replacement node holds no parity yet), the newest step protected so far
-        in this timeline. The holders keep that step's parity (`prune`), and with m >= 2 a second loss is rebuilt
-        from it, with the data of every node that still holds that step."""
-        return max(self.protected_step(), self._protected_high)
-
     def rewind(self, step: int, epoch: int) -> list[int]:
         """The job restored `step` (-1: started afresh) and names the timeline that begins there `epoch`; return
         the steps whose parity this drops.

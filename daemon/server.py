@@ -580,7 +580,7 @@ class Daemon:
         resend = False
         if step is None:
             # nothing newer to send: send the last step again if it stays unprotected while still held
-            if (p.sent_step < 0 or p.protected_step() >= p.sent_step or p.sent_step not in p.full_steps()
+            if (p.sent_step < 0 or self.table.protected >= p.sent_step or p.sent_step not in p.full_steps()
                     or now - self._sent_at < max(2 * self.cfg.heartbeat_s, 2.0)):
                 return
             step, resend = p.sent_step, True
@@ -607,7 +607,7 @@ class Daemon:
             msg_fields = {"held": held, "parity": self.protector.complete_parity(), "sending": self.protector.sent_step}
             for node in self.net.peers:
                 self.net.send(node, P.PeerHeld(**self.net.header(node), **msg_fields))
-            self.table.protected = self.protector.step_to_keep()
+            self.table.protected = self.protector.protected_step()
         except Exception:  # a bug must not take the daemon, and this node's snapshots, down: the next beat tries again
             log.exception("%s internal error sending PeerHeld (heartbeat) to the peers", self.who)
 
@@ -644,7 +644,7 @@ class Daemon:
             if isinstance(msg, P.PeerHeld):
                 self.protector.note_peer(msg, time.monotonic())
                 self.protector.prune()
-                self.table.protected = self.protector.step_to_keep()
+                self.table.protected = self.protector.protected_step()
                 self._retire_old_world()
             elif isinstance(msg, P.PeerChunk):
                 if len(bulk) != 1:
