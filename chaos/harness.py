@@ -307,13 +307,12 @@ class Run:
         self.say(why + "; SIGKILL every rank", "detect")
         blamed = self._injected_in(a)
         causes = [r for r in blamed if self.faults[r.index].restart or self.faults[r.index].expect_failure]
-        # a net fault shares an attempt with a kill: the kill caused the restart; else the latest fault that may
-        # cause one did (a daemon's kill, before a net fault); else the latest fault, which is then judged for it
-        blamed = causes or [r for r in blamed if not self.faults[r.index].rides_out][-1:] or blamed[-1:]
+        # a net fault shares an attempt with a kill: the kill caused the restart; else the latest fault did
+        blamed = causes or self._latest_to_blame(blamed)
         if not blamed and a not in self.losses.first_t:
             # an attempt that died before it trained: part of the recovery from the last fault
             injected = [r for r in self.records if r.status == "injected" and r.attempt is not None]
-            blamed = [r for r in injected if not self.faults[r.index].rides_out][-1:] or injected[-1:]
+            blamed = self._latest_to_blame(injected)
         for rec in blamed:
             rec.detected_by.append(why if rec.attempt == a else f"{why} (attempt {a}, before it trained)")
             rec.restarted = True
@@ -326,6 +325,11 @@ class Run:
                     self.end_reason = (f"stopped after the expected failure of #{rec.index} {rec.label}" if found else
                                        f"#{rec.index} {rec.label}: {a - rec.attempt} attempts failed without the expected error")
                     raise _Stop(self.end_reason)
+
+    def _latest_to_blame(self, records: list[FaultRecord]) -> list[FaultRecord]:
+        """The latest of `records` whose fault may restart the job (a daemon's kill, before a net fault), else the
+        latest: a fault a correct system rides out is blamed only when nothing else can be, and is judged for it."""
+        return [r for r in records if not self.faults[r.index].rides_out][-1:] or records[-1:]
 
     def _injected_in(self, attempt: int) -> list[FaultRecord]:
         return [r for r in self.records if r.status == "injected" and r.attempt == attempt]

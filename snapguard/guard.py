@@ -210,6 +210,7 @@ class Guard:
         self._mixed: str | None = None  # set when a failed restore left chunks of a snapshot in the state
         self._restoring: int | None = None  # during restore(): the step some of whose chunks it copied into the state
         self._last_step = -1  # the step of the last snapshot() or restore(): the next snapshot must be newer
+        self._at_exit: Callable[[], None] | None = None  # registered with atexit once the Guard has started
         self.common_step = -1  # newest step every rank holds sealed, as the daemon last reported
         self.last_sealed = -1
         self.restored_from: str | None = None  # where restore() found this rank's shard: "memory" or "disk"
@@ -976,7 +977,7 @@ class Guard:
         """Wait for the last snapshot, stop the copy thread; optionally stop the node's daemon (and free its memory)."""
         if self._closed:
             return
-        if hasattr(self, "_at_exit"):
+        if self._at_exit is not None:
             atexit.unregister(self._at_exit)
         try:
             self.wait()

@@ -242,10 +242,10 @@ def _wait_answering(ep: Endpoint, proc: subprocess.Popen, wait_s: float, log_pat
     try:
         while True:
             if not other and proc.poll() is not None:
-                other = not owned and proc.returncode == ALREADY_RUNNING_EXIT
-                if not other:
+                if owned or proc.returncode != ALREADY_RUNNING_EXIT:
                     raise SnapGuardError(f"{who} exited with code {proc.returncode} before it answered on {ep.address};"
                                          f" its log {log_path} ends:\n{_log_tail(log_path, log_start)}")
+                other = True
             try:
                 c.wait_ready(max(0.05, min(0.5, deadline - time.monotonic())))
                 return
